@@ -1,0 +1,110 @@
+//! Engine flags with vLLM's names and defaults, shared by every subcommand, resolved once into
+//! [`ironllm::EngineArgs`].
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args};
+use ironllm::engine_args::parse_bytes;
+use ironllm::EngineArgs;
+use ironllm_model::loader::GenerationConfigSource;
+
+/// Flags that shape the engine (vLLM's `EngineArgs`).
+#[derive(Debug, Clone, Args)]
+pub struct EngineFlags {
+    /// Tokenizer directory or tokenizer.json (default: the model's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Data type: auto, half, float16, bfloat16, float, float32. On the CPU, `auto` keeps GGUF weights
+    /// quantized; `float32` dequantizes them.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Device: auto, cpu, cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto, safetensors, gguf or dummy (random weights of the config's shapes).
+    #[arg(long, default_value = "auto")]
+    pub load_format: String,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Maximum sequences per step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget per step.
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Automatic prefix caching (on by default).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub no_enable_prefix_caching: bool,
+    /// Chunked prefill (on by default).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub no_enable_chunked_prefill: bool,
+    /// KV cache size on the CPU, e.g. 4GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    #[arg(long, alias = "kv-cache-memory", default_value = "4GiB", env = "IRONLLM_KV_CACHE_MEMORY")]
+    pub kv_cache_memory_bytes: String,
+    /// Fraction of GPU memory for the engine (GPU backend; accepted on the CPU for compatibility).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+    /// Seed for requests that bring none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `auto` (the model's generation_config.json), `vllm` (vLLM's defaults) or a directory.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+    /// Maximum `logprobs` / `prompt_logprobs` a request may ask for.
+    #[arg(long, default_value_t = 20)]
+    pub max_logprobs: usize,
+    /// fcfs or priority.
+    #[arg(long, default_value = "fcfs")]
+    pub scheduling_policy: String,
+}
+
+impl EngineFlags {
+    /// Resolves the flags into engine arguments.
+    pub fn to_engine_args(&self, model: Option<PathBuf>) -> anyhow::Result<EngineArgs> {
+        match self.device.as_str() {
+            "auto" | "cpu" => {}
+            "cuda" => anyhow::bail!("--device cuda: the CUDA backend is not built yet; use --device cpu"),
+            other => anyhow::bail!("invalid --device `{other}` (choose from auto, cpu, cuda)"),
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            anyhow::bail!("--gpu-memory-utilization must be in (0, 1], got {}", self.gpu_memory_utilization);
+        }
+        let policy_priority = match self.scheduling_policy.as_str() {
+            "fcfs" => false,
+            "priority" => true,
+            other => anyhow::bail!("invalid --scheduling-policy `{other}` (choose from fcfs, priority)"),
+        };
+        let generation_config = match self.generation_config.as_str() {
+            "auto" => GenerationConfigSource::Auto,
+            "vllm" => GenerationConfigSource::Vllm,
+            dir => GenerationConfigSource::Dir(PathBuf::from(dir)),
+        };
+        Ok(EngineArgs {
+            model,
+            tokenizer: self.tokenizer.clone(),
+            dtype: self.dtype.parse().map_err(anyhow::Error::msg)?,
+            load_format: self.load_format.parse().map_err(anyhow::Error::msg)?,
+            max_model_len: self.max_model_len,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            enable_prefix_caching: !self.no_enable_prefix_caching,
+            enable_chunked_prefill: !self.no_enable_chunked_prefill,
+            kv_cache_memory_bytes: parse_bytes(&self.kv_cache_memory_bytes)
+                .map_err(|e| anyhow::anyhow!("--kv-cache-memory-bytes: {e}"))?,
+            seed: self.seed,
+            generation_config,
+            max_logprobs: self.max_logprobs,
+            skip_tokenizer_init: false,
+            scheduling_policy_priority: policy_priority,
+        })
+    }
+}

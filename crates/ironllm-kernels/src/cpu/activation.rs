@@ -1,0 +1,31 @@
+//! SwiGLU activation: `out = silu(gate) * up` over a fused `[tokens, 2 * inter]` gate/up buffer, as the
+//! Llama MLP needs between its gate/up and down projections.
+
+use rayon::prelude::*;
+
+/// `gate_up` is `[t, 2 * inter]` with the gate half first; writes `out[t, inter]`.
+pub fn silu_and_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    assert!(inter > 0 && gate_up.len() % (2 * inter) == 0, "silu_and_mul: bad gate_up shape");
+    assert_eq!(out.len() * 2, gate_up.len(), "silu_and_mul: out is not [t, inter]");
+    out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
+        let (g, u) = gu.split_at(inter);
+        for i in 0..inter {
+            let x = g[i];
+            o[i] = x / (1.0 + (-x).exp()) * u[i];
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silu_times_up() {
+        let gu = [1.0f32, -2.0, 3.0, 4.0];
+        let mut out = [0.0f32; 2];
+        silu_and_mul(&gu, 2, &mut out);
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        assert_eq!(out, [silu(1.0) * 3.0, silu(-2.0) * 4.0]);
+    }
+}

@@ -1,0 +1,668 @@
+//! Tests for GGUF quantization: layouts (against an element-wise reading of each layout and
+//! against fixtures from the `gguf` Python package), the matmul (against f64 with a tolerance
+//! derived from the activation quantization), scalar vs AVX2, batch invariance, and errors.
+
+use super::act::{quantize_rows, ActBlock, BlockQ8, BlockQ8K};
+use super::blocks::{k4_scales_mins, q3k_scales};
+use super::*;
+
+/// splitmix64: a seeded generator, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.unit()
+    }
+    /// Roughly normal (Irwin-Hall with 4 terms), mean 0, std ~0.58 * scale.
+    fn normalish(&mut self, scale: f32) -> f32 {
+        (self.unit() + self.unit() + self.unit() + self.unit() - 2.0) * scale
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+fn put_f16(b: &mut [u8], off: usize, v: f32) {
+    b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+}
+
+/// Activations with some structure: a per-row scale, and a few zero blocks.
+fn random_x(rng: &mut Rng, m: usize, k: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(m * k);
+    for i in 0..m {
+        let scale = rng.range(0.1, 3.0);
+        for c in 0..k {
+            x.push(if i == 1 && c < 32 {
+                0.0
+            } else {
+                rng.normalish(scale)
+            });
+        }
+    }
+    x
+}
+
+/// Random but valid GGUF bytes for a `rows x cols` tensor: random quant bits (every bit pattern
+/// is a valid block) with the f16/f32 scale fields overwritten by sane values, like those of
+/// weights of magnitude ~0.01..1.
+fn random_weights(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let n = rows * cols;
+    match ty {
+        GgmlType::F32 => {
+            return (0..n)
+                .flat_map(|_| rng.normalish(1.0).to_le_bytes())
+                .collect()
+        }
+        GgmlType::F16 => {
+            return (0..n)
+                .flat_map(|_| half::f16::from_f32(rng.normalish(1.0)).to_le_bytes())
+                .collect()
+        }
+        GgmlType::BF16 => {
+            return (0..n)
+                .flat_map(|_| half::bf16::from_f32(rng.normalish(1.0)).to_le_bytes())
+                .collect()
+        }
+        _ => {}
+    }
+    let mut data = rng.bytes(ty.row_bytes(n).unwrap());
+    // (offset, low, high) of each scale field; a negative low allows either sign.
+    let fields: &[(usize, f32, f32)] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[(0, -0.05, 0.05)],
+        GgmlType::Q4_1 | GgmlType::Q5_1 => &[(0, 0.001, 0.05), (2, -0.5, 0.5)],
+        GgmlType::Q8_1 => &[(0, -0.05, 0.05), (2, -1.0, 1.0)],
+        GgmlType::Q2_K => &[(80, 0.001, 0.02), (82, 0.001, 0.02)],
+        GgmlType::Q3_K => &[(108, -0.02, 0.02)],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[(0, 0.0005, 0.01), (2, 0.0005, 0.01)],
+        GgmlType::Q6_K => &[(208, -0.002, 0.002)],
+        GgmlType::Q8_K => &[],
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
+    };
+    for block in data.chunks_exact_mut(ty.type_size()) {
+        for &(off, lo, hi) in fields {
+            let v = rng.range(lo, hi);
+            put_f16(block, off, v);
+        }
+        if ty == GgmlType::Q8_K {
+            block[0..4].copy_from_slice(&rng.range(0.001, 0.01).to_le_bytes());
+        }
+    }
+    data
+}
+
+fn f16v(b: &[u8], off: usize) -> f64 {
+    half::f16::from_le_bytes([b[off], b[off + 1]]).to_f64()
+}
+
+/// Element `i` of one block, read straight from the layout description in f64, with the sum of
+/// the magnitudes of its terms (the scale of its rounding error). Written per element, unlike
+/// `dequantize`, so that a mistake would have to be made twice in different shapes.
+fn ref_element(ty: GgmlType, b: &[u8], i: usize) -> (f64, f64) {
+    let nib = |qs: &[u8], i: usize| if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 } as i64;
+    let bit = |word: u32, i: usize| ((word >> i) & 1) as i64;
+    let both = |a: f64, c: f64| (a + c, a.abs() + c.abs());
+    match ty {
+        GgmlType::F32 => both(f32::from_le_bytes(b[0..4].try_into().unwrap()) as f64, 0.0),
+        GgmlType::F16 => both(f16v(b, 0), 0.0),
+        GgmlType::BF16 => both(half::bf16::from_le_bytes([b[0], b[1]]).to_f64(), 0.0),
+        GgmlType::Q4_0 => both(f16v(b, 0) * (nib(&b[2..], i) - 8) as f64, 0.0),
+        GgmlType::Q4_1 => both(f16v(b, 0) * nib(&b[4..], i) as f64, f16v(b, 2)),
+        GgmlType::Q5_0 => {
+            let qh = u32::from_le_bytes(b[2..6].try_into().unwrap());
+            both(
+                f16v(b, 0) * (nib(&b[6..], i) + 16 * bit(qh, i) - 16) as f64,
+                0.0,
+            )
+        }
+        GgmlType::Q5_1 => {
+            let qh = u32::from_le_bytes(b[4..8].try_into().unwrap());
+            both(
+                f16v(b, 0) * (nib(&b[8..], i) + 16 * bit(qh, i)) as f64,
+                f16v(b, 2),
+            )
+        }
+        GgmlType::Q8_0 => both(f16v(b, 0) * b[2 + i] as i8 as f64, 0.0),
+        GgmlType::Q8_1 => both(f16v(b, 0) * b[4 + i] as i8 as f64, 0.0),
+        GgmlType::Q8_K => both(
+            f32::from_le_bytes(b[0..4].try_into().unwrap()) as f64 * b[4 + i] as i8 as f64,
+            0.0,
+        ),
+        GgmlType::Q2_K => {
+            // Half h, shift j: element 128h + 32j + l is bits 2j..2j+2 of qs[32h + l].
+            let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
+            let q = ((b[16 + 32 * h + l] >> (2 * j)) & 3) as f64;
+            let sc = b[i / 16];
+            both(
+                f16v(b, 80) * (sc & 15) as f64 * q,
+                -f16v(b, 82) * (sc >> 4) as f64,
+            )
+        }
+        GgmlType::Q3_K => {
+            let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
+            let low = ((b[32 + 32 * h + l] >> (2 * j)) & 3) as i64;
+            let high = ((b[l] >> (4 * h + j)) & 1) as i64;
+            let s = &b[96..108];
+            let g = i / 16;
+            let sc_low = if g < 8 { s[g] & 15 } else { s[g - 8] >> 4 } as i64;
+            let sc_high = ((s[8 + g % 4] >> (2 * (g / 4))) & 3) as i64;
+            let sc = (sc_low + 16 * sc_high - 32) as f64;
+            both(f16v(b, 108) * sc * (low + 4 * high - 4) as f64, 0.0)
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let s = i / 32; // sub-block
+            let s12 = &b[4..16];
+            let (sc, mn) = if s < 4 {
+                (s12[s] & 63, s12[s + 4] & 63)
+            } else {
+                (
+                    (s12[s + 4] & 15) | ((s12[s - 4] >> 6) << 4),
+                    (s12[s + 4] >> 4) | ((s12[s] >> 6) << 4),
+                )
+            };
+            let (qs_off, fifth) = if ty == GgmlType::Q4_K {
+                (16, 0)
+            } else {
+                (48, ((b[16 + i % 32] >> s) & 1) as i64)
+            };
+            let byte = b[qs_off + 32 * (s / 2) + i % 32];
+            let q = if s.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            } as i64
+                + 16 * fifth;
+            both(f16v(b, 0) * sc as f64 * q as f64, -f16v(b, 2) * mn as f64)
+        }
+        GgmlType::Q6_K => {
+            let (h, c, l) = (i / 128, (i % 128) / 32, i % 32);
+            let byte = b[64 * h + 32 * (c % 2) + l];
+            let low = if c < 2 { byte & 15 } else { byte >> 4 } as i64;
+            let high = ((b[128 + 32 * h + l] >> (2 * c)) & 3) as i64;
+            let sc = b[192 + i / 16] as i8 as f64;
+            both(f16v(b, 208) * sc * (low + 16 * high - 32) as f64, 0.0)
+        }
+    }
+}
+
+fn dequant_vec(ty: GgmlType, data: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    dequantize(ty, data, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn dequantize_matches_elementwise_reading_of_each_layout() {
+    let mut rng = Rng(1);
+    for ty in GgmlType::ALL {
+        let n = 2 * blocks::QK_K;
+        let data = random_weights(&mut rng, ty, 1, n);
+        let got = dequant_vec(ty, &data, n);
+        let (bs, ts) = (ty.block_size(), ty.type_size());
+        for (i, &g) in got.iter().enumerate() {
+            let (want, mag) = ref_element(ty, &data[i / bs * ts..][..ts], i % bs);
+            // f32 evaluation of a product of two or three factors, maybe minus a min: a few ulps
+            // of the largest term.
+            let tol = 1e-6 * mag.max(want.abs()) + 1e-30;
+            assert!(
+                (g as f64 - want).abs() <= tol,
+                "{ty} element {i}: got {g}, want {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn scale_unpacking_round_trips() {
+    // Pack known six-bit values the way the format describes, then unpack them.
+    let sc: [u8; 8] = [0, 1, 17, 63, 32, 5, 48, 62];
+    let mn: [u8; 8] = [63, 2, 0, 31, 33, 60, 7, 16];
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+    }
+    assert_eq!(k4_scales_mins(&s), (sc, mn));
+
+    let want: [i8; 16] = std::array::from_fn(|j| (j as i8 * 4) - 32);
+    let mut s = [0u8; 12];
+    for (j, &w) in want.iter().enumerate() {
+        let u = (w + 32) as u8;
+        s[j % 8] |= (u & 15) << (4 * (j / 8));
+        s[8 + j % 4] |= (u >> 4) << (2 * (j / 4));
+    }
+    assert_eq!(q3k_scales(&s), want);
+}
+
+/// `(dequantized W) @ x` in f64, and for each output the bound on the error that activation
+/// quantization may cause. Each activation is rounded to a multiple of its block's step
+/// `d = max|x| / 127`, so it moves by at most `d / 2` (0.501 d allows for the f32 product
+/// `x * (1/d)`); the output moves by at most `sum_k |w_k| * d_k / 2`. On top, f32
+/// accumulation: 1e-5 of `sum_k |w_k x_k|`. Dense weights skip quantization, so only the latter.
+fn reference(
+    ty: GgmlType,
+    w: &[f32],
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let quantized = !matches!(
+        ty,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8_K
+    );
+    let act_block = if ty.block_size() == blocks::QK_K {
+        blocks::QK_K
+    } else {
+        blocks::QK
+    };
+    let step: Vec<f64> = x
+        .chunks(act_block)
+        .map(|b| {
+            if quantized {
+                b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let (mut want, mut tol) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut abs, mut quant_err) = (0f64, 0f64, 0f64);
+            for c in 0..k {
+                let (wv, xv) = (w[j * k + c] as f64, x[i * k + c] as f64);
+                s += wv * xv;
+                abs += (wv * xv).abs();
+                quant_err += wv.abs() * 0.501 * step[(i * k + c) / act_block];
+            }
+            want[i * n + j] = s;
+            tol[i * n + j] = quant_err + 1e-5 * abs + 1e-12;
+        }
+    }
+    (want, tol)
+}
+
+fn run(kernel: Kernel, x: &[f32], m: usize, w: &QuantMatrix) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * w.rows];
+    check_matmul(x, m, w, &mut out).unwrap();
+    matmul_with(kernel, x, m, w, &mut out);
+    out
+}
+
+fn kernels() -> Vec<Kernel> {
+    let best = Kernel::best();
+    if matches!(best, Kernel::Scalar) {
+        eprintln!("note: this CPU has no AVX2; only the scalar kernels are tested");
+        vec![Kernel::Scalar]
+    } else {
+        vec![Kernel::Scalar, best]
+    }
+}
+
+#[test]
+fn matmul_matches_f64_reference_within_activation_quantization_error() {
+    let mut rng = Rng(2);
+    for ty in GgmlType::ALL {
+        let (n, k) = (37, 2 * blocks::QK_K);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let w_f32 = dequant_vec(ty, &data, n * k);
+        for m in [1, 3, 4, 6, 9] {
+            let x = random_x(&mut rng, m, k);
+            let (want, tol) = reference(ty, &w_f32, &x, m, n, k);
+            for kernel in kernels() {
+                let got = run(kernel, &x, m, &w);
+                for (idx, (&g, (&wv, &t))) in got.iter().zip(want.iter().zip(&tol)).enumerate() {
+                    assert!(
+                        (g as f64 - wv).abs() <= t,
+                        "{ty} {kernel:?} m={m} out[{idx}]: got {g}, want {wv} (tolerance {t})"
+                    );
+                    // The usual rule of thumb, 1e-2 of the norm product; the bound above is the
+                    // binding one here (observed errors stay near 1e-3 of the norm product).
+                    let (i, j) = (idx / n, idx % n);
+                    let norm =
+                        |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+                    let norms = norm(&w_f32[j * k..(j + 1) * k]) * norm(&x[i * k..(i + 1) * k]);
+                    assert!(
+                        (g as f64 - wv).abs() <= 1e-2 * norms + 1e-12,
+                        "{ty} {kernel:?} m={m} out[{idx}]"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn avx2_kernels_agree_with_scalar() {
+    let mut rng = Rng(3);
+    let Kernel::Avx2(_) = Kernel::best() else {
+        eprintln!("note: no AVX2 on this CPU, nothing to compare");
+        return;
+    };
+    for ty in GgmlType::ALL {
+        let (n, k) = (13, 3 * blocks::QK_K);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let w_f32 = dequant_vec(ty, &data, n * k);
+        for m in 1..=9 {
+            let x = random_x(&mut rng, m, k);
+            let scalar = run(Kernel::Scalar, &x, m, &w);
+            let simd = run(Kernel::best(), &x, m, &w);
+            for i in 0..m {
+                for j in 0..n {
+                    // Both compute every block's integer dot exactly; they differ only in the
+                    // order of f32 additions and where block offsets are applied, so they agree
+                    // to 1e-5 of the sum of the magnitudes of the products.
+                    let mag: f64 = (0..k)
+                        .map(|c| (w_f32[j * k + c] * x[i * k + c]).abs() as f64)
+                        .sum();
+                    let (a, b) = (scalar[i * n + j], simd[i * n + j]);
+                    assert!(
+                        ((a - b) as f64).abs() <= 1e-5 * mag + 1e-12,
+                        "{ty} m={m} out[{i},{j}]: scalar {a}, avx2 {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn row_results_do_not_depend_on_the_batch() {
+    // Large enough for the parallel driver, with m spanning tiles of 4, 3, 2 and 1 rows.
+    let mut rng = Rng(4);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+    ] {
+        let (n, k) = (300, 2 * blocks::QK_K);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let m = 11;
+        let x = random_x(&mut rng, m, k);
+        for kernel in kernels() {
+            let batched = run(kernel, &x, m, &w);
+            for i in 0..m {
+                let alone = run(kernel, &x[i * k..(i + 1) * k], 1, &w);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&batched[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty} {kernel:?}: row {i} differs between m=1 and m={m}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_keeps_values_in_range_and_sums_consistent() {
+    let mut rng = Rng(5);
+    let mut x = random_x(&mut rng, 1, 512);
+    x[7] = f32::INFINITY;
+    x[300] = f32::NAN;
+    for b in quantize_rows::<BlockQ8>(&x) {
+        assert!(b.qs.iter().all(|&q| q != i8::MIN));
+    }
+    let x = random_x(&mut rng, 2, 512);
+    for (xb, b) in x.chunks(32).zip(quantize_rows::<BlockQ8>(&x)) {
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        assert_eq!(b.s, b.d * sum as f32);
+        for (&xv, &q) in xb.iter().zip(&b.qs) {
+            assert!((xv - b.d * q as f32).abs() <= 0.501 * b.d + 1e-7);
+        }
+    }
+    for b in quantize_rows::<BlockQ8K>(&x) {
+        for (g, &bs) in b.bsums.iter().enumerate() {
+            assert_eq!(
+                bs as i32,
+                b.qs[16 * g..16 * g + 16]
+                    .iter()
+                    .map(|&q| q as i32)
+                    .sum::<i32>()
+            );
+        }
+    }
+    assert_eq!(<BlockQ8K as ActBlock>::ELEMS, 256);
+}
+
+/// Fixtures written by `fixtures/make_quant_fixtures.py` with the `gguf` Python package:
+/// (type, raw bytes, gguf's dequantization), each 4 rows x 512 columns.
+fn gguf_fixtures() -> Vec<(GgmlType, &'static [u8], Vec<f32>)> {
+    macro_rules! fixture {
+        ($ty:ident) => {
+            (
+                GgmlType::$ty,
+                include_bytes!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/fixtures/quant_",
+                    stringify!($ty),
+                    ".bin"
+                ))
+                .as_slice(),
+                include_bytes!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/fixtures/quant_",
+                    stringify!($ty),
+                    ".f32"
+                ))
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            )
+        };
+    }
+    vec![
+        fixture!(F32),
+        fixture!(F16),
+        fixture!(BF16),
+        fixture!(Q4_0),
+        fixture!(Q4_1),
+        fixture!(Q5_0),
+        fixture!(Q5_1),
+        fixture!(Q8_0),
+        fixture!(Q2_K),
+        fixture!(Q3_K),
+        fixture!(Q4_K),
+        fixture!(Q5_K),
+        fixture!(Q6_K),
+    ]
+}
+
+#[test]
+fn dequantize_matches_gguf_python_reference() {
+    for (ty, raw, want) in gguf_fixtures() {
+        assert_eq!(want.len(), 4 * 512, "{ty} fixture");
+        let got = dequant_vec(ty, raw, want.len());
+        // Same f32 operations in the same order as gguf's numpy code, so bit-for-bit equal.
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits(),
+                "{ty} element {i}: ours {g}, gguf {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_on_gguf_quantized_weights_matches_gguf_dequantization() {
+    let mut rng = Rng(6);
+    for (ty, raw, w_f32) in gguf_fixtures() {
+        let (n, k, m) = (4, 512, 5);
+        let w = QuantMatrix::new(ty, raw, n, k).unwrap();
+        let x = random_x(&mut rng, m, k);
+        let (want, tol) = reference(ty, &w_f32, &x, m, n, k);
+        for kernel in kernels() {
+            let got = run(kernel, &x, m, &w);
+            for (idx, (&g, (&wv, &t))) in got.iter().zip(want.iter().zip(&tol)).enumerate() {
+                assert!(
+                    (g as f64 - wv).abs() <= t,
+                    "{ty} {kernel:?} out[{idx}]: got {g}, want {wv}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn type_table_is_consistent() {
+    for ty in GgmlType::ALL {
+        assert_eq!(GgmlType::from_u32(ty.id()), Some(ty));
+        assert_eq!(ty.to_string(), ty.name());
+        assert_eq!(ty.row_bytes(3 * ty.block_size()), Some(3 * ty.type_size()));
+    }
+    assert_eq!(GgmlType::from_u32(4), None);
+    assert_eq!(GgmlType::Q4_K.row_bytes(100), None);
+    assert_eq!(GgmlType::Q4_1.row_bytes(576), Some(360));
+    let sizes: Vec<_> = GgmlType::ALL
+        .iter()
+        .map(|t| (t.block_size(), t.type_size()))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (1, 4),
+            (1, 2),
+            (32, 18),
+            (32, 20),
+            (32, 22),
+            (32, 24),
+            (32, 34),
+            (32, 36),
+            (256, 84),
+            (256, 110),
+            (256, 144),
+            (256, 176),
+            (256, 210),
+            (256, 292),
+            (1, 2)
+        ]
+    );
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let data = vec![0u8; 2 * 20];
+    let mut out = vec![0f32; 64];
+    assert!(matches!(
+        dequantize(GgmlType::Q4_1, &data, &mut out[..63]),
+        Err(QuantError::NotBlockMultiple { .. })
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q4_1, &data[..39], &mut out),
+        Err(QuantError::LengthMismatch {
+            expected: 40,
+            got: 39,
+            ..
+        })
+    ));
+    assert!(dequantize(GgmlType::Q4_1, &data, &mut out).is_ok());
+
+    let w = QuantMatrix {
+        ty: GgmlType::Q4_1,
+        data: &data,
+        rows: 2,
+        cols: 32,
+    };
+    let x = vec![1f32; 3 * 32];
+    let mut out = vec![0f32; 3 * 2];
+    assert!(quant_matmul(&x, 3, &w, &mut out).is_ok());
+    assert!(matches!(
+        quant_matmul(&x, 2, &w, &mut out),
+        Err(QuantError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        quant_matmul(&x, 3, &w, &mut out[..5]),
+        Err(QuantError::LengthMismatch { .. })
+    ));
+    let short = QuantMatrix { rows: 3, ..w };
+    assert!(matches!(
+        quant_matmul(&x, 3, &short, &mut [0f32; 9]),
+        Err(QuantError::LengthMismatch { .. })
+    ));
+    let ragged = QuantMatrix { cols: 33, ..w };
+    assert!(matches!(
+        quant_matmul(&x, 3, &ragged, &mut out),
+        Err(QuantError::NotBlockMultiple { .. })
+    ));
+    let huge = QuantMatrix {
+        rows: usize::MAX,
+        ..w
+    };
+    assert!(quant_matmul(&x, 3, &huge, &mut out).is_err());
+    assert!(QuantMatrix::new(GgmlType::Q4_1, &data, 1, 32).is_err());
+    let msg = quant_matmul(&x, 2, &w, &mut out).unwrap_err().to_string();
+    assert!(msg.contains("expected 64"), "{msg}");
+
+    // Empty shapes are valid and do nothing (or write zeros for k = 0).
+    assert!(quant_matmul(&[], 0, &w, &mut []).is_ok());
+    let empty = QuantMatrix {
+        ty: GgmlType::Q4_1,
+        data: &[],
+        rows: 2,
+        cols: 0,
+    };
+    let mut out = vec![f32::NAN; 6];
+    quant_matmul(&[], 3, &empty, &mut out).unwrap();
+    assert_eq!(out, [0.0; 6]);
+}
+
+/// Throughput for the lead's information, not asserted: `cargo test -p ironllm-kernels --release
+/// -- --ignored --nocapture quant_matmul_throughput`.
+#[test]
+#[ignore]
+fn quant_matmul_throughput() {
+    let mut rng = Rng(7);
+    let cases = [
+        (GgmlType::Q4_1, 1, 1536, 576),
+        (GgmlType::Q4_1, 16, 1536, 576),
+        (GgmlType::Q4_1, 1, 576, 1536),
+        (GgmlType::Q4_1, 64, 1536, 576),
+        (GgmlType::Q8_0, 1, 49152, 576),
+        (GgmlType::Q4_K, 1, 1536, 768),
+        (GgmlType::Q6_K, 1, 1536, 768),
+    ];
+    println!("rayon threads: {}", rayon::current_num_threads());
+    for (ty, m, n, k) in cases {
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let x = random_x(&mut rng, m, k);
+        let mut out = vec![0f32; m * n];
+        for (label, kernel) in [("best", Kernel::best()), ("scalar", Kernel::Scalar)] {
+            let mut best = f64::INFINITY;
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs_f64() < 0.5 {
+                let reps = 10;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    matmul_with(kernel, &x, m, &w, &mut out);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
+            let gbs = data.len() as f64 / best / 1e9;
+            println!(
+                "{ty} m={m:<3} n={n:<5} k={k:<5} {label:<6}: {:>8.1} us  {gflops:>6.1} GFLOP/s  {gbs:>6.2} GB/s (weights)",
+                best * 1e6
+            );
+        }
+    }
+}

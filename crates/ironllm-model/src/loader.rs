@@ -1,0 +1,198 @@
+//! Resolves what the user named (a Hugging Face model directory, a GGUF file, or a config directory with
+//! `--load-format dummy`) into a ready model, its tokenizer, chat template and generation defaults.
+//! A hub downloader would slot in before [`load`] by turning a repository id into a local directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::ModelConfig;
+use crate::generation_config::GenerationDefaults;
+use crate::gguf::GgufFile;
+use crate::llama::LlamaModel;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{DummySource, GgufSource, SafetensorsSource, WeightSource};
+use crate::ModelError;
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DType {
+    #[default]
+    Auto,
+    Float32,
+    BFloat16,
+    Float16,
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DType::Auto),
+            "float32" | "float" => Ok(DType::Float32),
+            "bfloat16" => Ok(DType::BFloat16),
+            "float16" | "half" => Ok(DType::Float16),
+            other => Err(format!("invalid dtype `{other}` (choose from auto, half, float16, bfloat16, float, float32)")),
+        }
+    }
+}
+
+/// `--load-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    #[default]
+    Auto,
+    Safetensors,
+    Gguf,
+    Dummy,
+}
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(LoadFormat::Auto),
+            "safetensors" => Ok(LoadFormat::Safetensors),
+            "gguf" => Ok(LoadFormat::Gguf),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other => Err(format!("invalid load format `{other}` (choose from auto, safetensors, gguf, dummy)")),
+        }
+    }
+}
+
+/// Where generation defaults come from (`--generation-config`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GenerationConfigSource {
+    /// The model's own `generation_config.json`.
+    #[default]
+    Auto,
+    /// vLLM's built-in defaults only.
+    Vllm,
+    /// A directory holding a `generation_config.json`.
+    Dir(PathBuf),
+}
+
+/// Everything needed to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub model: PathBuf,
+    /// A tokenizer directory or `tokenizer.json` other than the model's.
+    pub tokenizer: Option<PathBuf>,
+    pub dtype: DType,
+    pub load_format: LoadFormat,
+    pub max_model_len: Option<usize>,
+    pub seed: u64,
+    pub generation_config: GenerationConfigSource,
+    /// Skip loading a tokenizer (prompts must then be token ids).
+    pub skip_tokenizer_init: bool,
+}
+
+/// A loaded model with what the frontend needs around it.
+pub struct LoadedModel {
+    pub model: Arc<LlamaModel>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub chat_template: Option<String>,
+    pub generation: GenerationDefaults,
+    pub max_model_len: usize,
+    /// EOS ids: the tokenizer's, the config's and the generation config's, deduplicated.
+    pub eos_token_ids: Vec<u32>,
+    pub load_seconds: f64,
+}
+
+/// Loads a model as the options say.
+pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let started = Instant::now();
+    let path = &opts.model;
+    if !path.exists() {
+        return Err(ModelError::Unsupported(format!(
+            "model path `{}` does not exist (give a Hugging Face model directory or a .gguf file; no model hub is reachable)",
+            path.display()
+        )));
+    }
+    let is_gguf_file = path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = match opts.load_format {
+        LoadFormat::Auto if is_gguf_file => LoadFormat::Gguf,
+        LoadFormat::Auto => LoadFormat::Safetensors,
+        f => f,
+    };
+    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
+        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
+    }
+    let (config, source, tokenizer, generation_dir) = match format {
+        LoadFormat::Gguf => {
+            if !is_gguf_file {
+                return Err(ModelError::Unsupported(format!("`{}` is not a .gguf file", path.display())));
+            }
+            let file = GgufFile::open(path).map_err(|e| ModelError::Weights(e.to_string()))?;
+            let config = ModelConfig::from_gguf(&file)?;
+            let tokenizer = if opts.skip_tokenizer_init || opts.tokenizer.is_some() {
+                None
+            } else {
+                Some(Tokenizer::from_gguf(&file).map_err(|e| ModelError::Tokenizer(e.to_string()))?)
+            };
+            let source = WeightSource::Gguf(GgufSource::new(file, &config));
+            (config, source, tokenizer, None)
+        }
+        LoadFormat::Safetensors | LoadFormat::Dummy => {
+            let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.clone() };
+            let config = ModelConfig::from_hf_dir(&dir)?;
+            let source = if format == LoadFormat::Dummy {
+                WeightSource::Dummy(DummySource::new(&config, opts.seed))
+            } else {
+                WeightSource::Safetensors(SafetensorsSource::open_dir(&dir)?)
+            };
+            let tokenizer = if opts.skip_tokenizer_init || opts.tokenizer.is_some() || !dir.join("tokenizer.json").exists() {
+                None
+            } else {
+                Some(Tokenizer::from_hf_dir(&dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?)
+            };
+            (config, source, tokenizer, Some(dir))
+        }
+        LoadFormat::Auto => unreachable!("resolved above"),
+    };
+    let tokenizer = match (&opts.tokenizer, opts.skip_tokenizer_init) {
+        (Some(t), false) => Some(if t.is_dir() {
+            Tokenizer::from_hf_dir(t)
+        } else {
+            Tokenizer::from_file(t)
+        }
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?),
+        _ => tokenizer,
+    };
+    let generation = match (&opts.generation_config, &generation_dir) {
+        (GenerationConfigSource::Vllm, _) => GenerationDefaults::default(),
+        (GenerationConfigSource::Dir(d), _) => GenerationDefaults::from_dir(d)?,
+        (GenerationConfigSource::Auto, Some(d)) => GenerationDefaults::from_dir(d)?,
+        (GenerationConfigSource::Auto, None) => GenerationDefaults::default(),
+    };
+    let max_model_len = match opts.max_model_len {
+        Some(0) => return Err(ModelError::Config("max_model_len must be positive".into())),
+        Some(n) if n > config.max_position_embeddings => {
+            return Err(ModelError::Config(format!(
+                "User-specified max_model_len ({n}) is greater than the derived max_model_len (max_position_embeddings={} in model's config.json).",
+                config.max_position_embeddings
+            )))
+        }
+        Some(n) => n,
+        None => config.max_position_embeddings,
+    };
+    let keep_quantized = opts.dtype != DType::Float32;
+    let mut eos_token_ids = config.eos_token_ids.clone();
+    eos_token_ids.extend(generation.eos_token_ids.iter().copied());
+    if let Some(t) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
+        eos_token_ids.push(t);
+    }
+    eos_token_ids.sort_unstable();
+    eos_token_ids.dedup();
+    let chat_template = tokenizer.as_ref().and_then(|t| t.chat_template().map(str::to_string));
+    let model = LlamaModel::load(config, &source, keep_quantized, max_model_len)?;
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: tokenizer.map(Arc::new),
+        chat_template,
+        generation,
+        max_model_len,
+        eos_token_ids,
+        load_seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,268 @@
+//! The CPU model runner: turns the scheduler's plan into one flattened batch (token ids, positions, slot
+//! mapping, per-sequence spans over block tables, rows that produce logits), runs the model once for the
+//! mixed prefill + decode batch, and samples.
+//!
+//! It keeps per-request state across steps (token ids, block table, sampler state), as vLLM's persistent
+//! batch does. A preempted request keeps its sampler state (so a seeded generator continues where it was)
+//! and gets a fresh block table when it comes back. Batch buffers are reused across steps.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ironllm_core::executor::ModelExecutor;
+use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
+use ironllm_core::{CoreError, SamplingParams};
+use ironllm_kernels::cpu::attention::SeqSpan;
+
+use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
+use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
+
+struct ReqState {
+    /// Prompt followed by every output token known so far.
+    token_ids: Vec<u32>,
+    num_prompt_tokens: usize,
+    block_table: Vec<u32>,
+    num_computed_tokens: usize,
+    params: Arc<SamplingParams>,
+    sampler: SamplerState,
+}
+
+/// A request's place in this step's batch.
+struct Planned {
+    req_idx: usize,
+    query_start: usize,
+    query_len: usize,
+    /// Whether the request reaches the end of its known tokens this step (so it samples).
+    samples: bool,
+    /// Prompt positions whose next-token logprobs are computed this step.
+    prompt_lp: std::ops::Range<usize>,
+}
+
+/// Executes planned steps on the CPU.
+pub struct CpuModelRunner {
+    model: Arc<LlamaModel>,
+    kv: KvCache,
+    ws: Workspace,
+    sampler: Sampler,
+    engine_rng: Rng,
+    reqs: HashMap<String, ReqState>,
+    // Batch buffers, reused across steps.
+    token_ids: Vec<u32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    logits_rows: Vec<usize>,
+}
+
+impl CpuModelRunner {
+    /// A runner with a KV cache of `num_blocks` blocks of `block_size` tokens. `seed` seeds the
+    /// generators of requests that do not bring their own.
+    pub fn new(model: Arc<LlamaModel>, num_blocks: usize, block_size: usize, seed: u64) -> CpuModelRunner {
+        let kv = KvCache::new(&model.config, num_blocks, block_size);
+        let vocab = model.config.vocab_size;
+        CpuModelRunner {
+            model,
+            kv,
+            ws: Workspace::default(),
+            sampler: Sampler::new(vocab),
+            engine_rng: Rng::seeded(seed),
+            reqs: HashMap::new(),
+            token_ids: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            logits_rows: Vec::new(),
+        }
+    }
+
+    /// The model this runner executes.
+    pub fn model(&self) -> &Arc<LlamaModel> {
+        &self.model
+    }
+
+    fn apply_plan_bookkeeping(&mut self, plan: &SchedulerOutput) -> Result<(), CoreError> {
+        for id in &plan.finished_req_ids {
+            self.reqs.remove(id);
+        }
+        for id in &plan.preempted_req_ids {
+            if let Some(st) = self.reqs.get_mut(id) {
+                st.block_table.clear();
+                st.num_computed_tokens = 0;
+            }
+        }
+        for new in &plan.scheduled_new_reqs {
+            let mut token_ids = new.prompt_token_ids.clone();
+            token_ids.extend_from_slice(&new.output_token_ids);
+            let block_table = new.block_ids.iter().map(|b| b.0).collect();
+            match self.reqs.get_mut(&new.req_id) {
+                // Resumed after preemption: keep the sampler state so seeded draws continue.
+                Some(st) => {
+                    st.token_ids = token_ids;
+                    st.block_table = block_table;
+                    st.num_computed_tokens = new.num_computed_tokens;
+                }
+                None => {
+                    let sampler = SamplerState::new(&new.sampling_params, &mut self.engine_rng);
+                    self.reqs.insert(
+                        new.req_id.clone(),
+                        ReqState {
+                            token_ids,
+                            num_prompt_tokens: new.prompt_token_ids.len(),
+                            block_table,
+                            num_computed_tokens: new.num_computed_tokens,
+                            params: new.sampling_params.clone(),
+                            sampler,
+                        },
+                    );
+                }
+            }
+        }
+        for cached in &plan.scheduled_cached_reqs {
+            let st = self
+                .reqs
+                .get_mut(&cached.req_id)
+                .ok_or_else(|| CoreError::Execution(format!("unknown request `{}`", cached.req_id)))?;
+            st.block_table.extend(cached.new_block_ids.iter().map(|b| b.0));
+            st.num_computed_tokens = cached.num_computed_tokens;
+        }
+        Ok(())
+    }
+}
+
+impl ModelExecutor for CpuModelRunner {
+    fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
+        self.apply_plan_bookkeeping(plan)?;
+        let block_size = self.kv.layout.block_size;
+        let max_pos = self.model.config.max_position_embeddings.max(1);
+        self.token_ids.clear();
+        self.positions.clear();
+        self.slots.clear();
+        self.logits_rows.clear();
+
+        // Requests in batch order, with their slices of the flattened batch.
+        let order: Vec<&String> = plan.num_scheduled_tokens.iter().map(|(id, _)| id).collect();
+        let mut planned = Vec::with_capacity(order.len());
+        let mut states: Vec<&mut ReqState> = Vec::with_capacity(order.len());
+        {
+            let mut by_id: HashMap<&String, &mut ReqState> = self.reqs.iter_mut().collect();
+            for id in &order {
+                let st = by_id
+                    .remove(*id)
+                    .ok_or_else(|| CoreError::Execution(format!("request `{id}` scheduled twice or unknown")))?;
+                states.push(st);
+            }
+        }
+        for (req_idx, ((_, n), st)) in plan.num_scheduled_tokens.iter().zip(states.iter()).enumerate() {
+            let start = st.num_computed_tokens;
+            let end = start + n;
+            if end > st.token_ids.len() || end > st.block_table.len() * block_size {
+                return Err(CoreError::Execution(format!(
+                    "plan for request {req_idx} covers tokens {start}..{end} but it has {} tokens and {} blocks",
+                    st.token_ids.len(),
+                    st.block_table.len()
+                )));
+            }
+            let query_start = self.token_ids.len();
+            for pos in start..end {
+                if pos >= max_pos {
+                    return Err(CoreError::Execution(format!("position {pos} beyond the model's {max_pos}")));
+                }
+                self.token_ids.push(st.token_ids[pos]);
+                self.positions.push(pos);
+                self.slots.push(st.block_table[pos / block_size] as usize * block_size + pos % block_size);
+            }
+            let prompt_lp = if st.params.prompt_logprobs.is_some() {
+                start.min(st.num_prompt_tokens.saturating_sub(1))..end.min(st.num_prompt_tokens.saturating_sub(1))
+            } else {
+                0..0
+            };
+            planned.push(Planned { req_idx, query_start, query_len: *n, samples: end == st.token_ids.len(), prompt_lp });
+        }
+        // Logits rows: first one per sampling request, then the prompt-logprob rows.
+        for p in &planned {
+            if p.samples {
+                self.logits_rows.push(p.query_start + p.query_len - 1);
+            }
+        }
+        let num_sample_rows = self.logits_rows.len();
+        let mut prompt_targets: Vec<u32> = Vec::new();
+        for p in &planned {
+            let st = &states[p.req_idx];
+            let first = st.num_computed_tokens;
+            for pos in p.prompt_lp.clone() {
+                self.logits_rows.push(p.query_start + (pos - first));
+                prompt_targets.push(st.token_ids[pos + 1]);
+            }
+        }
+        let spans: Vec<SeqSpan<'_>> = planned
+            .iter()
+            .map(|p| {
+                let st = &states[p.req_idx];
+                SeqSpan {
+                    query_start: p.query_start,
+                    query_len: p.query_len,
+                    context_len: st.num_computed_tokens + p.query_len,
+                    block_table: &st.block_table,
+                }
+            })
+            .collect();
+        let batch = ForwardBatch {
+            token_ids: &self.token_ids,
+            positions: &self.positions,
+            slot_mapping: &self.slots,
+            seqs: &spans,
+            logits_rows: &self.logits_rows,
+        };
+        if !self.token_ids.is_empty() {
+            self.model.forward(&batch, &mut self.kv, &mut self.ws);
+        }
+        drop(spans);
+        let vocab = self.model.config.vocab_size;
+        let (sample_logits, prompt_logits) = self.ws.logits[..self.logits_rows.len() * vocab].split_at_mut(num_sample_rows * vocab);
+
+        // Prompt logprobs come from raw logits, before the sampler modifies its rows.
+        let mut prompt_lps: Vec<Option<Vec<PositionLogprobs>>> = vec![None; planned.len()];
+        if !prompt_targets.is_empty() {
+            let mut offset = 0;
+            for p in &planned {
+                let count = p.prompt_lp.len();
+                if count == 0 {
+                    continue;
+                }
+                let k = states[p.req_idx].params.prompt_logprobs.unwrap_or(0);
+                let rows = &prompt_logits[offset * vocab..(offset + count) * vocab];
+                prompt_lps[p.req_idx] = Some(self.sampler.prompt_logprobs(rows, &prompt_targets[offset..offset + count], k));
+                offset += count;
+            }
+        }
+
+        let mut rows: Vec<SamplingRow<'_>> = Vec::with_capacity(num_sample_rows);
+        let mut sample_req_idx = Vec::with_capacity(num_sample_rows);
+        for (p, st) in planned.iter().zip(states.iter_mut()) {
+            if p.samples {
+                let st: &mut ReqState = st;
+                let (prompt, output) = st.token_ids.split_at(st.num_prompt_tokens);
+                rows.push(SamplingRow { params: &st.params, prompt_token_ids: prompt, output_token_ids: output, state: &mut st.sampler });
+                sample_req_idx.push(p.req_idx);
+            }
+        }
+        let sampled = self.sampler.sample(sample_logits, &mut rows, &mut self.engine_rng);
+        drop(rows);
+
+        let mut out = ModelRunnerOutput {
+            req_ids: order.iter().map(|s| (*s).clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); planned.len()],
+            logprobs: vec![None; planned.len()],
+            prompt_logprobs: prompt_lps,
+        };
+        for (tok, &ri) in sampled.into_iter().zip(&sample_req_idx) {
+            out.sampled_token_ids[ri] = vec![tok.token_id];
+            out.logprobs[ri] = tok.logprobs.map(|l| vec![l]);
+        }
+        for (p, st) in planned.iter().zip(states.iter_mut()) {
+            st.num_computed_tokens += p.query_len;
+            if let Some(&t) = out.sampled_token_ids[p.req_idx].first() {
+                st.token_ids.push(t);
+            }
+        }
+        Ok(out)
+    }
+}

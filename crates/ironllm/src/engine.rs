@@ -1,0 +1,317 @@
+//! The synchronous engine every entry point drives: the frontend work for a request (tokenize, resolve
+//! and validate sampling parameters, fan out `n` / `best_of`), the engine core's step, and the output
+//! processor. The offline [`crate::LLM`] calls [`Engine::step`] in a loop; the server runs the same loop
+//! on its own thread.
+
+use std::sync::Arc;
+
+use ironllm_core::engine::EngineCore;
+use ironllm_core::output_processor::{child_request_id, OutputKind, OutputProcessor, RequestOutput};
+use ironllm_core::outputs::{FinishReason, StopReason};
+use ironllm_core::request::Request;
+use ironllm_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use ironllm_core::SamplingParams;
+use ironllm_model::config::ModelConfig;
+use ironllm_model::generation_config::GenerationDefaults;
+use ironllm_model::llama::KvCache;
+use ironllm_model::loader::{self, LoadOptions};
+use ironllm_model::runner::CpuModelRunner;
+use ironllm_model::tokenizer::Tokenizer;
+
+use crate::default_model::ensure_default_model;
+use crate::{EngineArgs, LlmError};
+
+/// A prompt as text or as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Prompt {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Prompt {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(t: Vec<u32>) -> Prompt {
+        Prompt::Tokens(t)
+    }
+}
+
+/// Who drives the engine; picks vLLM's defaults that differ between offline use and serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Offline,
+    Serving,
+}
+
+/// Facts about the loaded engine, for start-up summaries and `/v1/models`.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub model_path: String,
+    pub config: ModelConfig,
+    pub weight_format: &'static str,
+    pub weight_bytes: usize,
+    pub max_model_len: usize,
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
+    pub kv_capacity_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub load_seconds: f64,
+}
+
+impl EngineInfo {
+    /// How many requests of `max_model_len` tokens fit the KV cache at once.
+    pub fn max_concurrency(&self) -> f64 {
+        self.kv_capacity_tokens as f64 / self.max_model_len as f64
+    }
+}
+
+/// The engine: frontend preprocessing + engine core + output processing.
+pub struct Engine {
+    core: EngineCore<CpuModelRunner>,
+    processor: OutputProcessor,
+    tokenizer: Option<Arc<Tokenizer>>,
+    eos_token_ids: Vec<u32>,
+    generation: GenerationDefaults,
+    chat_template: Option<String>,
+    max_logprobs: usize,
+    info: EngineInfo,
+}
+
+impl Engine {
+    /// Loads the model and sizes the KV cache.
+    pub fn new(args: &EngineArgs, usage: Usage) -> Result<Engine, LlmError> {
+        let model_path = match &args.model {
+            Some(p) => p.clone(),
+            None => ensure_default_model()?,
+        };
+        let opts = LoadOptions {
+            model: model_path.clone(),
+            tokenizer: args.tokenizer.clone(),
+            dtype: args.dtype,
+            load_format: args.load_format,
+            max_model_len: args.max_model_len,
+            seed: args.seed,
+            generation_config: args.generation_config.clone(),
+            skip_tokenizer_init: args.skip_tokenizer_init,
+        };
+        let loaded = loader::load(&opts)?;
+        let config = loaded.model.config.clone();
+        if args.block_size == 0 || args.block_size > 1024 {
+            return Err(LlmError::InvalidArgs(format!("--block-size must be in [1, 1024], got {}", args.block_size)));
+        }
+        let bytes_per_block = KvCache::bytes_per_token(&config) * args.block_size;
+        let num_kv_blocks = args.kv_cache_memory_bytes / bytes_per_block;
+        let max_model_len = loaded.max_model_len;
+        if num_kv_blocks * args.block_size < max_model_len.min(args.block_size * 2) {
+            return Err(LlmError::InvalidArgs(format!(
+                "the KV cache of {} bytes holds only {} blocks of {} tokens; raise --kv-cache-memory-bytes",
+                args.kv_cache_memory_bytes, num_kv_blocks, args.block_size
+            )));
+        }
+        let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(match usage {
+            Usage::Offline => 8192,
+            Usage::Serving => 2048,
+        });
+        if args.max_num_seqs == 0 {
+            return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
+        }
+        if !args.enable_chunked_prefill && max_num_batched_tokens < max_model_len {
+            return Err(LlmError::InvalidArgs(format!(
+                "max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}). This effectively limits the maximum sequence length to max_num_batched_tokens and makes vLLM reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len."
+            )));
+        }
+        let sched = SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len,
+            block_size: args.block_size,
+            num_blocks: num_kv_blocks,
+            enable_prefix_caching: args.enable_prefix_caching,
+            enable_chunked_prefill: args.enable_chunked_prefill,
+            long_prefill_token_threshold: 0,
+            policy: if args.scheduling_policy_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs },
+        };
+        let info = EngineInfo {
+            model_path: model_path.display().to_string(),
+            weight_format: loaded.model.weight_format(),
+            weight_bytes: loaded.model.weight_bytes(),
+            config,
+            max_model_len,
+            num_kv_blocks,
+            block_size: args.block_size,
+            kv_capacity_tokens: num_kv_blocks * args.block_size,
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens,
+            load_seconds: loaded.load_seconds,
+        };
+        let runner = CpuModelRunner::new(loaded.model.clone(), num_kv_blocks, args.block_size, args.seed);
+        let core = EngineCore::new(sched, runner).map_err(LlmError::Core)?;
+        Ok(Engine {
+            core,
+            processor: OutputProcessor::new(),
+            tokenizer: loaded.tokenizer,
+            eos_token_ids: loaded.eos_token_ids,
+            generation: loaded.generation,
+            chat_template: loaded.chat_template,
+            max_logprobs: args.max_logprobs,
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    pub fn generation_defaults(&self) -> &GenerationDefaults {
+        &self.generation
+    }
+
+    /// vLLM's sampling defaults with the model's generation config applied.
+    pub fn default_sampling_params(&self) -> SamplingParams {
+        self.generation.default_params()
+    }
+
+    /// Tokenizes a prompt (adding special tokens as the tokenizer is configured to).
+    pub fn tokenize(&self, prompt: &Prompt, add_special_tokens: bool) -> Result<Vec<u32>, LlmError> {
+        match prompt {
+            Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Text(s) => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    LlmError::InvalidRequest("a text prompt needs a tokenizer; give token ids instead".into())
+                })?;
+                tok.encode(s, add_special_tokens).map_err(|e| LlmError::InvalidRequest(e.to_string()))
+            }
+        }
+    }
+
+    /// Validates a request and hands it to the engine core. The request's outputs come from
+    /// [`step`](Self::step) under `request_id`.
+    pub fn add_request(
+        &mut self,
+        request_id: &str,
+        prompt: &Prompt,
+        mut params: SamplingParams,
+        kind: OutputKind,
+        priority: i32,
+    ) -> Result<Vec<u32>, LlmError> {
+        if self.processor.has_request(request_id) {
+            return Err(LlmError::InvalidRequest(format!("request id `{request_id}` is already in use")));
+        }
+        let prompt_ids = self.tokenize(prompt, true)?;
+        let vocab = self.info.config.vocab_size;
+        if prompt_ids.is_empty() {
+            return Err(LlmError::InvalidRequest("The decoder prompt cannot be empty".into()));
+        }
+        if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(LlmError::InvalidRequest(format!("Token id {bad} is out of vocabulary")));
+        }
+        if prompt_ids.len() >= self.info.max_model_len {
+            return Err(LlmError::InvalidRequest(format!(
+                "The decoder prompt (length {}) is longer than the maximum model length of {}. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+                prompt_ids.len(),
+                self.info.max_model_len
+            )));
+        }
+        if !params.bad_words.is_empty() {
+            let tok = self
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| LlmError::InvalidRequest("bad_words needs a tokenizer".into()))?;
+            let mut seqs: Vec<Vec<u32>> = Vec::new();
+            for word in &params.bad_words {
+                for prefix in ["", " "] {
+                    let ids = tok
+                        .encode(&format!("{prefix}{}", word.trim_start()), false)
+                        .map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+                    if !ids.is_empty() && !seqs.contains(&ids) {
+                        seqs.push(ids);
+                    }
+                }
+            }
+            params.bad_words_token_ids = seqs;
+        }
+        params.eos_token_ids = self.eos_token_ids.clone();
+        params.validate(vocab, self.max_logprobs).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+        let num_children = params.num_sequences();
+        let user_params = Arc::new(params.clone());
+        let child_ids: Vec<String> = if num_children == 1 {
+            vec![request_id.to_string()]
+        } else {
+            (0..num_children).map(|i| child_request_id(request_id, i)).collect()
+        };
+        let pick_best = params.best_of.is_some_and(|b| b > params.n);
+        let mut added: Vec<String> = Vec::new();
+        for (i, cid) in child_ids.iter().enumerate() {
+            let mut child = params.clone();
+            child.n = 1;
+            child.best_of = None;
+            if let Some(seed) = params.seed {
+                child.seed = Some(seed.wrapping_add(i as u64));
+            }
+            if pick_best && child.logprobs.is_none() {
+                // Ranking by cumulative logprob needs the sampled tokens' logprobs.
+                child.logprobs = Some(0);
+            }
+            let req = Request::new(cid.clone(), prompt_ids.clone(), Arc::new(child)).with_priority(priority);
+            if let Err(e) = self.core.add_request(req) {
+                self.core.abort_requests(&added);
+                return Err(LlmError::InvalidRequest(e.to_string()));
+            }
+            added.push(cid.clone());
+        }
+        let detokenize = self.tokenizer.is_some();
+        self.processor.add_request(request_id, prompt_ids.clone(), user_params, kind, &child_ids, detokenize);
+        Ok(prompt_ids)
+    }
+
+    /// Aborts a request (all its sequences) and frees its KV blocks at once.
+    pub fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
+        let children = self.processor.child_ids(request_id);
+        self.core.abort_requests(&children);
+        let out = self.processor.abort_request(request_id);
+        self.processor.remove_request(request_id);
+        out
+    }
+
+    /// Runs one engine step and returns the request outputs it produced.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, LlmError> {
+        let outputs = self.core.step().map_err(LlmError::Core)?;
+        let tok = self.tokenizer.as_ref().map(|t| t.inner());
+        let result = self.processor.process(outputs, tok);
+        if !result.stopped.is_empty() {
+            for (id, stop) in result.stopped {
+                self.core.finish_requests([id], FinishReason::Stop, Some(StopReason::String(stop)));
+            }
+        }
+        Ok(result.request_outputs)
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.core.has_unfinished_requests()
+    }
+
+    /// Scheduler statistics (running, waiting, KV usage, prefix cache counters, preemptions).
+    pub fn stats(&self) -> ironllm_core::SchedulerStats {
+        self.core.stats()
+    }
+}

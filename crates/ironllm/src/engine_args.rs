@@ -1,0 +1,91 @@
+//! Engine arguments with vLLM's names and defaults, resolved once into the configs that flow down
+//! (load options, scheduler config, KV cache size). The CLI and the server fill this from flags.
+
+use std::path::PathBuf;
+
+use ironllm_model::loader::{DType, GenerationConfigSource, LoadFormat};
+
+/// Everything that shapes an engine, as `vllm serve` / `LLM(...)` take it.
+#[derive(Debug, Clone)]
+pub struct EngineArgs {
+    /// A Hugging Face directory or GGUF file; `None` = the default model (fetched on first use).
+    pub model: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub dtype: DType,
+    pub load_format: LoadFormat,
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    /// `None` picks vLLM's default for the usage (2048 for serving, 8192 offline).
+    pub max_num_batched_tokens: Option<usize>,
+    pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    pub enable_chunked_prefill: bool,
+    /// KV cache size in bytes on the CPU (vLLM's `--kv-cache-memory-bytes` / `VLLM_CPU_KVCACHE_SPACE`).
+    pub kv_cache_memory_bytes: usize,
+    pub seed: u64,
+    pub generation_config: GenerationConfigSource,
+    pub max_logprobs: usize,
+    pub skip_tokenizer_init: bool,
+    /// `fcfs` or `priority`.
+    pub scheduling_policy_priority: bool,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs {
+            model: None,
+            tokenizer: None,
+            dtype: DType::Auto,
+            load_format: LoadFormat::Auto,
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            enable_prefix_caching: true,
+            enable_chunked_prefill: true,
+            kv_cache_memory_bytes: 4 << 30,
+            seed: 0,
+            generation_config: GenerationConfigSource::Auto,
+            max_logprobs: 20,
+            skip_tokenizer_init: false,
+            scheduling_policy_priority: false,
+        }
+    }
+}
+
+/// Parses sizes such as `4GiB`, `512MiB`, `2G`, `1000000`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size `{s}`"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" | "ki" => 1024.0,
+        "mib" | "mi" => 1024.0 * 1024.0,
+        "gib" | "gi" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit `{other}` in `{s}`")),
+    };
+    let bytes = value * mult;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("size `{s}` must be positive"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_bytes("2G").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("x").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+}
