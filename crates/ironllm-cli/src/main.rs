@@ -1,6 +1,7 @@
 //! The `ironllm` binary: flags in, validated configs out, then one of the subcommands.
 
 mod args;
+mod bench;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,9 @@ struct Cli {
 enum Command {
     /// Generate offline for a batch of prompts (JSONL in, JSONL out).
     Generate(generate::GenerateArgs),
+    /// Benchmarks (latency, throughput), as `vllm bench`.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() {
@@ -27,6 +31,7 @@ fn main() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Bench(c) => bench::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -34,11 +34,7 @@ use crate::outputs::BlockId;
 pub struct BlockHash(pub u128);
 
 /// Hashes one full block given its parent's hash (`None` for the first block of a sequence).
-pub fn hash_block_tokens(
-    parent: Option<BlockHash>,
-    token_ids: &[u32],
-    extra_key: Option<u64>,
-) -> BlockHash {
+pub fn hash_block_tokens(parent: Option<BlockHash>, token_ids: &[u32], extra_key: Option<u64>) -> BlockHash {
     let mut hasher = Hasher128::new();
     match parent {
         None => hasher.write(0),
@@ -77,10 +73,7 @@ impl Hasher128 {
     const P3: u64 = 0x1656_67B1_9E37_79F9;
 
     fn new() -> Self {
-        Hasher128 {
-            lo: 0x243F_6A88_85A3_08D3,
-            hi: 0x1319_8A2E_0370_7344,
-        }
+        Hasher128 { lo: 0x243F_6A88_85A3_08D3, hi: 0x1319_8A2E_0370_7344 }
     }
 
     fn write(&mut self, word: u64) {
@@ -121,17 +114,9 @@ impl FreeBlockQueue {
     fn new(num_blocks: usize) -> Self {
         let n = num_blocks as u32;
         let prev = (0..n).map(|i| if i == 0 { NIL } else { i - 1 }).collect();
-        let next = (0..n)
-            .map(|i| if i + 1 == n { NIL } else { i + 1 })
-            .collect();
+        let next = (0..n).map(|i| if i + 1 == n { NIL } else { i + 1 }).collect();
         let (head, tail) = if n == 0 { (NIL, NIL) } else { (0, n - 1) };
-        FreeBlockQueue {
-            prev,
-            next,
-            head,
-            tail,
-            len: num_blocks,
-        }
+        FreeBlockQueue { prev, next, head, tail, len: num_blocks }
     }
 
     /// Membership follows from the links: only the head has no predecessor while in the queue.
@@ -205,10 +190,7 @@ impl BlockPool {
     /// A pool of `num_blocks` free blocks. `num_blocks` must fit in a `u32` below `u32::MAX`
     /// ([`crate::scheduler::SchedulerConfig::validate`] checks it).
     pub fn new(num_blocks: usize, enable_caching: bool) -> BlockPool {
-        assert!(
-            num_blocks < NIL as usize,
-            "num_blocks {num_blocks} does not fit a BlockId"
-        );
+        assert!(num_blocks < NIL as usize, "num_blocks {num_blocks} does not fit a BlockId");
         BlockPool {
             ref_counts: vec![0; num_blocks],
             hashes: vec![None; num_blocks],
@@ -304,8 +286,7 @@ impl BlockPool {
             if slot.is_some() {
                 continue;
             }
-            if let std::collections::hash_map::Entry::Vacant(entry) = self.cached_blocks.entry(hash)
-            {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.cached_blocks.entry(hash) {
                 entry.insert(block);
                 *slot = Some(hash);
             }
@@ -352,11 +333,7 @@ impl BlockPool {
     pub fn check_invariants(&self) -> Result<(), String> {
         let order: Vec<u32> = self.free_queue.iter().take(self.num_blocks() + 1).collect();
         if order.len() != self.free_queue.len {
-            return Err(format!(
-                "free queue walks {} blocks but counts {}",
-                order.len(),
-                self.free_queue.len
-            ));
+            return Err(format!("free queue walks {} blocks but counts {}", order.len(), self.free_queue.len));
         }
         let mut seen = vec![false; self.num_blocks()];
         for &idx in &order {
@@ -366,30 +343,20 @@ impl BlockPool {
         }
         for (idx, &ref_count) in self.ref_counts.iter().enumerate() {
             if seen[idx] != (ref_count == 0) {
-                return Err(format!(
-                    "block {idx} has ref count {ref_count} but free-queue membership {}",
-                    seen[idx]
-                ));
+                return Err(format!("block {idx} has ref count {ref_count} but free-queue membership {}", seen[idx]));
             }
             if seen[idx] != self.free_queue.contains(idx as u32) {
-                return Err(format!(
-                    "block {idx}: free-queue links disagree with a walk"
-                ));
+                return Err(format!("block {idx}: free-queue links disagree with a walk"));
             }
             if let Some(hash) = self.hashes[idx] {
                 if self.cached_blocks.get(&hash) != Some(&BlockId(idx as u32)) {
-                    return Err(format!(
-                        "block {idx} has a hash the cache map does not send to it"
-                    ));
+                    return Err(format!("block {idx} has a hash the cache map does not send to it"));
                 }
             }
         }
         for (hash, block) in &self.cached_blocks {
             if self.hashes[block.0 as usize] != Some(*hash) {
-                return Err(format!(
-                    "cache map sends a hash to block {} without it",
-                    block.0
-                ));
+                return Err(format!("cache map sends a hash to block {} without it", block.0));
             }
         }
         Ok(())
@@ -416,16 +383,10 @@ mod tests {
         let second = hash_block_tokens(Some(first), &[5, 6, 7, 8], None);
         // The same tokens under a different parent or extra key hash differently.
         assert_ne!(second, hash_block_tokens(None, &[5, 6, 7, 8], None));
-        assert_ne!(
-            second,
-            hash_block_tokens(Some(first), &[5, 6, 7, 8], Some(0))
-        );
+        assert_ne!(second, hash_block_tokens(Some(first), &[5, 6, 7, 8], Some(0)));
         assert_ne!(first, hash_block_tokens(None, &[1, 2, 3, 5], None));
         // Packing pairs must not confuse a trailing zero token with a shorter block.
-        assert_ne!(
-            hash_block_tokens(None, &[1], None),
-            hash_block_tokens(None, &[1, 0], None)
-        );
+        assert_ne!(hash_block_tokens(None, &[1], None), hash_block_tokens(None, &[1, 0], None));
     }
 
     const GOLDEN_FIRST_BLOCK: u128 = 0x7396_B173_24BA_62DF_2CD5_C8DC_E9E8_BE1F;

@@ -49,11 +49,7 @@ pub struct IncrementalDetokenizer {
 impl IncrementalDetokenizer {
     /// Starts a sequence after `prompt_ids`. The prompt's text is never emitted; its last few ids are
     /// only context, so the first generated token decodes with the spacing it has in the full text.
-    pub fn new(
-        prompt_ids: &[u32],
-        skip_special_tokens: bool,
-        spaces_between_special_tokens: bool,
-    ) -> Self {
+    pub fn new(prompt_ids: &[u32], skip_special_tokens: bool, spaces_between_special_tokens: bool) -> Self {
         let context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
         IncrementalDetokenizer {
             ids: context.to_vec(),
@@ -70,11 +66,7 @@ impl IncrementalDetokenizer {
     /// Appends `new_ids` and returns the text they complete. The result never ends inside a
     /// character: bytes of an unfinished UTF-8 sequence are held back until the token that completes
     /// it arrives.
-    pub fn step(
-        &mut self,
-        tok: &tokenizers::Tokenizer,
-        new_ids: &[u32],
-    ) -> Result<String, tokenizers::Error> {
+    pub fn step(&mut self, tok: &tokenizers::Tokenizer, new_ids: &[u32]) -> Result<String, tokenizers::Error> {
         let mut emitted = String::new();
         // One id at a time, so any chunking of the same ids gives the same text.
         for &id in new_ids {
@@ -101,11 +93,7 @@ impl IncrementalDetokenizer {
     }
 
     /// Decodes the two windows and moves the offsets when there is complete new text.
-    fn advance(
-        &mut self,
-        tok: &tokenizers::Tokenizer,
-        force: bool,
-    ) -> Result<Option<String>, tokenizers::Error> {
+    fn advance(&mut self, tok: &tokenizers::Tokenizer, force: bool) -> Result<Option<String>, tokenizers::Error> {
         if self.read_offset == self.ids.len() {
             return Ok(None);
         }
@@ -137,19 +125,12 @@ impl IncrementalDetokenizer {
         Ok(Some(new_text))
     }
 
-    fn decode(
-        &mut self,
-        tok: &tokenizers::Tokenizer,
-        start: usize,
-        end: usize,
-    ) -> Result<String, tokenizers::Error> {
+    fn decode(&mut self, tok: &tokenizers::Tokenizer, start: usize, end: usize) -> Result<String, tokenizers::Error> {
         let ids = &self.ids[start..end];
         if self.skip_special_tokens || self.spaces_between_special_tokens {
             return tok.decode(ids, self.skip_special_tokens);
         }
-        let added = self
-            .added_tokens
-            .get_or_insert_with(|| added_token_contents(tok));
+        let added = self.added_tokens.get_or_insert_with(|| added_token_contents(tok));
         decode_joining_added(tok, ids, added)
     }
 }
@@ -172,10 +153,7 @@ pub fn decode_ids(
 }
 
 fn added_token_contents(tok: &tokenizers::Tokenizer) -> HashMap<u32, String> {
-    tok.get_added_tokens_decoder()
-        .into_iter()
-        .map(|(id, t)| (id, t.content))
-        .collect()
+    tok.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content)).collect()
 }
 
 fn decode_joining_added(
@@ -219,28 +197,19 @@ mod tests {
 
     /// SmolLM2's byte-level tokenizer (the corrected fixture transformers saved).
     fn smollm2() -> tokenizers::Tokenizer {
-        tokenizers::Tokenizer::from_file(fixture_dir().join("smollm2/tokenizer.json"))
-            .expect("fixture tokenizer")
+        tokenizers::Tokenizer::from_file(fixture_dir().join("smollm2/tokenizer.json")).expect("fixture tokenizer")
     }
 
     fn parity_strings() -> Vec<String> {
         let text = std::fs::read_to_string(fixture_dir().join("parity.json")).expect("parity.json");
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        v["cases"]
-            .as_array()
-            .expect("cases")
-            .iter()
-            .map(|c| c["text"].as_str().expect("text").to_string())
-            .collect()
+        v["cases"].as_array().expect("cases").iter().map(|c| c["text"].as_str().expect("text").to_string()).collect()
     }
 
     /// A Llama-2-style tokenizer: `▁` pieces, byte fallback, special `<s>`/`</s>`.
     fn sentencepiece_like() -> tokenizers::Tokenizer {
         let mut vocab = Vocab::default();
-        for (i, t) in ["<unk>", "<s>", "</s>", "▁hello", "▁world", "▁", "!"]
-            .iter()
-            .enumerate()
-        {
+        for (i, t) in ["<unk>", "<s>", "</s>", "▁hello", "▁world", "▁", "!"].iter().enumerate() {
             vocab.insert(t.to_string(), i as u32);
         }
         for b in 0..=255u32 {
@@ -309,10 +278,7 @@ mod tests {
             let piece = d.step(tok, &ids[i..i + n]).map_err(|e| e.to_string())?;
             concat.push_str(&piece);
             if !expected.starts_with(concat.as_str()) {
-                return Err(format!(
-                    "after {} ids the text {concat:?} is not a prefix of {expected:?}",
-                    i + n
-                ));
+                return Err(format!("after {} ids the text {concat:?} is not a prefix of {expected:?}", i + n));
             }
             i += n;
         }
@@ -334,62 +300,37 @@ mod tests {
             // Chat-formatted, so special tokens sit among the text.
             let chat = format!("<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n");
             for source in [text.as_str(), chat.as_str()] {
-                let ids = tok
-                    .encode(source, false)
-                    .expect("encode")
-                    .get_ids()
-                    .to_vec();
+                let ids = tok.encode(source, false).expect("encode").get_ids().to_vec();
                 for (skip, spaces) in [(true, true), (false, true), (false, false), (true, false)] {
                     let one = stream_matches(&tok, &[], &ids, skip, spaces, || 1);
                     let random = stream_matches(&tok, &[], &ids, skip, spaces, || 1 + rng.next(7));
                     // A prompt cut at a random point, the rest generated.
-                    let cut = if ids.is_empty() {
-                        0
-                    } else {
-                        rng.next(ids.len())
-                    };
-                    let prompted =
-                        stream_matches(&tok, &ids[..cut], &ids[cut..], skip, spaces, || 1);
+                    let cut = if ids.is_empty() { 0 } else { rng.next(ids.len()) };
+                    let prompted = stream_matches(&tok, &ids[..cut], &ids[cut..], skip, spaces, || 1);
                     for r in [one, random, prompted] {
                         runs += 1;
                         match r {
                             Ok(true) => compared += 1,
                             Ok(false) => {}
-                            Err(e) => failures
-                                .push(format!("{source:?} skip={skip} spaces={spaces}: {e}")),
+                            Err(e) => failures.push(format!("{source:?} skip={skip} spaces={spaces}: {e}")),
                         }
                     }
                 }
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} failures:\n{}",
-            failures.len(),
-            failures[..failures.len().min(5)].join("\n")
-        );
+        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures[..failures.len().min(5)].join("\n"));
         // Only prompt cuts inside a character are skipped; nearly every run must be compared.
-        assert!(
-            compared * 10 >= runs * 9,
-            "only {compared} of {runs} runs compared"
-        );
+        assert!(compared * 10 >= runs * 9, "only {compared} of {runs} runs compared");
     }
 
     #[test]
     fn multibyte_characters_are_held_until_complete() {
         let tok = smollm2();
         // "😀" is four bytes; in SmolLM2's vocabulary it spans several byte-level tokens.
-        let ids = tok
-            .encode("a😀b", false)
-            .expect("encode")
-            .get_ids()
-            .to_vec();
+        let ids = tok.encode("a😀b", false).expect("encode").get_ids().to_vec();
         assert!(ids.len() > 3, "{ids:?}");
         let mut d = IncrementalDetokenizer::new(&[], true, true);
-        let pieces: Vec<String> = ids
-            .iter()
-            .map(|&id| d.step(&tok, &[id]).expect("step"))
-            .collect();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.step(&tok, &[id]).expect("step")).collect();
         assert_eq!(pieces.concat(), "a😀b");
         assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
         assert!(pieces.contains(&"😀".to_string()), "{pieces:?}");
@@ -401,10 +342,7 @@ mod tests {
         // "hello 中 world" as ▁hello ▁ <0xE4> <0xB8> <0xAD> ▁world
         let ids = [3, 5, byte(0xE4), byte(0xB8), byte(0xAD), 4];
         let mut d = IncrementalDetokenizer::new(&[], true, true);
-        let pieces: Vec<String> = ids
-            .iter()
-            .map(|&id| d.step(&tok, &[id]).expect("step"))
-            .collect();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.step(&tok, &[id]).expect("step")).collect();
         assert_eq!(pieces, ["hello", " ", "", "", "中", " world"]);
         assert_eq!(d.output_text(), tok.decode(&ids, true).expect("decode"));
 
@@ -436,15 +374,10 @@ mod tests {
         assert_eq!(run(false, true), "<s> hello</s><s> world");
         // vLLM's spaces_between_special_tokens=false: special tokens joined to the text as written.
         assert_eq!(run(false, false), "<s>hello</s><s>world");
-        assert_eq!(
-            run(false, false),
-            decode_ids(&tok, &ids, false, false).expect("decode")
-        );
+        assert_eq!(run(false, false), decode_ids(&tok, &ids, false, false).expect("decode"));
         for (skip, spaces) in [(true, true), (false, true), (false, false)] {
             let mut rng = XorShift(7);
-            assert!(
-                stream_matches(&tok, &[], &ids, skip, spaces, || 1 + rng.next(3)).expect("stream")
-            );
+            assert!(stream_matches(&tok, &[], &ids, skip, spaces, || 1 + rng.next(3)).expect("stream"));
         }
     }
 
@@ -452,19 +385,11 @@ mod tests {
     fn long_sequences_stay_bounded() {
         let tok = smollm2();
         let text = "The quick brown fox 🦊 jumps over the lazy dog. ".repeat(40);
-        let ids = tok
-            .encode(text.as_str(), false)
-            .expect("encode")
-            .get_ids()
-            .to_vec();
+        let ids = tok.encode(text.as_str(), false).expect("encode").get_ids().to_vec();
         let mut d = IncrementalDetokenizer::new(&[], false, true);
         for &id in &ids {
             d.step(&tok, &[id]).expect("step");
-            assert!(
-                d.ids.len() <= COMPACT_AFTER + 16,
-                "window grew to {}",
-                d.ids.len()
-            );
+            assert!(d.ids.len() <= COMPACT_AFTER + 16, "window grew to {}", d.ids.len());
         }
         assert_eq!(d.output_text(), text);
     }

@@ -21,10 +21,7 @@ pub struct EngineCore<E: ModelExecutor> {
 
 impl<E: ModelExecutor> EngineCore<E> {
     pub fn new(config: SchedulerConfig, executor: E) -> Result<EngineCore<E>, CoreError> {
-        Ok(EngineCore {
-            scheduler: Scheduler::new(config)?,
-            executor,
-        })
+        Ok(EngineCore { scheduler: Scheduler::new(config)?, executor })
     }
 
     /// Queues a request; see [`Scheduler::add_request`] for what is rejected.
@@ -33,10 +30,7 @@ impl<E: ModelExecutor> EngineCore<E> {
     }
 
     /// Aborts requests; their final outputs come with the next step. Returns how many were unfinished.
-    pub fn abort_requests<S: AsRef<str>>(
-        &mut self,
-        request_ids: impl IntoIterator<Item = S>,
-    ) -> usize {
+    pub fn abort_requests<S: AsRef<str>>(&mut self, request_ids: impl IntoIterator<Item = S>) -> usize {
         self.scheduler.abort_requests(request_ids)
     }
 
@@ -47,8 +41,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         reason: FinishReason,
         stop_reason: Option<StopReason>,
     ) -> usize {
-        self.scheduler
-            .finish_requests(request_ids, reason, stop_reason)
+        self.scheduler.finish_requests(request_ids, reason, stop_reason)
     }
 
     /// Runs one step and returns what it produced. A plan with nothing to compute does not reach the
@@ -62,8 +55,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         match self.executor.execute_model(&plan) {
             Ok(runner_output) => Ok(self.scheduler.update_from_output(&plan, runner_output)),
             Err(err) => {
-                self.scheduler
-                    .abort_requests(plan.num_scheduled_tokens.iter().map(|(id, _)| id));
+                self.scheduler.abort_requests(plan.num_scheduled_tokens.iter().map(|(id, _)| id));
                 Err(err)
             }
         }
@@ -110,19 +102,13 @@ mod tests {
     const VOCAB: u32 = 97;
 
     fn engine(num_blocks: usize) -> EngineCore<FakeModel> {
-        let config = SchedulerConfig {
-            block_size: 4,
-            ..SchedulerConfig::new(64, num_blocks)
-        };
+        let config = SchedulerConfig { block_size: 4, ..SchedulerConfig::new(64, num_blocks) };
         let model = FakeModel::for_config(&config, VOCAB);
         EngineCore::new(config, model).unwrap()
     }
 
     fn greedy(max_tokens: usize) -> Arc<SamplingParams> {
-        Arc::new(SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(max_tokens)
-        })
+        Arc::new(SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) })
     }
 
     fn drain(engine: &mut EngineCore<FakeModel>) -> HashMap<String, CollectedOutput> {
@@ -132,11 +118,7 @@ mod tests {
             steps += 1;
             assert!(steps < 10_000, "engine did not finish");
             for output in engine.step().unwrap() {
-                collected
-                    .entry(output.req_id.clone())
-                    .or_default()
-                    .absorb(output)
-                    .unwrap();
+                collected.entry(output.req_id.clone()).or_default().absorb(output).unwrap();
             }
         }
         collected
@@ -147,33 +129,22 @@ mod tests {
         let mut engine = engine(64);
         for i in 0..5u32 {
             let prompt: Vec<u32> = (0..10 + i).collect();
-            engine
-                .add_request(Request::new(format!("r{i}"), prompt, greedy(8)))
-                .unwrap();
+            engine.add_request(Request::new(format!("r{i}"), prompt, greedy(8))).unwrap();
         }
         let collected = drain(&mut engine);
         for i in 0..5u32 {
             let alone = generate_alone((0..10 + i).collect(), greedy(8), 64, VOCAB).unwrap();
             let got = &collected[&format!("r{i}")];
-            assert_eq!(
-                (&got.token_ids, got.finish_reason),
-                (&alone.token_ids, alone.finish_reason)
-            );
+            assert_eq!((&got.token_ids, got.finish_reason), (&alone.token_ids, alone.finish_reason));
         }
         assert_eq!(engine.stats().kv_cache_usage, 0.0);
-        assert_eq!(
-            engine.executor().num_sequences(),
-            5,
-            "the runner learns of the last finishes later"
-        );
+        assert_eq!(engine.executor().num_sequences(), 5, "the runner learns of the last finishes later");
     }
 
     #[test]
     fn an_abort_only_step_does_not_reach_the_executor() {
         let mut engine = engine(64);
-        engine
-            .add_request(Request::new("a", vec![1, 2, 3], greedy(4)))
-            .unwrap();
+        engine.add_request(Request::new("a", vec![1, 2, 3], greedy(4))).unwrap();
         assert_eq!(engine.abort_requests(["a"]), 1);
         let outputs = engine.step().unwrap();
         assert_eq!(outputs.len(), 1);
@@ -186,19 +157,11 @@ mod tests {
     fn a_failed_step_aborts_its_requests_and_the_engine_goes_on() {
         let mut engine = engine(64);
         engine.executor_mut().fail_at_step = Some(1);
-        engine
-            .add_request(Request::new("a", vec![1, 2, 3], greedy(4)))
-            .unwrap();
+        engine.add_request(Request::new("a", vec![1, 2, 3], greedy(4))).unwrap();
         engine.step().unwrap();
         assert!(matches!(engine.step(), Err(CoreError::Execution(_))));
-        assert_eq!(
-            engine.stats().kv_cache_usage,
-            0.0,
-            "the aborted request's blocks are freed"
-        );
-        engine
-            .add_request(Request::new("b", vec![4, 5, 6], greedy(2)))
-            .unwrap();
+        assert_eq!(engine.stats().kv_cache_usage, 0.0, "the aborted request's blocks are freed");
+        engine.add_request(Request::new("b", vec![4, 5, 6], greedy(2))).unwrap();
         let collected = drain(&mut engine);
         assert_eq!(collected["a"].finish_reason, Some(FinishReason::Abort));
         assert_eq!(collected["b"].finish_reason, Some(FinishReason::Length));
@@ -208,15 +171,10 @@ mod tests {
     #[test]
     fn stop_strings_finish_through_the_engine() {
         let mut engine = engine(64);
-        engine
-            .add_request(Request::new("a", vec![1, 2, 3], greedy(40)))
-            .unwrap();
+        engine.add_request(Request::new("a", vec![1, 2, 3], greedy(40))).unwrap();
         engine.step().unwrap();
         let stop = Some(StopReason::String("###".to_string()));
-        assert_eq!(
-            engine.finish_requests(["a"], FinishReason::Stop, stop.clone()),
-            1
-        );
+        assert_eq!(engine.finish_requests(["a"], FinishReason::Stop, stop.clone()), 1);
         let outputs = engine.step().unwrap();
         assert_eq!(outputs[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(outputs[0].stop_reason, stop);

@@ -63,9 +63,7 @@ impl KvCacheManager {
 
     /// A running request's block table.
     pub fn block_table(&self, request_id: &str) -> Option<&[BlockId]> {
-        self.requests
-            .get(request_id)
-            .map(|r| r.block_ids.as_slice())
+        self.requests.get(request_id).map(|r| r.block_ids.as_slice())
     }
 
     /// Ids of the requests holding a block table.
@@ -140,25 +138,19 @@ impl KvCacheManager {
             new_computed_blocks.is_empty() || num_held_blocks == 0,
             "prefix hits are only taken when a request is admitted"
         );
-        let num_total_tokens = request.num_computed_tokens
-            + new_computed_blocks.len() * self.block_size
-            + num_new_tokens;
-        let num_new_blocks = num_total_tokens
-            .div_ceil(self.block_size)
-            .saturating_sub(num_held_blocks + new_computed_blocks.len());
+        let num_total_tokens =
+            request.num_computed_tokens + new_computed_blocks.len() * self.block_size + num_new_tokens;
+        let num_new_blocks =
+            num_total_tokens.div_ceil(self.block_size).saturating_sub(num_held_blocks + new_computed_blocks.len());
         // Touching a free hit takes it out of the free queue, so it cannot also serve as a new block.
-        let num_free_hits = new_computed_blocks
-            .iter()
-            .filter(|&&block| self.block_pool.ref_count(block) == 0)
-            .count();
+        let num_free_hits = new_computed_blocks.iter().filter(|&&block| self.block_pool.ref_count(block) == 0).count();
         if num_new_blocks + num_free_hits > self.block_pool.num_free_blocks() {
             return None;
         }
         // Hits first, so taking new blocks cannot evict them.
         self.block_pool.touch(new_computed_blocks);
         let Some(new_blocks) = self.block_pool.get_new_blocks(num_new_blocks) else {
-            self.block_pool
-                .free_blocks(new_computed_blocks.iter().rev().copied());
+            self.block_pool.free_blocks(new_computed_blocks.iter().rev().copied());
             return None;
         };
         if admitting && self.lookup_applies(request) {
@@ -184,17 +176,13 @@ impl KvCacheManager {
         let Some(entry) = self.requests.get_mut(&request.request_id) else {
             return;
         };
-        let num_full_blocks =
-            (request.num_computed_tokens / self.block_size).min(entry.block_ids.len());
+        let num_full_blocks = (request.num_computed_tokens / self.block_size).min(entry.block_ids.len());
         if num_full_blocks <= entry.num_cached_blocks {
             return;
         }
         request.update_block_hashes(self.block_size);
         let range = entry.num_cached_blocks..num_full_blocks;
-        self.block_pool.cache_full_blocks(
-            &entry.block_ids[range.clone()],
-            &request.block_hashes()[range],
-        );
+        self.block_pool.cache_full_blocks(&entry.block_ids[range.clone()], &request.block_hashes()[range]);
         entry.num_cached_blocks = num_full_blocks;
     }
 
@@ -202,8 +190,7 @@ impl KvCacheManager {
     /// other requests are likelier to share. Unknown ids are ignored.
     pub fn free(&mut self, request_id: &str) {
         if let Some(entry) = self.requests.remove(request_id) {
-            self.block_pool
-                .free_blocks(entry.block_ids.into_iter().rev());
+            self.block_pool.free_blocks(entry.block_ids.into_iter().rev());
         }
     }
 }
@@ -242,10 +229,7 @@ mod tests {
         let new = kv.allocate_slots(&b, 3, &hits).unwrap();
         assert_eq!(new.len(), 1);
         assert_eq!(kv.block_pool().ref_count(a_blocks[0]), 2);
-        assert_eq!(
-            (kv.prefix_cache_queries(), kv.prefix_cache_hits()),
-            (10 + 11, 8)
-        );
+        assert_eq!((kv.prefix_cache_queries(), kv.prefix_cache_hits()), (10 + 11, 8));
     }
 
     #[test]
@@ -256,11 +240,7 @@ mod tests {
         kv.free("a");
         let mut again = request("again", (0..8).collect());
         let (hits, n) = kv.get_computed_blocks(&mut again);
-        assert_eq!(
-            (hits.len(), n),
-            (1, 4),
-            "the last block is recomputed so logits exist"
-        );
+        assert_eq!((hits.len(), n), (1, 4), "the last block is recomputed so logits exist");
         // One more token and both blocks can hit.
         let mut longer = request("longer", (0..9).collect());
         assert_eq!(kv.get_computed_blocks(&mut longer).1, 8);
@@ -275,10 +255,7 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 5);
         // a's blocks were freed tail first, after the one never-used block.
         let order = kv.block_pool().free_queue_order();
-        assert_eq!(
-            &order[1..],
-            &[a_blocks[3], a_blocks[2], a_blocks[1], a_blocks[0]]
-        );
+        assert_eq!(&order[1..], &[a_blocks[3], a_blocks[2], a_blocks[1], a_blocks[0]]);
         // Two new blocks evict the unused one, then a's partial last block; the full ones survive.
         let c = request("c", vec![50, 51, 52, 53]);
         kv.allocate_slots(&c, 4, &[]).unwrap();
@@ -299,11 +276,7 @@ mod tests {
         assert_eq!(kv.allocate_slots(&b, 4, &hits), None);
         assert_eq!(kv.num_free_blocks(), 3);
         assert!(kv.block_table("b").is_none());
-        assert_eq!(
-            kv.prefix_cache_queries(),
-            5,
-            "a refused admission is not a query"
-        );
+        assert_eq!(kv.prefix_cache_queries(), 5, "a refused admission is not a query");
         // A shorter chunk fits: 2 hits + 1 new block.
         assert_eq!(kv.allocate_slots(&b, 2, &hits).map(|v| v.len()), Some(1));
         kv.block_pool().check_invariants().unwrap();
@@ -331,10 +304,7 @@ mod tests {
         let mut kv = KvCacheManager::new(8, 2, true);
         let mut a = request("a", vec![1, 2, 3, 4, 5]);
         admit_and_compute(&mut kv, &mut a);
-        let params = SamplingParams {
-            prompt_logprobs: Some(1),
-            ..SamplingParams::default()
-        };
+        let params = SamplingParams { prompt_logprobs: Some(1), ..SamplingParams::default() };
         let mut b = Request::new("b", vec![1, 2, 3, 4, 5], Arc::new(params));
         assert_eq!(kv.get_computed_blocks(&mut b).1, 0);
     }

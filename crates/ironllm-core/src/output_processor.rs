@@ -115,7 +115,11 @@ impl OutputProcessor {
     ) {
         for (index, id) in child_ids.iter().enumerate() {
             let detok = (detokenize && params.detokenize).then(|| {
-                IncrementalDetokenizer::new(&prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens)
+                IncrementalDetokenizer::new(
+                    &prompt_token_ids,
+                    params.skip_special_tokens,
+                    params.spaces_between_special_tokens,
+                )
             });
             self.children.insert(
                 id.clone(),
@@ -181,7 +185,11 @@ impl OutputProcessor {
     }
 
     /// Applies one step's engine outputs.
-    pub fn process(&mut self, outputs: Vec<EngineCoreOutput>, tokenizer: Option<&tokenizers::Tokenizer>) -> ProcessResult {
+    pub fn process(
+        &mut self,
+        outputs: Vec<EngineCoreOutput>,
+        tokenizer: Option<&tokenizers::Tokenizer>,
+    ) -> ProcessResult {
         let mut result = ProcessResult::default();
         let mut touched: Vec<String> = Vec::new();
         for out in outputs {
@@ -221,8 +229,17 @@ impl OutputProcessor {
                     Ok(new_text) => child.text.push_str(&new_text),
                     Err(e) => tracing::warn!("detokenization failed for {}: {e}", out.req_id),
                 }
+                if finish.is_some() {
+                    // The sequence ends: release text held back for a character that may never complete.
+                    match detok.flush(tok) {
+                        Ok(rest) => child.text.push_str(&rest),
+                        Err(e) => tracing::warn!("detokenization failed for {}: {e}", out.req_id),
+                    }
+                }
                 if finish.is_none() && !params.stop.is_empty() {
-                    if let Some((cut, stop)) = find_stop_string(&child.text, before, &params.stop, params.include_stop_str_in_output) {
+                    if let Some((cut, stop)) =
+                        find_stop_string(&child.text, before, &params.stop, params.include_stop_str_in_output)
+                    {
                         child.text.truncate(cut);
                         finish = Some((FinishReason::Stop, Some(StopReason::String(stop.clone()))));
                         result.stopped.push((out.req_id.clone(), stop));
@@ -318,7 +335,8 @@ impl OutputProcessor {
                 .filter_map(|cid| self.children.get(cid).map(|c| (c.index, c.cumulative_logprob)))
                 .collect();
             outputs.sort_by(|a, b| {
-                let (ca, cb) = (cums.get(&a.index).copied().unwrap_or(f64::MIN), cums.get(&b.index).copied().unwrap_or(f64::MIN));
+                let (ca, cb) =
+                    (cums.get(&a.index).copied().unwrap_or(f64::MIN), cums.get(&b.index).copied().unwrap_or(f64::MIN));
                 cb.partial_cmp(&ca).unwrap_or(std::cmp::Ordering::Equal)
             });
             outputs.truncate(n);
@@ -326,11 +344,7 @@ impl OutputProcessor {
                 o.index = i;
             }
         }
-        let prompt_logprobs = if delta && parent.sent_prompt_logprobs {
-            None
-        } else {
-            parent.prompt_logprobs.clone()
-        };
+        let prompt_logprobs = if delta && parent.sent_prompt_logprobs { None } else { parent.prompt_logprobs.clone() };
         if prompt_logprobs.is_some() {
             parent.sent_prompt_logprobs = true;
         }

@@ -141,9 +141,7 @@ impl Request {
 
     /// Tokens whose KV still has to be computed before the next token can be sampled.
     pub fn num_tokens_to_compute(&self) -> usize {
-        self.token_ids
-            .len()
-            .saturating_sub(self.num_computed_tokens)
+        self.token_ids.len().saturating_sub(self.num_computed_tokens)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -175,8 +173,7 @@ impl Request {
             let block_idx = self.block_hashes.len();
             let parent = block_idx.checked_sub(1).map(|i| self.block_hashes[i]);
             let tokens = &self.token_ids[block_idx * block_size..(block_idx + 1) * block_size];
-            self.block_hashes
-                .push(hash_block_tokens(parent, tokens, self.extra_key));
+            self.block_hashes.push(hash_block_tokens(parent, tokens, self.extra_key));
         }
     }
 }
@@ -209,8 +206,8 @@ mod tests {
         req.update_block_hashes(4);
         assert_eq!(req.block_hashes().len(), 3);
         // An extra key (LoRA id) changes every hash.
-        let mut lora = Request::new("l", (0..10).collect(), Arc::new(SamplingParams::default()))
-            .with_extra_key(Some(7));
+        let mut lora =
+            Request::new("l", (0..10).collect(), Arc::new(SamplingParams::default())).with_extra_key(Some(7));
         lora.update_block_hashes(4);
         assert_ne!(lora.block_hashes()[0], first);
     }

@@ -94,11 +94,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding with the given output length.
     pub fn greedy(max_tokens: usize) -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            ..SamplingParams::default()
-        }
+        SamplingParams { temperature: 0.0, max_tokens: Some(max_tokens), ..SamplingParams::default() }
     }
 
     /// Whether sampling reduces to argmax.
@@ -143,10 +139,7 @@ impl SamplingParams {
             return bad(format!("frequency_penalty must be in [-2, 2], got {}.", self.frequency_penalty));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty must be greater than zero, got {}.",
-                self.repetition_penalty
-            ));
+            return bad(format!("repetition_penalty must be greater than zero, got {}.", self.repetition_penalty));
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be non-negative, got {}.", self.temperature));
@@ -174,9 +167,7 @@ impl SamplingParams {
         for (field, value) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
             if let Some(k) = value {
                 if k > max_logprobs {
-                    return bad(format!(
-                        "Requested {field} of {k}, which is greater than max allowed: {max_logprobs}"
-                    ));
+                    return bad(format!("Requested {field} of {k}, which is greater than max allowed: {max_logprobs}"));
                 }
             }
         }
@@ -184,7 +175,9 @@ impl SamplingParams {
             return bad("stop cannot contain an empty string.".to_string());
         }
         if !self.stop.is_empty() && !self.detokenize {
-            return bad("stop strings are only supported when detokenize is True. Set detokenize=True to use stop.".to_string());
+            return bad(
+                "stop strings are only supported when detokenize is True. Set detokenize=True to use stop.".to_string()
+            );
         }
         let out_of_vocab = |ids: &mut dyn Iterator<Item = u32>| {
             let mut found = None;

@@ -29,8 +29,8 @@ use std::time::Instant;
 
 use crate::kv_cache_manager::KvCacheManager;
 use crate::outputs::{
-    BlockId, CachedRequestData, EngineCoreOutput, FinishReason, ModelRunnerOutput, NewRequestData,
-    PositionLogprobs, SchedulerOutput, StopReason,
+    BlockId, CachedRequestData, EngineCoreOutput, FinishReason, ModelRunnerOutput, NewRequestData, PositionLogprobs,
+    SchedulerOutput, StopReason,
 };
 use crate::request::{Request, RequestStatus};
 use crate::CoreError;
@@ -99,11 +99,7 @@ impl SchedulerConfig {
             }
         }
         if self.num_blocks >= u32::MAX as usize {
-            return bad(format!(
-                "num_blocks must be below {}, got {}.",
-                u32::MAX,
-                self.num_blocks
-            ));
+            return bad(format!("num_blocks must be below {}, got {}.", u32::MAX, self.num_blocks));
         }
         if self.max_num_batched_tokens < self.max_num_seqs {
             return bad(format!(
@@ -152,11 +148,7 @@ pub struct SchedulerStats {
 type PriorityKey = (i32, Instant, u64);
 
 fn priority_key(request: &Request) -> PriorityKey {
-    (
-        request.priority,
-        request.arrival_time,
-        request.arrival_index,
-    )
+    (request.priority, request.arrival_time, request.arrival_index)
 }
 
 /// Requests waiting for their (first or next) admission, in the order the policy serves them.
@@ -253,11 +245,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Result<Scheduler, CoreError> {
         config.validate()?;
         Ok(Scheduler {
-            kv_cache_manager: KvCacheManager::new(
-                config.num_blocks,
-                config.block_size,
-                config.enable_prefix_caching,
-            ),
+            kv_cache_manager: KvCacheManager::new(config.num_blocks, config.block_size, config.enable_prefix_caching),
             requests: HashMap::new(),
             waiting: WaitingQueue::new(config.policy),
             running: Vec::new(),
@@ -278,9 +266,7 @@ impl Scheduler {
         }
         let prompt_len = request.num_prompt_tokens();
         if prompt_len == 0 {
-            return Err(CoreError::InvalidParams(
-                "The decoder prompt cannot be empty".to_string(),
-            ));
+            return Err(CoreError::InvalidParams("The decoder prompt cannot be empty".to_string()));
         }
         let max_model_len = self.config.max_model_len;
         if prompt_len > max_model_len {
@@ -299,10 +285,7 @@ impl Scheduler {
             )));
         }
         let context_left = max_model_len - prompt_len;
-        request.max_tokens = request
-            .sampling_params
-            .max_tokens
-            .map_or(context_left, |m| m.min(context_left));
+        request.max_tokens = request.sampling_params.max_tokens.map_or(context_left, |m| m.min(context_left));
         // From admission on, the scheduler owns the bookkeeping fields.
         request.status = RequestStatus::Waiting;
         request.num_computed_tokens = 0;
@@ -331,10 +314,7 @@ impl Scheduler {
             }
             let new_blocks = loop {
                 let request = tracked(&self.requests, &req_id);
-                if let Some(blocks) =
-                    self.kv_cache_manager
-                        .allocate_slots(request, num_new_tokens, &[])
-                {
+                if let Some(blocks) = self.kv_cache_manager.allocate_slots(request, num_new_tokens, &[]) {
                     break Some(blocks);
                 }
                 let victim_idx = self.pick_victim();
@@ -343,10 +323,7 @@ impl Scheduler {
                     req_idx -= 1;
                 }
                 // A victim already planned this step (possible under priority) gives its budget back.
-                if let Some(pos) = scheduled_running
-                    .iter()
-                    .position(|(id, ..)| *id == victim_id)
-                {
+                if let Some(pos) = scheduled_running.iter().position(|(id, ..)| *id == victim_id) {
                     token_budget += scheduled_running.remove(pos).1;
                 }
                 self.preempt(&victim_id);
@@ -365,10 +342,7 @@ impl Scheduler {
 
         let mut scheduled_new: Vec<(String, usize)> = Vec::new();
         // Admitting right after preempting would only thrash.
-        while preempted_req_ids.is_empty()
-            && token_budget > 0
-            && self.running.len() < self.config.max_num_seqs
-        {
+        while preempted_req_ids.is_empty() && token_budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(req_id) = self.waiting.front().map(str::to_owned) else {
                 break;
             };
@@ -377,8 +351,7 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let (computed_blocks, num_computed_tokens) =
-                self.kv_cache_manager.get_computed_blocks(request);
+            let (computed_blocks, num_computed_tokens) = self.kv_cache_manager.get_computed_blocks(request);
             let mut num_new_tokens = request.num_tokens() - num_computed_tokens;
             if self.config.enable_chunked_prefill {
                 let threshold = self.config.long_prefill_token_threshold;
@@ -389,11 +362,7 @@ impl Scheduler {
             } else if num_new_tokens > token_budget {
                 break;
             }
-            if self
-                .kv_cache_manager
-                .allocate_slots(request, num_new_tokens, &computed_blocks)
-                .is_none()
-            {
+            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, &computed_blocks).is_none() {
                 break;
             }
             self.waiting.pop_front();
@@ -431,11 +400,7 @@ impl Scheduler {
                 prompt_token_ids: request.prompt_token_ids().to_vec(),
                 output_token_ids: request.output_token_ids().to_vec(),
                 sampling_params: Arc::clone(&request.sampling_params),
-                block_ids: self
-                    .kv_cache_manager
-                    .block_table(&req_id)
-                    .unwrap_or_default()
-                    .to_vec(),
+                block_ids: self.kv_cache_manager.block_table(&req_id).unwrap_or_default().to_vec(),
                 num_computed_tokens: request.num_computed_tokens,
             });
             plan.num_scheduled_tokens.push((req_id, num_tokens));
@@ -502,17 +467,8 @@ impl Scheduler {
         runner_output: ModelRunnerOutput,
     ) -> Vec<EngineCoreOutput> {
         let mut outputs = std::mem::take(&mut self.pending_outputs);
-        let ModelRunnerOutput {
-            req_ids,
-            mut sampled_token_ids,
-            mut logprobs,
-            mut prompt_logprobs,
-        } = runner_output;
-        let row_of: HashMap<&str, usize> = req_ids
-            .iter()
-            .enumerate()
-            .map(|(row, id)| (id.as_str(), row))
-            .collect();
+        let ModelRunnerOutput { req_ids, mut sampled_token_ids, mut logprobs, mut prompt_logprobs } = runner_output;
+        let row_of: HashMap<&str, usize> = req_ids.iter().enumerate().map(|(row, id)| (id.as_str(), row)).collect();
         let mut finished: Vec<String> = Vec::new();
 
         for (req_id, num_scheduled_tokens) in &plan.num_scheduled_tokens {
@@ -524,14 +480,11 @@ impl Scheduler {
                 continue;
             }
             let num_computed_before = request.num_computed_tokens;
-            request.num_computed_tokens =
-                (num_computed_before + num_scheduled_tokens).min(request.num_tokens());
+            request.num_computed_tokens = (num_computed_before + num_scheduled_tokens).min(request.num_tokens());
             self.kv_cache_manager.cache_blocks(request);
 
             let row = row_of.get(req_id.as_str()).copied();
-            let sampled = row
-                .and_then(|r| sampled_token_ids.get_mut(r))
-                .map(std::mem::take);
+            let sampled = row.and_then(|r| sampled_token_ids.get_mut(r)).map(std::mem::take);
             let new_logprobs = row.and_then(|r| logprobs.get_mut(r)).and_then(Option::take);
             let new_prompt_logprobs = row
                 .and_then(|r| prompt_logprobs.get_mut(r))
@@ -582,8 +535,7 @@ impl Scheduler {
 
         if !finished.is_empty() {
             let finished_set: HashSet<&str> = finished.iter().map(String::as_str).collect();
-            self.running
-                .retain(|id| !finished_set.contains(id.as_str()));
+            self.running.retain(|id| !finished_set.contains(id.as_str()));
             for req_id in &finished {
                 self.kv_cache_manager.free(req_id);
                 self.requests.remove(req_id);
@@ -637,10 +589,7 @@ impl Scheduler {
     }
 
     /// Aborts requests (client gone, server shutting down); see [`Scheduler::finish_requests`].
-    pub fn abort_requests<S: AsRef<str>>(
-        &mut self,
-        request_ids: impl IntoIterator<Item = S>,
-    ) -> usize {
+    pub fn abort_requests<S: AsRef<str>>(&mut self, request_ids: impl IntoIterator<Item = S>) -> usize {
         self.finish_requests(request_ids, FinishReason::Abort, None)
     }
 
@@ -741,10 +690,7 @@ fn tracked<'a>(requests: &'a HashMap<String, Request>, req_id: &str) -> &'a Requ
 
 /// Whether the newest output token ends `request`, in vLLM's order: length first (`max_tokens` or the
 /// context is full), then, once `min_tokens` are out, EOS (unless `ignore_eos`) and `stop_token_ids`.
-fn check_stop(
-    request: &Request,
-    max_model_len: usize,
-) -> Option<(FinishReason, Option<StopReason>)> {
+fn check_stop(request: &Request, max_model_len: usize) -> Option<(FinishReason, Option<StopReason>)> {
     if request.num_tokens() >= max_model_len || request.num_output_tokens() >= request.max_tokens {
         return Some((FinishReason::Length, None));
     }

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use crate::engine::EngineCore;
 use crate::executor::ModelExecutor;
 use crate::outputs::{
-    BlockId, EngineCoreOutput, FinishReason, ModelRunnerOutput, PositionLogprobs, SchedulerOutput,
-    StopReason, TokenLogprob,
+    BlockId, EngineCoreOutput, FinishReason, ModelRunnerOutput, PositionLogprobs, SchedulerOutput, StopReason,
+    TokenLogprob,
 };
 use crate::request::{Request, RequestStatus};
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -79,27 +79,18 @@ pub fn fake_token_from_kv(kv: u64, vocab_size: u32) -> u32 {
 
 /// The token the fake model samples after `token_ids` (no KV cache involved): the reference.
 pub fn fake_next_token(token_ids: &[u32], vocab_size: u32) -> u32 {
-    let kv = token_ids
-        .iter()
-        .enumerate()
-        .fold(FAKE_KV_SEED, |kv, (p, &t)| fake_kv(kv, t, p));
+    let kv = token_ids.iter().enumerate().fold(FAKE_KV_SEED, |kv, (p, &t)| fake_kv(kv, t, p));
     fake_token_from_kv(kv, vocab_size)
 }
 
 fn fake_logprob(token_id: u32, rank: u32) -> TokenLogprob {
-    TokenLogprob {
-        token_id,
-        logprob: -((token_id % 13) as f32) / 4.0 - rank as f32,
-        rank,
-    }
+    TokenLogprob { token_id, logprob: -((token_id % 13) as f32) / 4.0 - rank as f32, rank }
 }
 
 fn fake_position_logprobs(token_id: u32, num_top: usize, vocab_size: u32) -> PositionLogprobs {
     PositionLogprobs {
         chosen: fake_logprob(token_id, 1),
-        top: (0..num_top as u32)
-            .map(|i| fake_logprob((token_id + i) % vocab_size, i + 1))
-            .collect(),
+        top: (0..num_top as u32).map(|i| fake_logprob((token_id + i) % vocab_size, i + 1)).collect(),
     }
 }
 
@@ -161,19 +152,14 @@ impl FakeModel {
         let block = seq
             .block_ids
             .get(position / self.block_size)
-            .ok_or_else(|| {
-                CoreError::Execution(format!(
-                    "no block for position {position} in the block table"
-                ))
-            })?;
+            .ok_or_else(|| CoreError::Execution(format!("no block for position {position} in the block table")))?;
         Ok(block.0 as usize * self.block_size + position % self.block_size)
     }
 
     /// Computes `num_tokens` more tokens of `req_id`, writing their KV into its blocks, and samples
     /// when that reaches the end of its known tokens.
     fn compute(&mut self, req_id: &str, num_tokens: usize) -> Result<ComputedRow, CoreError> {
-        let unknown =
-            || CoreError::Execution(format!("request `{req_id}` is not held by the runner"));
+        let unknown = || CoreError::Execution(format!("request `{req_id}` is not held by the runner"));
         let seq = self.sequences.get(req_id).ok_or_else(unknown)?;
         let start = seq.num_computed_tokens;
         let end = start + num_tokens;
@@ -188,10 +174,7 @@ impl FakeModel {
         } else {
             let slot = self.slot(seq, start - 1)?;
             self.kv_slots[slot].ok_or_else(|| {
-                CoreError::Execution(format!(
-                    "`{req_id}` reads unwritten KV at position {}",
-                    start - 1
-                ))
+                CoreError::Execution(format!("`{req_id}` reads unwritten KV at position {}", start - 1))
             })?
         };
         let mut writes = Vec::with_capacity(num_tokens);
@@ -205,32 +188,20 @@ impl FakeModel {
                 .collect::<Vec<_>>()
         });
         let prompt_logprobs = prompt_logprobs.filter(|entries| !entries.is_empty());
-        let sampled = if end == seq.token_ids.len() {
-            vec![fake_token_from_kv(kv, self.vocab_size)]
-        } else {
-            Vec::new()
-        };
+        let sampled =
+            if end == seq.token_ids.len() { vec![fake_token_from_kv(kv, self.vocab_size)] } else { Vec::new() };
         let logprobs = seq
             .params
             .logprobs
             .filter(|_| !sampled.is_empty())
-            .map(|k| {
-                sampled
-                    .iter()
-                    .map(|&t| fake_position_logprobs(t, k, self.vocab_size))
-                    .collect()
-            });
+            .map(|k| sampled.iter().map(|&t| fake_position_logprobs(t, k, self.vocab_size)).collect());
         for (slot, value) in writes {
             self.kv_slots[slot] = Some(value);
         }
         let seq = self.sequences.get_mut(req_id).ok_or_else(unknown)?;
         seq.num_computed_tokens = end;
         seq.token_ids.extend_from_slice(&sampled);
-        Ok(ComputedRow {
-            sampled,
-            logprobs,
-            prompt_logprobs,
-        })
+        Ok(ComputedRow { sampled, logprobs, prompt_logprobs })
     }
 }
 
@@ -239,9 +210,7 @@ impl ModelExecutor for FakeModel {
         let step = self.num_steps;
         self.num_steps += 1;
         if self.fail_at_step == Some(step) {
-            return Err(CoreError::Execution(format!(
-                "injected failure at step {step}"
-            )));
+            return Err(CoreError::Execution(format!("injected failure at step {step}")));
         }
         // Forget first: an id may be finished or preempted and come back as new in the same plan.
         for req_id in plan.finished_req_ids.iter().chain(&plan.preempted_req_ids) {
@@ -249,10 +218,7 @@ impl ModelExecutor for FakeModel {
         }
         for new in &plan.scheduled_new_reqs {
             if self.sequences.contains_key(&new.req_id) {
-                return Err(CoreError::Execution(format!(
-                    "`{}` is new but already held",
-                    new.req_id
-                )));
+                return Err(CoreError::Execution(format!("`{}` is new but already held", new.req_id)));
             }
             let mut token_ids = new.prompt_token_ids.clone();
             token_ids.extend_from_slice(&new.output_token_ids);
@@ -266,9 +232,10 @@ impl ModelExecutor for FakeModel {
             self.sequences.insert(new.req_id.clone(), seq);
         }
         for cached in &plan.scheduled_cached_reqs {
-            let seq = self.sequences.get_mut(&cached.req_id).ok_or_else(|| {
-                CoreError::Execution(format!("cached request `{}` is not held", cached.req_id))
-            })?;
+            let seq = self
+                .sequences
+                .get_mut(&cached.req_id)
+                .ok_or_else(|| CoreError::Execution(format!("cached request `{}` is not held", cached.req_id)))?;
             if seq.num_computed_tokens != cached.num_computed_tokens {
                 return Err(CoreError::Execution(format!(
                     "`{}`: runner computed {} tokens, scheduler says {}",
@@ -304,15 +271,11 @@ impl CollectedOutput {
     /// Folds one engine output in; `Err` if the request had already finished.
     pub fn absorb(&mut self, output: EngineCoreOutput) -> Result<(), String> {
         if self.finish_reason.is_some() {
-            return Err(format!(
-                "`{}` reported output after finishing",
-                output.req_id
-            ));
+            return Err(format!("`{}` reported output after finishing", output.req_id));
         }
         self.token_ids.extend_from_slice(&output.new_token_ids);
         self.num_logprobs += output.new_logprobs.map_or(0, |l| l.len());
-        self.prompt_logprobs
-            .extend(output.new_prompt_logprobs.unwrap_or_default());
+        self.prompt_logprobs.extend(output.new_prompt_logprobs.unwrap_or_default());
         self.finish_reason = output.finish_reason;
         self.stop_reason = output.stop_reason;
         self.num_cached_tokens = output.num_cached_tokens;
@@ -356,22 +319,13 @@ pub fn generate_alone(
 pub fn check_plan(config: &SchedulerConfig, plan: &SchedulerOutput) -> Result<(), String> {
     let total: usize = plan.num_scheduled_tokens.iter().map(|(_, n)| n).sum();
     if total != plan.total_num_scheduled_tokens {
-        return Err(format!(
-            "total {} != sum {total}",
-            plan.total_num_scheduled_tokens
-        ));
+        return Err(format!("total {} != sum {total}", plan.total_num_scheduled_tokens));
     }
     if total > config.max_num_batched_tokens {
-        return Err(format!(
-            "{total} tokens > budget {}",
-            config.max_num_batched_tokens
-        ));
+        return Err(format!("{total} tokens > budget {}", config.max_num_batched_tokens));
     }
     if plan.num_scheduled_tokens.len() > config.max_num_seqs {
-        return Err(format!(
-            "{} sequences > max_num_seqs",
-            plan.num_scheduled_tokens.len()
-        ));
+        return Err(format!("{} sequences > max_num_seqs", plan.num_scheduled_tokens.len()));
     }
     let mut listed = HashSet::new();
     let new_ids = plan.scheduled_new_reqs.iter().map(|r| &r.req_id);
@@ -380,11 +334,7 @@ pub fn check_plan(config: &SchedulerConfig, plan: &SchedulerOutput) -> Result<()
             return Err(format!("`{id}` listed twice"));
         }
     }
-    let scheduled: HashSet<&str> = plan
-        .num_scheduled_tokens
-        .iter()
-        .map(|(id, _)| id.as_str())
-        .collect();
+    let scheduled: HashSet<&str> = plan.num_scheduled_tokens.iter().map(|(id, _)| id.as_str()).collect();
     if scheduled != listed || scheduled.len() != plan.num_scheduled_tokens.len() {
         return Err("scheduled ids and request data disagree".to_string());
     }
@@ -405,31 +355,18 @@ pub fn check_scheduler_invariants(scheduler: &Scheduler) -> Result<(), String> {
     let mut holders = vec![0u32; pool.num_blocks()];
     let running: HashSet<&str> = scheduler.running_request_ids().collect();
     if running.len() != scheduler.num_running() || running.len() > config.max_num_seqs {
-        return Err(format!(
-            "{} running (max {})",
-            running.len(),
-            config.max_num_seqs
-        ));
+        return Err(format!("{} running (max {})", running.len(), config.max_num_seqs));
     }
     for &req_id in &running {
-        let request = scheduler
-            .request(req_id)
-            .ok_or(format!("running `{req_id}` unknown"))?;
+        let request = scheduler.request(req_id).ok_or(format!("running `{req_id}` unknown"))?;
         if request.status != RequestStatus::Running {
-            return Err(format!(
-                "running `{req_id}` has status {:?}",
-                request.status
-            ));
+            return Err(format!("running `{req_id}` has status {:?}", request.status));
         }
-        let table = kv
-            .block_table(req_id)
-            .ok_or(format!("running `{req_id}` has no table"))?;
+        let table = kv.block_table(req_id).ok_or(format!("running `{req_id}` has no table"))?;
         if request.num_computed_tokens > request.num_tokens()
             || request.num_computed_tokens > table.len() * config.block_size
         {
-            return Err(format!(
-                "`{req_id}` computed tokens exceed its tokens or table"
-            ));
+            return Err(format!("`{req_id}` computed tokens exceed its tokens or table"));
         }
         let unique: HashSet<_> = table.iter().collect();
         if unique.len() != table.len() {
@@ -444,13 +381,9 @@ pub fn check_scheduler_invariants(scheduler: &Scheduler) -> Result<(), String> {
         return Err("block tables exist for requests that are not running".to_string());
     }
     for req_id in scheduler.waiting_request_ids() {
-        let request = scheduler
-            .request(req_id)
-            .ok_or(format!("waiting `{req_id}` unknown"))?;
-        if !matches!(
-            request.status,
-            RequestStatus::Waiting | RequestStatus::Preempted
-        ) || request.num_computed_tokens != 0
+        let request = scheduler.request(req_id).ok_or(format!("waiting `{req_id}` unknown"))?;
+        if !matches!(request.status, RequestStatus::Waiting | RequestStatus::Preempted)
+            || request.num_computed_tokens != 0
         {
             return Err(format!("waiting `{req_id}` is {:?}", request.status));
         }
@@ -459,10 +392,7 @@ pub fn check_scheduler_invariants(scheduler: &Scheduler) -> Result<(), String> {
     for (idx, &count) in holders.iter().enumerate() {
         let block = BlockId(idx as u32);
         if pool.ref_count(block) != count {
-            return Err(format!(
-                "block {idx}: ref count {} but held by {count} tables",
-                pool.ref_count(block)
-            ));
+            return Err(format!("block {idx}: ref count {} but held by {count} tables", pool.ref_count(block)));
         }
         if count > 0 {
             num_used += 1;
@@ -472,11 +402,7 @@ pub fn check_scheduler_invariants(scheduler: &Scheduler) -> Result<(), String> {
         }
     }
     if num_used + pool.num_free_blocks() != pool.num_blocks() {
-        return Err(format!(
-            "{num_used} used + {} free != {} blocks",
-            pool.num_free_blocks(),
-            pool.num_blocks()
-        ));
+        return Err(format!("{num_used} used + {} free != {} blocks", pool.num_free_blocks(), pool.num_blocks()));
     }
     if scheduler.num_running() + scheduler.num_waiting() != scheduler.num_unfinished_requests() {
         return Err("a tracked request is neither running nor waiting".to_string());
@@ -502,10 +428,7 @@ mod tests {
     #[test]
     fn engine_alone_matches_the_reference_loop() {
         let prompt = vec![5, 6, 7, 8, 9];
-        let params = Arc::new(SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(12)
-        });
+        let params = Arc::new(SamplingParams { ignore_eos: true, ..SamplingParams::greedy(12) });
         let out = generate_alone(prompt.clone(), params, 64, 50).unwrap();
         let mut tokens = prompt;
         for _ in 0..12 {

@@ -18,9 +18,7 @@ use ironllm_core::outputs::{FinishReason, ModelRunnerOutput};
 use ironllm_core::testing::{
     check_plan, check_scheduler_invariants, generate_alone, CollectedOutput, FakeModel, SplitMix64,
 };
-use ironllm_core::{
-    CoreError, Request, SamplingParams, Scheduler, SchedulerConfig, SchedulingPolicy,
-};
+use ironllm_core::{CoreError, Request, SamplingParams, Scheduler, SchedulerConfig, SchedulingPolicy};
 
 const VOCAB: u32 = 64;
 
@@ -64,11 +62,7 @@ fn random_config(rng: &mut SplitMix64) -> SchedulerConfig {
     let max_model_len = rng.range(8, 160);
     let min_blocks = max_model_len.div_ceil(block_size);
     // Half the time the cache barely holds one max-length request: preemption is routine.
-    let num_blocks = if rng.chance(0.5) {
-        min_blocks + rng.below(3)
-    } else {
-        rng.range(min_blocks, min_blocks * 4)
-    };
+    let num_blocks = if rng.chance(0.5) { min_blocks + rng.below(3) } else { rng.range(min_blocks, min_blocks * 4) };
     let max_num_seqs = rng.range(1, 12);
     let enable_chunked_prefill = rng.chance(0.7);
     let max_num_batched_tokens = if enable_chunked_prefill {
@@ -76,11 +70,7 @@ fn random_config(rng: &mut SplitMix64) -> SchedulerConfig {
     } else {
         rng.range(max_model_len.max(max_num_seqs), max_model_len + 64)
     };
-    let long_prefill_token_threshold = if enable_chunked_prefill && rng.chance(0.3) {
-        rng.range(1, 24)
-    } else {
-        0
-    };
+    let long_prefill_token_threshold = if enable_chunked_prefill && rng.chance(0.3) { rng.range(1, 24) } else { 0 };
     SchedulerConfig {
         max_num_seqs,
         max_num_batched_tokens,
@@ -90,11 +80,7 @@ fn random_config(rng: &mut SplitMix64) -> SchedulerConfig {
         enable_prefix_caching: rng.chance(0.8),
         enable_chunked_prefill,
         long_prefill_token_threshold,
-        policy: if rng.chance(0.5) {
-            SchedulingPolicy::Fcfs
-        } else {
-            SchedulingPolicy::Priority
-        },
+        policy: if rng.chance(0.5) { SchedulingPolicy::Fcfs } else { SchedulingPolicy::Priority },
     }
 }
 
@@ -103,15 +89,8 @@ fn random_tokens(rng: &mut SplitMix64, len: usize) -> Vec<u32> {
 }
 
 fn random_params(rng: &mut SplitMix64) -> SamplingParams {
-    let max_tokens = if rng.chance(0.15) {
-        None
-    } else {
-        Some(rng.range(1, 40))
-    };
-    let mut params = SamplingParams {
-        max_tokens,
-        ..SamplingParams::greedy(1)
-    };
+    let max_tokens = if rng.chance(0.15) { None } else { Some(rng.range(1, 40)) };
+    let mut params = SamplingParams { max_tokens, ..SamplingParams::greedy(1) };
     if rng.chance(0.5) {
         params.eos_token_ids = vec![rng.below(VOCAB as usize) as u32];
         params.ignore_eos = rng.chance(0.2);
@@ -137,11 +116,7 @@ fn random_workload(rng: &mut SplitMix64, config: &SchedulerConfig) -> Vec<Planne
     let num_requests = rng.range(1, 40);
     (0..num_requests)
         .map(|i| {
-            let len = if rng.chance(0.1) {
-                max_len
-            } else {
-                rng.range(1, max_len)
-            };
+            let len = if rng.chance(0.1) { max_len } else { rng.range(1, max_len) };
             let prompt = if rng.chance(0.6) {
                 let prefix = rng.pick(&shared_prefixes);
                 let shared = rng.range(0, len);
@@ -175,25 +150,15 @@ fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> C
     while step <= last_arrival || scheduler.has_unfinished_requests() {
         assert!(step < 20_000, "{label}: no progress after {step} steps");
         for planned in workload.iter().filter(|p| p.arrival_step == step) {
-            let request = Request::new(
-                &planned.req_id,
-                planned.prompt.clone(),
-                planned.params.clone(),
-            )
-            .with_priority(planned.priority);
-            scheduler
-                .add_request(request)
-                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let request = Request::new(&planned.req_id, planned.prompt.clone(), planned.params.clone())
+                .with_priority(planned.priority);
+            scheduler.add_request(request).unwrap_or_else(|e| panic!("{label}: {e}"));
         }
         for planned in workload.iter().filter(|p| p.abort_at_step == Some(step)) {
-            let was_running = scheduler
-                .request(&planned.req_id)
-                .is_some_and(|r| r.status == ironllm_core::RequestStatus::Running);
+            let was_running =
+                scheduler.request(&planned.req_id).is_some_and(|r| r.status == ironllm_core::RequestStatus::Running);
             let blocks_before = scheduler.kv_cache_manager().num_free_blocks();
-            let held = scheduler
-                .kv_cache_manager()
-                .block_table(&planned.req_id)
-                .map_or(0, |t| t.len());
+            let held = scheduler.kv_cache_manager().block_table(&planned.req_id).map_or(0, |t| t.len());
             scheduler.abort_requests([&planned.req_id]);
             coverage.aborted_while_running += was_running as usize;
             // Blocks come back at once (shared prefix blocks stay held by their other users).
@@ -207,27 +172,19 @@ fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> C
         let plan = scheduler.schedule();
         check_plan(&config, &plan).unwrap_or_else(|e| panic!("{label} step {step}: {e}"));
         for (req_id, n) in &plan.num_scheduled_tokens {
-            let request = scheduler
-                .request(req_id)
-                .expect("scheduled requests are tracked");
-            coverage.partial_prefill_chunks +=
-                (request.num_computed_tokens + n < request.num_tokens()) as usize;
+            let request = scheduler.request(req_id).expect("scheduled requests are tracked");
+            coverage.partial_prefill_chunks += (request.num_computed_tokens + n < request.num_tokens()) as usize;
         }
         let runner_output = if plan.total_num_scheduled_tokens > 0 {
-            model
-                .execute_model(&plan)
-                .unwrap_or_else(|e| panic!("{label} step {step}: {e}"))
+            model.execute_model(&plan).unwrap_or_else(|e| panic!("{label} step {step}: {e}"))
         } else {
             ModelRunnerOutput::default()
         };
         for output in scheduler.update_from_output(&plan, runner_output) {
             let entry = collected.entry(output.req_id.clone()).or_default();
-            entry
-                .absorb(output)
-                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            entry.absorb(output).unwrap_or_else(|e| panic!("{label}: {e}"));
         }
-        check_scheduler_invariants(&scheduler)
-            .unwrap_or_else(|e| panic!("{label} step {step}: {e}"));
+        check_scheduler_invariants(&scheduler).unwrap_or_else(|e| panic!("{label} step {step}: {e}"));
         step += 1;
     }
     coverage.steps = step;
@@ -235,11 +192,7 @@ fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> C
     coverage.prefix_hit_tokens = scheduler.prefix_cache_hits();
 
     let kv = scheduler.kv_cache_manager();
-    assert_eq!(
-        kv.num_free_blocks(),
-        config.num_blocks,
-        "{label}: blocks leaked"
-    );
+    assert_eq!(kv.num_free_blocks(), config.num_blocks, "{label}: blocks leaked");
     assert_eq!(kv.usage(), 0.0, "{label}");
     assert_eq!(scheduler.num_unfinished_requests(), 0, "{label}");
     if !config.enable_prefix_caching {
@@ -248,66 +201,32 @@ fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> C
 
     for planned in workload {
         let label = format!("{label} {}", planned.req_id);
-        let got = collected
-            .get(&planned.req_id)
-            .unwrap_or_else(|| panic!("{label}: no output"));
-        let reason = got
-            .finish_reason
-            .unwrap_or_else(|| panic!("{label}: never finished"));
-        let alone = generate_alone(
-            planned.prompt.clone(),
-            planned.params.clone(),
-            config.max_model_len,
-            VOCAB,
-        )
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let got = collected.get(&planned.req_id).unwrap_or_else(|| panic!("{label}: no output"));
+        let reason = got.finish_reason.unwrap_or_else(|| panic!("{label}: never finished"));
+        let alone = generate_alone(planned.prompt.clone(), planned.params.clone(), config.max_model_len, VOCAB)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
         if reason == FinishReason::Abort {
-            assert!(
-                alone.token_ids.starts_with(&got.token_ids),
-                "{label}: aborted output diverged"
-            );
+            assert!(alone.token_ids.starts_with(&got.token_ids), "{label}: aborted output diverged");
             continue;
         }
-        assert_eq!(
-            got.token_ids, alone.token_ids,
-            "{label}: output differs from running alone"
-        );
-        assert_eq!(
-            (got.finish_reason, &got.stop_reason),
-            (alone.finish_reason, &alone.stop_reason),
-            "{label}"
-        );
+        assert_eq!(got.token_ids, alone.token_ids, "{label}: output differs from running alone");
+        assert_eq!((got.finish_reason, &got.stop_reason), (alone.finish_reason, &alone.stop_reason), "{label}");
         match reason {
             FinishReason::Stop => coverage.finished_by_stop += 1,
             FinishReason::Length => coverage.finished_by_length += 1,
             FinishReason::Abort => {}
         }
         if planned.params.logprobs.is_some() {
-            assert_eq!(
-                got.num_logprobs,
-                got.token_ids.len(),
-                "{label}: one logprob entry per token"
-            );
+            assert_eq!(got.num_logprobs, got.token_ids.len(), "{label}: one logprob entry per token");
         }
         if planned.params.prompt_logprobs.is_some() {
-            let chosen: Vec<u32> = got
-                .prompt_logprobs
-                .iter()
-                .map(|p| p.chosen.token_id)
-                .collect();
-            assert_eq!(
-                chosen,
-                &planned.prompt[1..],
-                "{label}: prompt logprobs once per position"
-            );
+            let chosen: Vec<u32> = got.prompt_logprobs.iter().map(|p| p.chosen.token_id).collect();
+            assert_eq!(chosen, &planned.prompt[1..], "{label}: prompt logprobs once per position");
         }
         if !config.enable_prefix_caching {
             assert_eq!(got.num_cached_tokens, 0, "{label}");
         }
-        assert!(
-            got.num_cached_tokens < planned.prompt.len().max(1),
-            "{label}: a whole prompt hit"
-        );
+        assert!(got.num_cached_tokens < planned.prompt.len().max(1), "{label}: a whole prompt hit");
     }
     coverage
 }
@@ -328,21 +247,16 @@ fn random_workloads_keep_invariants_and_outputs() {
     assert!(total.prefix_hit_tokens > 10_000, "{total:?}");
     assert!(total.partial_prefill_chunks > 5000, "{total:?}");
     assert!(total.aborted_while_running > 30, "{total:?}");
-    assert!(
-        total.finished_by_stop > 200 && total.finished_by_length > 1000,
-        "{total:?}"
-    );
+    assert!(total.finished_by_stop > 200 && total.finished_by_length > 1000, "{total:?}");
 }
 
 #[test]
 fn sixty_four_concurrent_requests_under_a_tight_kv_budget_all_complete() {
     let mut rng = SplitMix64::new(64);
     let shared = random_tokens(&mut rng, 48);
-    for (policy, enable_prefix_caching) in [
-        (SchedulingPolicy::Fcfs, true),
-        (SchedulingPolicy::Fcfs, false),
-        (SchedulingPolicy::Priority, true),
-    ] {
+    for (policy, enable_prefix_caching) in
+        [(SchedulingPolicy::Fcfs, true), (SchedulingPolicy::Fcfs, false), (SchedulingPolicy::Priority, true)]
+    {
         // 16 blocks of 16 tokens: room for one 128-token request and change, for 64 requests at once.
         let config = SchedulerConfig {
             max_num_seqs: 64,
@@ -362,10 +276,7 @@ fn sixty_four_concurrent_requests_under_a_tight_kv_budget_all_complete() {
                     req_id: format!("r{i}"),
                     arrival_step: 0,
                     prompt,
-                    params: Arc::new(SamplingParams {
-                        ignore_eos: true,
-                        ..SamplingParams::greedy(rng.range(1, 40))
-                    }),
+                    params: Arc::new(SamplingParams { ignore_eos: true, ..SamplingParams::greedy(rng.range(1, 40)) }),
                     priority: rng.below(4) as i32,
                     abort_at_step: None,
                 }
@@ -373,26 +284,18 @@ fn sixty_four_concurrent_requests_under_a_tight_kv_budget_all_complete() {
             .collect();
         let label = format!("64 concurrent, {policy:?}, prefix caching {enable_prefix_caching}");
         let coverage = run_scenario(&label, config, &workload);
-        assert!(
-            coverage.preemptions > 0,
-            "{label}: the budget was meant to force preemption"
-        );
+        assert!(coverage.preemptions > 0, "{label}: the budget was meant to force preemption");
         assert_eq!(coverage.finished_by_length, 64, "{label}");
     }
 }
 
 #[test]
 fn an_oversized_request_is_rejected_and_the_rest_run() {
-    let config = SchedulerConfig {
-        block_size: 4,
-        ..SchedulerConfig::new(32, 8)
-    };
+    let config = SchedulerConfig { block_size: 4, ..SchedulerConfig::new(32, 8) };
     let mut scheduler = Scheduler::new(config).unwrap();
     let params = Arc::new(SamplingParams::greedy(4));
     let too_long = scheduler.add_request(Request::new("big", vec![1; 33], params.clone()));
     assert!(matches!(too_long, Err(CoreError::TooLong(_))));
     assert!(!scheduler.has_unfinished_requests());
-    scheduler
-        .add_request(Request::new("big", vec![1; 32], params))
-        .unwrap();
+    scheduler.add_request(Request::new("big", vec![1; 32], params)).unwrap();
 }

@@ -46,11 +46,7 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`. Syntax errors are reported here, not at the first render.
-    pub fn new(
-        source: &str,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-    ) -> Result<Self, ChatTemplateError> {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, ChatTemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -61,11 +57,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(|source| ChatTemplateError::Syntax { source })?;
-        Ok(ChatTemplate {
-            env,
-            bos_token,
-            eos_token,
-        })
+        Ok(ChatTemplate { env, bos_token, eos_token })
     }
 
     /// Renders `messages` (an array of `{role, content, ...}` objects). `add_generation_prompt`
@@ -77,9 +69,7 @@ impl ChatTemplate {
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, ChatTemplateError> {
         if !messages.is_array() {
-            return Err(ChatTemplateError::InvalidMessages {
-                found: json_kind(messages),
-            });
+            return Err(ChatTemplateError::InvalidMessages { found: json_kind(messages) });
         }
         let mut ctx = serde_json::Map::new();
         ctx.insert("messages".into(), messages.clone());
@@ -96,16 +86,11 @@ impl ChatTemplate {
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|source| ChatTemplateError::Render { source })?;
-        template
-            .render(Value::from_serialize(&ctx))
-            .map_err(|e| match raised_message(&e) {
-                Some(message) => ChatTemplateError::Raised { message },
-                None => ChatTemplateError::Render { source: e },
-            })
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|source| ChatTemplateError::Render { source })?;
+        template.render(Value::from_serialize(&ctx)).map_err(|e| match raised_message(&e) {
+            Some(message) => ChatTemplateError::Raised { message },
+            None => ChatTemplateError::Render { source: e },
+        })
     }
 }
 
@@ -127,8 +112,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 struct RaisedException(String);
 
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
-        .with_source(RaisedException(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
 }
 
 fn raised_message(e: &Error) -> Option<String> {
@@ -181,10 +165,7 @@ fn rewrite_generation_tags(source: &str) -> String {
 }
 
 fn strftime_now(format: String) -> Result<Value, Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     Ok(Value::from(strftime(&format, now)))
 }
 
@@ -249,15 +230,7 @@ fn strftime(format: &str, unix_secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
     let t = DateTime::from_unix(unix_secs);
     let month = MONTHS[t.month as usize - 1];
     let weekday = DAYS[t.weekday as usize];
@@ -305,13 +278,7 @@ fn strftime(format: &str, unix_secs: i64) -> String {
             Some('u') => write!(out, "{}", if t.weekday == 0 { 7 } else { t.weekday }),
             Some('F') => write!(out, "{}-{:02}-{:02}", t.year, t.month, t.day),
             Some('T') => write!(out, "{:02}:{:02}:{:02}", t.hour, t.minute, t.second),
-            Some('D') => write!(
-                out,
-                "{:02}/{:02}/{:02}",
-                t.month,
-                t.day,
-                t.year.rem_euclid(100)
-            ),
+            Some('D') => write!(out, "{:02}/{:02}/{:02}", t.month, t.day, t.year.rem_euclid(100)),
             Some('Z') => write!(out, "UTC"),
             Some('z') => write!(out, "+0000"),
             Some('n') => writeln!(out),
@@ -339,12 +306,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
             (None, Some(s)) => Some(s.to_string()),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: indent must be an integer or a string",
-                ))
-            }
+            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
     };
     let (item_sep, key_sep) = match separators {
@@ -353,24 +315,14 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
             let key = v.get_item_by_index(1)?;
             match (item.as_str(), key.as_str()) {
                 (Some(i), Some(k)) => (i.to_string(), k.to_string()),
-                _ => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be two strings",
-                    ))
-                }
+                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
             }
         }
         // Python's defaults: no space before a newline when indenting.
         _ if indent.is_some() => (",".to_string(), ": ".to_string()),
         _ => (", ".to_string(), ": ".to_string()),
     };
-    let style = JsonStyle {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys: sort_keys.unwrap_or(false),
-    };
+    let style = JsonStyle { indent, item_sep, key_sep, sort_keys: sort_keys.unwrap_or(false) };
     let mut out = String::new();
     write_json(&mut out, value, &style, 0)?;
     Ok(Value::from_safe_string(out))
@@ -394,12 +346,7 @@ impl JsonStyle {
     }
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    style: &JsonStyle,
-    depth: usize,
-) -> Result<(), Error> {
+fn write_json(out: &mut String, value: &Value, style: &JsonStyle, depth: usize) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -411,9 +358,7 @@ fn write_json(
                 out.push_str(&python_float_repr(f));
             }
         }
-        ValueKind::String | ValueKind::Plain => {
-            write_json_string(out, value.as_str().unwrap_or(&value.to_string()))
-        }
+        ValueKind::String | ValueKind::Plain => write_json_string(out, value.as_str().unwrap_or(&value.to_string())),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -460,10 +405,7 @@ fn write_json(
             out.push('}');
         }
         ValueKind::Bytes => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: bytes are not JSON serializable",
-            ))
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bytes are not JSON serializable"))
         }
         // Functions, macros and anything else Python's json.dumps would reject.
         _ => {
@@ -505,11 +447,7 @@ fn python_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     // `{:e}` gives Rust's shortest round-trip digits as `d.ddde±x`.
     let sci = format!("{f:e}");
@@ -525,10 +463,7 @@ fn python_float_repr(f: f64) -> String {
         if point <= 0 {
             format!("{sign}0.{}{digits}", "0".repeat((-point) as usize))
         } else if point as usize >= digits.len() {
-            format!(
-                "{sign}{digits}{}.0",
-                "0".repeat(point as usize - digits.len())
-            )
+            format!("{sign}{digits}{}.0", "0".repeat(point as usize - digits.len()))
         } else {
             let (int, frac) = digits.split_at(point as usize);
             format!("{sign}{int}.{frac}")
@@ -576,21 +511,14 @@ mod tests {
         let t = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
                  {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
         let out = render(t, json!([{"role": "user", "content": "Hi"}]), true);
-        assert_eq!(
-            out,
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn trim_and_lstrip_blocks_like_transformers() {
         // Block tags on their own lines leave no blank lines or indentation behind.
         let t = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n";
-        let out = render(
-            t,
-            json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
-            false,
-        );
+        let out = render(t, json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), false);
         assert_eq!(out, "[a]\n[b]\n");
     }
 
@@ -598,38 +526,21 @@ mod tests {
     fn raise_exception_becomes_a_typed_error() {
         let t = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}ok";
         let tpl = ChatTemplate::new(t, None, None).unwrap();
-        let err = tpl
-            .render(
-                &json!([{"role": "assistant", "content": "x"}]),
-                false,
-                &serde_json::Map::new(),
-            )
-            .unwrap_err();
+        let err =
+            tpl.render(&json!([{"role": "assistant", "content": "x"}]), false, &serde_json::Map::new()).unwrap_err();
         match err {
             ChatTemplateError::Raised { message } => {
-                assert_eq!(
-                    message,
-                    "Conversation roles must alternate user/assistant/user/assistant/..."
-                )
+                assert_eq!(message, "Conversation roles must alternate user/assistant/user/assistant/...")
             }
             other => panic!("expected Raised, got {other:?}"),
         }
-        let out = tpl
-            .render(
-                &json!([{"role": "user", "content": "x"}]),
-                false,
-                &serde_json::Map::new(),
-            )
-            .unwrap();
+        let out = tpl.render(&json!([{"role": "user", "content": "x"}]), false, &serde_json::Map::new()).unwrap();
         assert_eq!(out, "ok");
     }
 
     #[test]
     fn syntax_errors_and_bad_messages() {
-        assert!(matches!(
-            ChatTemplate::new("{% for %}", None, None),
-            Err(ChatTemplateError::Syntax { .. })
-        ));
+        assert!(matches!(ChatTemplate::new("{% for %}", None, None), Err(ChatTemplateError::Syntax { .. })));
         let tpl = ChatTemplate::new("{{ messages }}", None, None).unwrap();
         assert!(matches!(
             tpl.render(&json!({"role": "user"}), false, &serde_json::Map::new()),
@@ -705,43 +616,26 @@ mod tests {
         assert_eq!(strftime("%F %a", 951_782_400), "2000-02-29 Tue");
         assert_eq!(strftime("%F", -86_400), "1969-12-31");
         let rendered = render("{{ strftime_now('%Y') }}", json!([]), false);
-        assert!(
-            rendered.len() == 4 && rendered.starts_with('2'),
-            "{rendered}"
-        );
+        assert!(rendered.len() == 4 && rendered.starts_with('2'), "{rendered}");
     }
 
     #[test]
     fn generation_blocks_render_as_plain_blocks() {
         let t = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{%- endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}";
-        let out = render(
-            t,
-            json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
-            false,
-        );
+        let out = render(t, json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]), false);
         // trim_blocks eats the newline after each block tag, as in Jinja.
         assert_eq!(out, "qa");
-        assert_eq!(
-            rewrite_generation_tags("{%- generation +%}x{% endgeneration%}"),
-            "{%- if true +%}x{% endif %}"
-        );
+        assert_eq!(rewrite_generation_tags("{%- generation +%}x{% endgeneration%}"), "{%- if true +%}x{% endif %}");
     }
 
     #[test]
     fn context_has_special_tokens_and_extra_wins() {
         let t = "{{ bos_token }}{{ eos_token }}{{ tools is none }}{{ enable_thinking | default('unset') }}";
         let tpl = ChatTemplate::new(t, Some("<s>".into()), Some("</s>".into())).unwrap();
-        assert_eq!(
-            tpl.render(&json!([]), false, &serde_json::Map::new())
-                .unwrap(),
-            "<s></s>Trueunset"
-        );
+        assert_eq!(tpl.render(&json!([]), false, &serde_json::Map::new()).unwrap(), "<s></s>Trueunset");
         let mut extra = serde_json::Map::new();
         extra.insert("enable_thinking".into(), json!(false));
         extra.insert("bos_token".into(), json!("[BOS]"));
-        assert_eq!(
-            tpl.render(&json!([]), false, &extra).unwrap(),
-            "[BOS]</s>TrueFalse"
-        );
+        assert_eq!(tpl.render(&json!([]), false, &extra).unwrap(), "[BOS]</s>TrueFalse");
     }
 }

@@ -162,11 +162,7 @@ impl ModelConfig {
             sliding_window,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
-            torch_dtype: v
-                .get("torch_dtype")
-                .or_else(|| v.get("dtype"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            torch_dtype: v.get("torch_dtype").or_else(|| v.get("dtype")).and_then(Value::as_str).map(str::to_string),
         };
         cfg.check()?;
         Ok(cfg)
@@ -181,7 +177,9 @@ impl ModelConfig {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
-            other => return Err(bad(format!("unsupported architecture `{other}`; supported: llama, mistral, qwen2, qwen3"))),
+            other => {
+                return Err(bad(format!("unsupported architecture `{other}`; supported: llama, mistral, qwen2, qwen3")))
+            }
         };
         let key = |k: &str| format!("{arch}.{k}");
         let num = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64()).map(|x| x as usize);
@@ -207,11 +205,8 @@ impl ModelConfig {
             },
             _ => RopeScaling::None,
         };
-        let eos: Vec<u32> = g
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(|v| v.as_u64())
-            .map(|x| vec![x as u32])
-            .unwrap_or_default();
+        let eos: Vec<u32> =
+            g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|x| vec![x as u32]).unwrap_or_default();
         let cfg = ModelConfig {
             architecture,
             hidden_size,
@@ -221,7 +216,8 @@ impl ModelConfig {
             num_key_value_heads: num("attention.head_count_kv").unwrap_or(num_attention_heads),
             head_dim,
             vocab_size,
-            rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+            rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(|v| v.as_f64()).unwrap_or(1e-5)
+                as f32,
             rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
             rope_scaling,
             max_position_embeddings: num("context_length").unwrap_or(4096),
@@ -254,13 +250,13 @@ impl ModelConfig {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim must be even for rotary embedding, got {}", self.head_dim));
         }
         Ok(())

@@ -108,7 +108,9 @@ mod tests {
 
     #[test]
     fn overrides_defaults() {
-        let g = GenerationDefaults::from_json(&serde_json::json!({"eos_token_id": [2, 7], "temperature": 0.6, "top_p": 0.9}));
+        let g = GenerationDefaults::from_json(
+            &serde_json::json!({"eos_token_id": [2, 7], "temperature": 0.6, "top_p": 0.9}),
+        );
         assert_eq!(g.eos_token_ids, vec![2, 7]);
         let p = g.default_params();
         assert_eq!((p.temperature, p.top_p, p.top_k), (0.6, 0.9, 0));

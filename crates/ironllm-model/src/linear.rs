@@ -14,7 +14,10 @@ use crate::ModelError;
 pub enum WeightData {
     F32(Vec<f32>),
     /// GGUF blocks, each row `cols / block_size` blocks.
-    Quant { ty: GgmlType, data: Vec<u8> },
+    Quant {
+        ty: GgmlType,
+        data: Vec<u8>,
+    },
 }
 
 /// A weight matrix `[rows, cols]`.

@@ -47,7 +47,8 @@ pub struct KvCache {
 impl KvCache {
     /// Allocates `num_blocks` blocks for every layer of `config`.
     pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCache {
-        let layout = KvLayout { num_blocks, num_kv_heads: config.num_key_value_heads, block_size, head_dim: config.head_dim };
+        let layout =
+            KvLayout { num_blocks, num_kv_heads: config.num_key_value_heads, block_size, head_dim: config.head_dim };
         let layers = (0..config.num_hidden_layers)
             .map(|_| (vec![0f32; layout.layer_len()], vec![0f32; layout.layer_len()]))
             .collect();
@@ -105,12 +106,16 @@ fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 impl LlamaModel {
     /// Loads every tensor from `source`. `keep_quantized` keeps GGUF block weights as they are
     /// (quantized matmuls); otherwise everything becomes f32.
-    pub fn load(config: ModelConfig, source: &WeightSource, keep_quantized: bool, max_positions: usize) -> Result<LlamaModel, ModelError> {
+    pub fn load(
+        config: ModelConfig,
+        source: &WeightSource,
+        keep_quantized: bool,
+        max_positions: usize,
+    ) -> Result<LlamaModel, ModelError> {
         let c = &config;
         let vec_of = |name: &str| -> Result<Vec<f32>, ModelError> { source.require(name)?.to_f32() };
-        let opt_vec = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
-            source.get(name)?.map(|t| t.to_f32()).transpose()
-        };
+        let opt_vec =
+            |name: &str| -> Result<Option<Vec<f32>>, ModelError> { source.get(name)?.map(|t| t.to_f32()).transpose() };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
             let m = Matrix::from_stored(&source.require(name)?, keep_quantized)?;
             if m.rows != rows || m.cols != cols {
@@ -151,7 +156,10 @@ impl LlamaModel {
                     opt_vec(&n("self_attn.v_proj.bias"))?,
                 ],
             )?;
-            let o_proj = Linear::new(vec![mat(&n("self_attn.o_proj.weight"), h, q_width)?], vec![opt_vec(&n("self_attn.o_proj.bias"))?])?;
+            let o_proj = Linear::new(
+                vec![mat(&n("self_attn.o_proj.weight"), h, q_width)?],
+                vec![opt_vec(&n("self_attn.o_proj.bias"))?],
+            )?;
             let (q_norm, k_norm) = if c.qk_norm {
                 let q = vec_of(&n("self_attn.q_norm.weight"))?;
                 let k = vec_of(&n("self_attn.k_norm.weight"))?;
@@ -165,7 +173,10 @@ impl LlamaModel {
                 vec![mat(&n("mlp.gate_proj.weight"), inter, h)?, mat(&n("mlp.up_proj.weight"), inter, h)?],
                 vec![opt_vec(&n("mlp.gate_proj.bias"))?, opt_vec(&n("mlp.up_proj.bias"))?],
             )?;
-            let down = Linear::new(vec![mat(&n("mlp.down_proj.weight"), h, inter)?], vec![opt_vec(&n("mlp.down_proj.bias"))?])?;
+            let down = Linear::new(
+                vec![mat(&n("mlp.down_proj.weight"), h, inter)?],
+                vec![opt_vec(&n("mlp.down_proj.bias"))?],
+            )?;
             layers.push(Layer { input_norm, qkv, q_norm, k_norm, o_proj, post_norm, gate_up, down });
         }
         let final_norm = vec_of("model.norm.weight")?;
@@ -174,7 +185,9 @@ impl LlamaModel {
             Some(t) => {
                 let m = Matrix::from_stored(&t, keep_quantized)?;
                 if m.rows != c.vocab_size || m.cols != h {
-                    return Err(ModelError::Weights("`lm_head.weight` does not match [vocab_size, hidden_size]".into()));
+                    return Err(ModelError::Weights(
+                        "`lm_head.weight` does not match [vocab_size, hidden_size]".into(),
+                    ));
                 }
                 Linear::new(vec![m], vec![None])?
             }
@@ -189,7 +202,15 @@ impl LlamaModel {
             ),
         };
         let freq_factors = opt_vec("rope_freqs")?;
-        let rope = RopeTable::new(c.head_dim, c.head_dim, c.rope_theta, max_positions, llama3, linear, freq_factors.as_deref());
+        let rope = RopeTable::new(
+            c.head_dim,
+            c.head_dim,
+            c.rope_theta,
+            max_positions,
+            llama3,
+            linear,
+            freq_factors.as_deref(),
+        );
         Ok(LlamaModel { config, embed, layers, final_norm, lm_head, rope })
     }
 
@@ -221,7 +242,8 @@ impl LlamaModel {
         assert!(batch.positions.len() == t && batch.slot_mapping.len() == t, "forward: batch arrays differ in length");
         let scale = 1.0 / (hd as f32).sqrt();
 
-        let Workspace { residual, normed, qkv, q, k, v, attn, proj, gate_up, act, rows, rows_normed, scratch, logits } = ws;
+        let Workspace { residual, normed, qkv, q, k, v, attn, proj, gate_up, act, rows, rows_normed, scratch, logits } =
+            ws;
         let residual = grow(residual, t * h);
         for (row, &tok) in residual.chunks_mut(h).zip(batch.token_ids) {
             self.embed.row(tok as usize, row);

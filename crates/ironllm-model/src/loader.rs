@@ -32,7 +32,9 @@ impl std::str::FromStr for DType {
             "float32" | "float" => Ok(DType::Float32),
             "bfloat16" => Ok(DType::BFloat16),
             "float16" | "half" => Ok(DType::Float16),
-            other => Err(format!("invalid dtype `{other}` (choose from auto, half, float16, bfloat16, float, float32)")),
+            other => {
+                Err(format!("invalid dtype `{other}` (choose from auto, half, float16, bfloat16, float, float32)"))
+            }
         }
     }
 }
@@ -141,22 +143,21 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
             } else {
                 WeightSource::Safetensors(SafetensorsSource::open_dir(&dir)?)
             };
-            let tokenizer = if opts.skip_tokenizer_init || opts.tokenizer.is_some() || !dir.join("tokenizer.json").exists() {
-                None
-            } else {
-                Some(Tokenizer::from_hf_dir(&dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?)
-            };
+            let tokenizer =
+                if opts.skip_tokenizer_init || opts.tokenizer.is_some() || !dir.join("tokenizer.json").exists() {
+                    None
+                } else {
+                    Some(Tokenizer::from_hf_dir(&dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?)
+                };
             (config, source, tokenizer, Some(dir))
         }
         LoadFormat::Auto => unreachable!("resolved above"),
     };
     let tokenizer = match (&opts.tokenizer, opts.skip_tokenizer_init) {
-        (Some(t), false) => Some(if t.is_dir() {
-            Tokenizer::from_hf_dir(t)
-        } else {
-            Tokenizer::from_file(t)
-        }
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?),
+        (Some(t), false) => Some(
+            if t.is_dir() { Tokenizer::from_hf_dir(t) } else { Tokenizer::from_file(t) }
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?,
+        ),
         _ => tokenizer,
     };
     let generation = match (&opts.generation_config, &generation_dir) {

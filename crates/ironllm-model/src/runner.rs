@@ -174,7 +174,13 @@ impl ModelExecutor for CpuModelRunner {
             } else {
                 0..0
             };
-            planned.push(Planned { req_idx, query_start, query_len: *n, samples: end == st.token_ids.len(), prompt_lp });
+            planned.push(Planned {
+                req_idx,
+                query_start,
+                query_len: *n,
+                samples: end == st.token_ids.len(),
+                prompt_lp,
+            });
         }
         // Logits rows: first one per sampling request, then the prompt-logprob rows.
         for p in &planned {
@@ -216,7 +222,8 @@ impl ModelExecutor for CpuModelRunner {
         }
         drop(spans);
         let vocab = self.model.config.vocab_size;
-        let (sample_logits, prompt_logits) = self.ws.logits[..self.logits_rows.len() * vocab].split_at_mut(num_sample_rows * vocab);
+        let (sample_logits, prompt_logits) =
+            self.ws.logits[..self.logits_rows.len() * vocab].split_at_mut(num_sample_rows * vocab);
 
         // Prompt logprobs come from raw logits, before the sampler modifies its rows.
         let mut prompt_lps: Vec<Option<Vec<PositionLogprobs>>> = vec![None; planned.len()];
@@ -229,7 +236,8 @@ impl ModelExecutor for CpuModelRunner {
                 }
                 let k = states[p.req_idx].params.prompt_logprobs.unwrap_or(0);
                 let rows = &prompt_logits[offset * vocab..(offset + count) * vocab];
-                prompt_lps[p.req_idx] = Some(self.sampler.prompt_logprobs(rows, &prompt_targets[offset..offset + count], k));
+                prompt_lps[p.req_idx] =
+                    Some(self.sampler.prompt_logprobs(rows, &prompt_targets[offset..offset + count], k));
                 offset += count;
             }
         }
@@ -240,7 +248,12 @@ impl ModelExecutor for CpuModelRunner {
             if p.samples {
                 let st: &mut ReqState = st;
                 let (prompt, output) = st.token_ids.split_at(st.num_prompt_tokens);
-                rows.push(SamplingRow { params: &st.params, prompt_token_ids: prompt, output_token_ids: output, state: &mut st.sampler });
+                rows.push(SamplingRow {
+                    params: &st.params,
+                    prompt_token_ids: prompt,
+                    output_token_ids: output,
+                    state: &mut st.sampler,
+                });
                 sample_req_idx.push(p.req_idx);
             }
         }

@@ -185,7 +185,12 @@ impl SafetensorsSource {
         let data = self.files[e.file]
             .get(e.start..e.end)
             .ok_or_else(|| ModelError::Weights(format!("tensor `{name}` lies outside its file")))?;
-        Ok(Some(StoredTensor { name: name.to_string(), dtype: e.dtype, shape: e.shape.clone(), data: Cow::Borrowed(data) }))
+        Ok(Some(StoredTensor {
+            name: name.to_string(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: Cow::Borrowed(data),
+        }))
     }
 }
 
@@ -245,11 +250,14 @@ impl GgufSource {
         let Some(gname) = Self::gguf_name(name) else { return Ok(None) };
         let Some(info) = self.file.tensor(&gname) else { return Ok(None) };
         let bad = |m: String| ModelError::Weights(format!("GGUF tensor `{gname}`: {m}"));
-        let ty = GgmlType::from_u32(info.ggml_type).ok_or_else(|| bad(format!("unsupported type id {}", info.ggml_type)))?;
+        let ty =
+            GgmlType::from_u32(info.ggml_type).ok_or_else(|| bad(format!("unsupported type id {}", info.ggml_type)))?;
         let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
         let cols = *dims.first().ok_or_else(|| bad("no dimensions".into()))?;
         let rows: usize = dims[1..].iter().product();
-        let row_bytes = ty.row_bytes(cols).ok_or_else(|| bad(format!("{cols} columns is not a whole number of {} blocks", ty.name())))?;
+        let row_bytes = ty
+            .row_bytes(cols)
+            .ok_or_else(|| bad(format!("{cols} columns is not a whole number of {} blocks", ty.name())))?;
         let nbytes = row_bytes.checked_mul(rows).ok_or_else(|| bad("size overflows".into()))?;
         let data = self.file.tensor_bytes(info, nbytes).map_err(|e| bad(e.to_string()))?;
         // Hugging Face order: outermost first.
@@ -277,7 +285,8 @@ impl GgufSource {
 /// Undoes llama.cpp's permutation of Q/K rows: within each head, GGUF row `2j + a` holds Hugging Face
 /// row `a * head_dim / 2 + j`. Rows move whole, so this works on quantized rows too.
 fn unpermute_rows(data: &[u8], rows: usize, row_bytes: usize, heads: usize) -> Result<Vec<u8>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() != rows * row_bytes {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) || data.len() != rows * row_bytes
+    {
         return Err(format!("cannot un-permute {rows} rows into {heads} heads"));
     }
     let hd = rows / heads;
@@ -288,7 +297,8 @@ fn unpermute_rows(data: &[u8], rows: usize, row_bytes: usize, heads: usize) -> R
             for a in 0..2 {
                 let src = h * hd + 2 * j + a;
                 let dst = h * hd + a * half + j;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }

@@ -18,18 +18,13 @@ fn fixture_dir() -> PathBuf {
 
 fn parity_cases() -> Vec<Value> {
     let path = fixture_dir().join("parity.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let v: Value = serde_json::from_str(&text).expect("parity.json is JSON");
     v["cases"].as_array().expect("cases array").clone()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// The SmolLM2 GGUF, if this machine has it.
@@ -37,9 +32,10 @@ fn smollm2_gguf() -> Option<PathBuf> {
     std::env::var_os("IRONLLM_TEST_GGUF")
         .map(PathBuf::from)
         .into_iter()
-        .chain(std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/ironllm/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }))
+        .chain(
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/ironllm/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        )
         .find(|p| p.exists())
 }
 
@@ -59,11 +55,7 @@ fn check_parity(tok: &Tokenizer, source: &str) {
         let keep = tok.decode(&want, false).expect("decode");
         for (what, ok, detail) in [
             ("ids", got == want, format!("got {got:?}, want {want:?}")),
-            (
-                "ids_with_special",
-                got_special == want_special,
-                format!("got {got_special:?}, want {want_special:?}"),
-            ),
+            ("ids_with_special", got_special == want_special, format!("got {got_special:?}, want {want_special:?}")),
             (
                 "decode_skip_special",
                 skip == case["decode_skip_special"].as_str().unwrap_or_default(),
@@ -81,36 +73,24 @@ fn check_parity(tok: &Tokenizer, source: &str) {
             }
         }
     }
-    eprintln!(
-        "{source}: {} of {checks} checks match over {} strings",
-        checks - failures.len(),
-        cases.len()
-    );
+    eprintln!("{source}: {} of {checks} checks match over {} strings", checks - failures.len(), cases.len());
     assert!(
         failures.is_empty(),
         "{source}: {} mismatches, first ones:\n{}",
         failures.len(),
-        failures
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
     );
 }
 
 #[test]
 fn hf_dir_tokenizer_matches_transformers() {
-    let tok =
-        Tokenizer::from_hf_dir(&fixture_dir().join("smollm2")).expect("load fixture tokenizer");
+    let tok = Tokenizer::from_hf_dir(&fixture_dir().join("smollm2")).expect("load fixture tokenizer");
     assert_eq!(tok.vocab_size(), 49152);
     assert_eq!(tok.eos_token_id(), Some(2));
     assert_eq!(tok.bos_token_id(), Some(1));
     assert!(!tok.add_bos_token());
     assert!(tok.is_special(0) && tok.is_special(1) && tok.is_special(2));
-    assert!(tok
-        .chat_template()
-        .is_some_and(|t| t.contains("<|im_start|>")));
+    assert!(tok.chat_template().is_some_and(|t| t.contains("<|im_start|>")));
     check_parity(&tok, "tokenizer.json fixture");
 }
 

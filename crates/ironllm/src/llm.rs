@@ -36,7 +36,11 @@ impl LLM {
     }
 
     /// Generates with per-prompt parameters.
-    pub fn generate_each(&mut self, prompts: &[Prompt], params: &[SamplingParams]) -> Result<Vec<RequestOutput>, LlmError> {
+    pub fn generate_each(
+        &mut self,
+        prompts: &[Prompt],
+        params: &[SamplingParams],
+    ) -> Result<Vec<RequestOutput>, LlmError> {
         if prompts.len() != params.len() {
             return Err(LlmError::InvalidArgs("one SamplingParams per prompt is needed".into()));
         }

@@ -10,15 +10,30 @@ use ironllm_model::loader::DType;
 
 fn prompts() -> Vec<Prompt> {
     let subjects = [
-        "the ocean", "a lighthouse keeper", "prime numbers", "the history of bread", "Rust ownership",
-        "a cat named Io", "volcanoes", "the moon landing", "jazz", "a haunted library", "photosynthesis",
-        "chess openings", "the Silk Road", "quantum tunnelling", "a robot gardener", "winter in Oslo",
+        "the ocean",
+        "a lighthouse keeper",
+        "prime numbers",
+        "the history of bread",
+        "Rust ownership",
+        "a cat named Io",
+        "volcanoes",
+        "the moon landing",
+        "jazz",
+        "a haunted library",
+        "photosynthesis",
+        "chess openings",
+        "the Silk Road",
+        "quantum tunnelling",
+        "a robot gardener",
+        "winter in Oslo",
     ];
     let mut out = Vec::new();
     for (i, s) in subjects.iter().enumerate() {
         // Mixed lengths: short questions and long, repetitive context.
         let filler = "Consider every detail carefully. ".repeat(i % 5 * 6);
-        out.push(Prompt::Text(format!("<|im_start|>user\n{filler}Tell me about {s}.<|im_end|>\n<|im_start|>assistant\n")));
+        out.push(Prompt::Text(format!(
+            "<|im_start|>user\n{filler}Tell me about {s}.<|im_end|>\n<|im_start|>assistant\n"
+        )));
         out.push(Prompt::Text(format!("{filler}Write one sentence about {s}:")));
     }
     out
@@ -48,7 +63,10 @@ fn greedy_tokens_do_not_depend_on_batch_chunking_caching_or_preemption() {
     assert_eq!(batched, alone, "batched vs alone");
 
     // Chunked prefill with a tiny budget splits every prompt over several steps.
-    let chunked = run(EngineArgs { max_num_batched_tokens: Some(24), enable_prefix_caching: false, ..base.clone() }, &prompts);
+    let chunked = run(
+        EngineArgs { max_num_batched_tokens: Some(24), max_num_seqs: 16, enable_prefix_caching: false, ..base.clone() },
+        &prompts,
+    );
     assert_eq!(chunked, alone, "chunked prefill vs alone");
 
     // Prefix caching: run everything twice in one engine; the second pass hits the cache.
@@ -79,7 +97,12 @@ fn tight_kv_budget_forces_preemption_and_64_requests_complete_correctly() {
     // SmolLM2 needs 46,080 bytes of KV per token: 48 blocks of 16 tokens hold 768 tokens, far less than
     // 64 requests need at once, so the scheduler must preempt and recompute.
     let bytes = 46_080 * 16 * 48;
-    let mut llm = common::llm(EngineArgs { kv_cache_memory_bytes: bytes, max_model_len: Some(512), enable_prefix_caching: false, ..base.clone() });
+    let mut llm = common::llm(EngineArgs {
+        kv_cache_memory_bytes: bytes,
+        max_model_len: Some(512),
+        enable_prefix_caching: false,
+        ..base.clone()
+    });
     let outs = llm.generate(&prompts, &params()).expect("generate");
     let preemptions = llm.engine().stats().num_preemptions;
     assert!(preemptions > 0, "the tight budget must force preemption");

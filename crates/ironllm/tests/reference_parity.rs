@@ -44,7 +44,8 @@ fn check_against(reference: &Path, model: std::path::PathBuf, dtype: DType) -> R
         .collect();
     // All cases run as one batch: parity must hold under continuous batching too.
     let outputs = llm.generate_each(&prompts, &params).expect("generate");
-    let mut report = Report { cases: cases.len(), exact: 0, diverged_at_tie: 0, max_logprob_err: 0.0, max_prompt_logprob_err: 0.0 };
+    let mut report =
+        Report { cases: cases.len(), exact: 0, diverged_at_tie: 0, max_logprob_err: 0.0, max_prompt_logprob_err: 0.0 };
     for (case, out) in cases.iter().zip(&outputs) {
         let name = case["name"].as_str().unwrap_or("?");
         let want: Vec<u32> = serde_json::from_value(case["output_ids"].clone()).expect("output_ids");
@@ -113,7 +114,8 @@ fn check_against(reference: &Path, model: std::path::PathBuf, dtype: DType) -> R
 
 #[test]
 fn smollm2_gguf_float32_matches_transformers() {
-    let r = check_against(&common::fixtures().join("reference/smollm2_f32.json"), common::default_gguf(), DType::Float32);
+    let r =
+        check_against(&common::fixtures().join("reference/smollm2_f32.json"), common::default_gguf(), DType::Float32);
     assert!(r.cases >= 20);
 }
 

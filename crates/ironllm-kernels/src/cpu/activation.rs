@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 /// `gate_up` is `[t, 2 * inter]` with the gate half first; writes `out[t, inter]`.
 pub fn silu_and_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    assert!(inter > 0 && gate_up.len() % (2 * inter) == 0, "silu_and_mul: bad gate_up shape");
+    assert!(inter > 0 && gate_up.len().is_multiple_of(2 * inter), "silu_and_mul: bad gate_up shape");
     assert_eq!(out.len() * 2, gate_up.len(), "silu_and_mul: out is not [t, inter]");
     out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
         let (g, u) = gu.split_at(inter);

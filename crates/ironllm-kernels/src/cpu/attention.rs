@@ -73,6 +73,13 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -94,7 +101,7 @@ pub fn paged_attention(
 ) {
     let hd = layout.head_dim;
     let nkv = layout.num_kv_heads;
-    assert!(num_heads % nkv == 0, "paged_attention: heads not a multiple of kv heads");
+    assert!(num_heads.is_multiple_of(nkv), "paged_attention: heads not a multiple of kv heads");
     let group = num_heads / nkv;
     let width = num_heads * hd;
     assert_eq!(q.len(), out.len(), "paged_attention: q and out differ");
@@ -118,7 +125,6 @@ pub fn paged_attention(
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
     tasks.par_iter().for_each(|&(si, kvh, t0)| {
-        let out_ptr = out_ptr;
         let s = &seqs[si];
         let t1 = (t0 + QUERY_CHUNK).min(s.query_len);
         SCORES.with(|cell| {
@@ -156,7 +162,7 @@ pub fn paged_attention(
                     // SAFETY: row < rows and head h belong to this task alone (each (seq, kv head,
                     // chunk) task owns its query rows' heads of one GQA group); in bounds of out.
                     unsafe {
-                        let dst = out_ptr.0.add(row * width + h * hd);
+                        let dst = out_ptr.get().add(row * width + h * hd);
                         for (i, a) in acc.iter().enumerate() {
                             *dst.add(i) = a * inv;
                         }

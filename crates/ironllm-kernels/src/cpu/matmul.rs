@@ -19,6 +19,13 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above; no element is read or written by two tasks.
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (+ `bias[n]` when given).
 pub fn matmul_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     assert_eq!(x.len(), m * k, "matmul_f32: x is not [m, k]");
@@ -37,10 +44,9 @@ pub fn matmul_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Opti
     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let n0 = c * chunk;
         let n1 = (n0 + chunk).min(n);
-        let out_ptr = out_ptr;
         // SAFETY: this task writes only columns n0..n1 of every row, disjoint from other tasks, and
         // `out` has m * n elements (asserted above).
-        unsafe { matmul_cols(x, m, w, n, k, n0, n1, bias, out_ptr.0) };
+        unsafe { matmul_cols(x, m, w, n, k, n0, n1, bias, out_ptr.get()) };
     });
 }
 
@@ -102,9 +108,9 @@ fn dot_tile(x: &[f32], i: usize, mr: usize, w: &[f32], j: usize, nr: usize, k: u
         }
         return;
     }
-    for a in 0..mr {
-        for b in 0..nr {
-            tile[a][b] = simd::dot_portable(&x[(i + a) * k..(i + a + 1) * k], &w[(j + b) * k..(j + b + 1) * k]);
+    for (a, row) in tile.iter_mut().enumerate().take(mr) {
+        for (b, v) in row.iter_mut().enumerate().take(nr) {
+            *v = simd::dot_portable(&x[(i + a) * k..(i + a + 1) * k], &w[(j + b) * k..(j + b + 1) * k]);
         }
     }
 }
@@ -119,6 +125,8 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX2/FMA available; rows i..i+MR of x and j..j+NR of w exist (each k long).
+    // Index loops mirror the register tile; iterator chains over two arrays would obscure it.
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile<const MR: usize, const NR: usize>(
@@ -175,9 +183,9 @@ mod avx2 {
         k: usize,
         out: &mut [[f32; 4]; 3],
     ) {
-        for a in 0..mr {
-            for b in 0..nr {
-                out[a][b] = crate::cpu::simd::avx2::dot(&x[(i + a) * k..(i + a + 1) * k], &w[(j + b) * k..(j + b + 1) * k]);
+        for (a, row) in out.iter_mut().enumerate().take(mr) {
+            for (b, v) in row.iter_mut().enumerate().take(nr) {
+                *v = crate::cpu::simd::avx2::dot(&x[(i + a) * k..(i + a + 1) * k], &w[(j + b) * k..(j + b + 1) * k]);
             }
         }
     }

@@ -10,7 +10,7 @@ const PAR_ROWS: usize = 8;
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), out.len(), "rms_norm: x and out differ in length");
-    assert!(d > 0 && x.len() % d == 0, "rms_norm: rows are not a multiple of the weight width");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm: rows are not a multiple of the weight width");
     let body = |(xr, or): (&[f32], &mut [f32])| norm_row(xr, weight, eps, or);
     if x.len() / d >= PAR_ROWS {
         x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(body);
@@ -23,7 +23,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub fn add_rms_norm(x: &[f32], residual: &mut [f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert!(x.len() == residual.len() && x.len() == out.len(), "add_rms_norm: length mismatch");
-    assert!(d > 0 && x.len() % d == 0, "add_rms_norm: rows are not a multiple of the weight width");
+    assert!(d > 0 && x.len().is_multiple_of(d), "add_rms_norm: rows are not a multiple of the weight width");
     let body = |((xr, rr), or): ((&[f32], &mut [f32]), &mut [f32])| {
         for (r, v) in rr.iter_mut().zip(xr) {
             *r += *v;
@@ -40,7 +40,7 @@ pub fn add_rms_norm(x: &[f32], residual: &mut [f32], weight: &[f32], eps: f32, o
 /// Normalizes each `weight.len()`-wide group in place (per-head q/k norm in Qwen3).
 pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
     let d = weight.len();
-    assert!(d > 0 && x.len() % d == 0, "rms_norm_inplace: not a multiple of the weight width");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm_inplace: not a multiple of the weight width");
     let mut tmp = vec![0f32; d];
     for row in x.chunks_mut(d) {
         norm_row(row, weight, eps, &mut tmp);

@@ -36,7 +36,7 @@ impl RopeTable {
         linear_factor: Option<f32>,
         freq_factors: Option<&[f32]>,
     ) -> RopeTable {
-        assert!(rotary_dim <= head_dim && rotary_dim % 2 == 0, "rope: bad rotary_dim");
+        assert!(rotary_dim <= head_dim && rotary_dim.is_multiple_of(2), "rope: bad rotary_dim");
         let half = rotary_dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| {

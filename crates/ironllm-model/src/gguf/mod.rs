@@ -88,10 +88,7 @@ impl GgufValue {
             GgufValue::F32(v) => Some(f64::from(v)),
             GgufValue::F64(v) => Some(v),
             // Integers above 2^53 lose precision here; metadata never holds such values as floats.
-            _ => self
-                .as_i64()
-                .map(|v| v as f64)
-                .or_else(|| self.as_u64().map(|v| v as f64)),
+            _ => self.as_i64().map(|v| v as f64).or_else(|| self.as_u64().map(|v| v as f64)),
         }
     }
 
@@ -201,9 +198,7 @@ pub struct GgufTensorInfo {
 impl GgufTensorInfo {
     /// Product of the dims, or `None` if it overflows `u64`.
     pub fn num_elements(&self) -> Option<u64> {
-        self.dims
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -251,18 +246,13 @@ impl fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-maps `path` and parses its header, metadata and tensor infos.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = std::fs::File::open(path).map_err(|source| GgufError::Io { path: path.to_path_buf(), source })?;
         // SAFETY: the mapping is read-only and private to this struct. Memory-mapping is only unsound
         // if another process truncates or rewrites the file while it is mapped; model files are not
         // modified in place while a server reads them, which is the same assumption llama.cpp,
         // safetensors and candle make.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| GgufError::Io { path: path.to_path_buf(), source })?;
         Self::parse(path.to_path_buf(), Storage::Mmap(mmap))
     }
 
@@ -296,10 +286,7 @@ impl GgufFile {
             nbytes: nbytes as u64,
             file_len: bytes.len() as u64,
         };
-        let start = self
-            .data_offset
-            .checked_add(info.offset)
-            .ok_or_else(out_of_bounds)?;
+        let start = self.data_offset.checked_add(info.offset).ok_or_else(out_of_bounds)?;
         let end = start.checked_add(nbytes as u64).ok_or_else(out_of_bounds)?;
         if end > bytes.len() as u64 {
             return Err(out_of_bounds());
@@ -357,33 +344,15 @@ pub enum GgufError {
     #[error("{path} is not a GGUF file: magic is {found:?}, expected \"GGUF\"")]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{path}: {message}")]
-    UnsupportedVersion {
-        path: PathBuf,
-        version: u32,
-        message: String,
-    },
+    UnsupportedVersion { path: PathBuf, version: u32, message: String },
     #[error("{path}: truncated at byte {offset} while reading {what}: needs {needed} bytes, {available} left")]
-    Truncated {
-        path: PathBuf,
-        offset: u64,
-        what: String,
-        needed: u64,
-        available: u64,
-    },
+    Truncated { path: PathBuf, offset: u64, what: String, needed: u64, available: u64 },
     #[error("{path}: corrupt at byte {offset}: {what}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        what: String,
-    },
-    #[error("{path}: tensor {name:?} needs bytes {offset}..{offset}+{nbytes}, beyond the end of the {file_len}-byte file")]
-    TensorOutOfBounds {
-        path: PathBuf,
-        name: String,
-        offset: u64,
-        nbytes: u64,
-        file_len: u64,
-    },
+    Corrupt { path: PathBuf, offset: u64, what: String },
+    #[error(
+        "{path}: tensor {name:?} needs bytes {offset}..{offset}+{nbytes}, beyond the end of the {file_len}-byte file"
+    )]
+    TensorOutOfBounds { path: PathBuf, name: String, offset: u64, nbytes: u64, file_len: u64 },
 }
 
 #[cfg(test)]

@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use super::{
-    GgufError, GgufTensorInfo, GgufValue, GGUF_ALIGNMENT_KEY, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC,
-};
+use super::{GgufError, GgufTensorInfo, GgufValue, GGUF_ALIGNMENT_KEY, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC};
 
 /// GGML allows at most 4 dims; a little slack lets newer files through while still rejecting garbage.
 const MAX_TENSOR_DIMS: u32 = 8;
+/// Upper bound on the capacity reserved for one array before its elements are read.
+const MAX_PREALLOCATED_ITEMS: usize = 1 << 16;
 /// Real files nest arrays at most one level; anything deeper than this is corruption.
 const MAX_ARRAY_DEPTH: u32 = 16;
 
@@ -50,11 +50,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn corrupt(&self, offset: usize, what: String) -> GgufError {
-        GgufError::Corrupt {
-            path: self.path.to_path_buf(),
-            offset: offset as u64,
-            what,
-        }
+        GgufError::Corrupt { path: self.path.to_path_buf(), offset: offset as u64, what }
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
@@ -97,16 +93,14 @@ impl<'a> Cursor<'a> {
             });
         }
         // needed <= remaining <= usize::MAX and min_item_bytes >= 1, so count fits in usize.
-        usize::try_from(count)
-            .map_err(|_| self.corrupt(at, format!("{what} {count} does not fit in memory")))
+        usize::try_from(count).map_err(|_| self.corrupt(at, format!("{what} {count} does not fit in memory")))
     }
 
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let len = self.count(what, 1)?;
         let start = self.pos;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|e| self.corrupt(start, format!("{what} is not valid UTF-8: {e}")))
+        String::from_utf8(bytes.to_vec()).map_err(|e| self.corrupt(start, format!("{what} is not valid UTF-8: {e}")))
     }
 
     fn value(&mut self, type_id: u32, what: &str, depth: u32) -> Result<GgufValue, GgufError> {
@@ -123,31 +117,22 @@ impl<'a> Cursor<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => GgufValue::Bool(false),
                     1 => GgufValue::Bool(true),
-                    b => {
-                        return Err(
-                            self.corrupt(at, format!("{what}: bool byte is {b}, expected 0 or 1"))
-                        )
-                    }
+                    b => return Err(self.corrupt(at, format!("{what}: bool byte is {b}, expected 0 or 1"))),
                 }
             }
             8 => GgufValue::String(self.string(what)?),
             9 => {
                 let at = self.pos;
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.corrupt(
-                        at,
-                        format!("{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep"),
-                    ));
+                    return Err(self.corrupt(at, format!("{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")));
                 }
                 let elem_type = self.u32(what)?;
-                let min_bytes = min_encoded_size(elem_type).ok_or_else(|| {
-                    self.corrupt(
-                        at,
-                        format!("{what}: unknown array element type {elem_type}"),
-                    )
-                })?;
+                let min_bytes = min_encoded_size(elem_type)
+                    .ok_or_else(|| self.corrupt(at, format!("{what}: unknown array element type {elem_type}")))?;
                 let len = self.count(what, min_bytes)?;
-                let mut items = Vec::with_capacity(len);
+                // A parsed value is larger than its encoding (a u8 becomes a 32-byte GgufValue), so
+                // reserve at most a modest amount up front and let a genuinely large array grow.
+                let mut items = Vec::with_capacity(len.min(MAX_PREALLOCATED_ITEMS));
                 for _ in 0..len {
                     items.push(self.value(elem_type, what, depth + 1)?);
                 }
@@ -158,10 +143,7 @@ impl<'a> Cursor<'a> {
             12 => GgufValue::F64(f64::from_le_bytes(self.array::<8>(what)?)),
             other => {
                 // The type id was just read; point the error at it.
-                return Err(self.corrupt(
-                    self.pos.saturating_sub(4),
-                    format!("{what}: unknown value type {other}"),
-                ));
+                return Err(self.corrupt(self.pos.saturating_sub(4), format!("{what}: unknown value type {other}")));
             }
         })
     }
@@ -181,18 +163,11 @@ fn min_encoded_size(type_id: u32) -> Option<usize> {
 }
 
 pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
-    let mut c = Cursor {
-        path,
-        bytes,
-        pos: 0,
-    };
+    let mut c = Cursor { path, bytes, pos: 0 };
 
     let magic = c.array::<4>("magic")?;
     if magic != GGUF_MAGIC {
-        return Err(GgufError::BadMagic {
-            path: path.to_path_buf(),
-            found: magic,
-        });
+        return Err(GgufError::BadMagic { path: path.to_path_buf(), found: magic });
     }
     let version = c.u32("version")?;
     match version {
@@ -201,7 +176,9 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
             return Err(GgufError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 version,
-                message: "GGUF version 1 (32-bit counts) is not supported; re-convert the model with a current llama.cpp".into(),
+                message:
+                    "GGUF version 1 (32-bit counts) is not supported; re-convert the model with a current llama.cpp"
+                        .into(),
             })
         }
         // A big-endian file stores its version byte-swapped, so 2 reads as 0x0200_0000.
@@ -243,10 +220,7 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
         Some(other) => {
             return Err(c.corrupt(
                 c.pos,
-                format!(
-                    "{GGUF_ALIGNMENT_KEY} must be a non-zero power of two u32, got {} {other}",
-                    other.type_name()
-                ),
+                format!("{GGUF_ALIGNMENT_KEY} must be a non-zero power of two u32, got {} {other}", other.type_name()),
             ))
         }
     };
@@ -259,10 +233,7 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
         let n_dims_at = c.pos;
         let n_dims = c.u32(&format!("dim count of tensor {name:?}"))?;
         if n_dims > MAX_TENSOR_DIMS {
-            return Err(c.corrupt(
-                n_dims_at,
-                format!("tensor {name:?} has {n_dims} dims (at most {MAX_TENSOR_DIMS})"),
-            ));
+            return Err(c.corrupt(n_dims_at, format!("tensor {name:?} has {n_dims} dims (at most {MAX_TENSOR_DIMS})")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -277,17 +248,9 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
                 format!("tensor {name:?} offset {offset} is not a multiple of the alignment {alignment}"),
             ));
         }
-        let info = GgufTensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        };
+        let info = GgufTensorInfo { name, dims, ggml_type, offset };
         if info.num_elements().is_none() {
-            return Err(c.corrupt(
-                n_dims_at,
-                format!("tensor {:?} dims {:?} overflow u64", info.name, info.dims),
-            ));
+            return Err(c.corrupt(n_dims_at, format!("tensor {:?} dims {:?} overflow u64", info.name, info.dims)));
         }
         if !names.insert(info.name.clone()) {
             return Err(c.corrupt(info_at, format!("duplicate tensor name {:?}", info.name)));
@@ -312,18 +275,9 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, GgufError> {
     if let Some(t) = tensors.iter().find(|t| t.offset > data_len) {
         return Err(c.corrupt(
             header_end as usize,
-            format!(
-                "tensor {:?} starts at data offset {}, past the {data_len}-byte data section",
-                t.name, t.offset
-            ),
+            format!("tensor {:?} starts at data offset {}, past the {data_len}-byte data section", t.name, t.offset),
         ));
     }
 
-    Ok(Parsed {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_offset,
-    })
+    Ok(Parsed { version, metadata, tensors, alignment, data_offset })
 }

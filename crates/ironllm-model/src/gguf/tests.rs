@@ -18,17 +18,8 @@ fn sample_writer() -> GgufWriter {
         .metadata("f64", GgufValue::F64(std::f64::consts::PI))
         .metadata("bool", GgufValue::Bool(true))
         .metadata("string", GgufValue::String("héllo ▁ 🦀".into()))
-        .metadata(
-            "strings",
-            GgufValue::Array(vec![
-                GgufValue::String("a".into()),
-                GgufValue::String("".into()),
-            ]),
-        )
-        .metadata(
-            "ints",
-            GgufValue::Array(vec![GgufValue::I32(1), GgufValue::I32(-2)]),
-        )
+        .metadata("strings", GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("".into())]))
+        .metadata("ints", GgufValue::Array(vec![GgufValue::I32(1), GgufValue::I32(-2)]))
         .metadata(
             "nested",
             GgufValue::Array(vec![
@@ -37,8 +28,7 @@ fn sample_writer() -> GgufWriter {
             ]),
         )
         .metadata("empty", GgufValue::Array(vec![]));
-    w.tensor("a", vec![3, 2], 0, (0..24).collect())
-        .tensor("b.weight", vec![5], 1, vec![7; 10]);
+    w.tensor("a", vec![3, 2], 0, (0..24).collect()).tensor("b.weight", vec![5], 1, vec![7; 10]);
     w
 }
 
@@ -59,16 +49,8 @@ fn round_trip_every_value_type() {
     assert_eq!(g.get("u32").and_then(GgufValue::as_f64), Some(4e9));
     assert!((g.get("f32").and_then(GgufValue::as_f64).unwrap() - 1e-5).abs() < 1e-12);
     assert_eq!(g.get("bool").and_then(GgufValue::as_bool), Some(true));
-    assert_eq!(
-        g.get("string").and_then(GgufValue::as_str),
-        Some("héllo ▁ 🦀")
-    );
-    assert_eq!(
-        g.get("nested")
-            .and_then(GgufValue::as_array)
-            .map(<[_]>::len),
-        Some(2)
-    );
+    assert_eq!(g.get("string").and_then(GgufValue::as_str), Some("héllo ▁ 🦀"));
+    assert_eq!(g.get("nested").and_then(GgufValue::as_array).map(<[_]>::len), Some(2));
     assert_eq!(g.get("empty").and_then(GgufValue::as_array), Some(&[][..]));
 
     assert_eq!(g.alignment(), 32);
@@ -78,10 +60,7 @@ fn round_trip_every_value_type() {
     assert_eq!(a.ggml_type, 0);
     assert_eq!(a.offset, 0);
     assert_eq!(a.num_elements(), Some(6));
-    assert_eq!(
-        g.tensor_bytes(a, 24).unwrap(),
-        &(0..24).collect::<Vec<u8>>()[..]
-    );
+    assert_eq!(g.tensor_bytes(a, 24).unwrap(), &(0..24).collect::<Vec<u8>>()[..]);
     let b = g.tensor("b.weight").expect("tensor b");
     assert_eq!(b.offset, 32);
     assert_eq!(g.tensor_bytes(b, 10).unwrap(), &[7; 10]);
@@ -103,10 +82,7 @@ fn custom_alignment_and_file_on_disk() {
     assert_eq!(g.alignment(), 64);
     assert_eq!(g.data_offset() % 64, 0);
     assert_eq!(g.tensor("b.weight").unwrap().offset, 64);
-    assert_eq!(
-        g.tensor_bytes(g.tensor("b.weight").unwrap(), 10).unwrap(),
-        &[7; 10]
-    );
+    assert_eq!(g.tensor_bytes(g.tensor("b.weight").unwrap(), 10).unwrap(), &[7; 10]);
     assert_eq!(g.path(), path.as_path());
 }
 
@@ -155,10 +131,7 @@ fn corrupt_headers_are_errors() {
     v1.extend_from_slice(&1u32.to_le_bytes());
     v1.extend_from_slice(&[0; 16]);
     let err = GgufFile::from_bytes(v1).unwrap_err();
-    assert!(
-        matches!(err, GgufError::UnsupportedVersion { version: 1, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::UnsupportedVersion { version: 1, .. }), "{err}");
 
     let mut big_endian = b"GGUF".to_vec();
     big_endian.extend_from_slice(&3u32.to_be_bytes());
@@ -178,10 +151,7 @@ fn corrupt_headers_are_errors() {
     long_key.extend_from_slice(b"abc");
     long_key.extend_from_slice(&[0; 16]);
     let err = GgufFile::from_bytes(long_key).unwrap_err();
-    assert!(
-        matches!(err, GgufError::Truncated { offset: 24, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::Truncated { offset: 24, .. }), "{err}");
 
     // An array claiming 2^62 u32s.
     let mut huge_array = header(0, 1);
@@ -231,15 +201,12 @@ fn corrupt_headers_are_errors() {
 #[test]
 fn inconsistent_files_are_errors() {
     let mut dup = GgufWriter::new();
-    dup.metadata("k", GgufValue::U8(1))
-        .metadata("k", GgufValue::U8(2));
+    dup.metadata("k", GgufValue::U8(1)).metadata("k", GgufValue::U8(2));
     let err = GgufFile::from_bytes(dup.to_bytes()).unwrap_err();
     assert!(err.to_string().contains("duplicate metadata key"), "{err}");
 
     let mut dup_tensor = GgufWriter::new();
-    dup_tensor
-        .tensor("t", vec![1], 0, vec![0; 4])
-        .tensor("t", vec![1], 0, vec![0; 4]);
+    dup_tensor.tensor("t", vec![1], 0, vec![0; 4]).tensor("t", vec![1], 0, vec![0; 4]);
     let err = GgufFile::from_bytes(dup_tensor.to_bytes()).unwrap_err();
     assert!(err.to_string().contains("duplicate tensor name"), "{err}");
 
@@ -249,9 +216,7 @@ fn inconsistent_files_are_errors() {
     assert!(err.to_string().contains("power of two"), "{err}");
 
     // A tensor whose offset points past the end of the data section.
-    let mut bytes = GgufWriter::new()
-        .tensor("t", vec![4], 0, vec![0; 16])
-        .to_bytes();
+    let mut bytes = GgufWriter::new().tensor("t", vec![4], 0, vec![0; 16]).to_bytes();
     // No metadata, so the tensor info starts right after the 24-byte header:
     // name (8 + 1), n_dims (4), one dim (8), type (4), then the offset.
     let offset_field = 24 + 8 + 1 + 4 + 8 + 4;
@@ -272,41 +237,19 @@ fn real_smollm2_gguf() {
     };
     let path = std::path::PathBuf::from(path);
     if !path.exists() {
-        eprintln!(
-            "note: IRONLLM_TEST_GGUF={} does not exist; skipping",
-            path.display()
-        );
+        eprintln!("note: IRONLLM_TEST_GGUF={} does not exist; skipping", path.display());
         return;
     }
     let g = GgufFile::open(&path).expect("open SmolLM2 GGUF");
     assert_eq!(g.version, 3);
     assert_eq!(g.architecture(), Some("llama"));
     assert_eq!(g.tensors.len(), 272);
-    assert_eq!(
-        g.get("llama.block_count").and_then(GgufValue::as_u64),
-        Some(30)
-    );
-    assert_eq!(
-        g.get("llama.embedding_length").and_then(GgufValue::as_u64),
-        Some(576)
-    );
-    assert_eq!(
-        g.get("llama.attention.head_count_kv")
-            .and_then(GgufValue::as_u64),
-        Some(3)
-    );
-    assert_eq!(
-        g.get("llama.rope.freq_base").and_then(GgufValue::as_f64),
-        Some(100000.0)
-    );
-    assert_eq!(
-        g.get("tokenizer.ggml.pre").and_then(GgufValue::as_str),
-        Some("smollm")
-    );
-    let tokens = g
-        .get("tokenizer.ggml.tokens")
-        .and_then(GgufValue::as_array)
-        .unwrap();
+    assert_eq!(g.get("llama.block_count").and_then(GgufValue::as_u64), Some(30));
+    assert_eq!(g.get("llama.embedding_length").and_then(GgufValue::as_u64), Some(576));
+    assert_eq!(g.get("llama.attention.head_count_kv").and_then(GgufValue::as_u64), Some(3));
+    assert_eq!(g.get("llama.rope.freq_base").and_then(GgufValue::as_f64), Some(100000.0));
+    assert_eq!(g.get("tokenizer.ggml.pre").and_then(GgufValue::as_str), Some("smollm"));
+    let tokens = g.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).unwrap();
     assert_eq!(tokens.len(), 49152);
     assert_eq!(tokens[1].as_str(), Some("<|im_start|>"));
     let embd = g.tensor("token_embd.weight").expect("token_embd.weight");

@@ -27,13 +27,7 @@ impl GgufWriter {
     }
 
     /// Adds a tensor with GGUF-order `dims` (innermost first), a GGML type id and its raw bytes.
-    pub fn tensor(
-        &mut self,
-        name: impl Into<String>,
-        dims: Vec<u64>,
-        ggml_type: u32,
-        data: Vec<u8>,
-    ) -> &mut Self {
+    pub fn tensor(&mut self, name: impl Into<String>, dims: Vec<u64>, ggml_type: u32, data: Vec<u8>) -> &mut Self {
         self.tensors.push((name.into(), dims, ggml_type, data));
         self
     }

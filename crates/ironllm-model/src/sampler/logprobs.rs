@@ -24,10 +24,7 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
 /// The chosen token's logprob and rank plus the top `k` candidates, all under `log_softmax(logits)`.
 pub(super) fn position_logprobs(logits: &[f32], chosen: u32, k: usize) -> PositionLogprobs {
     let lse = log_sum_exp(logits);
-    let chosen_logit = logits
-        .get(chosen as usize)
-        .copied()
-        .unwrap_or(f32::NEG_INFINITY);
+    let chosen_logit = logits.get(chosen as usize).copied().unwrap_or(f32::NEG_INFINITY);
     // vLLM counts `logprobs >= chosen_logprob`; comparing logits is the same order.
     let rank = logits.iter().filter(|&&x| x >= chosen_logit).count() as u32;
     let mut top_logits = Vec::new();
@@ -35,20 +32,9 @@ pub(super) fn position_logprobs(logits: &[f32], chosen: u32, k: usize) -> Positi
     let top = top_logits
         .into_iter()
         .enumerate()
-        .map(|(i, (x, token_id))| TokenLogprob {
-            token_id,
-            logprob: x - lse,
-            rank: i as u32 + 1,
-        })
+        .map(|(i, (x, token_id))| TokenLogprob { token_id, logprob: x - lse, rank: i as u32 + 1 })
         .collect();
-    PositionLogprobs {
-        chosen: TokenLogprob {
-            token_id: chosen,
-            logprob: chosen_logit - lse,
-            rank,
-        },
-        top,
-    }
+    PositionLogprobs { chosen: TokenLogprob { token_id: chosen, logprob: chosen_logit - lse, rank }, top }
 }
 
 #[cfg(test)]
@@ -56,15 +42,8 @@ mod tests {
     use super::*;
 
     fn log_softmax_f64(xs: &[f32]) -> Vec<f64> {
-        let max = xs
-            .iter()
-            .map(|&x| f64::from(x))
-            .fold(f64::NEG_INFINITY, f64::max);
-        let lse = max
-            + xs.iter()
-                .map(|&x| (f64::from(x) - max).exp())
-                .sum::<f64>()
-                .ln();
+        let max = xs.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + xs.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln();
         xs.iter().map(|&x| f64::from(x) - lse).collect()
     }
 
@@ -93,17 +72,12 @@ mod tests {
         let logits = [0.5, 3.0, -1.0, 2.5, 2.0];
         let got = position_logprobs(&logits, 2, 2);
         assert_eq!(got.chosen.rank, 5);
-        assert_eq!(
-            got.top.iter().map(|t| t.token_id).collect::<Vec<_>>(),
-            [1, 3]
-        );
+        assert_eq!(got.top.iter().map(|t| t.token_id).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[test]
     fn large_k_path_matches_the_window_path() {
-        let logits: Vec<f32> = (0..3000)
-            .map(|i| ((i * 7919) % 1013) as f32 / 100.0)
-            .collect();
+        let logits: Vec<f32> = (0..3000).map(|i| ((i * 7919) % 1013) as f32 / 100.0).collect();
         let top = |k| {
             let mut out = Vec::new();
             largest_into(&logits, k, &mut out);
@@ -112,9 +86,7 @@ mod tests {
         let window = top(64);
         let selected = top(500);
         assert_eq!(window[..], selected[..64]);
-        assert!(selected
-            .windows(2)
-            .all(|w| w[0].0 > w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)));
+        assert!(selected.windows(2).all(|w| w[0].0 > w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)));
         let mut out = Vec::new();
         largest_into(&logits[..10], 100, &mut out);
         assert_eq!(out.len(), 10);

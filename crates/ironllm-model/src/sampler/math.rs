@@ -134,15 +134,10 @@ mod tests {
 
     #[test]
     fn max_and_sums_agree_with_plain_loops() {
-        let xs: Vec<f32> = (0..1003)
-            .map(|i| ((i * 7919) % 1009) as f32 / 100.0 - 5.0)
-            .collect();
+        let xs: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 1009) as f32 / 100.0 - 5.0).collect();
         let max = max_value(&xs);
         assert_eq!(max, xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
-        let want: f64 = xs
-            .iter()
-            .map(|&x| (f64::from(x) - f64::from(max)).exp())
-            .sum();
+        let want: f64 = xs.iter().map(|&x| (f64::from(x) - f64::from(max)).exp()).sum();
         assert!((sum_exp_shifted(&xs, max) - want).abs() / want < 1e-6);
         let mut ys = xs.clone();
         assert!((exp_shifted_in_place(&mut ys, max) - want).abs() / want < 1e-6);

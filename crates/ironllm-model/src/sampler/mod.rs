@@ -74,10 +74,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(vocab_size: usize) -> Self {
-        Sampler {
-            vocab_size,
-            scratch: Vec::new(),
-        }
+        Sampler { vocab_size, scratch: Vec::new() }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -134,12 +131,7 @@ impl Sampler {
     ///
     /// # Panics
     /// If `logits.len() != targets.len() * vocab_size`.
-    pub fn prompt_logprobs(
-        &mut self,
-        logits: &[f32],
-        targets: &[u32],
-        k: usize,
-    ) -> Vec<PositionLogprobs> {
+    pub fn prompt_logprobs(&mut self, logits: &[f32], targets: &[u32], k: usize) -> Vec<PositionLogprobs> {
         let vocab_size = self.vocab_size;
         assert_eq!(
             logits.len(),
@@ -164,11 +156,7 @@ impl Sampler {
 }
 
 /// The whole pipeline for one row (`logits`: `[vocab]`).
-fn sample_row(
-    logits: &mut [f32],
-    row: &mut SamplingRow<'_>,
-    scratch: &mut RowScratch,
-) -> SampledToken {
+fn sample_row(logits: &mut [f32], row: &mut SamplingRow<'_>, scratch: &mut RowScratch) -> SampledToken {
     let params = row.params;
     let greedy = params.is_greedy();
     let processors_active = processors::any_active(params, row.output_token_ids);
@@ -177,9 +165,7 @@ fn sample_row(
     // (if any) read the same untouched row.
     if greedy && !processors_active {
         let token_id = select::argmax(logits);
-        let logprobs = params
-            .logprobs
-            .map(|k| logprobs::position_logprobs(logits, token_id, k));
+        let logprobs = params.logprobs.map(|k| logprobs::position_logprobs(logits, token_id, k));
         return SampledToken { token_id, logprobs };
     }
 
@@ -190,14 +176,7 @@ fn sample_row(
     }
     // (2)-(6)
     if processors_active {
-        processors::apply(
-            logits,
-            params,
-            row.prompt_token_ids,
-            row.output_token_ids,
-            row.state,
-            &mut scratch.allowed,
-        );
+        processors::apply(logits, params, row.prompt_token_ids, row.output_token_ids, row.state, &mut scratch.allowed);
     }
     // (7)
     let token_id = if greedy {
@@ -206,8 +185,6 @@ fn sample_row(
         let uniform = row.state.draw(params, row.output_token_ids.len());
         select::sample_random(logits, params, uniform, &mut scratch.candidates)
     };
-    let logprobs = params
-        .logprobs
-        .map(|k| logprobs::position_logprobs(&scratch.raw_logits, token_id, k));
+    let logprobs = params.logprobs.map(|k| logprobs::position_logprobs(&scratch.raw_logits, token_id, k));
     SampledToken { token_id, logprobs }
 }

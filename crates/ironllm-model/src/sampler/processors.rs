@@ -21,8 +21,7 @@ pub(super) fn any_active(params: &SamplingParams, output_token_ids: &[u32]) -> b
 }
 
 fn min_tokens_active(params: &SamplingParams, output_token_ids: &[u32]) -> bool {
-    output_token_ids.len() < params.min_tokens
-        && !(params.eos_token_ids.is_empty() && params.stop_token_ids.is_empty())
+    output_token_ids.len() < params.min_tokens && !(params.eos_token_ids.is_empty() && params.stop_token_ids.is_empty())
 }
 
 /// Sets `logits[token_id]` when the id is inside the row. Ids are validated against the vocabulary at
@@ -63,11 +62,7 @@ pub(super) fn apply(
 /// fill, which is one vectorised pass instead of a membership test per vocabulary entry.
 fn apply_allowed_token_ids(logits: &mut [f32], allowed: &[u32], kept: &mut Vec<(u32, f32)>) {
     kept.clear();
-    kept.extend(
-        allowed
-            .iter()
-            .filter_map(|&id| logits.get(id as usize).map(|&x| (id, x))),
-    );
+    kept.extend(allowed.iter().filter_map(|&id| logits.get(id as usize).map(|&x| (id, x))));
     logits.fill(f32::NEG_INFINITY);
     for &(id, x) in kept.iter() {
         logits[id as usize] = x;
@@ -127,9 +122,7 @@ fn apply_penalties(logits: &mut [f32], params: &SamplingParams, state: &SamplerS
     if frequency != 0.0 || presence != 0.0 {
         for (&token_id, &count) in &state.output_token_counts {
             // Two subtractions, in vLLM's order, so the rounding matches its two tensor ops.
-            set(logits, token_id, |x| {
-                x - frequency * count as f32 - presence
-            });
+            set(logits, token_id, |x| x - frequency * count as f32 - presence);
         }
     }
 }
@@ -145,14 +138,7 @@ mod tests {
     fn run(params: &SamplingParams, prompt: &[u32], output: &[u32], logits: &[f32]) -> Vec<f32> {
         let mut row = logits.to_vec();
         let mut state = SamplerState::default();
-        apply(
-            &mut row,
-            params,
-            prompt,
-            output,
-            &mut state,
-            &mut Vec::new(),
-        );
+        apply(&mut row, params, prompt, output, &mut state, &mut Vec::new());
         row
     }
 
@@ -160,41 +146,24 @@ mod tests {
     fn no_processor_leaves_the_row_alone() {
         let params = SamplingParams::default();
         assert!(!any_active(&params, &[]));
-        assert_eq!(
-            run(&params, &[1, 2], &[3], &[1.0, 2.0, 3.0, 4.0]),
-            [1.0, 2.0, 3.0, 4.0]
-        );
+        assert_eq!(run(&params, &[1, 2], &[3], &[1.0, 2.0, 3.0, 4.0]), [1.0, 2.0, 3.0, 4.0]);
     }
 
     #[test]
     fn allowed_token_ids_mask_everything_else() {
-        let params = SamplingParams {
-            allowed_token_ids: Some(vec![1, 3]),
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&params, &[], &[], &[5.0, 1.0, 7.0, 2.0]),
-            [NEG, 1.0, NEG, 2.0]
-        );
+        let params = SamplingParams { allowed_token_ids: Some(vec![1, 3]), ..Default::default() };
+        assert_eq!(run(&params, &[], &[], &[5.0, 1.0, 7.0, 2.0]), [NEG, 1.0, NEG, 2.0]);
     }
 
     #[test]
     fn bad_words_ban_the_last_token_when_the_prefix_matches() {
-        let params = SamplingParams {
-            bad_words_token_ids: vec![vec![2], vec![0, 1, 3], vec![4, 1, 0]],
-            ..Default::default()
-        };
+        let params =
+            SamplingParams { bad_words_token_ids: vec![vec![2], vec![0, 1, 3], vec![4, 1, 0]], ..Default::default() };
         let logits = [1.0; 5];
         // [2] is always banned; [0, 1, 3] bans 3 after "... 0 1"; [4, 1, 0] does not match.
-        assert_eq!(
-            run(&params, &[], &[4, 0, 1], &logits),
-            [1.0, 1.0, NEG, NEG, 1.0]
-        );
+        assert_eq!(run(&params, &[], &[4, 0, 1], &logits), [1.0, 1.0, NEG, NEG, 1.0]);
         // Prefix not at the end of the output: only the single-token word.
-        assert_eq!(
-            run(&params, &[], &[0, 1, 4], &logits),
-            [1.0, 1.0, NEG, 1.0, 1.0]
-        );
+        assert_eq!(run(&params, &[], &[0, 1, 4], &logits), [1.0, 1.0, NEG, 1.0, 1.0]);
         // The prompt does not count towards a prefix.
         assert_eq!(run(&params, &[0], &[1], &logits), [1.0, 1.0, NEG, 1.0, 1.0]);
         // Output shorter than the prefix.
@@ -219,19 +188,13 @@ mod tests {
 
     #[test]
     fn logit_bias_is_added() {
-        let params = SamplingParams {
-            logit_bias: BTreeMap::from([(0, -1.5), (2, 10.0)]),
-            ..Default::default()
-        };
+        let params = SamplingParams { logit_bias: BTreeMap::from([(0, -1.5), (2, 10.0)]), ..Default::default() };
         assert_eq!(run(&params, &[], &[], &[1.0, 1.0, 1.0]), [-0.5, 1.0, 11.0]);
     }
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative_logits_once() {
-        let params = SamplingParams {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        };
+        let params = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
         // Token 0 in the prompt, 1 in the output (twice), 2 in both, 3 in neither.
         let got = run(&params, &[0, 2], &[1, 2, 1], &[4.0, -4.0, 6.0, 3.0]);
         assert_eq!(got, [2.0, -8.0, 3.0, 3.0]);
@@ -239,11 +202,7 @@ mod tests {
 
     #[test]
     fn frequency_and_presence_penalties_use_output_tokens_only() {
-        let params = SamplingParams {
-            frequency_penalty: 0.5,
-            presence_penalty: 0.25,
-            ..Default::default()
-        };
+        let params = SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.25, ..Default::default() };
         // Token 0 only in the prompt; token 1 three times in the output; token 2 once.
         let got = run(&params, &[0], &[1, 2, 1, 1], &[1.0, 1.0, 1.0, 1.0]);
         assert_eq!(got, [1.0, 1.0 - 1.5 - 0.25, 1.0 - 0.5 - 0.25, 1.0]);
@@ -251,10 +210,7 @@ mod tests {
 
     #[test]
     fn penalty_counts_accumulate_across_steps() {
-        let params = SamplingParams {
-            frequency_penalty: 1.0,
-            ..Default::default()
-        };
+        let params = SamplingParams { frequency_penalty: 1.0, ..Default::default() };
         let mut state = SamplerState::default();
         let mut scratch = Vec::new();
         let mut row = vec![0.0; 3];
@@ -268,11 +224,8 @@ mod tests {
     #[test]
     fn processors_run_in_vllm_order() {
         // Bias before penalties: (1 + 1) / 2 = 1, not 1 / 2 + 1 = 1.5.
-        let params = SamplingParams {
-            logit_bias: BTreeMap::from([(0, 1.0)]),
-            repetition_penalty: 2.0,
-            ..Default::default()
-        };
+        let params =
+            SamplingParams { logit_bias: BTreeMap::from([(0, 1.0)]), repetition_penalty: 2.0, ..Default::default() };
         assert_eq!(run(&params, &[0], &[], &[1.0, 0.0]), [1.0, 0.0]);
     }
 }

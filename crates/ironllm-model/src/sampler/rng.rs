@@ -30,12 +30,7 @@ impl Rng {
         let mut sm = seed;
         // Four consecutive splitmix64 outputs are never all zero (splitmix64 is a bijection of its
         // counter, so at most one of them can be zero), which is the one state xoshiro must avoid.
-        let state = [
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-        ];
+        let state = [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)];
         Rng { state }
     }
 
@@ -82,9 +77,7 @@ mod tests {
     fn xoshiro256pp_matches_the_reference_step() {
         // With state [1, 2, 3, 4] the first output is rotl(1 + 4, 23) + 1; the second follows from the
         // reference state update.
-        let mut rng = Rng {
-            state: [1, 2, 3, 4],
-        };
+        let mut rng = Rng { state: [1, 2, 3, 4] };
         assert_eq!(rng.next_u64(), (5u64 << 23) + 1);
         assert_eq!(rng.state, [7, 0, 262_146, 211_106_232_532_992]);
     }

@@ -75,13 +75,7 @@ pub(super) fn largest_into(logits: &[f32], k: usize, out: &mut Vec<(f32, u32)>) 
         }
     } else {
         // Large k: partial selection over the whole row, then sort the head.
-        out.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, x)| !x.is_nan())
-                .map(|(id, &x)| (x, id as u32)),
-        );
+        out.extend(logits.iter().enumerate().filter(|(_, x)| !x.is_nan()).map(|(id, &x)| (x, id as u32)));
         if k < out.len() {
             out.select_nth_unstable_by(k - 1, by_logit_desc);
             out.truncate(k);
@@ -157,12 +151,8 @@ pub(super) fn sample_random(
     let (num_kept, kept_mass) = match top_p {
         Some(p) => {
             // vLLM's top-p mass is relative to the distribution after top-k.
-            let total = full_mass.unwrap_or_else(|| {
-                candidates
-                    .iter()
-                    .map(|&(x, _)| f64::from(exp_nonpositive(x - max)))
-                    .sum()
-            });
+            let total =
+                full_mass.unwrap_or_else(|| candidates.iter().map(|&(x, _)| f64::from(exp_nonpositive(x - max))).sum());
             let (n, mass) = top_p_prefix(candidates, max, p, total);
             (n, Some(mass))
         }
@@ -273,17 +263,8 @@ fn draw_from_row(logits: &mut [f32], max: f32, uniform: f64) -> u32 {
 
 /// Inverse-CDF draw over `kept` in list order. `max` is at least every kept logit; `kept_mass` is the
 /// kept set's sum of `exp(x - max)` when the caller already has it.
-fn draw_from_candidates(
-    kept: &[(f32, u32)],
-    max: f32,
-    uniform: f64,
-    kept_mass: Option<f64>,
-) -> u32 {
-    let total = kept_mass.unwrap_or_else(|| {
-        kept.iter()
-            .map(|&(x, _)| f64::from(exp_nonpositive(x - max)))
-            .sum()
-    });
+fn draw_from_candidates(kept: &[(f32, u32)], max: f32, uniform: f64, kept_mass: Option<f64>) -> u32 {
+    let total = kept_mass.unwrap_or_else(|| kept.iter().map(|&(x, _)| f64::from(exp_nonpositive(x - max))).sum());
     let target = uniform * total;
     let mut cumulative = 0.0f64;
     for &(x, id) in kept {
@@ -302,10 +283,7 @@ mod tests {
     const LOGITS: [f32; 8] = [1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 1.5, 2.5];
 
     fn softmax(xs: &[f32], temperature: f32) -> Vec<f64> {
-        let scaled: Vec<f64> = xs
-            .iter()
-            .map(|&x| f64::from(x) / f64::from(temperature))
-            .collect();
+        let scaled: Vec<f64> = xs.iter().map(|&x| f64::from(x) / f64::from(temperature)).collect();
         let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let exps: Vec<f64> = scaled.iter().map(|x| (x - max).exp()).collect();
         let sum: f64 = exps.iter().sum();
@@ -322,10 +300,7 @@ mod tests {
             let mut row = logits.to_vec();
             counts[sample_random(&mut row, params, uniform, &mut scratch) as usize] += 1;
         }
-        counts
-            .iter()
-            .map(|&c| c as f64 / num_points as f64)
-            .collect()
+        counts.iter().map(|&c| c as f64 / num_points as f64).collect()
     }
 
     fn assert_close(got: &[f64], want: &[f64], tolerance: f64) {
@@ -339,10 +314,7 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
         let long: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32).collect();
-        assert_eq!(
-            argmax(&long) as usize,
-            long.iter().position(|&x| x == 999.0).unwrap()
-        );
+        assert_eq!(argmax(&long) as usize, long.iter().position(|&x| x == 999.0).unwrap());
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
     }
 
@@ -355,16 +327,10 @@ mod tests {
 
     #[test]
     fn temperature_scales_the_logits() {
-        let params = SamplingParams {
-            temperature: 0.5,
-            ..Default::default()
-        };
+        let params = SamplingParams { temperature: 0.5, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 100_000);
         assert_close(&got, &softmax(&LOGITS, 0.5), 2e-5);
-        let params = SamplingParams {
-            temperature: 2.0,
-            ..Default::default()
-        };
+        let params = SamplingParams { temperature: 2.0, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 100_000);
         assert_close(&got, &softmax(&LOGITS, 2.0), 2e-5);
     }
@@ -373,10 +339,7 @@ mod tests {
     fn min_p_drops_tokens_below_the_scaled_maximum() {
         // Probabilities: 3 -> 0.403, 7 -> 0.244, 1 -> 0.148, 6 -> 0.090, ...; min_p 0.3 keeps those
         // with p >= 0.121, i.e. tokens 3, 7 and 1, renormalised.
-        let params = SamplingParams {
-            min_p: 0.3,
-            ..Default::default()
-        };
+        let params = SamplingParams { min_p: 0.3, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 100_000);
         let mut want = vec![0.0; 8];
         let z = (3.0f64).exp() + (2.5f64).exp() + (2.0f64).exp();
@@ -388,35 +351,22 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_k_largest_and_their_ties() {
-        let params = SamplingParams {
-            top_k: 3,
-            ..Default::default()
-        };
+        let params = SamplingParams { top_k: 3, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 10_000);
         let kept: Vec<usize> = (0..8).filter(|&i| got[i] > 0.0).collect();
         assert_eq!(kept, [1, 3, 7]);
 
         let tied = [1.0, 2.0, 2.0, 0.0, 2.0];
-        let params = SamplingParams {
-            top_k: 2,
-            ..Default::default()
-        };
+        let params = SamplingParams { top_k: 2, ..Default::default() };
         let got = grid_frequencies(&params, &tied, 9_999);
         assert_close(&got, &[0.0, 1.0 / 3.0, 1.0 / 3.0, 0.0, 1.0 / 3.0], 1e-3);
     }
 
     #[test]
     fn top_k_one_and_tiny_top_p_equal_greedy() {
-        for params in [
-            SamplingParams {
-                top_k: 1,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 1e-6,
-                ..Default::default()
-            },
-        ] {
+        for params in
+            [SamplingParams { top_k: 1, ..Default::default() }, SamplingParams { top_p: 1e-6, ..Default::default() }]
+        {
             let got = grid_frequencies(&params, &LOGITS, 1000);
             assert_eq!(got[argmax(&LOGITS) as usize], 1.0);
         }
@@ -425,36 +375,19 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_head_with_enough_mass() {
         // Head masses: 0.403, 0.647, 0.795, 0.885 -> top_p 0.8 keeps tokens 3, 7, 1, 6.
-        let params = SamplingParams {
-            top_p: 0.8,
-            ..Default::default()
-        };
+        let params = SamplingParams { top_p: 0.8, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 100_000);
         let p = softmax(&LOGITS, 1.0);
         let z = p[3] + p[7] + p[1] + p[6];
-        let want: Vec<f64> = (0..8)
-            .map(|i| {
-                if [3, 7, 1, 6].contains(&i) {
-                    p[i] / z
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let want: Vec<f64> = (0..8).map(|i| if [3, 7, 1, 6].contains(&i) { p[i] / z } else { 0.0 }).collect();
         assert_close(&got, &want, 2e-5);
     }
 
     #[test]
     fn top_p_over_a_large_vocabulary_matches_a_full_sort() {
         // 5000 tokens with a slowly decaying distribution: the head for top_p 0.9 spans many bins.
-        let logits: Vec<f32> = (0..5000)
-            .map(|i| -((i * 37 % 5000) as f32) / 1000.0)
-            .collect();
-        let mut candidates: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (x, i as u32))
-            .collect();
+        let logits: Vec<f32> = (0..5000).map(|i| -((i * 37 % 5000) as f32) / 1000.0).collect();
+        let mut candidates: Vec<(f32, u32)> = logits.iter().enumerate().map(|(i, &x)| (x, i as u32)).collect();
         let total: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
         let (n, _) = top_p_prefix(&mut candidates, 0.0, 0.9, total);
         let mut sorted = logits.clone();
@@ -495,28 +428,16 @@ mod tests {
         let max = max_value(&logits);
         let total = sum_exp_shifted(&logits, max);
         let floor = max - top_p_reach(vocab_size, total, 0.9);
-        let mut candidates: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, &x)| x >= floor)
-            .map(|(i, &x)| (x, i as u32))
-            .collect();
-        assert!(
-            candidates.len() < vocab_size / 4,
-            "{} candidates",
-            candidates.len()
-        );
+        let mut candidates: Vec<(f32, u32)> =
+            logits.iter().enumerate().filter(|(_, &x)| x >= floor).map(|(i, &x)| (x, i as u32)).collect();
+        assert!(candidates.len() < vocab_size / 4, "{} candidates", candidates.len());
         let (n, _) = top_p_prefix(&mut candidates, max, 0.9, total);
         let mut kept: Vec<u32> = candidates[..n].iter().map(|c| c.1).collect();
         kept.sort_unstable();
 
         // Reference: sort everything, accumulate in f64.
         let mut order: Vec<u32> = (0..vocab_size as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         let weights: Vec<f64> = logits.iter().map(|&x| f64::from(x - max).exp()).collect();
         let total_ref: f64 = weights.iter().sum();
         let mut mass = 0.0;
@@ -537,11 +458,7 @@ mod tests {
     #[test]
     fn top_k_and_top_p_compose_over_the_renormalised_top_k() {
         // top_k 3 leaves {3, 7, 1} with masses 0.506, 0.307, 0.186: top_p 0.7 keeps {3, 7}.
-        let params = SamplingParams {
-            top_k: 3,
-            top_p: 0.7,
-            ..Default::default()
-        };
+        let params = SamplingParams { top_k: 3, top_p: 0.7, ..Default::default() };
         let got = grid_frequencies(&params, &LOGITS, 10_000);
         let kept: Vec<usize> = (0..8).filter(|&i| got[i] > 0.0).collect();
         assert_eq!(kept, [3, 7]);
@@ -553,10 +470,7 @@ mod tests {
         let params = SamplingParams::default();
         let got = grid_frequencies(&params, &logits, 1000);
         assert_eq!(got, [0.0, 0.5, 0.0, 0.5]);
-        let params = SamplingParams {
-            top_p: 0.9,
-            ..Default::default()
-        };
+        let params = SamplingParams { top_p: 0.9, ..Default::default() };
         let got = grid_frequencies(&params, &logits, 1000);
         assert_eq!(got, [0.0, 0.5, 0.0, 0.5]);
     }

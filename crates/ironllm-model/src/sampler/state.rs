@@ -40,26 +40,18 @@ impl SamplerState {
             None if params.is_greedy() => None,
             None => Some(Rng::seeded(engine_rng.next_u64())),
         };
-        SamplerState {
-            generator,
-            ..SamplerState::default()
-        }
+        SamplerState { generator, ..SamplerState::default() }
     }
 
     /// How often `token_id` occurs in the output tokens the penalties have counted so far.
     pub fn output_token_count(&self, token_id: u32) -> u32 {
-        self.output_token_counts
-            .get(&token_id)
-            .copied()
-            .unwrap_or(0)
+        self.output_token_counts.get(&token_id).copied().unwrap_or(0)
     }
 
     /// The uniform for the output position `num_output_tokens`. `Sampler::sample` gives every
     /// non-greedy row a generator before it gets here; the seed-or-zero fallback only keeps this total.
     pub(super) fn draw(&mut self, params: &SamplingParams, num_output_tokens: usize) -> f64 {
-        let generator = self
-            .generator
-            .get_or_insert_with(|| Rng::seeded(params.seed.unwrap_or(0)));
+        let generator = self.generator.get_or_insert_with(|| Rng::seeded(params.seed.unwrap_or(0)));
         // A recreated state (after preemption) starts at zero draws while the request already has
         // output; skipping keeps draw n tied to output position n. If the output shrank instead (a
         // caller rolled tokens back) a generator cannot rewind, so we simply continue.
@@ -72,11 +64,7 @@ impl SamplerState {
     }
 
     /// Brings the prompt set and the output counts up to date with this step's tokens.
-    pub(super) fn update_token_stats(
-        &mut self,
-        prompt_token_ids: &[u32],
-        output_token_ids: &[u32],
-    ) {
+    pub(super) fn update_token_stats(&mut self, prompt_token_ids: &[u32], output_token_ids: &[u32]) {
         if self.prompt_token_set.is_none() {
             let mut set = prompt_token_ids.to_vec();
             set.sort_unstable();
@@ -101,19 +89,14 @@ mod tests {
 
     #[test]
     fn seeded_requests_ignore_the_engine_rng_and_greedy_ones_do_not_consume_it() {
-        let seeded = SamplingParams {
-            seed: Some(9),
-            ..Default::default()
-        };
+        let seeded = SamplingParams { seed: Some(9), ..Default::default() };
         let mut engine_rng = Rng::seeded(1);
         let a = SamplerState::new(&seeded, &mut engine_rng);
         assert_eq!(engine_rng, Rng::seeded(1));
         assert_eq!(a.generator, Some(Rng::seeded(9)));
 
         let greedy = SamplingParams::greedy(4);
-        assert!(SamplerState::new(&greedy, &mut engine_rng)
-            .generator
-            .is_none());
+        assert!(SamplerState::new(&greedy, &mut engine_rng).generator.is_none());
         assert_eq!(engine_rng, Rng::seeded(1));
 
         let unseeded = SamplingParams::default();
@@ -138,10 +121,7 @@ mod tests {
 
     #[test]
     fn draws_are_tied_to_output_positions() {
-        let params = SamplingParams {
-            seed: Some(3),
-            ..Default::default()
-        };
+        let params = SamplingParams { seed: Some(3), ..Default::default() };
         let mut engine_rng = Rng::seeded(0);
         let mut fresh = SamplerState::new(&params, &mut engine_rng);
         let all: Vec<f64> = (0..5).map(|pos| fresh.draw(&params, pos)).collect();

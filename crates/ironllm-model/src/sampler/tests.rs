@@ -17,22 +17,12 @@ struct Req {
 impl Req {
     fn new(params: SamplingParams, engine_rng: &mut Rng) -> Self {
         let state = SamplerState::new(&params, engine_rng);
-        Req {
-            params,
-            prompt: vec![1, 2, 3],
-            output: Vec::new(),
-            state,
-        }
+        Req { params, prompt: vec![1, 2, 3], output: Vec::new(), state }
     }
 }
 
 /// Samples one step for `reqs` and appends each sampled token to its request's output.
-fn step(
-    sampler: &mut Sampler,
-    reqs: &mut [&mut Req],
-    logits: &mut [f32],
-    engine_rng: &mut Rng,
-) -> Vec<SampledToken> {
+fn step(sampler: &mut Sampler, reqs: &mut [&mut Req], logits: &mut [f32], engine_rng: &mut Rng) -> Vec<SampledToken> {
     let mut rows: Vec<SamplingRow<'_>> = reqs
         .iter_mut()
         .map(|r| SamplingRow {
@@ -52,26 +42,13 @@ fn step(
 
 /// Deterministic pseudo-logits in [-4, 4) for (request, output position), independent of any batch.
 fn logits_for(req_key: u64, position: usize, vocab_size: usize) -> Vec<f32> {
-    let mut rng = Rng::seeded(
-        req_key
-            .wrapping_mul(1_000_003)
-            .wrapping_add(position as u64),
-    );
-    (0..vocab_size)
-        .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
-        .collect()
+    let mut rng = Rng::seeded(req_key.wrapping_mul(1_000_003).wrapping_add(position as u64));
+    (0..vocab_size).map(|_| (rng.next_f64() * 8.0 - 4.0) as f32).collect()
 }
 
 fn reference_log_softmax(xs: &[f32]) -> Vec<f64> {
-    let max = xs
-        .iter()
-        .map(|&x| f64::from(x))
-        .fold(f64::NEG_INFINITY, f64::max);
-    let lse = max
-        + xs.iter()
-            .map(|&x| (f64::from(x) - max).exp())
-            .sum::<f64>()
-            .ln();
+    let max = xs.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + xs.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln();
     xs.iter().map(|&x| f64::from(x) - lse).collect()
 }
 
@@ -90,13 +67,9 @@ fn greedy_rows_take_the_argmax() {
     let vocab_size = 1000;
     let mut sampler = Sampler::new(vocab_size);
     let mut engine_rng = Rng::seeded(0);
-    let mut reqs: Vec<Req> = (0..5)
-        .map(|_| Req::new(SamplingParams::greedy(16), &mut engine_rng))
-        .collect();
+    let mut reqs: Vec<Req> = (0..5).map(|_| Req::new(SamplingParams::greedy(16), &mut engine_rng)).collect();
     for position in 0..3 {
-        let raw: Vec<f32> = (0..5)
-            .flat_map(|r| logits_for(r, position, vocab_size))
-            .collect();
+        let raw: Vec<f32> = (0..5).flat_map(|r| logits_for(r, position, vocab_size)).collect();
         let mut logits = raw.clone();
         let mut refs: Vec<&mut Req> = reqs.iter_mut().collect();
         let sampled = step(&mut sampler, &mut refs, &mut logits, &mut engine_rng);
@@ -114,11 +87,7 @@ fn greedy_rows_take_the_argmax() {
 fn min_tokens_holds_back_eos_until_reached() {
     let mut sampler = Sampler::new(4);
     let mut engine_rng = Rng::seeded(0);
-    let params = SamplingParams {
-        min_tokens: 3,
-        eos_token_ids: vec![2],
-        ..SamplingParams::greedy(16)
-    };
+    let params = SamplingParams { min_tokens: 3, eos_token_ids: vec![2], ..SamplingParams::greedy(16) };
     let mut req = Req::new(params, &mut engine_rng);
     let raw = [1.0, 0.0, 5.0, 2.0];
     let mut got = Vec::new();
@@ -138,29 +107,17 @@ fn logprobs_come_from_the_raw_logits_whatever_is_sampled() {
     let mut engine_rng = Rng::seeded(0);
 
     // Greedy, but a bias makes the least likely raw token win: rank 6, outside the top 2.
-    let biased = SamplingParams {
-        logprobs: Some(2),
-        logit_bias: BTreeMap::from([(4, 10.0)]),
-        ..SamplingParams::greedy(4)
-    };
+    let biased =
+        SamplingParams { logprobs: Some(2), logit_bias: BTreeMap::from([(4, 10.0)]), ..SamplingParams::greedy(4) };
     // Random, restricted to token 5 (raw rank 5: 3.0, 2.0, 1.0, 0.5 and itself are >= 0.0).
-    let allowed = SamplingParams {
-        logprobs: Some(0),
-        allowed_token_ids: Some(vec![5]),
-        seed: Some(1),
-        ..Default::default()
-    };
+    let allowed =
+        SamplingParams { logprobs: Some(0), allowed_token_ids: Some(vec![5]), seed: Some(1), ..Default::default() };
     // Greedy without processors: the fast path still reports logprobs.
-    let plain = SamplingParams {
-        logprobs: Some(3),
-        ..SamplingParams::greedy(4)
-    };
+    let plain = SamplingParams { logprobs: Some(3), ..SamplingParams::greedy(4) };
     let no_logprobs = SamplingParams::default();
 
-    let mut reqs: Vec<Req> = [biased, allowed, plain, no_logprobs]
-        .into_iter()
-        .map(|p| Req::new(p, &mut engine_rng))
-        .collect();
+    let mut reqs: Vec<Req> =
+        [biased, allowed, plain, no_logprobs].into_iter().map(|p| Req::new(p, &mut engine_rng)).collect();
     let mut logits: Vec<f32> = (0..4).flat_map(|_| raw).collect();
     let mut refs: Vec<&mut Req> = reqs.iter_mut().collect();
     let sampled = step(&mut sampler, &mut refs, &mut logits, &mut engine_rng);
@@ -170,13 +127,7 @@ fn logprobs_come_from_the_raw_logits_whatever_is_sampled() {
     assert_eq!(sampled[0].token_id, 4);
     assert_eq!((lp.chosen.token_id, lp.chosen.rank), (4, 6));
     assert!(close(lp.chosen.logprob, 4));
-    assert_eq!(
-        lp.top
-            .iter()
-            .map(|t| (t.token_id, t.rank))
-            .collect::<Vec<_>>(),
-        [(3, 1), (0, 2)]
-    );
+    assert_eq!(lp.top.iter().map(|t| (t.token_id, t.rank)).collect::<Vec<_>>(), [(3, 1), (0, 2)]);
     assert!(lp.top.iter().all(|t| close(t.logprob, t.token_id)));
 
     let lp = sampled[1].logprobs.as_ref().unwrap();
@@ -187,10 +138,7 @@ fn logprobs_come_from_the_raw_logits_whatever_is_sampled() {
 
     let lp = sampled[2].logprobs.as_ref().unwrap();
     assert_eq!((sampled[2].token_id, lp.chosen.rank), (3, 1));
-    assert_eq!(
-        lp.top.iter().map(|t| t.token_id).collect::<Vec<_>>(),
-        [3, 0, 1]
-    );
+    assert_eq!(lp.top.iter().map(|t| t.token_id).collect::<Vec<_>>(), [3, 0, 1]);
 
     assert!(sampled[3].logprobs.is_none());
 }
@@ -218,17 +166,8 @@ fn sample_counts(params: SamplingParams, logits: &[f32]) -> Vec<usize> {
     let vocab_size = logits.len();
     let mut sampler = Sampler::new(vocab_size);
     let mut engine_rng = Rng::seeded(7);
-    let mut reqs: Vec<Req> = (0..20)
-        .map(|i| {
-            Req::new(
-                SamplingParams {
-                    seed: Some(1000 + i),
-                    ..params.clone()
-                },
-                &mut engine_rng,
-            )
-        })
-        .collect();
+    let mut reqs: Vec<Req> =
+        (0..20).map(|i| Req::new(SamplingParams { seed: Some(1000 + i), ..params.clone() }, &mut engine_rng)).collect();
     let mut counts = vec![0usize; vocab_size];
     let mut batch = vec![0.0f32; 20 * vocab_size];
     for _ in 0..1000 {
@@ -258,9 +197,7 @@ fn softmax(xs: &[f32]) -> Vec<f64> {
 /// `probs` restricted to `kept` and renormalised.
 fn truncated(probs: &[f64], kept: &[usize]) -> Vec<f64> {
     let z: f64 = kept.iter().map(|&i| probs[i]).sum();
-    (0..probs.len())
-        .map(|i| if kept.contains(&i) { probs[i] / z } else { 0.0 })
-        .collect()
+    (0..probs.len()).map(|i| if kept.contains(&i) { probs[i] / z } else { 0.0 }).collect()
 }
 
 #[test]
@@ -268,28 +205,16 @@ fn temperature_one_frequencies_match_the_softmax() {
     let counts = sample_counts(SamplingParams::default(), &STAT_LOGITS);
     let (statistic, impossible) = chi_square(&counts, &softmax(&STAT_LOGITS));
     assert_eq!(impossible, 0);
-    assert!(
-        statistic < CHI2_P001_DF7,
-        "chi-square {statistic} (df 7), counts {counts:?}"
-    );
+    assert!(statistic < CHI2_P001_DF7, "chi-square {statistic} (df 7), counts {counts:?}");
 }
 
 #[test]
 fn top_k_frequencies_match_the_truncated_distribution() {
-    let counts = sample_counts(
-        SamplingParams {
-            top_k: 3,
-            ..Default::default()
-        },
-        &STAT_LOGITS,
-    );
+    let counts = sample_counts(SamplingParams { top_k: 3, ..Default::default() }, &STAT_LOGITS);
     let want = truncated(&softmax(&STAT_LOGITS), &[3, 7, 1]);
     let (statistic, impossible) = chi_square(&counts, &want);
     assert_eq!(impossible, 0, "counts {counts:?}");
-    assert!(
-        statistic < CHI2_P001_DF2,
-        "chi-square {statistic} (df 2), counts {counts:?}"
-    );
+    assert!(statistic < CHI2_P001_DF2, "chi-square {statistic} (df 2), counts {counts:?}");
 }
 
 #[test]
@@ -309,31 +234,16 @@ fn top_p_frequencies_match_the_truncated_distribution() {
     let kept = &order[..=head];
     assert_eq!(kept, [3, 7, 1, 6]);
 
-    let counts = sample_counts(
-        SamplingParams {
-            top_p: 0.8,
-            ..Default::default()
-        },
-        &STAT_LOGITS,
-    );
+    let counts = sample_counts(SamplingParams { top_p: 0.8, ..Default::default() }, &STAT_LOGITS);
     let (statistic, impossible) = chi_square(&counts, &truncated(&probs, kept));
     assert_eq!(impossible, 0, "counts {counts:?}");
-    assert!(
-        statistic < CHI2_P001_DF3,
-        "chi-square {statistic} (df 3), counts {counts:?}"
-    );
+    assert!(statistic < CHI2_P001_DF3, "chi-square {statistic} (df 3), counts {counts:?}");
 }
 
 /// The mix of requests for the reproducibility tests, keyed for `logits_for`.
 fn mixed_params(key: u64) -> SamplingParams {
     match key {
-        0 => SamplingParams {
-            seed: Some(11),
-            temperature: 0.9,
-            top_p: 0.95,
-            top_k: 50,
-            ..Default::default()
-        },
+        0 => SamplingParams { seed: Some(11), temperature: 0.9, top_p: 0.95, top_k: 50, ..Default::default() },
         1 => SamplingParams {
             seed: Some(12),
             temperature: 1.2,
@@ -352,16 +262,10 @@ fn run_batch(keys: &[u64], num_steps: usize, engine_seed: u64) -> Vec<Vec<u32>> 
     let vocab_size = 500;
     let mut sampler = Sampler::new(vocab_size);
     let mut engine_rng = Rng::seeded(engine_seed);
-    let mut reqs: Vec<Req> = keys
-        .iter()
-        .map(|&k| Req::new(mixed_params(k), &mut engine_rng))
-        .collect();
+    let mut reqs: Vec<Req> = keys.iter().map(|&k| Req::new(mixed_params(k), &mut engine_rng)).collect();
     for _ in 0..num_steps {
-        let mut logits: Vec<f32> = keys
-            .iter()
-            .zip(&reqs)
-            .flat_map(|(&k, r)| logits_for(k, r.output.len(), vocab_size))
-            .collect();
+        let mut logits: Vec<f32> =
+            keys.iter().zip(&reqs).flat_map(|(&k, r)| logits_for(k, r.output.len(), vocab_size)).collect();
         let mut refs: Vec<&mut Req> = reqs.iter_mut().collect();
         step(&mut sampler, &mut refs, &mut logits, &mut engine_rng);
     }
@@ -381,13 +285,7 @@ fn seeded_requests_are_reproducible_in_any_batch() {
     // The unseeded request differs with the engine seed, as it should.
     assert_ne!(mixed[0], reversed[3]);
     // Sanity: the seeded stream is not degenerate.
-    assert!(
-        alone_0
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-            > 5
-    );
+    assert!(alone_0.iter().collect::<std::collections::HashSet<_>>().len() > 5);
 }
 
 #[test]
@@ -414,27 +312,14 @@ fn scratch_is_reused_across_steps() {
     let vocab_size = 300;
     let mut sampler = Sampler::new(vocab_size);
     let mut engine_rng = Rng::seeded(0);
-    let params = SamplingParams {
-        top_p: 0.9,
-        logprobs: Some(1),
-        seed: Some(3),
-        ..Default::default()
-    };
-    let mut reqs: Vec<Req> = (0..3)
-        .map(|_| Req::new(params.clone(), &mut engine_rng))
-        .collect();
+    let params = SamplingParams { top_p: 0.9, logprobs: Some(1), seed: Some(3), ..Default::default() };
+    let mut reqs: Vec<Req> = (0..3).map(|_| Req::new(params.clone(), &mut engine_rng)).collect();
     let mut pointers = Vec::new();
     for position in 0..3 {
-        let mut logits: Vec<f32> = (0..3)
-            .flat_map(|r| logits_for(r, position, vocab_size))
-            .collect();
+        let mut logits: Vec<f32> = (0..3).flat_map(|r| logits_for(r, position, vocab_size)).collect();
         let mut refs: Vec<&mut Req> = reqs.iter_mut().collect();
         step(&mut sampler, &mut refs, &mut logits, &mut engine_rng);
-        let now: Vec<_> = sampler
-            .scratch
-            .iter()
-            .map(|s| (s.raw_logits.as_ptr(), s.candidates.as_ptr()))
-            .collect();
+        let now: Vec<_> = sampler.scratch.iter().map(|s| (s.raw_logits.as_ptr(), s.candidates.as_ptr())).collect();
         if position > 0 {
             assert_eq!(now, pointers, "scratch was reallocated at step {position}");
         }
@@ -446,9 +331,7 @@ fn scratch_is_reused_across_steps() {
 fn prompt_logprobs_match_a_direct_computation() {
     let vocab_size = 50;
     let num_rows = 5;
-    let logits: Vec<f32> = (0..num_rows)
-        .flat_map(|r| logits_for(42, r, vocab_size))
-        .collect();
+    let logits: Vec<f32> = (0..num_rows).flat_map(|r| logits_for(42, r, vocab_size)).collect();
     let targets = [3, 0, 49, 17, 17];
     let mut sampler = Sampler::new(vocab_size);
     let got = sampler.prompt_logprobs(&logits, &targets, 4);

@@ -49,7 +49,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// Llama 3's split regex (also Falcon 3, DBRX, Smaug, Pixtral, ...): digits in groups of up to 3.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen 2's split regex: every digit on its own.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-4o's split regex (also Llama 4): case-aware words, digits in groups of up to 3.
 const GPT4O_SPLIT: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -88,8 +89,8 @@ fn byte_level_pre(pre: Option<&str>) -> ByteLevelPre {
         None | Some("default") | Some("gpt2") | Some("gpt-2") => ByteLevelPre::Gpt2,
         Some("smollm") => ByteLevelPre::DigitsThenGpt2,
         Some(
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-            | "lfm2" | "dbrx" | "smaug-bpe",
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "dbrx"
+            | "smaug-bpe",
         ) => ByteLevelPre::Regex(LLAMA3_SPLIT),
         Some("qwen2" | "deepseek-r1-qwen" | "megrez") => ByteLevelPre::Regex(QWEN2_SPLIT),
         Some("gpt-4o" | "llama4") => ByteLevelPre::Regex(GPT4O_SPLIT),
@@ -106,16 +107,9 @@ fn byte_level_pre(pre: Option<&str>) -> ByteLevelPre {
 }
 
 fn isolate(pattern: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
-    Split::new(
-        SplitPattern::Regex(pattern.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map(PreTokenizerWrapper::Split)
-    .map_err(|source| TokenizerError::Build {
-        what: format!("pre-tokenizer regex {pattern:?}"),
-        source,
-    })
+    Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map(PreTokenizerWrapper::Split)
+        .map_err(|source| TokenizerError::Build { what: format!("pre-tokenizer regex {pattern:?}"), source })
 }
 
 fn byte_level_pre_tokenizer(pre: ByteLevelPre) -> Result<PreTokenizerWrapper, TokenizerError> {
@@ -124,23 +118,16 @@ fn byte_level_pre_tokenizer(pre: ByteLevelPre) -> Result<PreTokenizerWrapper, To
     let without_regex = ByteLevel::new(false, true, false);
     Ok(match pre {
         ByteLevelPre::Gpt2 => PreTokenizerWrapper::ByteLevel(with_regex),
-        ByteLevelPre::DigitsThenGpt2 => {
-            PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                PreTokenizerWrapper::ByteLevel(with_regex),
-            ]))
-        }
-        ByteLevelPre::Regex(pattern) => {
-            PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
-                isolate(pattern)?,
-                PreTokenizerWrapper::ByteLevel(without_regex),
-            ]))
-        }
+        ByteLevelPre::DigitsThenGpt2 => PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(with_regex),
+        ])),
+        ByteLevelPre::Regex(pattern) => PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
+            isolate(pattern)?,
+            PreTokenizerWrapper::ByteLevel(without_regex),
+        ])),
         ByteLevelPre::DeepSeekLlm => {
-            let mut steps = DEEPSEEK_LLM_SPLITS
-                .iter()
-                .map(|p| isolate(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut steps = DEEPSEEK_LLM_SPLITS.iter().map(|p| isolate(p)).collect::<Result<Vec<_>, _>>()?;
             steps.push(PreTokenizerWrapper::Digits(Digits::new(true)));
             steps.push(PreTokenizerWrapper::ByteLevel(without_regex));
             PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(steps))
@@ -154,8 +141,7 @@ fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..=255u8 {
-        let printable =
-            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         map[b as usize] = if printable {
             char::from(b)
         } else {
@@ -174,30 +160,20 @@ struct Meta<'a> {
 
 impl<'a> Meta<'a> {
     fn wrong(key: &str, expected: &'static str, found: &GgufValue) -> TokenizerError {
-        TokenizerError::GgufKeyType {
-            key: key.to_string(),
-            expected,
-            found: found.type_name().to_string(),
-        }
+        TokenizerError::GgufKeyType { key: key.to_string(), expected, found: found.type_name().to_string() }
     }
 
     fn str(&self, key: &str) -> Result<Option<&'a str>, TokenizerError> {
         match self.g.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "a string", v)),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| Self::wrong(key, "a string", v)),
         }
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>, TokenizerError> {
         match self.g.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "a bool", v)),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| Self::wrong(key, "a bool", v)),
         }
     }
 
@@ -209,9 +185,7 @@ impl<'a> Meta<'a> {
         if v.as_i64() == Some(-1) {
             return Ok(None);
         }
-        let id = v
-            .as_u64()
-            .ok_or_else(|| Self::wrong(key, "a token id", v))?;
+        let id = v.as_u64().ok_or_else(|| Self::wrong(key, "a token id", v))?;
         if id >= vocab_len as u64 {
             return Err(TokenizerError::InvalidGguf {
                 what: format!("{key} is {id}, but the vocabulary has {vocab_len} tokens"),
@@ -223,10 +197,7 @@ impl<'a> Meta<'a> {
     fn array(&self, key: &str) -> Result<Option<&'a [GgufValue]>, TokenizerError> {
         match self.g.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "an array", v)),
+            Some(v) => v.as_array().map(Some).ok_or_else(|| Self::wrong(key, "an array", v)),
         }
     }
 
@@ -236,10 +207,7 @@ impl<'a> Meta<'a> {
         };
         items
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| Self::wrong(key, "an array of strings", v))
-            })
+            .map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "an array of strings", v)))
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -271,24 +239,15 @@ impl Tokenizer {
     pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let meta = Meta { g };
         let model_key = "tokenizer.ggml.model";
-        let model = meta
-            .str(model_key)?
-            .ok_or_else(|| TokenizerError::MissingGgufKey {
-                key: model_key.to_string(),
-            })?;
+        let model =
+            meta.str(model_key)?.ok_or_else(|| TokenizerError::MissingGgufKey { key: model_key.to_string() })?;
         let tokens_key = "tokenizer.ggml.tokens";
-        let tokens = meta
-            .strings(tokens_key)?
-            .ok_or_else(|| TokenizerError::MissingGgufKey {
-                key: tokens_key.to_string(),
-            })?;
+        let tokens =
+            meta.strings(tokens_key)?.ok_or_else(|| TokenizerError::MissingGgufKey { key: tokens_key.to_string() })?;
         if tokens.is_empty() || tokens.len() > u32::MAX as usize {
-            return Err(TokenizerError::InvalidGguf {
-                what: format!("{tokens_key} has {} tokens", tokens.len()),
-            });
+            return Err(TokenizerError::InvalidGguf { what: format!("{tokens_key} has {} tokens", tokens.len()) });
         }
-        let token_types =
-            meta.numbers("tokenizer.ggml.token_type", tokens.len(), GgufValue::as_i64)?;
+        let token_types = meta.numbers("tokenizer.ggml.token_type", tokens.len(), GgufValue::as_i64)?;
         let merges = meta.strings("tokenizer.ggml.merges")?;
         let token_id = |key: &str| meta.token_id(key, tokens.len());
         let bos_id = token_id("tokenizer.ggml.bos_token_id")?;
@@ -307,12 +266,8 @@ impl Tokenizer {
                 build_byte_level(&tokens, token_types.as_deref(), merges.as_deref(), pre)?
             }
             "llama" => {
-                let scores = meta.numbers("tokenizer.ggml.scores", tokens.len(), |v| {
-                    v.as_f64().map(|f| f as f32)
-                })?;
-                let add_space_prefix = meta
-                    .bool("tokenizer.ggml.add_space_prefix")?
-                    .unwrap_or(true);
+                let scores = meta.numbers("tokenizer.ggml.scores", tokens.len(), |v| v.as_f64().map(|f| f as f32))?;
+                let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
                 build_sentencepiece_bpe(
                     &tokens,
                     scores.as_deref(),
@@ -321,17 +276,10 @@ impl Tokenizer {
                     add_space_prefix,
                 )?
             }
-            other => {
-                return Err(TokenizerError::UnsupportedGgufModel {
-                    model: other.to_string(),
-                })
-            }
+            other => return Err(TokenizerError::UnsupportedGgufModel { model: other.to_string() }),
         };
 
-        let named_special: Vec<u32> = [bos_id, eos_id, unk_id, pad_id]
-            .into_iter()
-            .flatten()
-            .collect();
+        let named_special: Vec<u32> = [bos_id, eos_id, unk_id, pad_id].into_iter().flatten().collect();
         add_typed_tokens(&mut inner, &tokens, token_types.as_deref(), &named_special);
 
         let bos_token = token_of(bos_id);
@@ -347,9 +295,7 @@ impl Tokenizer {
             inner.with_post_processor(Some(processor));
         } else if !is_spm {
             // What a byte-level tokenizer.json carries: offsets only, no added tokens.
-            inner.with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
-                true, false, true,
-            ))));
+            inner.with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(true, false, true))));
         }
 
         // `tokenizer.chat_template` is the default; llama.cpp writes named ones as
@@ -386,22 +332,15 @@ fn parse_merges(merges: &[&str]) -> Result<Vec<(String, String)>, TokenizerError
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| TokenizerError::InvalidGguf {
-                    what: format!("merge #{i} {m:?} is not two tokens separated by a space"),
-                })
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| TokenizerError::InvalidGguf {
+                what: format!("merge #{i} {m:?} is not two tokens separated by a space"),
+            })
         })
         .collect()
 }
 
 fn is_added_type(token_types: Option<&[i64]>, id: usize) -> bool {
-    token_types.is_some_and(|t| {
-        matches!(
-            t[id],
-            TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED
-        )
-    })
+    token_types.is_some_and(|t| matches!(t[id], TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
 }
 
 /// Maps every token to its id. Later duplicates win, as in a Python dict built from the list (what
@@ -415,10 +354,7 @@ fn vocab_from(spellings: impl Iterator<Item = String>) -> Vocab {
         }
     }
     if duplicates > 0 {
-        tracing::warn!(
-            duplicates,
-            "GGUF vocabulary spells some tokens more than once"
-        );
+        tracing::warn!(duplicates, "GGUF vocabulary spells some tokens more than once");
     }
     vocab
 }
@@ -444,24 +380,15 @@ fn build_byte_level(
     let vocab = vocab_from(spellings);
     let merges = match merges {
         Some(m) => parse_merges(m)?,
-        None => {
-            return Err(TokenizerError::MissingGgufKey {
-                key: "tokenizer.ggml.merges".to_string(),
-            })
-        }
+        None => return Err(TokenizerError::MissingGgufKey { key: "tokenizer.ggml.merges".to_string() }),
     };
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|source| TokenizerError::Build {
-            what: "byte-level BPE from GGUF tokens and merges".into(),
-            source,
-        })?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|source| TokenizerError::Build {
+        what: "byte-level BPE from GGUF tokens and merges".into(),
+        source,
+    })?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
-    inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
-        true, true, true,
-    ))));
+    inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(true, true, true))));
     Ok(inner)
 }
 
@@ -482,17 +409,13 @@ fn build_sentencepiece_bpe(
         }
     };
     let vocab = vocab_from(tokens.iter().map(|t| t.to_string()));
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .fuse_unk(true)
-        .byte_fallback(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true);
     if let Some(unk) = unk_token {
         builder = builder.unk_token(unk.to_string());
     }
-    let bpe = builder.build().map_err(|source| TokenizerError::Build {
-        what: "sentencepiece BPE from GGUF tokens".into(),
-        source,
-    })?;
+    let bpe = builder
+        .build()
+        .map_err(|source| TokenizerError::Build { what: "sentencepiece BPE from GGUF tokens".into(), source })?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     let build_err = |what: &str| {
         let what = what.to_string();
@@ -504,19 +427,13 @@ fn build_sentencepiece_bpe(
         // when the text already starts with a space and after special tokens.
         inner.with_normalizer(Some(NormalizerSequence::new(vec![
             Prepend::new("▁".to_string()).into(),
-            Replace::new(" ", "▁")
-                .map_err(build_err("▁ normalizer"))?
-                .into(),
+            Replace::new(" ", "▁").map_err(build_err("▁ normalizer"))?.into(),
         ])));
     } else {
-        inner.with_normalizer(Some(
-            Replace::new(" ", "▁").map_err(build_err("▁ normalizer"))?,
-        ));
+        inner.with_normalizer(Some(Replace::new(" ", "▁").map_err(build_err("▁ normalizer"))?));
     }
     let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new("▁", " ")
-            .map_err(build_err("▁ decoder"))?
-            .into(),
+        Replace::new("▁", " ").map_err(build_err("▁ decoder"))?.into(),
         ByteFallback::new().into(),
         Fuse::new().into(),
     ];
@@ -571,15 +488,9 @@ pub(super) fn merges_from_scores(tokens: &[&str], scores: &[f32]) -> Vec<(String
     // A stable sort on the reversed comparison keeps equal keys in their original order, exactly
     // like Python's `sorted(..., reverse=True)`.
     candidates.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(b.left_chars.cmp(&a.left_chars))
-            .then(b.right_chars.cmp(&a.right_chars))
+        b.score.total_cmp(&a.score).then(b.left_chars.cmp(&a.left_chars)).then(b.right_chars.cmp(&a.right_chars))
     });
-    candidates
-        .into_iter()
-        .map(|c| (c.left.to_string(), c.right.to_string()))
-        .collect()
+    candidates.into_iter().map(|c| (c.left.to_string(), c.right.to_string())).collect()
 }
 
 /// Control and unknown-type tokens, and the tokens named as BOS/EOS/UNK/PAD, become special added
@@ -598,10 +509,7 @@ fn add_typed_tokens(
             continue;
         }
         let ty = token_types.map(|t| t[id]);
-        if ty == Some(TOKEN_TYPE_CONTROL)
-            || ty == Some(TOKEN_TYPE_UNKNOWN)
-            || named_special.contains(&(id as u32))
-        {
+        if ty == Some(TOKEN_TYPE_CONTROL) || ty == Some(TOKEN_TYPE_UNKNOWN) || named_special.contains(&(id as u32)) {
             special.push(AddedToken::from(token.to_string(), true).normalized(false));
         } else if ty == Some(TOKEN_TYPE_USER_DEFINED) {
             user_defined.push(AddedToken::from(token.to_string(), false).normalized(false));

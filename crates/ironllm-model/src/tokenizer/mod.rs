@@ -72,12 +72,8 @@ struct Extras {
 
 impl Tokenizer {
     fn assemble(inner: tokenizers::Tokenizer, extras: Extras) -> Tokenizer {
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
+        let special_ids =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         Tokenizer {
             inner,
             bos_token: extras.bos_token,
@@ -101,27 +97,18 @@ impl Tokenizer {
         let mut inner = load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?.unwrap_or(Value::Null);
-        let special_map =
-            read_json_if_exists(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
+        let special_map = read_json_if_exists(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
 
         // Tokens the config declares but tokenizer.json lacks (old repos keep them only in the config).
-        if let Some(decoder) = config
-            .get("added_tokens_decoder")
-            .and_then(Value::as_object)
-        {
+        if let Some(decoder) = config.get("added_tokens_decoder").and_then(Value::as_object) {
             let mut missing = Vec::new();
             for (id, token) in decoder {
                 let Some(content) = token.get("content").and_then(Value::as_str) else {
                     continue;
                 };
                 if inner.token_to_id(content).is_none() {
-                    let special = token
-                        .get("special")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false);
-                    let flag = |k: &str, default: bool| {
-                        token.get(k).and_then(Value::as_bool).unwrap_or(default)
-                    };
+                    let special = token.get("special").and_then(Value::as_bool).unwrap_or(false);
+                    let flag = |k: &str, default: bool| token.get(k).and_then(Value::as_bool).unwrap_or(default);
                     tracing::debug!(id = %id, content, "adding a token declared only in tokenizer_config.json");
                     missing.push(
                         AddedToken::from(content.to_string(), special)
@@ -143,10 +130,7 @@ impl Tokenizer {
         }
 
         let special = |key: &str| {
-            config
-                .get(key)
-                .and_then(token_content)
-                .or_else(|| special_map.get(key).and_then(token_content))
+            config.get(key).and_then(token_content).or_else(|| special_map.get(key).and_then(token_content))
         };
         let mut extras = Extras {
             bos_token: special("bos_token"),
@@ -170,30 +154,16 @@ impl Tokenizer {
             extras.add_eos_token = add_eos.unwrap_or(false);
             let processor = template_processor(
                 &inner,
-                extras
-                    .add_bos_token
-                    .then_some(extras.bos_token.as_deref())
-                    .flatten(),
-                extras
-                    .add_eos_token
-                    .then_some(extras.eos_token.as_deref())
-                    .flatten(),
+                extras.add_bos_token.then_some(extras.bos_token.as_deref()).flatten(),
+                extras.add_eos_token.then_some(extras.eos_token.as_deref()).flatten(),
             )?;
             inner.with_post_processor(Some(processor));
         } else {
             // Report what tokenizer.json's post-processor does, by asking it.
-            let probe = inner
-                .encode_fast("", true)
-                .map_err(|source| TokenizerError::Encode { source })?;
+            let probe = inner.encode_fast("", true).map_err(|source| TokenizerError::Encode { source })?;
             let ids = probe.get_ids();
-            let bos_id = extras
-                .bos_token
-                .as_deref()
-                .and_then(|t| inner.token_to_id(t));
-            let eos_id = extras
-                .eos_token
-                .as_deref()
-                .and_then(|t| inner.token_to_id(t));
+            let bos_id = extras.bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+            let eos_id = extras.eos_token.as_deref().and_then(|t| inner.token_to_id(t));
             extras.add_bos_token = bos_id.is_some() && ids.first().copied() == bos_id;
             extras.add_eos_token = eos_id.is_some() && ids.last().copied() == eos_id;
         }
@@ -202,32 +172,27 @@ impl Tokenizer {
             Some(Value::String(t)) => extras.chat_template = Some(t.clone()),
             Some(Value::Array(list)) => {
                 for entry in list {
-                    if let (Some(name), Some(template)) = (
-                        entry.get("name").and_then(Value::as_str),
-                        entry.get("template").and_then(Value::as_str),
-                    ) {
-                        extras
-                            .named_chat_templates
-                            .insert(name.to_string(), template.to_string());
+                    if let (Some(name), Some(template)) =
+                        (entry.get("name").and_then(Value::as_str), entry.get("template").and_then(Value::as_str))
+                    {
+                        extras.named_chat_templates.insert(name.to_string(), template.to_string());
                     }
                 }
                 extras.chat_template = extras.named_chat_templates.get("default").cloned();
             }
             Some(Value::Null) | None => {}
-            Some(other) => return Err(TokenizerError::Config {
-                path: config_path,
-                what: format!(
-                    "chat_template must be a string or a list of {{name, template}}, got {other}"
-                ),
-            }),
+            Some(other) => {
+                return Err(TokenizerError::Config {
+                    path: config_path,
+                    what: format!("chat_template must be a string or a list of {{name, template}}, got {other}"),
+                })
+            }
         }
         // Newer repos keep the template in its own file, which takes precedence.
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.exists() {
-            let t = std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
-                path: jinja_path.clone(),
-                source,
-            })?;
+            let t = std::fs::read_to_string(&jinja_path)
+                .map_err(|source| TokenizerError::Io { path: jinja_path.clone(), source })?;
             extras.chat_template = Some(t);
         } else if let Some(v) = read_json_if_exists(&dir.join("chat_template.json"))? {
             // Processor-style repos: {"chat_template": "..."}.
@@ -252,38 +217,21 @@ impl Tokenizer {
         eos_token: Option<String>,
         chat_template: Option<String>,
     ) -> Tokenizer {
-        Tokenizer::assemble(
-            inner,
-            Extras {
-                bos_token,
-                eos_token,
-                chat_template,
-                ..Extras::default()
-            },
-        )
+        Tokenizer::assemble(inner, Extras { bos_token, eos_token, chat_template, ..Extras::default() })
     }
 
     /// Token ids for `text`. With `add_special_tokens` the post-processor adds BOS/EOS as the model's
     /// tokenizer does; special-token text such as `<|im_start|>` is always matched as one token.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, add_special_tokens)
-            .map_err(|source| TokenizerError::Encode { source })?;
+        let encoding =
+            self.inner.encode_fast(text, add_special_tokens).map_err(|source| TokenizerError::Encode { source })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text for `ids`. Unknown ids are skipped (as `tokenizers` does).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
-        let text = self
-            .inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|source| TokenizerError::Decode { source })?;
-        Ok(if self.clean_up_tokenization_spaces {
-            clean_up_tokenization(&text)
-        } else {
-            text
-        })
+        let text = self.inner.decode(ids, skip_special_tokens).map_err(|source| TokenizerError::Decode { source })?;
+        Ok(if self.clean_up_tokenization_spaces { clean_up_tokenization(&text) } else { text })
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
@@ -375,10 +323,7 @@ fn template_processor(
         match inner.token_to_id(token) {
             Some(id) => Some((token.to_string(), id)),
             None => {
-                tracing::warn!(
-                    token,
-                    "special token to add is not in the vocabulary; not adding it"
-                );
+                tracing::warn!(token, "special token to add is not in the vocabulary; not adding it");
                 None
             }
         }
@@ -388,10 +333,7 @@ fn template_processor(
     for (name, resolved) in [("BOS", &bos), ("EOS", &eos)] {
         if let Some((token, id)) = resolved {
             let entry = SpecialToken::new(name.to_string(), vec![*id], vec![token.clone()])
-                .map_err(|source| TokenizerError::Build {
-                    what: format!("{name} special token"),
-                    source,
-                })?;
+                .map_err(|source| TokenizerError::Build { what: format!("{name} special token"), source })?;
             special.push(entry);
         }
     }
@@ -417,10 +359,7 @@ fn template_processor(
     if let Some(e) = &eos {
         pair.push(format!("{e}:1"));
     }
-    let build_err = |what: &str, e: String| TokenizerError::Build {
-        what: what.to_string(),
-        source: e.into(),
-    };
+    let build_err = |what: &str, e: String| TokenizerError::Build { what: what.to_string(), source: e.into() };
     TemplateProcessing::builder()
         .try_single(join(single))
         .map_err(|e| build_err("post-processor template", e))?
@@ -441,33 +380,18 @@ fn token_content(v: &Value) -> Option<String> {
 }
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
-    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| TokenizerError::Load {
-        path: path.to_path_buf(),
-        source,
-    })
+    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|source| TokenizerError::Load { path: path.to_path_buf(), source })
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<Value>, TokenizerError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(TokenizerError::Io { path: path.to_path_buf(), source }),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| TokenizerError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_str(&text).map(Some).map_err(|source| TokenizerError::Json { path: path.to_path_buf(), source })
 }
 
 /// transformers' `clean_up_tokenization`: removes the spaces that old word-level tokenizers put
@@ -511,11 +435,7 @@ pub enum TokenizerError {
     #[error("GGUF tokenizer: metadata key {key:?} is missing")]
     MissingGgufKey { key: String },
     #[error("GGUF tokenizer: metadata {key:?} should be {expected}, found {found}")]
-    GgufKeyType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    GgufKeyType { key: String, expected: &'static str, found: String },
     #[error("GGUF tokenizer: {what}")]
     InvalidGguf { what: String },
     #[error("GGUF tokenizer model {model:?} is not supported (supported: \"gpt2\", \"llama\")")]

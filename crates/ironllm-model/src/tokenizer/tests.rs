@@ -59,22 +59,13 @@ fn spm_gguf(extra: &[(&str, GgufValue)]) -> GgufWriter {
     let base: Vec<(&str, GgufValue)> = vec![
         ("general.architecture", GgufValue::String("llama".into())),
         ("tokenizer.ggml.model", GgufValue::String("llama".into())),
-        (
-            "tokenizer.ggml.tokens",
-            GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.scores",
-            GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect()),
-        ),
+        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
+        ("tokenizer.ggml.scores", GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect())),
         ("tokenizer.ggml.token_type", GgufValue::Array(types)),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
         ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
-        (
-            "tokenizer.chat_template",
-            GgufValue::String("{{ messages }}".into()),
-        ),
+        ("tokenizer.chat_template", GgufValue::String("{{ messages }}".into())),
     ];
     // Extra keys replace base keys of the same name.
     let mut w = GgufWriter::new();
@@ -94,10 +85,7 @@ fn gpt2_alphabet() -> Vec<char> {
     let mut next = 256u32;
     (0..=255u8)
         .map(|b| {
-            if (b'!'..=b'~').contains(&b)
-                || (0xA1..=0xAC).contains(&b)
-                || (0xAE..=0xFF).contains(&b)
-            {
+            if (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b) {
                 char::from(b)
             } else {
                 next += 1;
@@ -132,10 +120,7 @@ fn merges_from_scores_match_transformers() {
         ("l", "o"),
         ("e", "l"),
     ];
-    let got: Vec<(&str, &str)> = merges
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
+    let got: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     assert_eq!(got, expected);
 }
 
@@ -147,25 +132,16 @@ fn sentencepiece_gguf_encodes_and_decodes() {
 
     // The dummy prefix makes "hello" one piece, "▁hello".
     assert_eq!(tok.encode("hello", false).unwrap(), vec![id("▁hello")]);
-    assert_eq!(
-        tok.encode("hello world", false).unwrap(),
-        vec![id("▁hello"), id("▁world")]
-    );
+    assert_eq!(tok.encode("hello world", false).unwrap(), vec![id("▁hello"), id("▁world")]);
     // A leading space is kept as its own ▁ (sentencepiece and llama.cpp do the same).
-    assert_eq!(
-        tok.encode(" hello", false).unwrap(),
-        vec![id("▁"), id("▁hello")]
-    );
+    assert_eq!(tok.encode(" hello", false).unwrap(), vec![id("▁"), id("▁hello")]);
     // Llama adds BOS by default.
     assert!(tok.add_bos_token());
     assert_eq!(tok.encode("hello", true).unwrap(), vec![1, id("▁hello")]);
     assert_eq!(tok.encode("", true).unwrap(), vec![1]);
     assert_eq!(tok.encode("", false).unwrap(), Vec::<u32>::new());
     // Special-token text is one token, and the text after it gets its own dummy prefix.
-    assert_eq!(
-        tok.encode("<s>hello", false).unwrap(),
-        vec![1, id("▁hello")]
-    );
+    assert_eq!(tok.encode("<s>hello", false).unwrap(), vec![1, id("▁hello")]);
 
     // Byte fallback: 'é' is not in the vocabulary, so it becomes its UTF-8 bytes.
     let e_acute = tok.encode("hé", false).unwrap();
@@ -175,18 +151,9 @@ fn sentencepiece_gguf_encodes_and_decodes() {
     assert_eq!(tok.decode(&[id("<0xA9>")], false).unwrap(), "\u{FFFD}");
 
     // Decoding strips the prepended space and keeps real ones.
-    assert_eq!(
-        tok.decode(&[id("▁hello"), id("▁world")], false).unwrap(),
-        "hello world"
-    );
-    assert_eq!(
-        tok.decode(&[id("▁"), id("▁hello")], false).unwrap(),
-        " hello"
-    );
-    assert_eq!(
-        tok.decode(&[1, id("▁hello"), 2], false).unwrap(),
-        "<s> hello</s>"
-    );
+    assert_eq!(tok.decode(&[id("▁hello"), id("▁world")], false).unwrap(), "hello world");
+    assert_eq!(tok.decode(&[id("▁"), id("▁hello")], false).unwrap(), " hello");
+    assert_eq!(tok.decode(&[1, id("▁hello"), 2], false).unwrap(), "<s> hello</s>");
     assert_eq!(tok.decode(&[1, id("▁hello"), 2], true).unwrap(), "hello");
 
     assert_eq!(tok.bos_token(), Some("<s>"));
@@ -230,27 +197,16 @@ fn gguf_errors_name_the_key() {
 
     let mut w = GgufWriter::new();
     w.metadata("tokenizer.ggml.model", GgufValue::String("t5".into()))
-        .metadata(
-            "tokenizer.ggml.tokens",
-            GgufValue::Array(vec![GgufValue::String("a".into())]),
-        );
+        .metadata("tokenizer.ggml.tokens", GgufValue::Array(vec![GgufValue::String("a".into())]));
     let g = GgufFile::from_bytes(w.to_bytes()).unwrap();
-    assert!(matches!(
-        Tokenizer::from_gguf(&g).unwrap_err(),
-        TokenizerError::UnsupportedGgufModel { .. }
-    ));
+    assert!(matches!(Tokenizer::from_gguf(&g).unwrap_err(), TokenizerError::UnsupportedGgufModel { .. }));
 
-    let g = GgufFile::from_bytes(
-        spm_gguf(&[("tokenizer.ggml.bos_token_id", GgufValue::U32(100_000))]).to_bytes(),
-    )
-    .unwrap();
+    let g =
+        GgufFile::from_bytes(spm_gguf(&[("tokenizer.ggml.bos_token_id", GgufValue::U32(100_000))]).to_bytes()).unwrap();
     let err = Tokenizer::from_gguf(&g).unwrap_err();
     assert!(err.to_string().contains("bos_token_id"), "{err}");
 
-    let g = GgufFile::from_bytes(
-        spm_gguf(&[("tokenizer.ggml.add_bos_token", GgufValue::U8(1))]).to_bytes(),
-    )
-    .unwrap();
+    let g = GgufFile::from_bytes(spm_gguf(&[("tokenizer.ggml.add_bos_token", GgufValue::U8(1))]).to_bytes()).unwrap();
     let err = Tokenizer::from_gguf(&g).unwrap_err();
     assert!(matches!(err, TokenizerError::GgufKeyType { .. }), "{err}");
 }
@@ -285,21 +241,12 @@ fn byte_level_gguf_respells_and_adds_tokens() {
         .metadata("tokenizer.ggml.pre", GgufValue::String("smollm".into()))
         .metadata(
             "tokenizer.ggml.tokens",
-            GgufValue::Array(
-                tokens
-                    .iter()
-                    .map(|t| GgufValue::String(t.clone()))
-                    .collect(),
-            ),
+            GgufValue::Array(tokens.iter().map(|t| GgufValue::String(t.clone())).collect()),
         )
         .metadata("tokenizer.ggml.token_type", GgufValue::Array(types))
         .metadata(
             "tokenizer.ggml.merges",
-            GgufValue::Array(vec![
-                GgufValue::String("Ġ h".into()),
-                split(&zh2, 1),
-                split(&zh, 2),
-            ]),
+            GgufValue::Array(vec![GgufValue::String("Ġ h".into()), split(&zh2, 1), split(&zh, 2)]),
         )
         .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(257));
     let g = GgufFile::from_bytes(w.to_bytes()).unwrap();
@@ -308,10 +255,7 @@ fn byte_level_gguf_respells_and_adds_tokens() {
     let ids = tok.encode(" h<|end|><think>中 12", true).unwrap();
     // The first 256 tokens are the byte symbols in byte order.
     let byte = |b: u8| u32::from(b);
-    assert_eq!(
-        ids,
-        vec![256, 257, 258, 260, byte(b' '), byte(b'1'), byte(b'2')]
-    );
+    assert_eq!(ids, vec![256, 257, 258, 260, byte(b' '), byte(b'1'), byte(b'2')]);
     assert_eq!(tok.decode(&ids, false).unwrap(), " h<|end|><think>中 12");
     assert_eq!(tok.decode(&ids, true).unwrap(), " h<think>中 12");
     assert!(tok.is_special(257));
@@ -325,9 +269,7 @@ fn hf_dir_reads_config_and_templates() {
     let base = Tokenizer::from_gguf(&g).unwrap();
     let dir = std::env::temp_dir().join(format!("ironllm-tok-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    base.inner()
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
+    base.inner().save(dir.join("tokenizer.json"), false).unwrap();
 
     // A named template list, no BOS on encode, tokens given as AddedToken objects.
     let config = serde_json::json!({
@@ -342,17 +284,11 @@ fn hf_dir_reads_config_and_templates() {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
     assert!(!tok.add_bos_token());
-    assert_eq!(
-        tok.encode("hello", true).unwrap(),
-        tok.encode("hello", false).unwrap()
-    );
+    assert_eq!(tok.encode("hello", true).unwrap(), tok.encode("hello", false).unwrap());
     assert_eq!(tok.bos_token(), Some("<s>"));
     assert_eq!(tok.eos_token_id(), Some(2));
     assert_eq!(tok.chat_template(), Some("default {{ messages }}"));
-    assert_eq!(
-        tok.named_chat_template("tool_use"),
-        Some("tools {{ tools }}")
-    );
+    assert_eq!(tok.named_chat_template("tool_use"), Some("tools {{ tools }}"));
 
     // chat_template.jinja wins; without add_bos_token the tokenizer.json post-processor decides.
     let config = serde_json::json!({"bos_token": "<s>", "chat_template": "old"});

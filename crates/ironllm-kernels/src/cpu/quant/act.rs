@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::blocks::{QK, QK_K};
+use super::Kernel;
 
 /// Q8_0/Q8_1 activation block. Values lie in [-127, 127], which the kernels rely on: `maddubs`
 /// cannot saturate, and negating a value (the sign trick of the Q8_0 kernel) cannot overflow.
@@ -40,39 +41,70 @@ pub(crate) trait ActBlock: Copy + Send + Sync + 'static {
     /// Elements per block.
     const ELEMS: usize;
     const ZERO: Self;
-    /// Quantizes `x` (`out.len() * ELEMS` values) into `out`.
-    fn quantize_row(x: &[f32], out: &mut [Self]);
+    /// Quantizes `x` (`out.len() * ELEMS` values) into `out`. Every kernel gives the same blocks.
+    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]);
     fn buffer(scratch: &mut Scratch) -> &mut Vec<Self>;
 }
 
-/// Symmetric 8-bit quantization of one block: `d = max|x| / 127`, `q = round(x / d)` (ties away
-/// from zero, as llama.cpp's reference quantizer), clamped so the [-127, 127] invariant holds even
-/// for NaN or infinite inputs. Returns `d` and the sum of the values.
+/// Adding and then subtracting 1.5 * 2^23 rounds an f32 below 2^22 in magnitude to an integer,
+/// ties to even: the same result as `cvtps2dq` under the default rounding mode, so the scalar and
+/// AVX2 quantizers agree bit for bit (and `f32::round`, a libm call on baseline x86-64, is
+/// avoided). llama.cpp's SIMD quantizers round the same way.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// max |x|, in eight independent lanes so that it vectorizes; `x.len()` is a multiple of 8.
 #[inline]
-fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for chunk in x.chunks_exact(8) {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v.abs());
+        }
+    }
+    lanes.iter().fold(0f32, |a, &m| a.max(m))
+}
+
+/// The step `d = max|x| / 127` of a block and its inverse (0 for an all-zero block).
+#[inline]
+pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// Quantizes `x` with inverse step `id` into `qs`, clamped to [-127, 127] (which also maps NaN
+/// to 0); returns the sum of the values.
+#[inline]
+fn quantize_values(x: &[f32], id: f32, qs: &mut [i8]) -> i32 {
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(x) {
-        let qi = ((v * id).round() as i32).clamp(-127, 127);
-        *q = qi as i8;
-        sum += qi;
+        let r = (((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32).clamp(-127, 127);
+        *q = r as i8;
+        sum += r;
     }
-    (d, sum)
+    sum
+}
+
+/// Fills `bsums` from `qs`.
+#[inline]
+pub(crate) fn fill_bsums(b: &mut BlockQ8K) {
+    for (bsum, q16) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+        *bsum = q16.iter().map(|&q| q as i16).sum();
+    }
 }
 
 impl ActBlock for BlockQ8 {
     const ELEMS: usize = QK;
-    const ZERO: Self = BlockQ8 {
-        d: 0.0,
-        s: 0.0,
-        qs: [0; QK],
-    };
+    const ZERO: Self = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK] };
 
-    fn quantize_row(x: &[f32], out: &mut [Self]) {
+    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Avx2(token) = kernel {
+            return super::avx2::quantize_q8(token, x, out);
+        }
+        let _ = kernel;
         for (xb, b) in x.chunks_exact(QK).zip(out) {
-            let (d, sum) = quantize_block(xb, &mut b.qs);
+            let (d, id) = block_scale(abs_max(xb));
+            let sum = quantize_values(xb, id, &mut b.qs);
             b.d = d;
             b.s = d * sum as f32;
         }
@@ -85,19 +117,19 @@ impl ActBlock for BlockQ8 {
 
 impl ActBlock for BlockQ8K {
     const ELEMS: usize = QK_K;
-    const ZERO: Self = BlockQ8K {
-        d: 0.0,
-        qs: [0; QK_K],
-        bsums: [0; QK_K / 16],
-    };
+    const ZERO: Self = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
 
-    fn quantize_row(x: &[f32], out: &mut [Self]) {
+    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Avx2(token) = kernel {
+            return super::avx2::quantize_q8k(token, x, out);
+        }
+        let _ = kernel;
         for (xb, b) in x.chunks_exact(QK_K).zip(out) {
-            let (d, _) = quantize_block(xb, &mut b.qs);
+            let (d, id) = block_scale(abs_max(xb));
+            quantize_values(xb, id, &mut b.qs);
             b.d = d;
-            for (bsum, q16) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-                *bsum = q16.iter().map(|&q| q as i16).sum();
-            }
+            fill_bsums(b);
         }
     }
 
@@ -123,18 +155,16 @@ const PAR_MIN_ELEMS: usize = 1 << 15;
 
 /// Quantizes the rows of `x` (each `k` values, `k` a multiple of `A::ELEMS`) and hands the
 /// blocks, row after row, to `f`.
-pub(crate) fn with_quantized<A: ActBlock, T>(x: &[f32], k: usize, f: impl FnOnce(&[A]) -> T) -> T {
+pub(crate) fn with_quantized<A: ActBlock, T>(kernel: Kernel, x: &[f32], k: usize, f: impl FnOnce(&[A]) -> T) -> T {
     let n_blocks = x.len() / A::ELEMS;
     let fill = |buf: &mut Vec<A>| {
         buf.clear();
         buf.resize(n_blocks, A::ZERO);
         let blocks_per_row = k / A::ELEMS;
         if x.len() >= PAR_MIN_ELEMS && x.len() > k {
-            buf.par_chunks_mut(blocks_per_row)
-                .zip(x.par_chunks(k))
-                .for_each(|(b, xr)| A::quantize_row(xr, b));
+            buf.par_chunks_mut(blocks_per_row).zip(x.par_chunks(k)).for_each(|(b, xr)| A::quantize_row(kernel, xr, b));
         } else {
-            A::quantize_row(x, buf);
+            A::quantize_row(kernel, x, buf);
         }
     };
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -154,8 +184,8 @@ pub(crate) fn with_quantized<A: ActBlock, T>(x: &[f32], k: usize, f: impl FnOnce
 }
 
 #[cfg(test)]
-pub(crate) fn quantize_rows<A: ActBlock>(x: &[f32]) -> Vec<A> {
+pub(crate) fn quantize_rows<A: ActBlock>(kernel: Kernel, x: &[f32]) -> Vec<A> {
     let mut out = vec![A::ZERO; x.len() / A::ELEMS];
-    A::quantize_row(x, &mut out);
+    A::quantize_row(kernel, x, &mut out);
     out
 }

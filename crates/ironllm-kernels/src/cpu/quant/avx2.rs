@@ -14,10 +14,10 @@
 
 use std::arch::x86_64::*;
 
-use super::act::{BlockQ8, BlockQ8K};
+use super::act::{block_scale, fill_bsums, BlockQ8, BlockQ8K};
 use super::blocks::{
-    arr, k4_scales_mins, q3k_scales, u32_at, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES,
-    Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES,
+    arr, k4_scales_mins, q3k_scales, u32_at, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES,
+    Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES,
 };
 use super::RowDot;
 
@@ -27,9 +27,8 @@ pub(crate) struct Avx2(());
 
 impl Avx2 {
     pub(crate) fn detect() -> Option<Avx2> {
-        let ok = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
+        let ok =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         ok.then_some(Avx2(()))
     }
 }
@@ -130,8 +129,7 @@ fn fifth_bits(qh: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(qh as i32),
         _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
         ),
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
@@ -215,8 +213,7 @@ macro_rules! legacy_kernel {
                     let (a0, a1) = (&act[bi], &act[bi + 1]);
                     let p0 = _mm256_cvtepi32_ps($dot(q0, load_i8x32(&a0.qs)));
                     let p1 = _mm256_cvtepi32_ps($dot(q1, load_i8x32(&a1.qs)));
-                    let (prod0, prod1) =
-                        (_mm_mul_ps(dm0, load_ds(a0)), _mm_mul_ps(dm1, load_ds(a1)));
+                    let (prod0, prod1) = (_mm_mul_ps(dm0, load_ds(a0)), _mm_mul_ps(dm1, load_ds(a1)));
                     let pair = _mm256_mul_ps(_mm256_broadcastss_ps(prod1), p1);
                     let pair = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod0), p0, pair);
                     *acc = _mm256_add_ps(*acc, pair);
@@ -293,11 +290,7 @@ struct KAcc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn k_acc_new<const R: usize>() -> [KAcc; R] {
-    [KAcc {
-        acc: _mm256_setzero_ps(),
-        corr: 0.0,
-        isum: _mm256_setzero_si256(),
-    }; R]
+    [KAcc { acc: _mm256_setzero_ps(), corr: 0.0, isum: _mm256_setzero_si256() }; R]
 }
 
 /// Ends a super-block: `acc += d * isum` lane-wise, `corr += c`.
@@ -345,11 +338,7 @@ fn q2_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
         let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
         for (k, act) in accs.iter_mut().zip(acts) {
             let a = &act[bi];
-            let mins: i32 = scales
-                .iter()
-                .zip(&a.bsums)
-                .map(|(&s, &bs)| (s >> 4) as i32 * bs as i32)
-                .sum();
+            let mins: i32 = scales.iter().zip(&a.bsums).map(|(&s, &bs)| (s >> 4) as i32 * bs as i32).sum();
             k_acc_flush(k, d * a.d, -(dmin * a.d) * mins as f32);
         }
     }
@@ -369,10 +358,7 @@ fn q3_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
             let mut q = load_u8x32(arr(b, 32 + 32 * h));
             for j in 0..4 {
                 // High bit 4h + j of hmask byte l; the running shifts stay below 8 in total.
-                let u = _mm256_or_si256(
-                    _mm256_and_si256(q, three),
-                    _mm256_slli_epi16::<2>(_mm256_and_si256(hm, one)),
-                );
+                let u = _mm256_or_si256(_mm256_and_si256(q, three), _mm256_slli_epi16::<2>(_mm256_and_si256(hm, one)));
                 q = _mm256_srli_epi16::<2>(q);
                 hm = _mm256_srli_epi16::<1>(hm);
                 let g = 8 * h + 2 * j;
@@ -387,11 +373,7 @@ fn q3_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
         let d = f16_at(b, 108);
         for (k, act) in accs.iter_mut().zip(acts) {
             let a = &act[bi];
-            let offs: i32 = scales
-                .iter()
-                .zip(&a.bsums)
-                .map(|(&s, &bs)| s as i32 * bs as i32)
-                .sum();
+            let offs: i32 = scales.iter().zip(&a.bsums).map(|(&s, &bs)| s as i32 * bs as i32).sum();
             k_acc_flush(k, d * a.d, -(d * a.d) * (4 * offs) as f32);
         }
     }
@@ -409,29 +391,19 @@ fn q4_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
             let q = load_u8x32(arr(b, 16 + 32 * i));
             let lo = _mm256_and_si256(q, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-            let (s_lo, s_hi) = (
-                _mm256_set1_epi16(sc[2 * i] as i16),
-                _mm256_set1_epi16(sc[2 * i + 1] as i16),
-            );
+            let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * i] as i16), _mm256_set1_epi16(sc[2 * i + 1] as i16));
             for (k, act) in accs.iter_mut().zip(acts) {
                 let y = &act[bi].qs;
-                let p_lo =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load_i8x32(arr(y, 64 * i))), s_lo);
-                let p_hi = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, load_i8x32(arr(y, 64 * i + 32))),
-                    s_hi,
-                );
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load_i8x32(arr(y, 64 * i))), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load_i8x32(arr(y, 64 * i + 32))), s_hi);
                 k.isum = _mm256_add_epi32(k.isum, _mm256_add_epi32(p_lo, p_hi));
             }
         }
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         for (k, act) in accs.iter_mut().zip(acts) {
             let a = &act[bi];
-            let mins: i32 = mn
-                .iter()
-                .zip(a.bsums.chunks_exact(2))
-                .map(|(&m, bs)| m as i32 * (bs[0] as i32 + bs[1] as i32))
-                .sum();
+            let mins: i32 =
+                mn.iter().zip(a.bsums.chunks_exact(2)).map(|(&m, bs)| m as i32 * (bs[0] as i32 + bs[1] as i32)).sum();
             k_acc_flush(k, d * a.d, -(dmin * a.d) * mins as f32);
         }
     }
@@ -453,29 +425,19 @@ fn q5_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
             qh = _mm256_srli_epi16::<2>(qh);
             let lo = _mm256_or_si256(_mm256_and_si256(q, low4), h_lo);
             let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low4), h_hi);
-            let (s_lo, s_hi) = (
-                _mm256_set1_epi16(sc[2 * i] as i16),
-                _mm256_set1_epi16(sc[2 * i + 1] as i16),
-            );
+            let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * i] as i16), _mm256_set1_epi16(sc[2 * i + 1] as i16));
             for (k, act) in accs.iter_mut().zip(acts) {
                 let y = &act[bi].qs;
-                let p_lo =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load_i8x32(arr(y, 64 * i))), s_lo);
-                let p_hi = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, load_i8x32(arr(y, 64 * i + 32))),
-                    s_hi,
-                );
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load_i8x32(arr(y, 64 * i))), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load_i8x32(arr(y, 64 * i + 32))), s_hi);
                 k.isum = _mm256_add_epi32(k.isum, _mm256_add_epi32(p_lo, p_hi));
             }
         }
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         for (k, act) in accs.iter_mut().zip(acts) {
             let a = &act[bi];
-            let mins: i32 = mn
-                .iter()
-                .zip(a.bsums.chunks_exact(2))
-                .map(|(&m, bs)| m as i32 * (bs[0] as i32 + bs[1] as i32))
-                .sum();
+            let mins: i32 =
+                mn.iter().zip(a.bsums.chunks_exact(2)).map(|(&m, bs)| m as i32 * (bs[0] as i32 + bs[1] as i32)).sum();
             k_acc_flush(k, d * a.d, -(dmin * a.d) * mins as f32);
         }
     }
@@ -498,18 +460,9 @@ fn q6_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
             let top = |shift: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(shift, three));
             let quarters = [
                 _mm256_or_si256(_mm256_and_si256(ql_a, low4), top(qh)),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql_b, low4),
-                    top(_mm256_srli_epi16::<2>(qh)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
-                    top(_mm256_srli_epi16::<4>(qh)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
-                    top(_mm256_srli_epi16::<6>(qh)),
-                ),
+                _mm256_or_si256(_mm256_and_si256(ql_b, low4), top(_mm256_srli_epi16::<2>(qh))),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4), top(_mm256_srli_epi16::<4>(qh))),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4), top(_mm256_srli_epi16::<6>(qh))),
             ];
             for (c, &u) in quarters.iter().enumerate() {
                 let g = 8 * h + 2 * c;
@@ -524,13 +477,110 @@ fn q6_k_dot<const R: usize>(w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
         let d = f16_at(b, 208);
         for (k, act) in accs.iter_mut().zip(acts) {
             let a = &act[bi];
-            let offs: i32 = scales
-                .iter()
-                .zip(&a.bsums)
-                .map(|(&s, &bs)| s as i32 * bs as i32)
-                .sum();
+            let offs: i32 = scales.iter().zip(&a.bsums).map(|(&s, &bs)| s as i32 * bs as i32).sum();
             k_acc_flush(k, d * a.d, -(d * a.d) * (32 * offs) as f32);
         }
     }
     k_acc_finish(accs)
+}
+
+/// Quantizes activations to `BlockQ8`s, with the same results as the scalar quantizer in `act`.
+pub(crate) fn quantize_q8(_token: Avx2, x: &[f32], out: &mut [BlockQ8]) {
+    // SAFETY: the `Avx2` token exists only on CPUs with AVX2, FMA and F16C.
+    unsafe { quantize_q8_impl(x, out) }
+}
+
+/// Quantizes activations to `BlockQ8K`s, with the same results as the scalar quantizer in `act`.
+pub(crate) fn quantize_q8k(_token: Avx2, x: &[f32], out: &mut [BlockQ8K]) {
+    // SAFETY: the `Avx2` token exists only on CPUs with AVX2, FMA and F16C.
+    unsafe { quantize_q8k_impl(x, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_impl(x: &[f32], out: &mut [BlockQ8]) {
+    for (xb, b) in x.chunks_exact(32).zip(out) {
+        let xb: &[f32; 32] = arr(xb, 0);
+        let (d, id) = block_scale(abs_max(xb));
+        let sum = quantize32(xb, id, &mut b.qs);
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8k_impl(x: &[f32], out: &mut [BlockQ8K]) {
+    for (xb, b) in x.chunks_exact(256).zip(out) {
+        let (d, id) = block_scale(abs_max(xb));
+        for (x32, q32) in xb.chunks_exact(32).zip(b.qs.chunks_exact_mut(32)) {
+            quantize32(arr(x32, 0), id, q32.try_into().expect("32 values"));
+        }
+        b.d = d;
+        fill_bsums(b);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn load_f32x8(x: &[f32; 8]) -> __m256 {
+    // SAFETY: `x` is 8 readable f32s, and `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(x.as_ptr()) }
+}
+
+/// max |x| over a multiple of 8 values (NaNs may be dropped or kept, unlike `f32::max`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn abs_max(x: &[f32]) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for chunk in x.chunks_exact(8) {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load_f32x8(arr(chunk, 0))));
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
+/// Rounds `x * id` to nearest, ties to even (the default rounding mode), clamped to
+/// [-127, 127]; stores the 32 values in order and returns their sum.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn quantize32(x: &[f32; 32], id: f32, qs: &mut [i8; 32]) -> i32 {
+    let (vid, hi, lo) = (_mm256_set1_ps(id), _mm256_set1_epi32(127), _mm256_set1_epi32(-127));
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (i, qi) in q.iter_mut().enumerate() {
+        let v = _mm256_cvtps_epi32(_mm256_mul_ps(load_f32x8(arr(x, 8 * i)), vid));
+        *qi = _mm256_max_epi32(_mm256_min_epi32(v, hi), lo);
+    }
+    let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+    let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t)));
+    // The packs work within 128-bit lanes and leave 4-value groups in the order 0 2 4 6 1 3 5 7
+    // (by dword); the permute puts them back in element order.
+    let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `qs` is 32 writable bytes, and `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), ordered) };
+    sum
+}
+
+/// Converts little-endian f16 `bytes` (two per value) to `out`.
+pub(crate) fn f16_to_f32(_token: Avx2, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len(), 2 * out.len(), "f16_to_f32: length mismatch");
+    // SAFETY: the `Avx2` token exists only on CPUs with AVX2, FMA and F16C.
+    unsafe { f16_to_f32_impl(bytes, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_to_f32_impl(bytes: &[u8], out: &mut [f32]) {
+    let mut out8 = out.chunks_exact_mut(8);
+    for (b, o) in bytes.chunks_exact(16).zip(out8.by_ref()) {
+        let v = _mm256_cvtph_ps(load_u8x16(arr(b, 0)));
+        // SAFETY: `o` is 8 writable f32s, and `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+    }
+    let done = out.len() / 8 * 8;
+    for (i, o) in out[done..].iter_mut().enumerate() {
+        *o = f16_at(bytes, 2 * (done + i));
+    }
 }

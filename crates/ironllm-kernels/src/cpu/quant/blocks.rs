@@ -96,14 +96,11 @@ pub(crate) fn q3k_scales(s: &[u8; 12]) -> [i8; 16] {
 /// Dequantizes; `bytes` must hold exactly the blocks of `out.len()` elements (checked by callers).
 pub(crate) fn dequantize_exact(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(ty.row_bytes(out.len()), Some(bytes.len()));
-    let blocks = bytes
-        .chunks_exact(ty.type_size())
-        .zip(out.chunks_exact_mut(ty.block_size()));
+    let blocks = bytes.chunks_exact(ty.type_size()).zip(out.chunks_exact_mut(ty.block_size()));
     match ty {
         GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32_at(b, 0)),
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
-        GgmlType::BF16 => blocks
-            .for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
         GgmlType::Q4_0 => blocks.for_each(|(b, y)| {
             let d = f16_at(b, 0);
             for (j, &q) in b[2..18].iter().enumerate() {
@@ -169,10 +166,7 @@ fn dequant_q2_k(b: &[u8], y: &mut [f32]) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     for (i, y16) in y.chunks_exact_mut(16).enumerate() {
         let (h, j, l0) = (i / 8, (i % 8) / 2, (i % 2) * 16);
-        let (dl, ml) = (
-            d * (scales[i] & 0x0F) as f32,
-            dmin * (scales[i] >> 4) as f32,
-        );
+        let (dl, ml) = (d * (scales[i] & 0x0F) as f32, dmin * (scales[i] >> 4) as f32);
         for (l, o) in y16.iter_mut().enumerate() {
             let q = (qs[32 * h + l0 + l] >> (2 * j)) & 3;
             *o = dl * q as f32 - ml;

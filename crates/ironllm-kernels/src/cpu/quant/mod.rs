@@ -125,18 +125,12 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Q8_1 => blocks::QK,
-            GgmlType::Q2_K
-            | GgmlType::Q3_K
-            | GgmlType::Q4_K
-            | GgmlType::Q5_K
-            | GgmlType::Q6_K
-            | GgmlType::Q8_K => blocks::QK_K,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
+                blocks::QK
+            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q8_K => {
+                blocks::QK_K
+            }
         }
     }
 
@@ -201,17 +195,9 @@ impl fmt::Display for GgmlType {
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
     #[error("{n_elements} elements is not a multiple of the {ty} block size {block_size}")]
-    NotBlockMultiple {
-        ty: GgmlType,
-        n_elements: usize,
-        block_size: usize,
-    },
+    NotBlockMultiple { ty: GgmlType, n_elements: usize, block_size: usize },
     #[error("`{what}` has length {got}, expected {expected}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
     #[error("shape overflows usize: {what}")]
     Overflow { what: &'static str },
 }
@@ -238,12 +224,7 @@ pub struct QuantMatrix<'a> {
 impl<'a> QuantMatrix<'a> {
     /// A matrix whose byte length has been checked against its shape.
     pub fn new(ty: GgmlType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, QuantError> {
-        let w = QuantMatrix {
-            ty,
-            data,
-            rows,
-            cols,
-        };
+        let w = QuantMatrix { ty, data, rows, cols };
         w.checked_row_bytes()?;
         Ok(w)
     }
@@ -251,12 +232,7 @@ impl<'a> QuantMatrix<'a> {
     /// Bytes per row, after checking that `data` holds exactly `rows` such rows.
     fn checked_row_bytes(&self) -> Result<usize, QuantError> {
         let row_bytes = bytes_for(self.ty, self.cols)?;
-        let total = self
-            .rows
-            .checked_mul(row_bytes)
-            .ok_or(QuantError::Overflow {
-                what: "weight rows * row bytes",
-            })?;
+        let total = self.rows.checked_mul(row_bytes).ok_or(QuantError::Overflow { what: "weight rows * row bytes" })?;
         check_len("weight data (bytes)", total, self.data.len())?;
         Ok(row_bytes)
     }
@@ -269,12 +245,7 @@ impl<'a> QuantMatrix<'a> {
 /// Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, as in llama.cpp), and blocks are
 /// dotted in integer SIMD. F32, F16, BF16, Q8_1 and Q8_K weights are dequantized on the fly in
 /// small pieces and dotted in f32 against the unquantized activations.
-pub fn quant_matmul(
-    x: &[f32],
-    m: usize,
-    w: &QuantMatrix,
-    out: &mut [f32],
-) -> Result<(), QuantError> {
+pub fn quant_matmul(x: &[f32], m: usize, w: &QuantMatrix, out: &mut [f32]) -> Result<(), QuantError> {
     check_matmul(x, m, w, out)?;
     matmul_with(Kernel::best(), x, m, w, out);
     Ok(())
@@ -282,38 +253,24 @@ pub fn quant_matmul(
 
 fn bytes_for(ty: GgmlType, n_elements: usize) -> Result<usize, QuantError> {
     if !n_elements.is_multiple_of(ty.block_size()) {
-        return Err(QuantError::NotBlockMultiple {
-            ty,
-            n_elements,
-            block_size: ty.block_size(),
-        });
+        return Err(QuantError::NotBlockMultiple { ty, n_elements, block_size: ty.block_size() });
     }
-    ty.row_bytes(n_elements).ok_or(QuantError::Overflow {
-        what: "elements * type size",
-    })
+    ty.row_bytes(n_elements).ok_or(QuantError::Overflow { what: "elements * type size" })
 }
 
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
     if expected == got {
         Ok(())
     } else {
-        Err(QuantError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
+        Err(QuantError::LengthMismatch { what, expected, got })
     }
 }
 
 fn check_matmul(x: &[f32], m: usize, w: &QuantMatrix, out: &mut [f32]) -> Result<(), QuantError> {
     w.checked_row_bytes()?;
-    let x_len = m
-        .checked_mul(w.cols)
-        .ok_or(QuantError::Overflow { what: "m * cols" })?;
+    let x_len = m.checked_mul(w.cols).ok_or(QuantError::Overflow { what: "m * cols" })?;
     check_len("x (m * cols)", x_len, x.len())?;
-    let out_len = m
-        .checked_mul(w.rows)
-        .ok_or(QuantError::Overflow { what: "m * rows" })?;
+    let out_len = m.checked_mul(w.rows).ok_or(QuantError::Overflow { what: "m * rows" })?;
     check_len("out (m * rows)", out_len, out.len())
 }
 
@@ -360,9 +317,9 @@ pub(crate) fn matmul_with(kernel: Kernel, x: &[f32], m: usize, w: &QuantMatrix, 
     macro_rules! quantized {
         ($kind:ident) => {
             match kernel {
-                Kernel::Scalar => run_quantized(&scalar::$kind, x, m, w, out),
+                Kernel::Scalar => run_quantized(kernel, &scalar::$kind, x, m, w, out),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2(token) => run_quantized(&avx2::$kind(token), x, m, w, out),
+                Kernel::Avx2(token) => run_quantized(kernel, &avx2::$kind(token), x, m, w, out),
             }
         };
     }
@@ -383,13 +340,13 @@ pub(crate) fn matmul_with(kernel: Kernel, x: &[f32], m: usize, w: &QuantMatrix, 
     }
 }
 
-fn run_quantized<D>(dot: &D, x: &[f32], m: usize, w: &QuantMatrix, out: &mut [f32])
+fn run_quantized<D>(kernel: Kernel, dot: &D, x: &[f32], m: usize, w: &QuantMatrix, out: &mut [f32])
 where
     D: RowDot,
     D::Act: ActBlock,
 {
     let act_stride = w.cols / D::Act::ELEMS;
-    act::with_quantized::<D::Act, _>(x, w.cols, |acts| drive(dot, acts, act_stride, m, w, out));
+    act::with_quantized::<D::Act, _>(kernel, x, w.cols, |acts| drive(dot, acts, act_stride, m, w, out));
 }
 
 /// Below this many multiply-adds a call runs on the calling thread: rayon's fork/join costs a few
@@ -411,21 +368,10 @@ unsafe impl Sync for OutPtr {}
 
 /// Runs `dot` for every (activation row, weight row) pair, in parallel over weight rows.
 /// `acts` is `m` rows of `act_stride` items; `out` is `[m, w.rows]`.
-fn drive<D: RowDot>(
-    dot: &D,
-    acts: &[D::Act],
-    act_stride: usize,
-    m: usize,
-    w: &QuantMatrix,
-    out: &mut [f32],
-) {
+fn drive<D: RowDot>(dot: &D, acts: &[D::Act], act_stride: usize, m: usize, w: &QuantMatrix, out: &mut [f32]) {
     let n = w.rows;
     let row_bytes = w.data.len() / n;
-    assert_eq!(
-        acts.len(),
-        m * act_stride,
-        "quant_matmul: activation buffer has the wrong length"
-    );
+    assert_eq!(acts.len(), m * act_stride, "quant_matmul: activation buffer has the wrong length");
     assert_eq!(out.len(), m * n, "quant_matmul: out has the wrong length");
     let out_ptr = OutPtr(out.as_mut_ptr());
 
@@ -437,50 +383,10 @@ fn drive<D: RowDot>(
         while i0 < m {
             let tile = (m - i0).min(TILE_M);
             match tile {
-                4 => dot_tile::<D, 4>(
-                    dot,
-                    acts,
-                    act_stride,
-                    i0,
-                    rows.clone(),
-                    w.data,
-                    row_bytes,
-                    n,
-                    out_ptr,
-                ),
-                3 => dot_tile::<D, 3>(
-                    dot,
-                    acts,
-                    act_stride,
-                    i0,
-                    rows.clone(),
-                    w.data,
-                    row_bytes,
-                    n,
-                    out_ptr,
-                ),
-                2 => dot_tile::<D, 2>(
-                    dot,
-                    acts,
-                    act_stride,
-                    i0,
-                    rows.clone(),
-                    w.data,
-                    row_bytes,
-                    n,
-                    out_ptr,
-                ),
-                _ => dot_tile::<D, 1>(
-                    dot,
-                    acts,
-                    act_stride,
-                    i0,
-                    rows.clone(),
-                    w.data,
-                    row_bytes,
-                    n,
-                    out_ptr,
-                ),
+                4 => dot_tile::<D, 4>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                3 => dot_tile::<D, 3>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                2 => dot_tile::<D, 2>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                _ => dot_tile::<D, 1>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
             }
             i0 += tile;
         }
@@ -518,8 +424,7 @@ fn dot_tile<D: RowDot, const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    let tile: [&[D::Act]; R] =
-        std::array::from_fn(|r| &acts[(i0 + r) * act_stride..][..act_stride]);
+    let tile: [&[D::Act]; R] = std::array::from_fn(|r| &acts[(i0 + r) * act_stride..][..act_stride]);
     for j in rows {
         let sums = dot.dot::<R>(&w_data[j * row_bytes..][..row_bytes], tile);
         for (r, &s) in sums.iter().enumerate() {
@@ -557,12 +462,15 @@ impl RowDot for DenseDot {
         while start < k {
             let len = (k - start).min(DENSE_PIECE);
             let bytes = &w_row[start / bs * ts..(start + len) / bs * ts];
-            blocks::dequantize_exact(self.ty, bytes, &mut buf[..len]);
+            match (self.kernel, self.ty) {
+                // `half`'s per-value conversion checks for F16C on every call; convert 8 at once.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2(token), GgmlType::F16) => avx2::f16_to_f32(token, bytes, &mut buf[..len]),
+                _ => blocks::dequantize_exact(self.ty, bytes, &mut buf[..len]),
+            }
             for (sum, x) in sums.iter_mut().zip(xs) {
                 *sum += match self.kernel {
-                    Kernel::Scalar => {
-                        super::simd::dot_portable(&buf[..len], &x[start..start + len])
-                    }
+                    Kernel::Scalar => super::simd::dot_portable(&buf[..len], &x[start..start + len]),
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2(_) => super::simd::dot(&buf[..len], &x[start..start + len]),
                 };

@@ -6,8 +6,8 @@
 
 use super::act::{BlockQ8, BlockQ8K};
 use super::blocks::{
-    arr, f16_at, k4_scales_mins, q3k_scales, u32_at, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES,
-    Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, QK, QK_K,
+    arr, f16_at, k4_scales_mins, q3k_scales, u32_at, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES,
+    Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, QK, QK_K,
 };
 use super::RowDot;
 
@@ -71,40 +71,28 @@ fn legacy_dot<const R: usize>(
 impl RowDot for Q4_0 {
     type Act = BlockQ8;
     fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8]; R]) -> [f32; R] {
-        legacy_dot(w, Q4_0_BYTES, acts, |b| {
-            (nibbles(&b[2..18], 8), f16_at(b, 0), 0.0)
-        })
+        legacy_dot(w, Q4_0_BYTES, acts, |b| (nibbles(&b[2..18], 8), f16_at(b, 0), 0.0))
     }
 }
 
 impl RowDot for Q4_1 {
     type Act = BlockQ8;
     fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8]; R]) -> [f32; R] {
-        legacy_dot(w, Q4_1_BYTES, acts, |b| {
-            (nibbles(&b[4..20], 0), f16_at(b, 0), f16_at(b, 2))
-        })
+        legacy_dot(w, Q4_1_BYTES, acts, |b| (nibbles(&b[4..20], 0), f16_at(b, 0), f16_at(b, 2)))
     }
 }
 
 impl RowDot for Q5_0 {
     type Act = BlockQ8;
     fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8]; R]) -> [f32; R] {
-        legacy_dot(w, Q5_0_BYTES, acts, |b| {
-            (five_bits(&b[6..22], u32_at(b, 2), 16), f16_at(b, 0), 0.0)
-        })
+        legacy_dot(w, Q5_0_BYTES, acts, |b| (five_bits(&b[6..22], u32_at(b, 2), 16), f16_at(b, 0), 0.0))
     }
 }
 
 impl RowDot for Q5_1 {
     type Act = BlockQ8;
     fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8]; R]) -> [f32; R] {
-        legacy_dot(w, Q5_1_BYTES, acts, |b| {
-            (
-                five_bits(&b[8..24], u32_at(b, 4), 0),
-                f16_at(b, 0),
-                f16_at(b, 2),
-            )
-        })
+        legacy_dot(w, Q5_1_BYTES, acts, |b| (five_bits(&b[8..24], u32_at(b, 4), 0), f16_at(b, 0), f16_at(b, 2)))
     }
 }
 
@@ -183,13 +171,7 @@ impl RowDot for Q3_K {
                 low - if high == 0 { 4 } else { 0 }
             });
             let sc = q3k_scales(arr(b, 96));
-            KBlock {
-                q,
-                scales: std::array::from_fn(|g| sc[g] as i32),
-                mins: [0; 16],
-                d: f16_at(b, 108),
-                dmin: 0.0,
-            }
+            KBlock { q, scales: std::array::from_fn(|g| sc[g] as i32), mins: [0; 16], d: f16_at(b, 108), dmin: 0.0 }
         })
     }
 }
@@ -217,13 +199,7 @@ impl RowDot for Q4_K {
                 ((qs[32 * (s / 2) + i % 32] >> (4 * (s % 2))) & 0x0F) as i8
             });
             let (scales, mins) = k4_table(b);
-            KBlock {
-                q,
-                scales,
-                mins,
-                d: f16_at(b, 0),
-                dmin: f16_at(b, 2),
-            }
+            KBlock { q, scales, mins, d: f16_at(b, 0), dmin: f16_at(b, 2) }
         })
     }
 }
@@ -239,13 +215,7 @@ impl RowDot for Q5_K {
                 (low | (((qh[l] >> s) & 1) << 4)) as i8
             });
             let (scales, mins) = k4_table(b);
-            KBlock {
-                q,
-                scales,
-                mins,
-                d: f16_at(b, 0),
-                dmin: f16_at(b, 2),
-            }
+            KBlock { q, scales, mins, d: f16_at(b, 0), dmin: f16_at(b, 2) }
         })
     }
 }

@@ -2,7 +2,7 @@
 //! against fixtures from the `gguf` Python package), the matmul (against f64 with a tolerance
 //! derived from the activation quantization), scalar vs AVX2, batch invariance, and errors.
 
-use super::act::{quantize_rows, ActBlock, BlockQ8, BlockQ8K};
+use super::act::{quantize_rows, BlockQ8, BlockQ8K};
 use super::blocks::{k4_scales_mins, q3k_scales};
 use super::*;
 
@@ -43,11 +43,7 @@ fn random_x(rng: &mut Rng, m: usize, k: usize) -> Vec<f32> {
     for i in 0..m {
         let scale = rng.range(0.1, 3.0);
         for c in 0..k {
-            x.push(if i == 1 && c < 32 {
-                0.0
-            } else {
-                rng.normalish(scale)
-            });
+            x.push(if i == 1 && c < 32 { 0.0 } else { rng.normalish(scale) });
         }
     }
     x
@@ -59,21 +55,9 @@ fn random_x(rng: &mut Rng, m: usize, k: usize) -> Vec<f32> {
 fn random_weights(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     let n = rows * cols;
     match ty {
-        GgmlType::F32 => {
-            return (0..n)
-                .flat_map(|_| rng.normalish(1.0).to_le_bytes())
-                .collect()
-        }
-        GgmlType::F16 => {
-            return (0..n)
-                .flat_map(|_| half::f16::from_f32(rng.normalish(1.0)).to_le_bytes())
-                .collect()
-        }
-        GgmlType::BF16 => {
-            return (0..n)
-                .flat_map(|_| half::bf16::from_f32(rng.normalish(1.0)).to_le_bytes())
-                .collect()
-        }
+        GgmlType::F32 => return (0..n).flat_map(|_| rng.normalish(1.0).to_le_bytes()).collect(),
+        GgmlType::F16 => return (0..n).flat_map(|_| half::f16::from_f32(rng.normalish(1.0)).to_le_bytes()).collect(),
+        GgmlType::BF16 => return (0..n).flat_map(|_| half::bf16::from_f32(rng.normalish(1.0)).to_le_bytes()).collect(),
         _ => {}
     }
     let mut data = rng.bytes(ty.row_bytes(n).unwrap());
@@ -120,33 +104,21 @@ fn ref_element(ty: GgmlType, b: &[u8], i: usize) -> (f64, f64) {
         GgmlType::Q4_1 => both(f16v(b, 0) * nib(&b[4..], i) as f64, f16v(b, 2)),
         GgmlType::Q5_0 => {
             let qh = u32::from_le_bytes(b[2..6].try_into().unwrap());
-            both(
-                f16v(b, 0) * (nib(&b[6..], i) + 16 * bit(qh, i) - 16) as f64,
-                0.0,
-            )
+            both(f16v(b, 0) * (nib(&b[6..], i) + 16 * bit(qh, i) - 16) as f64, 0.0)
         }
         GgmlType::Q5_1 => {
             let qh = u32::from_le_bytes(b[4..8].try_into().unwrap());
-            both(
-                f16v(b, 0) * (nib(&b[8..], i) + 16 * bit(qh, i)) as f64,
-                f16v(b, 2),
-            )
+            both(f16v(b, 0) * (nib(&b[8..], i) + 16 * bit(qh, i)) as f64, f16v(b, 2))
         }
         GgmlType::Q8_0 => both(f16v(b, 0) * b[2 + i] as i8 as f64, 0.0),
         GgmlType::Q8_1 => both(f16v(b, 0) * b[4 + i] as i8 as f64, 0.0),
-        GgmlType::Q8_K => both(
-            f32::from_le_bytes(b[0..4].try_into().unwrap()) as f64 * b[4 + i] as i8 as f64,
-            0.0,
-        ),
+        GgmlType::Q8_K => both(f32::from_le_bytes(b[0..4].try_into().unwrap()) as f64 * b[4 + i] as i8 as f64, 0.0),
         GgmlType::Q2_K => {
             // Half h, shift j: element 128h + 32j + l is bits 2j..2j+2 of qs[32h + l].
             let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
             let q = ((b[16 + 32 * h + l] >> (2 * j)) & 3) as f64;
             let sc = b[i / 16];
-            both(
-                f16v(b, 80) * (sc & 15) as f64 * q,
-                -f16v(b, 82) * (sc >> 4) as f64,
-            )
+            both(f16v(b, 80) * (sc & 15) as f64 * q, -f16v(b, 82) * (sc >> 4) as f64)
         }
         GgmlType::Q3_K => {
             let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
@@ -165,23 +137,11 @@ fn ref_element(ty: GgmlType, b: &[u8], i: usize) -> (f64, f64) {
             let (sc, mn) = if s < 4 {
                 (s12[s] & 63, s12[s + 4] & 63)
             } else {
-                (
-                    (s12[s + 4] & 15) | ((s12[s - 4] >> 6) << 4),
-                    (s12[s + 4] >> 4) | ((s12[s] >> 6) << 4),
-                )
+                ((s12[s + 4] & 15) | ((s12[s - 4] >> 6) << 4), (s12[s + 4] >> 4) | ((s12[s] >> 6) << 4))
             };
-            let (qs_off, fifth) = if ty == GgmlType::Q4_K {
-                (16, 0)
-            } else {
-                (48, ((b[16 + i % 32] >> s) & 1) as i64)
-            };
+            let (qs_off, fifth) = if ty == GgmlType::Q4_K { (16, 0) } else { (48, ((b[16 + i % 32] >> s) & 1) as i64) };
             let byte = b[qs_off + 32 * (s / 2) + i % 32];
-            let q = if s.is_multiple_of(2) {
-                byte & 15
-            } else {
-                byte >> 4
-            } as i64
-                + 16 * fifth;
+            let q = if s.is_multiple_of(2) { byte & 15 } else { byte >> 4 } as i64 + 16 * fifth;
             both(f16v(b, 0) * sc as f64 * q as f64, -f16v(b, 2) * mn as f64)
         }
         GgmlType::Q6_K => {
@@ -214,10 +174,7 @@ fn dequantize_matches_elementwise_reading_of_each_layout() {
             // f32 evaluation of a product of two or three factors, maybe minus a min: a few ulps
             // of the largest term.
             let tol = 1e-6 * mag.max(want.abs()) + 1e-30;
-            assert!(
-                (g as f64 - want).abs() <= tol,
-                "{ty} element {i}: got {g}, want {want}"
-            );
+            assert!((g as f64 - want).abs() <= tol, "{ty} element {i}: got {g}, want {want}");
         }
     }
 }
@@ -250,32 +207,12 @@ fn scale_unpacking_round_trips() {
 /// `d = max|x| / 127`, so it moves by at most `d / 2` (0.501 d allows for the f32 product
 /// `x * (1/d)`); the output moves by at most `sum_k |w_k| * d_k / 2`. On top, f32
 /// accumulation: 1e-5 of `sum_k |w_k x_k|`. Dense weights skip quantization, so only the latter.
-fn reference(
-    ty: GgmlType,
-    w: &[f32],
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let quantized = !matches!(
-        ty,
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8_K
-    );
-    let act_block = if ty.block_size() == blocks::QK_K {
-        blocks::QK_K
-    } else {
-        blocks::QK
-    };
+fn reference(ty: GgmlType, w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8_K);
+    let act_block = if ty.block_size() == blocks::QK_K { blocks::QK_K } else { blocks::QK };
     let step: Vec<f64> = x
         .chunks(act_block)
-        .map(|b| {
-            if quantized {
-                b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0
-            } else {
-                0.0
-            }
-        })
+        .map(|b| if quantized { b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0 } else { 0.0 })
         .collect();
     let (mut want, mut tol) = (vec![0f64; m * n], vec![0f64; m * n]);
     for i in 0..m {
@@ -314,8 +251,17 @@ fn kernels() -> Vec<Kernel> {
 #[test]
 fn matmul_matches_f64_reference_within_activation_quantization_error() {
     let mut rng = Rng(2);
-    for ty in GgmlType::ALL {
-        let (n, k) = (37, 2 * blocks::QK_K);
+    // Besides a common width, an odd number of blocks (the pair loops' tail) and, for the
+    // one-element "blocks" of dense types, a width that is not a multiple of 8 (SIMD tails).
+    let shapes = GgmlType::ALL.into_iter().flat_map(|ty| {
+        let odd = match ty.block_size() {
+            1 => 44,
+            bs => 7 * bs,
+        };
+        [(ty, 2 * blocks::QK_K), (ty, odd)]
+    });
+    for (ty, k) in shapes {
+        let n = 37;
         let data = random_weights(&mut rng, ty, n, k);
         let w = QuantMatrix::new(ty, &data, n, k).unwrap();
         let w_f32 = dequant_vec(ty, &data, n * k);
@@ -332,13 +278,9 @@ fn matmul_matches_f64_reference_within_activation_quantization_error() {
                     // The usual rule of thumb, 1e-2 of the norm product; the bound above is the
                     // binding one here (observed errors stay near 1e-3 of the norm product).
                     let (i, j) = (idx / n, idx % n);
-                    let norm =
-                        |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+                    let norm = |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
                     let norms = norm(&w_f32[j * k..(j + 1) * k]) * norm(&x[i * k..(i + 1) * k]);
-                    assert!(
-                        (g as f64 - wv).abs() <= 1e-2 * norms + 1e-12,
-                        "{ty} {kernel:?} m={m} out[{idx}]"
-                    );
+                    assert!((g as f64 - wv).abs() <= 1e-2 * norms + 1e-12, "{ty} {kernel:?} m={m} out[{idx}]");
                 }
             }
         }
@@ -353,7 +295,13 @@ fn avx2_kernels_agree_with_scalar() {
         return;
     };
     for ty in GgmlType::ALL {
-        let (n, k) = (13, 3 * blocks::QK_K);
+        // Odd block counts and a dense width off the SIMD width, to reach every tail.
+        let k = match ty.block_size() {
+            1 => 45,
+            blocks::QK => 25 * blocks::QK,
+            _ => 3 * blocks::QK_K,
+        };
+        let n = 13;
         let data = random_weights(&mut rng, ty, n, k);
         let w = QuantMatrix::new(ty, &data, n, k).unwrap();
         let w_f32 = dequant_vec(ty, &data, n * k);
@@ -366,9 +314,7 @@ fn avx2_kernels_agree_with_scalar() {
                     // Both compute every block's integer dot exactly; they differ only in the
                     // order of f32 additions and where block offsets are applied, so they agree
                     // to 1e-5 of the sum of the magnitudes of the products.
-                    let mag: f64 = (0..k)
-                        .map(|c| (w_f32[j * k + c] * x[i * k + c]).abs() as f64)
-                        .sum();
+                    let mag: f64 = (0..k).map(|c| (w_f32[j * k + c] * x[i * k + c]).abs() as f64).sum();
                     let (a, b) = (scalar[i * n + j], simd[i * n + j]);
                     assert!(
                         ((a - b) as f64).abs() <= 1e-5 * mag + 1e-12,
@@ -384,14 +330,7 @@ fn avx2_kernels_agree_with_scalar() {
 fn row_results_do_not_depend_on_the_batch() {
     // Large enough for the parallel driver, with m spanning tiles of 4, 3, 2 and 1 rows.
     let mut rng = Rng(4);
-    for ty in [
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-        GgmlType::F16,
-    ] {
+    for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
         let (n, k) = (300, 2 * blocks::QK_K);
         let data = random_weights(&mut rng, ty, n, k);
         let w = QuantMatrix::new(ty, &data, n, k).unwrap();
@@ -402,10 +341,7 @@ fn row_results_do_not_depend_on_the_batch() {
             for i in 0..m {
                 let alone = run(kernel, &x[i * k..(i + 1) * k], 1, &w);
                 assert!(
-                    alone
-                        .iter()
-                        .zip(&batched[i * n..(i + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{ty} {kernel:?}: row {i} differs between m=1 and m={m}"
                 );
             }
@@ -416,32 +352,46 @@ fn row_results_do_not_depend_on_the_batch() {
 #[test]
 fn activation_quantization_keeps_values_in_range_and_sums_consistent() {
     let mut rng = Rng(5);
-    let mut x = random_x(&mut rng, 1, 512);
-    x[7] = f32::INFINITY;
-    x[300] = f32::NAN;
-    for b in quantize_rows::<BlockQ8>(&x) {
-        assert!(b.qs.iter().all(|&q| q != i8::MIN));
-    }
-    let x = random_x(&mut rng, 2, 512);
-    for (xb, b) in x.chunks(32).zip(quantize_rows::<BlockQ8>(&x)) {
-        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
-        assert_eq!(b.s, b.d * sum as f32);
-        for (&xv, &q) in xb.iter().zip(&b.qs) {
-            assert!((xv - b.d * q as f32).abs() <= 0.501 * b.d + 1e-7);
+    for kernel in kernels() {
+        let mut x = random_x(&mut rng, 1, 512);
+        x[7] = f32::INFINITY;
+        x[300] = f32::NAN;
+        for b in quantize_rows::<BlockQ8>(kernel, &x) {
+            assert!(b.qs.iter().all(|&q| q != i8::MIN));
+        }
+        let x = random_x(&mut rng, 2, 512);
+        for (xb, b) in x.chunks(32).zip(quantize_rows::<BlockQ8>(kernel, &x)) {
+            let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+            assert_eq!(b.s, b.d * sum as f32);
+            assert_eq!(b.d, xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0);
+            for (&xv, &q) in xb.iter().zip(&b.qs) {
+                assert!((xv - b.d * q as f32).abs() <= 0.501 * b.d + 1e-7);
+            }
+        }
+        for b in quantize_rows::<BlockQ8K>(kernel, &x) {
+            for (g, &bs) in b.bsums.iter().enumerate() {
+                let want: i32 = b.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+                assert_eq!(bs as i32, want);
+            }
         }
     }
-    for b in quantize_rows::<BlockQ8K>(&x) {
-        for (g, &bs) in b.bsums.iter().enumerate() {
-            assert_eq!(
-                bs as i32,
-                b.qs[16 * g..16 * g + 16]
-                    .iter()
-                    .map(|&q| q as i32)
-                    .sum::<i32>()
-            );
-        }
+}
+
+#[test]
+fn activation_quantization_is_identical_on_every_kernel() {
+    // Ties included: multiples of d/2 where d = 127 / 127 = 1 (max |x| is 127).
+    let mut rng = Rng(8);
+    let mut x = random_x(&mut rng, 3, 512);
+    x[0] = 127.0;
+    for (i, v) in x[1..32].iter_mut().enumerate() {
+        *v = i as f32 * 0.5 - 7.5;
     }
-    assert_eq!(<BlockQ8K as ActBlock>::ELEMS, 256);
+    let scalar = (quantize_rows::<BlockQ8>(Kernel::Scalar, &x), quantize_rows::<BlockQ8K>(Kernel::Scalar, &x));
+    assert_eq!(&scalar.0[0].qs[..6], &[127, -8, -7, -6, -6, -6]);
+    for kernel in kernels() {
+        assert!(quantize_rows::<BlockQ8>(kernel, &x) == scalar.0, "{kernel:?}");
+        assert!(quantize_rows::<BlockQ8K>(kernel, &x) == scalar.1, "{kernel:?}");
+    }
 }
 
 /// Fixtures written by `fixtures/make_quant_fixtures.py` with the `gguf` Python package:
@@ -451,22 +401,12 @@ fn gguf_fixtures() -> Vec<(GgmlType, &'static [u8], Vec<f32>)> {
         ($ty:ident) => {
             (
                 GgmlType::$ty,
-                include_bytes!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/fixtures/quant_",
-                    stringify!($ty),
-                    ".bin"
-                ))
-                .as_slice(),
-                include_bytes!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/fixtures/quant_",
-                    stringify!($ty),
-                    ".f32"
-                ))
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+                include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quant_", stringify!($ty), ".bin"))
+                    .as_slice(),
+                include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/quant_", stringify!($ty), ".f32"))
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
             )
         };
     }
@@ -494,10 +434,7 @@ fn dequantize_matches_gguf_python_reference() {
         let got = dequant_vec(ty, raw, want.len());
         // Same f32 operations in the same order as gguf's numpy code, so bit-for-bit equal.
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                g.to_bits() == w.to_bits(),
-                "{ty} element {i}: ours {g}, gguf {w}"
-            );
+            assert!(g.to_bits() == w.to_bits(), "{ty} element {i}: ours {g}, gguf {w}");
         }
     }
 }
@@ -513,10 +450,7 @@ fn matmul_on_gguf_quantized_weights_matches_gguf_dequantization() {
         for kernel in kernels() {
             let got = run(kernel, &x, m, &w);
             for (idx, (&g, (&wv, &t))) in got.iter().zip(want.iter().zip(&tol)).enumerate() {
-                assert!(
-                    (g as f64 - wv).abs() <= t,
-                    "{ty} {kernel:?} out[{idx}]: got {g}, want {wv}"
-                );
+                assert!((g as f64 - wv).abs() <= t, "{ty} {kernel:?} out[{idx}]: got {g}, want {wv}");
             }
         }
     }
@@ -532,10 +466,7 @@ fn type_table_is_consistent() {
     assert_eq!(GgmlType::from_u32(4), None);
     assert_eq!(GgmlType::Q4_K.row_bytes(100), None);
     assert_eq!(GgmlType::Q4_1.row_bytes(576), Some(360));
-    let sizes: Vec<_> = GgmlType::ALL
-        .iter()
-        .map(|t| (t.block_size(), t.type_size()))
-        .collect();
+    let sizes: Vec<_> = GgmlType::ALL.iter().map(|t| (t.block_size(), t.type_size())).collect();
     assert_eq!(
         sizes,
         [
@@ -562,51 +493,24 @@ fn type_table_is_consistent() {
 fn bad_shapes_are_errors_not_panics() {
     let data = vec![0u8; 2 * 20];
     let mut out = vec![0f32; 64];
-    assert!(matches!(
-        dequantize(GgmlType::Q4_1, &data, &mut out[..63]),
-        Err(QuantError::NotBlockMultiple { .. })
-    ));
+    assert!(matches!(dequantize(GgmlType::Q4_1, &data, &mut out[..63]), Err(QuantError::NotBlockMultiple { .. })));
     assert!(matches!(
         dequantize(GgmlType::Q4_1, &data[..39], &mut out),
-        Err(QuantError::LengthMismatch {
-            expected: 40,
-            got: 39,
-            ..
-        })
+        Err(QuantError::LengthMismatch { expected: 40, got: 39, .. })
     ));
     assert!(dequantize(GgmlType::Q4_1, &data, &mut out).is_ok());
 
-    let w = QuantMatrix {
-        ty: GgmlType::Q4_1,
-        data: &data,
-        rows: 2,
-        cols: 32,
-    };
+    let w = QuantMatrix { ty: GgmlType::Q4_1, data: &data, rows: 2, cols: 32 };
     let x = vec![1f32; 3 * 32];
     let mut out = vec![0f32; 3 * 2];
     assert!(quant_matmul(&x, 3, &w, &mut out).is_ok());
-    assert!(matches!(
-        quant_matmul(&x, 2, &w, &mut out),
-        Err(QuantError::LengthMismatch { .. })
-    ));
-    assert!(matches!(
-        quant_matmul(&x, 3, &w, &mut out[..5]),
-        Err(QuantError::LengthMismatch { .. })
-    ));
+    assert!(matches!(quant_matmul(&x, 2, &w, &mut out), Err(QuantError::LengthMismatch { .. })));
+    assert!(matches!(quant_matmul(&x, 3, &w, &mut out[..5]), Err(QuantError::LengthMismatch { .. })));
     let short = QuantMatrix { rows: 3, ..w };
-    assert!(matches!(
-        quant_matmul(&x, 3, &short, &mut [0f32; 9]),
-        Err(QuantError::LengthMismatch { .. })
-    ));
+    assert!(matches!(quant_matmul(&x, 3, &short, &mut [0f32; 9]), Err(QuantError::LengthMismatch { .. })));
     let ragged = QuantMatrix { cols: 33, ..w };
-    assert!(matches!(
-        quant_matmul(&x, 3, &ragged, &mut out),
-        Err(QuantError::NotBlockMultiple { .. })
-    ));
-    let huge = QuantMatrix {
-        rows: usize::MAX,
-        ..w
-    };
+    assert!(matches!(quant_matmul(&x, 3, &ragged, &mut out), Err(QuantError::NotBlockMultiple { .. })));
+    let huge = QuantMatrix { rows: usize::MAX, ..w };
     assert!(quant_matmul(&x, 3, &huge, &mut out).is_err());
     assert!(QuantMatrix::new(GgmlType::Q4_1, &data, 1, 32).is_err());
     let msg = quant_matmul(&x, 2, &w, &mut out).unwrap_err().to_string();
@@ -614,12 +518,7 @@ fn bad_shapes_are_errors_not_panics() {
 
     // Empty shapes are valid and do nothing (or write zeros for k = 0).
     assert!(quant_matmul(&[], 0, &w, &mut []).is_ok());
-    let empty = QuantMatrix {
-        ty: GgmlType::Q4_1,
-        data: &[],
-        rows: 2,
-        cols: 0,
-    };
+    let empty = QuantMatrix { ty: GgmlType::Q4_1, data: &[], rows: 2, cols: 0 };
     let mut out = vec![f32::NAN; 6];
     quant_matmul(&[], 3, &empty, &mut out).unwrap();
     assert_eq!(out, [0.0; 6]);
@@ -664,5 +563,54 @@ fn quant_matmul_throughput() {
                 best * 1e6
             );
         }
+    }
+}
+
+/// All the matmuls of one SmolLM2-135M forward step (Q4_1 projections, the tied Q8_0 lm_head),
+/// ~96 MB of weights, so they stream from memory as in real decoding. For the lead's information:
+/// `cargo test -p ironllm-kernels --release -- --ignored --nocapture smollm2_135m_step`.
+#[test]
+#[ignore]
+fn smollm2_135m_step_matmul_time() {
+    let mut rng = Rng(10);
+    let (hidden, kv, inter, vocab, layers) = (576, 192, 1536, 49152, 30);
+    let layer_shapes = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (inter, hidden),
+        (inter, hidden),
+        (hidden, inter),
+    ];
+    let mut mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = Vec::new();
+    for _ in 0..layers {
+        for &(n, k) in &layer_shapes {
+            mats.push((GgmlType::Q4_1, n, k, random_weights(&mut rng, GgmlType::Q4_1, n, k)));
+        }
+    }
+    mats.push((GgmlType::Q8_0, vocab, hidden, random_weights(&mut rng, GgmlType::Q8_0, vocab, hidden)));
+    let total_bytes: usize = mats.iter().map(|m| m.3.len()).sum();
+    let total_macs: usize = mats.iter().map(|m| m.1 * m.2).sum();
+    println!("rayon threads: {}, weights {:.1} MB", rayon::current_num_threads(), total_bytes as f64 / 1e6);
+    for m in [1, 4, 16] {
+        let x = random_x(&mut rng, m, inter);
+        let mut out = vec![0f32; m * vocab];
+        let mut best = f64::INFINITY;
+        for _ in 0..8 {
+            let t = std::time::Instant::now();
+            for (ty, n, k, data) in &mats {
+                let w = QuantMatrix { ty: *ty, data, rows: *n, cols: *k };
+                quant_matmul(&x[..m * k], m, &w, &mut out[..m * n]).unwrap();
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "m={m:<3}: {:>7.2} ms per step ({} matmuls), {:>6.1} GFLOP/s, {:>5.1} GB/s of weights",
+            best * 1e3,
+            mats.len(),
+            2.0 * (m * total_macs) as f64 / best / 1e9,
+            total_bytes as f64 / best / 1e9
+        );
     }
 }
