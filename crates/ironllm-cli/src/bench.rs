@@ -110,7 +110,8 @@ fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for it in 0..a.num_iters_warmup + a.num_iters {
         // Fresh random prompts every iteration so the prefix cache cannot help.
-        let prompts: Vec<Prompt> = (0..a.batch_size).map(|_| Prompt::Tokens(random_tokens(&mut rng, a.input_len, vocab))).collect();
+        let prompts: Vec<Prompt> =
+            (0..a.batch_size).map(|_| Prompt::Tokens(random_tokens(&mut rng, a.input_len, vocab))).collect();
         let t0 = Instant::now();
         llm.generate(&prompts, &params)?;
         let dt = t0.elapsed().as_secs_f64();

@@ -66,10 +66,29 @@ pub fn apply_json_params(p: &mut SamplingParams, v: &Value) -> anyhow::Result<()
     let Some(obj) = v.as_object() else { return Ok(()) };
     let mut merged = serde_json::to_value(&*p)?;
     let known = [
-        "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k",
-        "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
-        "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-        "logit_bias", "allowed_token_ids", "bad_words",
+        "n",
+        "best_of",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "prompt_logprobs",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "include_stop_str_in_output",
+        "logit_bias",
+        "allowed_token_ids",
+        "bad_words",
     ];
     for (k, val) in obj {
         if known.contains(&k.as_str()) {
@@ -114,7 +133,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let v: Value =
+                serde_json::from_str(&line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
             inputs.push(v);
         }
     }
@@ -136,12 +156,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let prompt = if let Some(messages) = messages {
             let source = template.as_deref().context("the model has no chat template")?;
             let tok = tokenizer.as_ref().context("chat needs a tokenizer")?;
-            let ct = ironllm_model::chat_template::ChatTemplate::new(source, tok.bos_token().map(str::to_string), tok.eos_token().map(str::to_string))?;
+            let ct = ironllm_model::chat_template::ChatTemplate::new(
+                source,
+                tok.bos_token().map(str::to_string),
+                tok.eos_token().map(str::to_string),
+            )?;
             Prompt::Text(ct.render(&messages, true, &serde_json::Map::new())?)
         } else if let Some(Value::String(s)) = v.get("prompt") {
             Prompt::Text(s.clone())
         } else if let Some(ids) = v.get("prompt_token_ids") {
-            Prompt::Tokens(serde_json::from_value(ids.clone()).context("`prompt_token_ids` must be a list of token ids")?)
+            Prompt::Tokens(
+                serde_json::from_value(ids.clone()).context("`prompt_token_ids` must be a list of token ids")?,
+            )
         } else {
             bail!("prompt {}: needs `prompt`, `prompt_token_ids` or `messages`", i + 1);
         };

@@ -248,7 +248,8 @@ impl OutputProcessor {
             }
             if let Some((reason, stop_reason)) = finish {
                 child.finish_reason = Some(reason);
-                child.stop_reason = stop_reason;
+                // vLLM reports no stop_reason for the model's own EOS.
+                child.stop_reason = stop_reason.filter(|r| *r != StopReason::Eos);
             }
             if !touched.contains(&child.parent) {
                 touched.push(child.parent.clone());

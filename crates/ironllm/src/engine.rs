@@ -155,6 +155,24 @@ impl Engine {
             max_num_batched_tokens,
             load_seconds: loaded.load_seconds,
         };
+        tracing::info!(
+            "model {} ({}, {} layers, weights {} = {:.1} MiB) loaded in {:.2}s",
+            info.model_path,
+            info.config.architecture.hf_name(),
+            info.config.num_hidden_layers,
+            info.weight_format,
+            info.weight_bytes as f64 / (1 << 20) as f64,
+            info.load_seconds
+        );
+        tracing::info!(
+            "device cpu: KV cache {} blocks x {} tokens = {} tokens ({:.1} MiB); maximum concurrency for {} tokens per request: {:.2}x",
+            num_kv_blocks,
+            args.block_size,
+            info.kv_capacity_tokens,
+            (num_kv_blocks * bytes_per_block) as f64 / (1 << 20) as f64,
+            max_model_len,
+            info.max_concurrency()
+        );
         let runner = CpuModelRunner::new(loaded.model.clone(), num_kv_blocks, args.block_size, args.seed);
         let core = EngineCore::new(sched, runner).map_err(LlmError::Core)?;
         Ok(Engine {

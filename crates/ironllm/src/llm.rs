@@ -24,6 +24,11 @@ impl LLM {
         &self.engine
     }
 
+    /// The underlying engine, for driving requests step by step.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     /// vLLM's defaults with the model's generation config applied.
     pub fn default_sampling_params(&self) -> SamplingParams {
         self.engine.default_sampling_params()

@@ -4,9 +4,10 @@
 //! `BlockQ8` is llama.cpp's Q8_0 (scale `d`, 32 values) with Q8_1's `s = d * sum(qs)` always
 //! filled in: Q8_0 and Q8_1 quantize identically, and keeping the sum lets the unsigned-weight
 //! kernels (Q4_0, Q5_0) fold their -8/-16 offset into one multiply instead of sign-extending every
-//! weight. `BlockQ8K` is Q8_K (256 values with the sum of every 16, which the K-quant kernels use
-//! for their mins and offsets). Scales are kept as f32, not rounded to f16 as in the file format,
-//! because these blocks never leave memory.
+//! weight. `BlockQ8x2` holds the same values for two consecutive blocks, interleaved by half-block
+//! for the AVX2 kernels. `BlockQ8K` is Q8_K (256 values with the sum of every 16, which the
+//! K-quant kernels use for their mins and offsets). Scales are kept as f32, not rounded to f16 as
+//! in the file format, because these blocks never leave memory.
 
 use std::cell::RefCell;
 
@@ -36,14 +37,34 @@ pub(crate) struct BlockQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
+/// Two consecutive `BlockQ8`s interleaved by half-block, the layout the AVX2 legacy kernels read:
+/// one 256-bit vector then holds the same half of two blocks, so one `madd`, one float conversion
+/// and one FMA serve two blocks. A row with an odd number of blocks ends with a pair whose second
+/// block is all zeros (scales included), which contributes exactly nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub(crate) struct BlockQ8x2 {
+    /// `[d0, s0, d1, s1]`.
+    pub ds: [f32; 4],
+    /// Values 0..16 of block 0, then values 0..16 of block 1.
+    pub lo: [i8; QK],
+    /// Values 16..32 of block 0, then values 16..32 of block 1.
+    pub hi: [i8; QK],
+}
+
 /// An activation block type: how a row is quantized, and where its buffer lives.
 pub(crate) trait ActBlock: Copy + Send + Sync + 'static {
     /// Elements per block.
     const ELEMS: usize;
     const ZERO: Self;
-    /// Quantizes `x` (`out.len() * ELEMS` values) into `out`. Every kernel gives the same blocks.
+    /// Quantizes one row `x` into `out` (`blocks_for(x.len())` blocks). Every kernel gives the
+    /// same blocks.
     fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]);
     fn buffer(scratch: &mut Scratch) -> &mut Vec<Self>;
+    /// Blocks for a row of `k` values (`k` a multiple of the weight block size).
+    fn blocks_for(k: usize) -> usize {
+        k.div_ceil(Self::ELEMS)
+    }
 }
 
 /// Adding and then subtracting 1.5 * 2^23 rounds an f32 below 2^22 in magnitude to an integer,
@@ -96,12 +117,8 @@ impl ActBlock for BlockQ8 {
     const ELEMS: usize = QK;
     const ZERO: Self = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK] };
 
-    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]) {
-        #[cfg(target_arch = "x86_64")]
-        if let Kernel::Avx2(token) = kernel {
-            return super::avx2::quantize_q8(token, x, out);
-        }
-        let _ = kernel;
+    /// Only the scalar kernels read `BlockQ8`, so there is no SIMD version.
+    fn quantize_row(_kernel: Kernel, x: &[f32], out: &mut [Self]) {
         for (xb, b) in x.chunks_exact(QK).zip(out) {
             let (d, id) = block_scale(abs_max(xb));
             let sum = quantize_values(xb, id, &mut b.qs);
@@ -112,6 +129,35 @@ impl ActBlock for BlockQ8 {
 
     fn buffer(scratch: &mut Scratch) -> &mut Vec<Self> {
         &mut scratch.q8
+    }
+}
+
+impl ActBlock for BlockQ8x2 {
+    const ELEMS: usize = 2 * QK;
+    const ZERO: Self = BlockQ8x2 { ds: [0.0; 4], lo: [0; QK], hi: [0; QK] };
+
+    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Avx2(token) = kernel {
+            return super::avx2::quantize_q8x2(token, x, out);
+        }
+        let _ = kernel;
+        for (x64, pair) in x.chunks(2 * QK).zip(out) {
+            *pair = Self::ZERO;
+            for (h, xb) in x64.chunks_exact(QK).enumerate() {
+                let mut q = [0i8; QK];
+                let (d, id) = block_scale(abs_max(xb));
+                let sum = quantize_values(xb, id, &mut q);
+                pair.ds[2 * h] = d;
+                pair.ds[2 * h + 1] = d * sum as f32;
+                pair.lo[16 * h..16 * h + 16].copy_from_slice(&q[..16]);
+                pair.hi[16 * h..16 * h + 16].copy_from_slice(&q[16..]);
+            }
+        }
+    }
+
+    fn buffer(scratch: &mut Scratch) -> &mut Vec<Self> {
+        &mut scratch.q8x2
     }
 }
 
@@ -142,6 +188,7 @@ impl ActBlock for BlockQ8K {
 #[derive(Default)]
 pub(crate) struct Scratch {
     q8: Vec<BlockQ8>,
+    q8x2: Vec<BlockQ8x2>,
     q8k: Vec<BlockQ8K>,
 }
 
@@ -153,18 +200,17 @@ thread_local! {
 /// would cost more than the work.
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// Quantizes the rows of `x` (each `k` values, `k` a multiple of `A::ELEMS`) and hands the
-/// blocks, row after row, to `f`.
+/// Quantizes the rows of `x` (each `k` values) and hands the blocks, `A::blocks_for(k)` per
+/// row, to `f`.
 pub(crate) fn with_quantized<A: ActBlock, T>(kernel: Kernel, x: &[f32], k: usize, f: impl FnOnce(&[A]) -> T) -> T {
-    let n_blocks = x.len() / A::ELEMS;
+    let blocks_per_row = A::blocks_for(k);
     let fill = |buf: &mut Vec<A>| {
         buf.clear();
-        buf.resize(n_blocks, A::ZERO);
-        let blocks_per_row = k / A::ELEMS;
+        buf.resize(x.len() / k * blocks_per_row, A::ZERO);
         if x.len() >= PAR_MIN_ELEMS && x.len() > k {
             buf.par_chunks_mut(blocks_per_row).zip(x.par_chunks(k)).for_each(|(b, xr)| A::quantize_row(kernel, xr, b));
         } else {
-            A::quantize_row(kernel, x, buf);
+            buf.chunks_mut(blocks_per_row).zip(x.chunks(k)).for_each(|(b, xr)| A::quantize_row(kernel, xr, b));
         }
     };
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -184,8 +230,6 @@ pub(crate) fn with_quantized<A: ActBlock, T>(kernel: Kernel, x: &[f32], k: usize
 }
 
 #[cfg(test)]
-pub(crate) fn quantize_rows<A: ActBlock>(kernel: Kernel, x: &[f32]) -> Vec<A> {
-    let mut out = vec![A::ZERO; x.len() / A::ELEMS];
-    A::quantize_row(kernel, x, &mut out);
-    out
+pub(crate) fn quantize_rows<A: ActBlock>(kernel: Kernel, x: &[f32], k: usize) -> Vec<A> {
+    with_quantized(kernel, x, k, |blocks: &[A]| blocks.to_vec())
 }

@@ -9,8 +9,9 @@
 //!
 //! Code map:
 //! - `blocks`: the byte layout of every block type and its dequantization (the file-format facts).
-//! - `act`: activation blocks (`BlockQ8`: Q8_0 values plus the Q8_1 sum; `BlockQ8K`) and the
-//!   per-thread buffer they are quantized into.
+//! - `act`: activation blocks (`BlockQ8`: Q8_0 values plus the Q8_1 sum; `BlockQ8x2`, the same
+//!   for two blocks in the layout of the AVX2 kernels; `BlockQ8K`) and the per-thread buffer they
+//!   are quantized into.
 //! - `scalar`, `avx2`: one dot kernel per weight type and instruction set, each dotting one weight
 //!   row with up to four activation rows so that a decoded weight block is reused across the batch.
 //! - this file: public types, shape checks, runtime dispatch and the parallel driver.
@@ -345,7 +346,7 @@ where
     D: RowDot,
     D::Act: ActBlock,
 {
-    let act_stride = w.cols / D::Act::ELEMS;
+    let act_stride = D::Act::blocks_for(w.cols);
     act::with_quantized::<D::Act, _>(kernel, x, w.cols, |acts| drive(dot, acts, act_stride, m, w, out));
 }
 

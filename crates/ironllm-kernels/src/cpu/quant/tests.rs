@@ -2,7 +2,7 @@
 //! against fixtures from the `gguf` Python package), the matmul (against f64 with a tolerance
 //! derived from the activation quantization), scalar vs AVX2, batch invariance, and errors.
 
-use super::act::{quantize_rows, BlockQ8, BlockQ8K};
+use super::act::{quantize_rows, BlockQ8, BlockQ8K, BlockQ8x2};
 use super::blocks::{k4_scales_mins, q3k_scales};
 use super::*;
 
@@ -352,45 +352,75 @@ fn row_results_do_not_depend_on_the_batch() {
 #[test]
 fn activation_quantization_keeps_values_in_range_and_sums_consistent() {
     let mut rng = Rng(5);
+    let mut x = random_x(&mut rng, 1, 512);
+    x[7] = f32::INFINITY;
+    x[300] = f32::NAN;
+    for b in quantize_rows::<BlockQ8>(Kernel::Scalar, &x, 512) {
+        assert!(b.qs.iter().all(|&q| q != i8::MIN));
+    }
     for kernel in kernels() {
-        let mut x = random_x(&mut rng, 1, 512);
-        x[7] = f32::INFINITY;
-        x[300] = f32::NAN;
-        for b in quantize_rows::<BlockQ8>(kernel, &x) {
+        for b in quantize_rows::<BlockQ8x2>(kernel, &x, 512) {
+            assert!(b.lo.iter().chain(&b.hi).all(|&q| q != i8::MIN));
+        }
+        for b in quantize_rows::<BlockQ8K>(kernel, &x, 512) {
             assert!(b.qs.iter().all(|&q| q != i8::MIN));
         }
-        let x = random_x(&mut rng, 2, 512);
-        for (xb, b) in x.chunks(32).zip(quantize_rows::<BlockQ8>(kernel, &x)) {
-            let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
-            assert_eq!(b.s, b.d * sum as f32);
-            assert_eq!(b.d, xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0);
-            for (&xv, &q) in xb.iter().zip(&b.qs) {
-                assert!((xv - b.d * q as f32).abs() <= 0.501 * b.d + 1e-7);
-            }
+    }
+
+    let x = random_x(&mut rng, 2, 512);
+    for (xb, b) in x.chunks(32).zip(quantize_rows::<BlockQ8>(Kernel::Scalar, &x, 512)) {
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        assert_eq!(b.s, b.d * sum as f32);
+        assert_eq!(b.d, xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0);
+        for (&xv, &q) in xb.iter().zip(&b.qs) {
+            assert!((xv - b.d * q as f32).abs() <= 0.501 * b.d + 1e-7);
         }
-        for b in quantize_rows::<BlockQ8K>(kernel, &x) {
-            for (g, &bs) in b.bsums.iter().enumerate() {
-                let want: i32 = b.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
-                assert_eq!(bs as i32, want);
-            }
+    }
+    for b in quantize_rows::<BlockQ8K>(Kernel::Scalar, &x, 512) {
+        for (g, &bs) in b.bsums.iter().enumerate() {
+            let want: i32 = b.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(bs as i32, want);
         }
     }
 }
 
+/// `BlockQ8`s of rows of `blocks_per_row` blocks, regrouped into the pair layout.
+fn to_pairs(blocks: &[BlockQ8], blocks_per_row: usize) -> Vec<BlockQ8x2> {
+    let mut out = Vec::new();
+    for row in blocks.chunks(blocks_per_row) {
+        for two in row.chunks(2) {
+            let mut p = BlockQ8x2 { ds: [0.0; 4], lo: [0; 32], hi: [0; 32] };
+            for (h, b) in two.iter().enumerate() {
+                p.ds[2 * h] = b.d;
+                p.ds[2 * h + 1] = b.s;
+                p.lo[16 * h..16 * h + 16].copy_from_slice(&b.qs[..16]);
+                p.hi[16 * h..16 * h + 16].copy_from_slice(&b.qs[16..]);
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn activation_quantization_is_identical_on_every_kernel() {
-    // Ties included: multiples of d/2 where d = 127 / 127 = 1 (max |x| is 127).
+    // Ties included: multiples of d/2 where d = 127 / 127 = 1 (max |x| is 127). Rows of 7
+    // blocks, so every row ends with a half-empty pair.
     let mut rng = Rng(8);
-    let mut x = random_x(&mut rng, 3, 512);
+    let k = 7 * 32;
+    let mut x = random_x(&mut rng, 3, k);
     x[0] = 127.0;
     for (i, v) in x[1..32].iter_mut().enumerate() {
         *v = i as f32 * 0.5 - 7.5;
     }
-    let scalar = (quantize_rows::<BlockQ8>(Kernel::Scalar, &x), quantize_rows::<BlockQ8K>(Kernel::Scalar, &x));
-    assert_eq!(&scalar.0[0].qs[..6], &[127, -8, -7, -6, -6, -6]);
+    let q8 = quantize_rows::<BlockQ8>(Kernel::Scalar, &x, k);
+    assert_eq!(&q8[0].qs[..6], &[127, -8, -7, -6, -6, -6]);
+    let pairs = to_pairs(&q8, 7);
+    let xk = random_x(&mut rng, 3, 512);
+    let q8k = quantize_rows::<BlockQ8K>(Kernel::Scalar, &xk, 512);
     for kernel in kernels() {
-        assert!(quantize_rows::<BlockQ8>(kernel, &x) == scalar.0, "{kernel:?}");
-        assert!(quantize_rows::<BlockQ8K>(kernel, &x) == scalar.1, "{kernel:?}");
+        assert!(quantize_rows::<BlockQ8x2>(kernel, &x, k) == pairs, "{kernel:?}");
+        assert!(quantize_rows::<BlockQ8K>(kernel, &xk, 512) == q8k, "{kernel:?}");
     }
 }
 
