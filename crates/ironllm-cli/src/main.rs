@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Generate offline for a batch of prompts (JSONL in, JSONL out).
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible API (a drop-in for `vllm serve`).
+    Serve(serve::ServeArgs),
     /// Benchmarks (latency, throughput), as `vllm bench`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -31,6 +34,7 @@ fn main() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(c) => bench::run(c),
     };
     if let Err(e) = result {

@@ -46,6 +46,9 @@ pub struct CpuModelRunner {
     sampler: Sampler,
     engine_rng: Rng,
     reqs: HashMap<String, ReqState>,
+    /// The one thread pool the kernels run on. The forward pass is entered through `install`, so every
+    /// parallel kernel starts on a pool worker instead of paying a cross-thread hand-off per call.
+    pool: Arc<rayon::ThreadPool>,
     // Batch buffers, reused across steps.
     token_ids: Vec<u32>,
     positions: Vec<usize>,
@@ -58,6 +61,12 @@ impl CpuModelRunner {
     /// generators of requests that do not bring their own.
     pub fn new(model: Arc<LlamaModel>, num_blocks: usize, block_size: usize, seed: u64) -> CpuModelRunner {
         let kv = KvCache::new(&model.config, num_blocks, block_size);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ironllm-cpu-{i}"))
+            .build()
+            .unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool"));
         let vocab = model.config.vocab_size;
         CpuModelRunner {
             model,
@@ -66,6 +75,7 @@ impl CpuModelRunner {
             sampler: Sampler::new(vocab),
             engine_rng: Rng::seeded(seed),
             reqs: HashMap::new(),
+            pool: Arc::new(pool),
             token_ids: Vec::new(),
             positions: Vec::new(),
             slots: Vec::new(),
@@ -129,6 +139,13 @@ impl CpuModelRunner {
 
 impl ModelExecutor for CpuModelRunner {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
+        let pool = Arc::clone(&self.pool);
+        pool.install(|| self.execute_step(plan))
+    }
+}
+
+impl CpuModelRunner {
+    fn execute_step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
         self.apply_plan_bookkeeping(plan)?;
         let block_size = self.kv.layout.block_size;
         let max_pos = self.model.config.max_position_embeddings.max(1);

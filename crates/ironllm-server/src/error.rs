@@ -7,7 +7,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 /// An error answered to a client.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,17 +87,38 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", message)
     }
 
-    /// The JSON body, as vLLM's `ErrorResponse` serializes it.
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.status.as_u16(),
-            }
-        })
+    /// The body, with vLLM's `ErrorResponse` fields in vLLM's order.
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorInfo {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.status.as_u16(),
+            },
+        }
     }
+
+    /// The body as a JSON value.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.body()).unwrap_or_default()
+    }
+}
+
+/// vLLM's `ErrorResponse`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorInfo<'a>,
+}
+
+/// vLLM's `ErrorInfo`.
+#[derive(Debug, Serialize)]
+pub struct ErrorInfo<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: u16,
 }
 
 impl std::fmt::Display for ApiError {
@@ -108,7 +129,7 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.to_json())).into_response()
+        (self.status, axum::Json(self.body())).into_response()
     }
 }
 
@@ -141,6 +162,10 @@ mod tests {
         assert_eq!(v["error"]["type"], "BadRequestError");
         assert_eq!(v["error"]["param"], "max_tokens");
         assert_eq!(v["error"]["code"], 400);
+        assert_eq!(
+            serde_json::to_string(&e.body()).unwrap(),
+            r#"{"error":{"message":"bad (parameter=max_tokens, value=5)","type":"BadRequestError","param":"max_tokens","code":400}}"#
+        );
         let nf = ApiError::model_not_found("x").to_json();
         assert_eq!(nf["error"]["message"], "The model `x` does not exist.");
         assert_eq!(nf["error"]["code"], 404);

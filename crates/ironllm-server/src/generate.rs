@@ -149,7 +149,7 @@ impl SseSender {
 
     /// Sends an error event in vLLM's shape.
     pub async fn error(&self, e: &ApiError) -> Result<(), ClientGone> {
-        self.data(&e.to_json()).await
+        self.data(&e.body()).await
     }
 
     /// Sends `data: [DONE]\n\n`.

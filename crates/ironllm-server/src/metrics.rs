@@ -154,7 +154,7 @@ impl Metrics {
         reg.register("vllm:generation_tokens", "Number of generation tokens processed.", m.generation_tokens.clone());
         reg.register("vllm:request_success", "Count of successfully processed requests.", m.request_success.clone());
         for reason in [FinishReason::Stop, FinishReason::Length, FinishReason::Abort] {
-            m.request_success.get_or_create(&finished_label(reason));
+            let _ = m.request_success.get_or_create(&finished_label(reason));
         }
         reg.register("vllm:request_prompt_tokens", "Number of prefill tokens processed.", m.request_prompt_tokens.clone());
         reg.register(

@@ -169,9 +169,9 @@ pub fn build_state(engine: Engine, config: ServerConfig) -> Result<Arc<AppState>
     };
     let generation = engine.generation_defaults().clone();
     let overrides = generation.describe();
-    if !overrides.is_empty() {
+    if overrides != "{}" {
         tracing::info!(
-            "Default sampling parameters have been overridden by the model's generation config: {{{overrides}}}. If this is not intended, relaunch with `--generation-config vllm`."
+            "Default sampling parameters have been overridden by the model's generation config: {overrides}. If this is not intended, relaunch with `--generation-config vllm`."
         );
     }
     let default_params = engine.default_sampling_params();
@@ -260,27 +260,14 @@ async fn access_log(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Prints vLLM's start-up facts: model, device, KV capacity, maximum concurrency.
+/// One line with what is served where, after the engine's own load and KV-capacity lines.
 fn log_startup_summary(state: &AppState, engine_info: &ironllm::engine::EngineInfo) {
     tracing::info!(
-        "Model {} ({}, {} weights, {:.1} MiB) loaded in {:.2} s on device cpu",
+        "Serving model {} ({}) on device cpu: max_model_len {}, KV cache {} tokens, maximum concurrency for {} tokens per request: {:.2}x",
         state.model_name(),
         engine_info.model_path,
-        engine_info.weight_format,
-        engine_info.weight_bytes as f64 / (1 << 20) as f64,
-        engine_info.load_seconds
-    );
-    tracing::info!(
-        "KV cache size: {} tokens ({} blocks of {} tokens); max_model_len {}, max_num_seqs {}, max_num_batched_tokens {}",
-        engine_info.kv_capacity_tokens,
-        engine_info.num_kv_blocks,
-        engine_info.block_size,
         engine_info.max_model_len,
-        engine_info.max_num_seqs,
-        engine_info.max_num_batched_tokens
-    );
-    tracing::info!(
-        "Maximum concurrency for {} tokens per request: {:.2}x",
+        engine_info.kv_capacity_tokens,
         engine_info.max_model_len,
         engine_info.max_concurrency()
     );

@@ -188,7 +188,17 @@ mod tests {
     }
 
     /// Dense causal attention in f64 over contiguous K/V.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], nh: usize, nkv: usize, hd: usize, ctx: usize, qlen: usize, scale: f32) -> Vec<f64> {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        ctx: usize,
+        qlen: usize,
+        scale: f32,
+    ) -> Vec<f64> {
         let group = nh / nkv;
         let mut out = vec![0f64; qlen * nh * hd];
         for t in 0..qlen {
@@ -197,13 +207,16 @@ mod tests {
                 let kvh = h / group;
                 let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
                 let s: Vec<f64> = (0..visible)
-                    .map(|j| (0..hd).map(|i| qv[i] as f64 * k[(j * nkv + kvh) * hd + i] as f64).sum::<f64>() * scale as f64)
+                    .map(|j| {
+                        (0..hd).map(|i| qv[i] as f64 * k[(j * nkv + kvh) * hd + i] as f64).sum::<f64>() * scale as f64
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for i in 0..hd {
-                    out[(t * nh + h) * hd + i] = (0..visible).map(|j| e[j] * v[(j * nkv + kvh) * hd + i] as f64).sum::<f64>() / z;
+                    out[(t * nh + h) * hd + i] =
+                        (0..visible).map(|j| e[j] * v[(j * nkv + kvh) * hd + i] as f64).sum::<f64>() / z;
                 }
             }
         }
@@ -240,7 +253,12 @@ mod tests {
         let seqs: Vec<SeqSpan> = spans
             .iter()
             .enumerate()
-            .map(|(si, &(query_start, query_len, context_len))| SeqSpan { query_start, query_len, context_len, block_table: &tables[si] })
+            .map(|(si, &(query_start, query_len, context_len))| SeqSpan {
+                query_start,
+                query_len,
+                context_len,
+                block_table: &tables[si],
+            })
             .collect();
         let mut out = vec![f32::NAN; q_all.len()];
         paged_attention(&layout, &q_all, nh, &k_cache, &v_cache, &seqs, 0.25, &mut out);

@@ -215,7 +215,8 @@ mod tests {
             matmul_f32(&x, m, &w, n, k, Some(&bias), &mut out);
             for i in 0..m {
                 for j in 0..n {
-                    let r: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() + bias[j] as f64;
+                    let r: f64 =
+                        (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() + bias[j] as f64;
                     assert!((out[i * n + j] as f64 - r).abs() < 1e-4 * (1.0 + r.abs()), "({m},{n},{k}) [{i},{j}]");
                 }
             }

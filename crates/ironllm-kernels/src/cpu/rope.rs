@@ -127,7 +127,12 @@ mod tests {
         t.apply(&mut x, 1, &[3]);
         let f = [1.0f64, 1.0 / 10.0];
         let (a, b) = ((3.0 * f[0]) as f64, (3.0 * f[1]) as f64);
-        let want = [1.0 * a.cos() - 3.0 * a.sin(), 2.0 * b.cos() - 4.0 * b.sin(), 3.0 * a.cos() + 1.0 * a.sin(), 4.0 * b.cos() + 2.0 * b.sin()];
+        let want = [
+            1.0 * a.cos() - 3.0 * a.sin(),
+            2.0 * b.cos() - 4.0 * b.sin(),
+            3.0 * a.cos() + 1.0 * a.sin(),
+            4.0 * b.cos() + 2.0 * b.sin(),
+        ];
         for i in 0..4 {
             assert!((x[i] as f64 - want[i]).abs() < 1e-5);
         }

@@ -18,9 +18,10 @@
 //!
 //! Invariants: a row's result depends only on that row's activations and the weights, never on `m`,
 //! the tiling or the thread count (each output is one kernel call whose per-row arithmetic does not
-//! depend on how many rows share it), so a request's output does not depend on its batch. The only
-//! `unsafe` here is the call into `#[target_feature]` kernels behind a detection token, and the
-//! disjoint output writes of the parallel driver.
+//! depend on how many rows share it), so a request's output does not depend on its batch. The
+//! `unsafe` code is: calls into `#[target_feature]` functions behind a detection token, unaligned
+//! SIMD loads and stores of fixed-size arrays (both in `avx2`), and the disjoint output writes of
+//! the parallel driver below.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
