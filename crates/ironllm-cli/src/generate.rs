@@ -145,7 +145,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = llm.engine().tokenizer().cloned();
     let mut prompts = Vec::with_capacity(inputs.len());
     let mut params = Vec::with_capacity(inputs.len());
+    let mut priorities = Vec::with_capacity(inputs.len());
     for (i, v) in inputs.iter().enumerate() {
+        priorities.push(v.get("priority").and_then(Value::as_i64).unwrap_or(0) as i32);
         let mut p = base.clone();
         apply_json_params(&mut p, v).with_context(|| format!("prompt {}", i + 1))?;
         let messages = match (v.get("messages"), v.get("prompt")) {
@@ -175,7 +177,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         params.push(p);
     }
     let started = std::time::Instant::now();
-    let outputs = llm.generate_each(&prompts, &params)?;
+    let outputs = llm.generate_with_priority(&prompts, &params, &priorities)?;
     let elapsed = started.elapsed().as_secs_f64();
     let mut sink: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),

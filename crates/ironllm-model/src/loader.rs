@@ -177,6 +177,15 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
         Some(n) => n,
         None => config.max_position_embeddings,
     };
+    // Sliding-window attention is not implemented: within the window it equals full attention, so the
+    // context is capped at the window rather than computing wrong attention beyond it.
+    let max_model_len = match config.sliding_window {
+        Some(w) if w < max_model_len => {
+            tracing::warn!("sliding-window attention is not supported yet; capping max_model_len at the window of {w}");
+            w
+        }
+        _ => max_model_len,
+    };
     let keep_quantized = opts.dtype != DType::Float32;
     let mut eos_token_ids = config.eos_token_ids.clone();
     eos_token_ids.extend(generation.eos_token_ids.iter().copied());

@@ -2,7 +2,7 @@
 //! templates expect (content as one string, tool-call arguments as objects), then rendered with the
 //! model's template (or `--chat-template`), as vLLM does with `apply_chat_template`.
 //!
-//! - `content` may be a string, null, or a list of `{"type": "text", "text": ...}` parts, joined
+//! - `content` may be a string, null (read as ""), or a list of `{"type": "text", "text": ...}` parts, joined
 //!   with newlines (vLLM's "string" content format); other part types are rejected.
 //! - `continue_final_message` renders without a generation prompt and cuts the text right after the
 //!   final message, so the model continues it (transformers' algorithm).
@@ -49,7 +49,11 @@ fn normalize_message(i: usize, message: &Value) -> Result<Value, ApiError> {
         Some(other) => return Err(bad(format!("`messages[{i}].role` must be a string, got {}", json_kind(other)))),
     }
     match obj.get("content") {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        // vLLM turns a missing or null content (an assistant message with tool calls) into "".
+        None | Some(Value::Null) => {
+            out.insert("content".into(), Value::String(String::new()));
+        }
+        Some(Value::String(_)) => {}
         Some(Value::Array(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {

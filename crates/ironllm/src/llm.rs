@@ -46,14 +46,25 @@ impl LLM {
         prompts: &[Prompt],
         params: &[SamplingParams],
     ) -> Result<Vec<RequestOutput>, LlmError> {
-        if prompts.len() != params.len() {
+        self.generate_with_priority(prompts, params, &vec![0; prompts.len()])
+    }
+
+    /// Generates with per-prompt parameters and scheduling priorities (lower runs sooner; effective
+    /// with `--scheduling-policy priority`).
+    pub fn generate_with_priority(
+        &mut self,
+        prompts: &[Prompt],
+        params: &[SamplingParams],
+        priorities: &[i32],
+    ) -> Result<Vec<RequestOutput>, LlmError> {
+        if prompts.len() != params.len() || prompts.len() != priorities.len() {
             return Err(LlmError::InvalidArgs("one SamplingParams per prompt is needed".into()));
         }
         let mut ids: Vec<String> = Vec::with_capacity(prompts.len());
-        for (prompt, p) in prompts.iter().zip(params) {
+        for ((prompt, p), &priority) in prompts.iter().zip(params).zip(priorities) {
             let id = self.next_id.to_string();
             self.next_id += 1;
-            if let Err(e) = self.engine.add_request(&id, prompt, p.clone(), OutputKind::FinalOnly, 0) {
+            if let Err(e) = self.engine.add_request(&id, prompt, p.clone(), OutputKind::FinalOnly, priority) {
                 for added in &ids {
                     self.engine.abort_request(added);
                 }

@@ -188,6 +188,7 @@ mod tests {
     }
 
     /// Dense causal attention in f64 over contiguous K/V.
+    #[allow(clippy::too_many_arguments)]
     fn reference(
         q: &[f32],
         k: &[f32],

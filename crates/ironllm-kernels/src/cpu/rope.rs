@@ -126,7 +126,7 @@ mod tests {
         let mut x = vec![1.0f32, 2.0, 3.0, 4.0];
         t.apply(&mut x, 1, &[3]);
         let f = [1.0f64, 1.0 / 10.0];
-        let (a, b) = ((3.0 * f[0]) as f64, (3.0 * f[1]) as f64);
+        let (a, b) = (3.0 * f[0], 3.0 * f[1]);
         let want = [
             1.0 * a.cos() - 3.0 * a.sin(),
             2.0 * b.cos() - 4.0 * b.sin(),
