@@ -26,5 +26,5 @@ if [ -f tests/fixtures/reference/gguf_to_safetensors.py ] && [ ! -f "$hf/model.s
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check numpy gguf safetensors
   fi
-  "$venv/bin/python" tests/fixtures/reference/gguf_to_safetensors.py "$model" "$hf/model.safetensors"
+  "$venv/bin/python" tests/fixtures/reference/gguf_to_safetensors.py --gguf "$model" --out "$hf/model.safetensors"
 fi

@@ -33,7 +33,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port), *BASE_ARGS, *args]
+        base = [a for i, a in enumerate(BASE_ARGS) if not (a in args or (i % 2 and BASE_ARGS[i - 1] in args))]
+        cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port), *base, *args]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.log = open(log_path, "wb")
