@@ -17,3 +17,4 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release --workspace 2>&1 | tee target/test.log
 grep -E "^test result:" target/test.log | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped\n", p, f, i}'
+bash scripts/api_tests.sh

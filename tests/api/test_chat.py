@@ -4,6 +4,7 @@ usage, echo, continue_final_message and the template-related errors."""
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -234,3 +235,38 @@ def test_logprob_values_are_finite_json(http):
     )
     assert r.status_code == 200
     json.loads(r.text)  # no NaN/Infinity literals
+
+
+def test_frontend_flags(start_server):
+    """--chat-template, --served-model-name, --trust-request-chat-template,
+    --enable-prompt-tokens-details, --enable-log-requests, --scheduling-policy priority."""
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    s = start_server(
+        "--chat-template",
+        template,
+        "--served-model-name",
+        "alias-a",
+        "alias-b",
+        "--trust-request-chat-template",
+        "--enable-prompt-tokens-details",
+        "--enable-log-requests",
+        "--scheduling-policy",
+        "priority",
+    )
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["alias-a", "alias-b"]
+    with httpx.Client(base_url=s.url, timeout=60) as h:
+        tokens = h.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
+        assert h.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == "[user] Hi\n[assistant] "
+        r = c.chat.completions.create(model="alias-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert r.model == "alias-a"
+        assert isinstance(r.usage.prompt_tokens_details.cached_tokens, int)
+        urgent = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "priority": -5})
+        assert urgent.status_code == 200, urgent.text
+        own = h.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "chat_template": "{{ messages[0].content }}!"},
+        ).json()
+        assert own["usage"]["prompt_tokens"] == len(h.post("/tokenize", json={"prompt": "Hi!"}).json()["tokens"])
+    assert "alias-a" in httpx.get(s.url + "/metrics").text
+    assert "Received request chatcmpl-" in s.log_tail(200)

@@ -85,7 +85,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let access_log = match args.uvicorn_log_level.as_str() {
         "trace" | "debug" | "info" => !args.disable_uvicorn_access_log,
         "warning" | "error" | "critical" => false,
-        other => bail!("invalid --uvicorn-log-level `{other}` (choose from critical, error, warning, info, debug, trace)"),
+        other => {
+            bail!("invalid --uvicorn-log-level `{other}` (choose from critical, error, warning, info, debug, trace)")
+        }
     };
     let chat_template = args.chat_template.as_deref().map(load_chat_template).transpose()?;
     let max_request_body_bytes =

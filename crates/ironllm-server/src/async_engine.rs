@@ -118,7 +118,7 @@ pub enum EngineError {
 
 enum Command {
     Add {
-        request: EngineRequest,
+        request: Box<EngineRequest>,
         outputs: mpsc::UnboundedSender<EngineEvent>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -208,7 +208,7 @@ impl AsyncEngine {
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         self.commands
-            .send(Command::Add { request, outputs: tx, reply: reply_tx })
+            .send(Command::Add { request: Box::new(request), outputs: tx, reply: reply_tx })
             .map_err(|_| EngineError::Dead)?;
         // If this future is dropped here, the engine sees the closed reply channel and aborts.
         reply_rx.await.map_err(|_| EngineError::Dead)??;
@@ -299,7 +299,12 @@ struct LiveRequest {
 }
 
 impl LiveRequest {
-    fn finished_stats(&self, reason: FinishReason, num_generation_tokens: usize, now: Instant) -> FinishedSequenceStats {
+    fn finished_stats(
+        &self,
+        reason: FinishReason,
+        num_generation_tokens: usize,
+        now: Instant,
+    ) -> FinishedSequenceStats {
         let secs = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
             (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
             _ => 0.0,
@@ -404,7 +409,7 @@ impl<E: EngineBackend> EngineLoop<E> {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Add { request, outputs, reply } => self.add(request, outputs, reply),
+            Command::Add { request, outputs, reply } => self.add(*request, outputs, reply),
             Command::Abort(id) => {
                 if self.live.contains_key(&id) {
                     if self.options.log_requests {
@@ -430,7 +435,8 @@ impl<E: EngineBackend> EngineLoop<E> {
         }
         let EngineRequest { request_id, prompt_token_ids, params, output_kind, priority, arrival } = request;
         if self.live.contains_key(&request_id) {
-            let _ = reply.send(Err(EngineError::InvalidRequest(format!("request id `{request_id}` is already in use"))));
+            let _ =
+                reply.send(Err(EngineError::InvalidRequest(format!("request id `{request_id}` is already in use"))));
             return;
         }
         let num_prompt_tokens = prompt_token_ids.len();
@@ -562,11 +568,8 @@ impl<E: EngineBackend> EngineLoop<E> {
                     live.seqs.resize(o.index + 1, SeqState::default());
                 }
                 let seq = &mut live.seqs[o.index];
-                let new_tokens = if live.cumulative {
-                    o.token_ids.len().saturating_sub(seq.num_tokens)
-                } else {
-                    o.token_ids.len()
-                };
+                let new_tokens =
+                    if live.cumulative { o.token_ids.len().saturating_sub(seq.num_tokens) } else { o.token_ids.len() };
                 if new_tokens > 0 && seq.num_tokens == 0 {
                     iteration_prompt_tokens += live.num_prompt_tokens;
                     self.metrics.prompt_tokens.inc_by(live.num_prompt_tokens as u64);
@@ -583,7 +586,9 @@ impl<E: EngineBackend> EngineLoop<E> {
                         let ttft = now.saturating_duration_since(live.arrival).as_secs_f64();
                         self.metrics.time_to_first_token.observe(ttft);
                     }
-                    Some(prev) => self.metrics.inter_token_latency.observe(now.saturating_duration_since(prev).as_secs_f64()),
+                    Some(prev) => {
+                        self.metrics.inter_token_latency.observe(now.saturating_duration_since(prev).as_secs_f64())
+                    }
                 }
                 live.last_token = Some(now);
             }
@@ -641,18 +646,19 @@ impl<E: EngineBackend> EngineLoop<E> {
     }
 }
 
+/// A scriptable engine for tests of the engine loop and the handlers.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use super::*;
     use ironllm::CompletionOutput;
 
     /// A fake engine: each request produces one token per step until `max_tokens`; a step panics
     /// when `panic_on_step` is set.
     #[derive(Default)]
-    struct FakeEngine {
-        requests: Vec<(String, usize, usize)>,
-        panic_on_step: bool,
-        aborted: Arc<Mutex<Vec<String>>>,
+    pub(crate) struct FakeEngine {
+        pub requests: Vec<(String, usize, usize)>,
+        pub panic_on_step: bool,
+        pub aborted: Arc<Mutex<Vec<String>>>,
     }
 
     impl EngineBackend for FakeEngine {
@@ -697,7 +703,7 @@ mod tests {
         }
     }
 
-    fn output(id: &str, finish: Option<FinishReason>) -> RequestOutput {
+    pub(crate) fn output(id: &str, finish: Option<FinishReason>) -> RequestOutput {
         RequestOutput {
             request_id: id.to_string(),
             prompt_token_ids: vec![1],
@@ -715,6 +721,12 @@ mod tests {
             num_cached_tokens: 0,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeEngine;
+    use super::*;
 
     fn request(id: &str, max_tokens: usize) -> EngineRequest {
         EngineRequest {

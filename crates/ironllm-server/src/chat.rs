@@ -30,8 +30,11 @@ pub fn normalize_messages(messages: Option<&Value>) -> Result<Vec<Value>, ApiErr
             return Err(ApiError::bad_request("`messages` is required").with_param("messages"));
         }
         Some(other) => {
-            return Err(ApiError::bad_request(format!("`messages` must be a list of messages, got {}", json_kind(other)))
-                .with_param("messages"));
+            return Err(ApiError::bad_request(format!(
+                "`messages` must be a list of messages, got {}",
+                json_kind(other)
+            ))
+            .with_param("messages"));
         }
     };
     items.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect()
@@ -155,11 +158,14 @@ mod tests {
 
     #[test]
     fn text_parts_are_joined() {
-        let m = normalize_messages(Some(&json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])))
-            .unwrap();
+        let m = normalize_messages(Some(
+            &json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]),
+        ))
+        .unwrap();
         assert_eq!(m[0]["content"], "a\nb");
-        let e = normalize_messages(Some(&json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])))
-            .unwrap_err();
+        let e =
+            normalize_messages(Some(&json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])))
+                .unwrap_err();
         assert!(e.message.contains("image_url"), "{}", e.message);
         assert!(normalize_messages(Some(&json!([{"content": "x"}]))).is_err());
         assert!(normalize_messages(Some(&json!("x"))).is_err());
@@ -174,8 +180,10 @@ mod tests {
 
     #[test]
     fn continue_final_message_cuts_after_the_last_message() {
-        let msgs = normalize_messages(Some(&json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}])))
-            .unwrap();
+        let msgs = normalize_messages(Some(
+            &json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}]),
+        ))
+        .unwrap();
         let opts = RenderOptions { continue_final_message: true, ..Default::default() };
         assert_eq!(render(&template(), &msgs, &opts).unwrap(), "<|user|>hi<|end|>\n<|assistant|>Hello, I");
         let both = RenderOptions { continue_final_message: true, add_generation_prompt: true, ..Default::default() };

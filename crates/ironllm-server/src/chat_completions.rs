@@ -7,8 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -48,12 +47,9 @@ struct Prepared {
     return_token_ids: bool,
 }
 
-pub async fn create_chat_completion(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+pub async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let req: ChatCompletionRequest = body_json(&state, body)?;
+    let req: ChatCompletionRequest = body_json(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let p = generate::blocking(&state, move |s| prepare(s, req)).await?;
     let request = EngineRequest {
@@ -127,23 +123,21 @@ fn prepare(state: &AppState, req: ChatCompletionRequest) -> Result<Prepared, Api
     validate::check_response_format(req.response_format.as_ref())?;
     let priority = validate::check_priority(state, req.priority)?;
     let has_tools = matches!(&req.tools, Some(Value::Array(t)) if !t.is_empty());
-    let tool_choice = match &req.tool_choice {
-        None | Some(Value::Null) if has_tools => "auto".to_string(),
-        None | Some(Value::Null) => "none".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => "named".to_string(),
-    };
-    match tool_choice.as_str() {
-        "none" => {}
-        "auto" => {
-            return Err(ApiError::bad_request(
-                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
-            )
+    // vLLM defaults `tool_choice` to "auto" when tools are given, and "auto" needs a tool parser.
+    let unsupported = |what: &str| {
+        Err(ApiError::bad_request(format!("{what} needs structured output, which this server does not support yet"))
             .with_param("tool_choice"))
-        }
-        other => {
+    };
+    match &req.tool_choice {
+        None | Some(Value::Null) if !has_tools => {}
+        Some(Value::String(s)) if s == "none" => {}
+        None | Some(Value::Null) => return auto_tool_choice_error(),
+        Some(Value::String(s)) if s == "auto" => return auto_tool_choice_error(),
+        Some(Value::String(s)) if s == "required" => return unsupported("tool_choice `required`"),
+        Some(Value::Object(_)) => return unsupported("A named tool_choice"),
+        Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "tool_choice `{other}` needs structured output, which this server does not support yet"
+                "`tool_choice` must be `none`, `auto`, `required` or a named tool, got {other}"
             ))
             .with_param("tool_choice"))
         }
@@ -239,6 +233,13 @@ fn prepare(state: &AppState, req: ChatCompletionRequest) -> Result<Prepared, Api
         priority,
         return_token_ids: req.return_token_ids.unwrap_or(false),
     })
+}
+
+fn auto_tool_choice_error<T>() -> Result<T, ApiError> {
+    Err(ApiError::bad_request(
+        "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+    )
+    .with_param("tool_choice"))
 }
 
 async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStream>, tx: SseSender) {

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -47,12 +46,9 @@ struct Prepared {
     return_token_ids: bool,
 }
 
-pub async fn create_completion(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+pub async fn create_completion(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let req: CompletionRequest = body_json(&state, body)?;
+    let req: CompletionRequest = body_json(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let p = generate::blocking(&state, move |s| prepare(s, req)).await?;
     let kind = if p.cumulative { OutputKind::Cumulative } else { OutputKind::Delta };
@@ -100,7 +96,9 @@ fn prepare(state: &AppState, req: CompletionRequest) -> Result<Prepared, ApiErro
         return Err(ApiError::bad_request("suffix is not currently supported").with_param("suffix"));
     }
     if req.prompt_embeds.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad_request("`prompt_embeds` is not supported by this server").with_param("prompt_embeds"));
+        return Err(
+            ApiError::bad_request("`prompt_embeds` is not supported by this server").with_param("prompt_embeds")
+        );
     }
     validate::check_response_format(req.response_format.as_ref())?;
     let priority = validate::check_priority(state, req.priority)?;

@@ -112,9 +112,12 @@ pub fn finish_reason_str(r: Option<FinishReason>) -> Option<String> {
 
 /// Every prompt's events in arrival order, tagged with the prompt's index.
 pub fn merge(streams: Vec<RequestStream>) -> SelectAll<BoxStream<'static, (usize, EngineEvent)>> {
-    stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
-        stream::unfold(s, move |mut s| async move { s.next().await.map(|ev| ((i, ev), s)) }).boxed()
-    }))
+    stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| stream::unfold(s, move |mut s| async move { s.next().await.map(|ev| ((i, ev), s)) }).boxed()),
+    )
 }
 
 /// Waits for every prompt to finish (non-streaming). An engine failure is HTTP 500.
@@ -143,7 +146,8 @@ pub struct SseSender {
 impl SseSender {
     /// Sends `data: <json>\n\n`.
     pub async fn data<T: Serialize>(&self, value: &T) -> Result<(), ClientGone> {
-        let json = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\": \"serialization failed: {e}\"}}"));
+        let json =
+            serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\": \"serialization failed: {e}\"}}"));
         self.tx.send(Bytes::from(format!("data: {json}\n\n"))).await.map_err(|_| ClientGone)
     }
 

@@ -5,8 +5,8 @@
 //! - [`AsyncEngine`]: the synchronous [`ironllm::Engine`] on its own thread, driven over channels;
 //!   each request gets a [`async_engine::RequestStream`] of outputs, and dropping it (a client that
 //!   went away) aborts the request and frees its KV blocks.
-//! - [`ServerConfig`] and [`serve`]/[`run`]: the axum app on tokio, its middleware (API key, body
-//!   limit, panic guard, access log) and its lifecycle (SIGINT/SIGTERM drain and abort).
+//! - [`ServerConfig`] and [`serve`]/[`run`]: the axum app on tokio, its middleware (API key, panic
+//!   guard, access log) and its lifecycle (SIGINT/SIGTERM drain and abort).
 //! - [`protocol`]: wire types (serde), kept apart from the engine's types; [`validate`] turns them
 //!   into typed requests with messages that name the field and the bound.
 //! - [`completions`] and [`chat_completions`]: the two generation endpoints, JSON and server-sent

@@ -119,7 +119,11 @@ pub fn chat_logprobs(
                     .take(num_top)
                     .map(|t| {
                         let token = token_text(tokenizer, t.token_id);
-                        ChatTopLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob: wire_logprob(t.logprob) }
+                        ChatTopLogprob {
+                            bytes: Some(token.as_bytes().to_vec()),
+                            token,
+                            logprob: wire_logprob(t.logprob),
+                        }
                     })
                     .collect(),
             }
@@ -154,7 +158,11 @@ mod tests {
     fn lp(id: u32, logprob: f32, top: &[(u32, f32)]) -> PositionLogprobs {
         PositionLogprobs {
             chosen: TokenLogprob { token_id: id, logprob, rank: 1 },
-            top: top.iter().enumerate().map(|(i, &(t, l))| TokenLogprob { token_id: t, logprob: l, rank: i as u32 + 1 }).collect(),
+            top: top
+                .iter()
+                .enumerate()
+                .map(|(i, &(t, l))| TokenLogprob { token_id: t, logprob: l, rank: i as u32 + 1 })
+                .collect(),
         }
     }
 
@@ -162,7 +170,12 @@ mod tests {
     fn completion_logprobs_shape_and_offsets() {
         let mut out = CompletionLogprobs::default();
         let mut b = CompletionLogprobsBuilder::new(3, 1);
-        b.append(&mut out, None, &[5, 6], &[lp(5, -0.5, &[(5, -0.5), (9, -2.0)]), lp(6, f32::NEG_INFINITY, &[(1, -0.1)])]);
+        b.append(
+            &mut out,
+            None,
+            &[5, 6],
+            &[lp(5, -0.5, &[(5, -0.5), (9, -2.0)]), lp(6, f32::NEG_INFINITY, &[(1, -0.1)])],
+        );
         assert_eq!(out.tokens, vec!["token_id:5", "token_id:6"]);
         assert_eq!(out.text_offset, vec![3, 3 + "token_id:5".len()]);
         assert_eq!(out.token_logprobs, vec![Some(-0.5), Some(-9999.0)]);

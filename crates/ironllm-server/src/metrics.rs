@@ -22,16 +22,16 @@ type Labels = Vec<(String, String)>;
 
 /// vLLM's buckets for time to first token.
 const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
-    640.0, 2560.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
 ];
 /// vLLM's buckets for inter-token latency.
 const ITL_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// vLLM's buckets for request latencies (e2e, queue, prefill, decode, inference).
 const REQUEST_LATENCY_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0,
-    7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+    1920.0, 7680.0,
 ];
 const ITERATION_TOKEN_BUCKETS: &[f64] =
     &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
@@ -136,9 +136,21 @@ impl Metrics {
             request_params_n: hist(N_BUCKETS),
             request_params_max_tokens: hist(&token_buckets),
         };
-        reg.register("vllm:num_requests_running", "Number of requests in model execution batches.", m.num_requests_running.clone());
-        reg.register("vllm:num_requests_waiting", "Number of requests waiting to be processed.", m.num_requests_waiting.clone());
-        reg.register("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", m.kv_cache_usage_perc.clone());
+        reg.register(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            m.num_requests_running.clone(),
+        );
+        reg.register(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            m.num_requests_waiting.clone(),
+        );
+        reg.register(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            m.kv_cache_usage_perc.clone(),
+        );
         reg.register(
             "vllm:prefix_cache_queries",
             "Prefix cache queries, in terms of number of queried tokens.",
@@ -149,14 +161,22 @@ impl Metrics {
             "Prefix cache hits, in terms of number of cached tokens.",
             m.prefix_cache_hits.clone(),
         );
-        reg.register("vllm:num_preemptions", "Cumulative number of preemption from the engine.", m.num_preemptions.clone());
+        reg.register(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            m.num_preemptions.clone(),
+        );
         reg.register("vllm:prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens.clone());
         reg.register("vllm:generation_tokens", "Number of generation tokens processed.", m.generation_tokens.clone());
         reg.register("vllm:request_success", "Count of successfully processed requests.", m.request_success.clone());
         for reason in [FinishReason::Stop, FinishReason::Length, FinishReason::Abort] {
             let _ = m.request_success.get_or_create(&finished_label(reason));
         }
-        reg.register("vllm:request_prompt_tokens", "Number of prefill tokens processed.", m.request_prompt_tokens.clone());
+        reg.register(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            m.request_prompt_tokens.clone(),
+        );
         reg.register(
             "vllm:request_generation_tokens",
             "Number of generation tokens processed.",

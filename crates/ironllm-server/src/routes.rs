@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
@@ -18,16 +18,34 @@ use crate::protocol::{DetokenizeRequest, DetokenizeResponse, ModelCard, ModelLis
 use crate::server::AppState;
 use crate::validate::{self, check_model};
 
+/// How far past the limit an oversized body is still read (and discarded) before the 413 is sent:
+/// a client that is still writing when the server closes the connection would see a reset instead
+/// of the answer.
+const OVERSIZED_BODY_DRAIN_BYTES: usize = 64 << 20;
+
 /// Reads a JSON body: over the size limit is HTTP 413, anything unreadable or malformed is 400.
-pub fn body_json<T: DeserializeOwned>(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(state.config.max_request_body_bytes)
+pub async fn body_json<T: DeserializeOwned>(state: &AppState, body: Body) -> Result<T, ApiError> {
+    let limit = state.config.max_request_body_bytes;
+    let too_large = || ApiError::payload_too_large(limit);
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            buf.extend_from_slice(&chunk);
         } else {
-            ApiError::bad_request(rej.body_text())
+            buf = Vec::new();
+            if total > limit.saturating_add(OVERSIZED_BODY_DRAIN_BYTES) {
+                break;
+            }
         }
-    })?;
-    validate::parse_json(&bytes)
+    }
+    if total > limit {
+        return Err(too_large());
+    }
+    validate::parse_json(&buf)
 }
 
 /// `/health` and `/ping`: 200 with an empty body while the engine runs, 503 once it died.
@@ -44,10 +62,7 @@ pub async fn version() -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
 
@@ -83,8 +98,8 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     Json(ModelList { object: "list", data }).into_response()
 }
 
-pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: TokenizeRequest = body_json(&state, body)?;
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let req: TokenizeRequest = body_json(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let s = state.clone();
     let tokens = tokio::task::spawn_blocking(move || tokenize_blocking(&s, req))
@@ -116,12 +131,10 @@ fn tokenize_blocking(state: &AppState, req: TokenizeRequest) -> Result<TokenizeR
         }
         _ => return Err(ApiError::bad_request("Either `prompt` or `messages` must be given").with_param("prompt")),
     };
-    let tokens = validate::encode(state.tokenizer.as_deref(), &text, req.add_special_tokens.unwrap_or(default_special))?;
+    let tokens =
+        validate::encode(state.tokenizer.as_deref(), &text, req.add_special_tokens.unwrap_or(default_special))?;
     let token_strs = (req.return_token_strs == Some(true)).then(|| {
-        tokens
-            .iter()
-            .map(|&id| state.tokenizer.as_ref().and_then(|t| t.id_to_token(id)).unwrap_or_default())
-            .collect()
+        tokens.iter().map(|&id| state.tokenizer.as_ref().and_then(|t| t.id_to_token(id)).unwrap_or_default()).collect()
     });
     Ok(TokenizeResponse { count: tokens.len(), max_model_len: state.model.max_model_len, tokens, token_strs })
 }
@@ -146,11 +159,8 @@ pub fn chat_template_for(
     }
 }
 
-pub async fn detokenize(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: DetokenizeRequest = body_json(&state, body)?;
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let req: DetokenizeRequest = body_json(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let ids = validate::wire_token_ids(req.tokens.as_deref().unwrap_or_default(), "tokens")?;
     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= state.model.vocab_size) {

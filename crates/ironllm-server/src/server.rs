@@ -1,5 +1,5 @@
 //! The server: configuration, shared state, the router with its middleware (API key, access log,
-//! panic guard, body limit, OpenAI-shaped 404/405), the start-up summary, and the lifecycle —
+//! panic guard, OpenAI-shaped 404/405), the start-up summary, and the lifecycle —
 //! SIGINT/SIGTERM stop accepting, abort in-flight requests (at once, or after
 //! `--shutdown-timeout` seconds of draining), stop the engine thread and return.
 
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -121,7 +121,8 @@ impl AppState {
             Some(t) => (t.bos_token().map(str::to_string), t.eos_token().map(str::to_string)),
             None => (None, None),
         };
-        ChatTemplate::new(source, bos, eos).map_err(|e| ApiError::bad_request(e.to_string()).with_param("chat_template"))
+        ChatTemplate::new(source, bos, eos)
+            .map_err(|e| ApiError::bad_request(e.to_string()).with_param("chat_template"))
     }
 }
 
@@ -190,7 +191,6 @@ pub fn build_state(engine: Engine, config: ServerConfig) -> Result<Arc<AppState>
 
 /// The HTTP routes and middleware.
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.max_request_body_bytes;
     let mut app = Router::new()
         .route("/health", get(routes::health))
         .route("/ping", get(routes::health).post(routes::health))
@@ -203,7 +203,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions::create_chat_completion))
         .fallback(|| async { ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(catch_panic));
     if state.config.access_log {
@@ -305,7 +304,11 @@ pub async fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServerErr
     log_startup_summary(&state, &engine_info);
 
     let host = state.config.host.clone().unwrap_or_else(|| "0.0.0.0".into());
-    let addr = if host.contains(':') { format!("[{host}]:{}", state.config.port) } else { format!("{host}:{}", state.config.port) };
+    let addr = if host.contains(':') {
+        format!("[{host}]:{}", state.config.port)
+    } else {
+        format!("{host}:{}", state.config.port)
+    };
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
         Err(source) => {
@@ -402,6 +405,57 @@ pub fn run(engine: Engine, config: ServerConfig) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::async_engine::fake::FakeEngine;
+    use crate::async_engine::{EngineEvent, EngineRequest};
+    use axum::http::StatusCode;
+    use std::time::Instant;
+
+    fn state_with(engine: FakeEngine) -> Arc<AppState> {
+        let metrics = Arc::new(Metrics::new("m", 64));
+        Arc::new(AppState {
+            engine: AsyncEngine::start(engine, metrics.clone(), AsyncEngineOptions::default()),
+            metrics,
+            model: ModelInfo {
+                served_names: vec!["m".into()],
+                root: "/m".into(),
+                max_model_len: 64,
+                vocab_size: 100,
+                default_max_new_tokens: None,
+                created: 0,
+            },
+            tokenizer: None,
+            chat_template: None,
+            default_params: SamplingParams::default(),
+            config: ServerConfig { served_model_names: vec!["m".into()], ..ServerConfig::default() },
+        })
+    }
+
+    #[test]
+    fn health_turns_503_when_the_engine_dies() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let state = state_with(FakeEngine { panic_on_step: true, ..Default::default() });
+        rt.block_on(async {
+            assert_eq!(routes::health(State(state.clone())).await.status(), StatusCode::OK);
+            let request = EngineRequest {
+                request_id: "r".into(),
+                prompt_token_ids: vec![1],
+                params: SamplingParams::greedy(2),
+                output_kind: ironllm::OutputKind::Delta,
+                priority: 0,
+                arrival: Instant::now(),
+            };
+            let mut stream = state.engine.add_request(request).await.unwrap();
+            assert!(matches!(stream.next().await, Some(EngineEvent::Failed(_))));
+            for _ in 0..200 {
+                if !state.engine.is_alive() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(routes::health(State(state.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        });
+        state.engine.shutdown();
+    }
 
     #[test]
     fn uuids_are_distinct_hex() {

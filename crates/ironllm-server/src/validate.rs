@@ -19,8 +19,8 @@ pub const MAX_SEQUENCES_PER_REQUEST: i64 = 256;
 /// Parses a JSON body into a wire request. Malformed JSON and wrong types are HTTP 400 (vLLM turns
 /// FastAPI's 422 into 400), with the path of the offending field.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::bad_request(format!(
             "The request body must be a JSON object, got {}",
@@ -112,7 +112,8 @@ fn token_ids(items: &[Value], field: &str) -> Result<Vec<u32>, ApiError> {
         .iter()
         .map(|v| {
             v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
-                ApiError::bad_request(format!("`{field}` token ids must be non-negative integers, got {v}")).with_param(field)
+                ApiError::bad_request(format!("`{field}` token ids must be non-negative integers, got {v}"))
+                    .with_param(field)
             })
         })
         .collect()
@@ -123,7 +124,8 @@ pub fn wire_token_ids(ids: &[i64], field: &str) -> Result<Vec<u32>, ApiError> {
     ids.iter()
         .map(|&x| {
             u32::try_from(x).map_err(|_| {
-                ApiError::bad_request(format!("`{field}` must contain non-negative token ids, got {x}")).with_param(field)
+                ApiError::bad_request(format!("`{field}` must contain non-negative token ids, got {x}"))
+                    .with_param(field)
             })
         })
         .collect()
@@ -168,13 +170,14 @@ pub fn tokenize_prompt(
 }
 
 pub fn encode(tokenizer: Option<&Tokenizer>, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
-    let tok = tokenizer.ok_or_else(|| ApiError::bad_request("This model has no tokenizer; give the prompt as token ids"))?;
+    let tok =
+        tokenizer.ok_or_else(|| ApiError::bad_request("This model has no tokenizer; give the prompt as token ids"))?;
     tok.encode(text, add_special_tokens).map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))
 }
 
 /// Checks a prompt against the context length and resolves `max_tokens` as vLLM does: a request's
-/// `max_tokens` must fit beside the prompt; without one, generation may run to the context length
-/// (or the model's `max_new_tokens`, when its generation config sets one).
+/// `max_tokens` must fit beside the prompt; without one, generation may run to the context length;
+/// the model's `max_new_tokens` (generation config) caps both.
 pub fn resolve_max_tokens(state: &AppState, prompt_len: usize, requested: Option<i64>) -> Result<usize, ApiError> {
     let max_model_len = state.model.max_model_len;
     if prompt_len >= max_model_len {
@@ -196,10 +199,12 @@ pub fn resolve_max_tokens(state: &AppState, prompt_len: usize, requested: Option
             "max_tokens",
             Some(m.to_string()),
         )),
-        Some(m) => Ok(m as usize),
-        None => {
+        // As vLLM's `get_max_tokens`: the smallest of the request's value, the room left in the
+        // context and the generation config's `max_new_tokens`.
+        requested => {
             let room = max_model_len - prompt_len;
-            Ok(state.model.default_max_new_tokens.map_or(room, |d| d.min(room)))
+            let m = requested.map_or(room, |m| m as usize);
+            Ok(state.model.default_max_new_tokens.map_or(m, |d| d.min(m)))
         }
     }
 }
@@ -235,9 +240,15 @@ pub struct SamplingFields {
 
 /// Builds and validates the engine's sampling parameters: the request's fields over the model's
 /// generation-config defaults over vLLM's defaults.
-pub fn build_sampling_params(state: &AppState, f: SamplingFields, max_tokens: usize) -> Result<SamplingParams, ApiError> {
+pub fn build_sampling_params(
+    state: &AppState,
+    f: SamplingFields,
+    max_tokens: usize,
+) -> Result<SamplingParams, ApiError> {
     if f.use_beam_search == Some(true) {
-        return Err(ApiError::bad_request("Beam search is not supported by this server yet.").with_param("use_beam_search"));
+        return Err(
+            ApiError::bad_request("Beam search is not supported by this server yet.").with_param("use_beam_search")
+        );
     }
     let mut p = state.default_params.clone();
     p.max_tokens = Some(max_tokens);
@@ -304,8 +315,10 @@ pub fn build_sampling_params(state: &AppState, f: SamplingFields, max_tokens: us
         p.prompt_logprobs = Some(match k {
             -1 => state.model.vocab_size,
             k if k < 0 => {
-                return Err(ApiError::bad_request(format!("`prompt_logprobs` must be a positive value or -1, got {k}."))
-                    .with_param("prompt_logprobs"))
+                return Err(ApiError::bad_request(format!(
+                    "`prompt_logprobs` must be a positive value or -1, got {k}."
+                ))
+                .with_param("prompt_logprobs"))
             }
             k => k as usize,
         });
@@ -351,10 +364,8 @@ fn sequences(name: &str, v: i64) -> Result<usize, ApiError> {
         return Err(ApiError::bad_request(format!("{name} must be at least 1, got {v}.")).with_param(name));
     }
     if v > MAX_SEQUENCES_PER_REQUEST {
-        return Err(ApiError::bad_request(format!(
-            "{name} must be at most {MAX_SEQUENCES_PER_REQUEST}, got {v}."
-        ))
-        .with_param(name));
+        return Err(ApiError::bad_request(format!("{name} must be at most {MAX_SEQUENCES_PER_REQUEST}, got {v}."))
+            .with_param(name));
     }
     Ok(v as usize)
 }
@@ -434,9 +445,8 @@ pub fn stream_options(
 ) -> Result<(bool, bool), ApiError> {
     match options {
         None => Ok((false, false)),
-        Some(_) if !stream => {
-            Err(ApiError::bad_request("Stream options can only be defined when `stream=True`.").with_param("stream_options"))
-        }
+        Some(_) if !stream => Err(ApiError::bad_request("Stream options can only be defined when `stream=True`.")
+            .with_param("stream_options")),
         Some(o) => Ok((o.include_usage.unwrap_or(true), o.continuous_usage_stats.unwrap_or(false))),
     }
 }
@@ -452,7 +462,8 @@ mod tests {
         assert_eq!(parse_prompts(Some(&json!(["a", "b"]))).unwrap().len(), 2);
         assert_eq!(parse_prompts(Some(&json!([1, 2, 3]))).unwrap(), vec![PromptInput::Tokens(vec![1, 2, 3])]);
         assert_eq!(parse_prompts(Some(&json!([[1], [2, 3]]))).unwrap().len(), 2);
-        for bad in [json!([]), json!(5), json!([-1]), json!([1, "a"]), json!({"a": 1}), json!([[1], "x"]), json!(null)] {
+        for bad in [json!([]), json!(5), json!([-1]), json!([1, "a"]), json!({"a": 1}), json!([[1], "x"]), json!(null)]
+        {
             let e = parse_prompts(Some(&bad)).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{bad}");
             assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
