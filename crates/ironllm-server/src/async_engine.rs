@@ -1,38 +1,49 @@
-//! [`AsyncEngine`]: the synchronous [`ironllm::Engine`] on its own thread, driven over channels, so
-//! HTTP work never stalls the model and the model never waits on HTTP (vLLM's `AsyncLLM` +
-//! `EngineCore` split, with a thread where vLLM has a process).
+//! [`AsyncEngine`]: vLLM's `AsyncLLM` + `EngineCore` split, with threads where vLLM has processes.
 //!
-//! - The frontend sends [`Command`]s on one unbounded channel: add a request (with the sender of
-//!   that request's own output channel), abort one, abort all, shut down.
-//! - The engine thread blocks on the command channel while it has nothing to do; otherwise it drains
-//!   the commands between steps, runs one step, and sends each request's [`RequestOutput`] on the
-//!   request's channel.
-//! - A client that goes away drops its [`RequestStream`]: the drop sends an abort, and the engine
-//!   thread also notices the closed channel before the next step (or when a send fails), so the
-//!   request is aborted and its KV blocks are freed at once either way.
+//! - The **engine thread** ("engine-core") owns only the engine-core side, a [`CoreBackend`]
+//!   ([`ironllm::Core`]: scheduler + model runner). It has no tokenizer and never sees text: each step
+//!   it sends the step's token-level [`EngineCoreOutput`]s to the frontend thread and goes on; it
+//!   never waits on the frontend.
+//! - The **frontend thread** ("ironllm-frontend") owns the [`OutputStage`] (the output processor and
+//!   the tokenizer): it detokenizes, finds stop strings (holding back partial ones while streaming),
+//!   turns core outputs into [`RequestOutput`] deltas, routes them to each request's channel, and sends
+//!   "finish (stop string)" and abort commands back to the engine thread. A dedicated thread rather
+//!   than a tokio task, so detokenization never occupies an HTTP worker and no handler ever waits on
+//!   it.
+//! - **Handlers** run input processing ([`InputProcessor`]: validation, `n` / `best_of` fan-out) in
+//!   their own task, then send the child requests to the engine thread, which replies once they are
+//!   queued and forwards the request's registration (prompt ids, parameters, the sender of the
+//!   request's output channel) to the frontend thread, ahead of any output for it.
+//!
+//! Both channels are unbounded and FIFO, which gives the ordering the design relies on: a request is
+//! registered with the frontend before any of its outputs arrive there, and an abort reaches the
+//! frontend after every output produced before it.
+//!
+//! - A client that goes away drops its [`RequestStream`]: the drop sends an abort to the engine
+//!   thread, which aborts the request's sequences (freeing their KV blocks at once) before its next
+//!   step; the frontend also notices closed channels (on a failed send, or by checking after each
+//!   step) and aborts those requests the same way.
 //! - If a step panics, or fails three times in a row, the engine is dead: every live request gets
 //!   an error, [`AsyncEngine::is_alive`] turns false (`/health` answers 503) and new requests are
 //!   refused.
 //!
-//! Detokenization and stop strings run inside `Engine::step` (the output processor), i.e. on this
-//! thread; design.md places them on the frontend side, which is a later split.
-//!
-//! The engine thread is also the only writer of the metrics: scheduler gauges after every step and
-//! per-request latencies (time to first token, inter-token latency, e2e, queue time) as outputs
-//! flow. The engine does not report when a request is first scheduled, so queue time is inferred
-//! from the waiting count after each step (exact under FCFS without preemption).
+//! Metrics: the engine thread writes the scheduler gauges after every step; the frontend thread
+//! writes the per-request latencies (time to first token, inter-token latency, e2e, queue time) as
+//! outputs flow. Queue time is exact: the engine thread reports, with each step, the requests the
+//! scheduler took out of the waiting queue for the first time in that step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ironllm::engine::Prompt;
-use ironllm::{Engine, LlmError, OutputKind, RequestOutput, SamplingParams};
-use ironllm_core::outputs::FinishReason;
-use ironllm_core::SchedulerStats;
+use ironllm::engine::{InputProcessor, OutputStage, Prompt, Registration};
+use ironllm::{Core, LlmError, OutputKind, RequestOutput, SamplingParams};
+use ironllm_core::executor::ModelExecutor;
+use ironllm_core::outputs::{EngineCoreOutput, FinishReason};
+use ironllm_core::{Request, SchedulerStats};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::{FinishedSequenceStats, Metrics};
@@ -40,49 +51,53 @@ use crate::metrics::{FinishedSequenceStats, Metrics};
 /// Consecutive failed steps after which the engine is declared dead.
 const MAX_CONSECUTIVE_STEP_FAILURES: usize = 3;
 
-/// What the engine thread needs from an engine; implemented by [`ironllm::Engine`] (and by fakes in
-/// tests).
-pub trait EngineBackend: Send + 'static {
-    fn add_request(
-        &mut self,
-        request_id: &str,
-        prompt: &Prompt,
-        params: SamplingParams,
-        kind: OutputKind,
-        priority: i32,
-    ) -> Result<Vec<u32>, LlmError>;
-    fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput>;
-    fn step(&mut self) -> Result<Vec<RequestOutput>, LlmError>;
+/// What the engine thread drives: the engine-core side only. Token ids in, token ids out; there is
+/// no tokenizer and no text anywhere in this interface. Implemented by [`ironllm::Core`].
+pub trait CoreBackend: Send + 'static {
+    /// Queues a request's child sequences (all or none).
+    fn add_requests(&mut self, children: Vec<Request>) -> Result<(), LlmError>;
+    /// Aborts child sequences and frees their KV blocks at once.
+    fn abort_requests(&mut self, child_ids: &[String]);
+    /// Aborts every queued or running sequence.
+    fn abort_all(&mut self);
+    /// Finishes a child whose text hit a stop string (found by the frontend).
+    fn finish_by_stop_string(&mut self, child_id: &str, stop: String);
+    fn step(&mut self) -> Result<Vec<EngineCoreOutput>, LlmError>;
     fn has_unfinished_requests(&self) -> bool;
+    /// Whether a child is queued and was never scheduled.
+    fn is_waiting(&self, child_id: &str) -> bool;
     fn stats(&self) -> SchedulerStats;
 }
 
-impl EngineBackend for Engine {
-    fn add_request(
-        &mut self,
-        request_id: &str,
-        prompt: &Prompt,
-        params: SamplingParams,
-        kind: OutputKind,
-        priority: i32,
-    ) -> Result<Vec<u32>, LlmError> {
-        Engine::add_request(self, request_id, prompt, params, kind, priority)
+impl<E: ModelExecutor + 'static> CoreBackend for Core<E> {
+    fn add_requests(&mut self, children: Vec<Request>) -> Result<(), LlmError> {
+        Core::add_requests(self, children)
     }
-    fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
-        Engine::abort_request(self, request_id)
+    fn abort_requests(&mut self, child_ids: &[String]) {
+        Core::abort_requests(self, child_ids);
     }
-    fn step(&mut self) -> Result<Vec<RequestOutput>, LlmError> {
-        Engine::step(self)
+    fn abort_all(&mut self) {
+        Core::abort_all(self);
+    }
+    fn finish_by_stop_string(&mut self, child_id: &str, stop: String) {
+        Core::finish_by_stop_string(self, child_id, stop)
+    }
+    fn step(&mut self) -> Result<Vec<EngineCoreOutput>, LlmError> {
+        Core::step(self)
     }
     fn has_unfinished_requests(&self) -> bool {
-        Engine::has_unfinished_requests(self)
+        Core::has_unfinished_requests(self)
+    }
+    fn is_waiting(&self, child_id: &str) -> bool {
+        Core::is_waiting(self, child_id)
     }
     fn stats(&self) -> SchedulerStats {
-        Engine::stats(self)
+        Core::stats(self)
     }
 }
 
-/// A request ready for the engine: tokenized, its parameters resolved and validated.
+/// A request from a handler: tokenized, its parameters resolved (input processing and validation
+/// happen in [`AsyncEngine::add_request`]).
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
     pub request_id: String,
@@ -116,21 +131,61 @@ pub enum EngineError {
     ShuttingDown,
 }
 
-enum Command {
+/// What the frontend thread needs of a new request. Passes through the engine thread untouched.
+#[derive(Debug)]
+struct NewRequest {
+    registration: Registration,
+    outputs: mpsc::UnboundedSender<EngineEvent>,
+    arrival: Instant,
+}
+
+/// Handlers and the frontend thread -> the engine thread.
+enum CoreCommand {
     Add {
-        request: Box<EngineRequest>,
-        outputs: mpsc::UnboundedSender<EngineEvent>,
+        children: Vec<Request>,
+        request: Box<NewRequest>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
-    Abort(String),
+    /// Abort a request (all its sequences); `log` says whether to log it (`--enable-log-requests`).
+    Abort {
+        request_id: String,
+        log: bool,
+    },
     AbortAll,
+    /// A child's text hit a stop string: finish it and free its blocks.
+    FinishByStopString {
+        child_id: String,
+        stop: String,
+    },
     Shutdown,
+}
+
+/// The engine thread -> the frontend thread.
+enum FrontendMsg {
+    /// A request was queued in the engine core; its outputs follow.
+    Added(Box<NewRequest>),
+    /// One step's outputs, and the requests first scheduled in that step (started at `step_start`).
+    Step { outputs: Vec<EngineCoreOutput>, scheduled: Vec<String>, step_start: Instant },
+    /// The engine aborted this request: send its final output (reason `abort`).
+    Aborted(String),
+    /// The engine aborted every request.
+    AbortedAll,
+    /// A step failed; every request in the engine was aborted.
+    StepFailed(String),
+    /// The engine core has nothing left: requests still live here will get no more output.
+    Idle,
 }
 
 struct Shared {
     alive: AtomicBool,
     accepting: AtomicBool,
     num_live: AtomicUsize,
+}
+
+impl Shared {
+    fn live_finished(&self) {
+        let _ = self.num_live.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
+    }
 }
 
 /// Options of the engine loop.
@@ -140,11 +195,13 @@ pub struct AsyncEngineOptions {
     pub log_requests: bool,
 }
 
-/// The frontend's handle on the engine thread.
+/// The handlers' handle on the engine: input processing here, the engine core on the engine thread,
+/// output processing on the frontend thread.
 pub struct AsyncEngine {
-    commands: mpsc::UnboundedSender<Command>,
+    input: InputProcessor,
+    commands: mpsc::UnboundedSender<CoreCommand>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for AsyncEngine {
@@ -154,31 +211,77 @@ impl std::fmt::Debug for AsyncEngine {
 }
 
 impl AsyncEngine {
-    /// Moves `engine` onto a new thread and starts its loop.
-    pub fn start<E: EngineBackend>(engine: E, metrics: Arc<Metrics>, options: AsyncEngineOptions) -> AsyncEngine {
-        let (commands, rx) = mpsc::unbounded_channel();
+    /// Starts the engine thread (owning `core`) and the frontend thread (owning `output`).
+    pub fn start<C: CoreBackend>(
+        input: InputProcessor,
+        output: OutputStage,
+        core: C,
+        metrics: Arc<Metrics>,
+        options: AsyncEngineOptions,
+    ) -> AsyncEngine {
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (frontend_tx, frontend_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
             accepting: AtomicBool::new(true),
             num_live: AtomicUsize::new(0),
         });
+
+        let mut frontend = FrontendLoop {
+            output,
+            rx: frontend_rx,
+            commands: commands.clone(),
+            metrics: metrics.clone(),
+            shared: shared.clone(),
+            options: options.clone(),
+            live: HashMap::new(),
+        };
+        let frontend_shared = shared.clone();
+        let frontend_commands = commands.clone();
+        let frontend_thread = std::thread::Builder::new()
+            .name("ironllm-frontend".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| frontend.run()));
+                if result.is_err() {
+                    tracing::error!("the output processor panicked; the engine is dead");
+                    frontend_shared.alive.store(false, Ordering::SeqCst);
+                    let _ = frontend_commands.send(CoreCommand::Shutdown);
+                }
+                // Dropping the loop drops every request's sender: their streams end with an error.
+                drop(frontend);
+                frontend_shared.num_live.store(0, Ordering::SeqCst);
+            })
+            .expect("spawning the frontend thread");
+
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
+        let engine_thread = std::thread::Builder::new()
             .name("engine-core".into())
             .spawn(move || {
-                let mut core = EngineLoop::new(engine, rx, metrics, thread_shared.clone(), options);
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| core.run()));
+                let mut engine = EngineLoop {
+                    core,
+                    rx: commands_rx,
+                    frontend: frontend_tx,
+                    metrics,
+                    shared: thread_shared.clone(),
+                    options,
+                    requests: HashMap::new(),
+                    child_parent: HashMap::new(),
+                    unscheduled: Vec::new(),
+                    prev_stats: SchedulerStats::default(),
+                    shutdown: false,
+                };
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run()));
                 thread_shared.alive.store(false, Ordering::SeqCst);
                 match result {
                     Ok(Ok(())) => tracing::info!("engine loop stopped"),
                     Ok(Err(e)) => tracing::error!("engine loop died: {e}"),
                     Err(_) => tracing::error!("engine loop panicked; the engine is dead"),
                 }
-                // Dropping the loop drops every request's sender: their streams end with an error.
-                thread_shared.num_live.store(0, Ordering::SeqCst);
+                // Dropping the loop closes the frontend's channel: it ends every stream still open.
+                drop(engine);
             })
             .expect("spawning the engine thread");
-        AsyncEngine { commands, shared, thread: Mutex::new(Some(thread)) }
+        AsyncEngine { input, commands, shared, threads: Mutex::new(vec![engine_thread, frontend_thread]) }
     }
 
     /// Whether the engine thread is running.
@@ -196,7 +299,7 @@ impl AsyncEngine {
         self.shared.accepting.store(false, Ordering::SeqCst);
     }
 
-    /// Adds a request; its outputs arrive on the returned stream.
+    /// Validates a request, fans it out and queues it; its outputs arrive on the returned stream.
     pub async fn add_request(&self, request: EngineRequest) -> Result<RequestStream, EngineError> {
         if !self.is_alive() {
             return Err(EngineError::Dead);
@@ -204,11 +307,16 @@ impl AsyncEngine {
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        let request_id = request.request_id.clone();
+        let EngineRequest { request_id, prompt_token_ids, params, output_kind, priority, arrival } = request;
+        let processed = self
+            .input
+            .process(&request_id, &Prompt::Tokens(prompt_token_ids), params, output_kind, priority)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
+        let request = Box::new(NewRequest { registration: processed.registration, outputs: tx, arrival });
         self.commands
-            .send(Command::Add { request: Box::new(request), outputs: tx, reply: reply_tx })
+            .send(CoreCommand::Add { children: processed.children, request, reply: reply_tx })
             .map_err(|_| EngineError::Dead)?;
         // If this future is dropped here, the engine sees the closed reply channel and aborts.
         reply_rx.await.map_err(|_| EngineError::Dead)??;
@@ -217,23 +325,31 @@ impl AsyncEngine {
 
     /// Aborts a request (a no-op when it already finished).
     pub fn abort(&self, request_id: &str) {
-        let _ = self.commands.send(Command::Abort(request_id.to_string()));
+        let _ = self.commands.send(CoreCommand::Abort { request_id: request_id.to_string(), log: true });
     }
 
     /// Aborts every request in flight; each finishes with reason `abort`.
     pub fn abort_all(&self) {
-        let _ = self.commands.send(Command::AbortAll);
+        let _ = self.commands.send(CoreCommand::AbortAll);
     }
 
-    /// Aborts everything, stops the engine thread and waits for it. Blocks: call from a blocking
-    /// context.
+    /// Aborts everything, stops the engine and frontend threads and waits for them. Blocks: call from
+    /// a blocking context.
     pub fn shutdown(&self) {
         self.stop_accepting();
-        let _ = self.commands.send(Command::Shutdown);
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
+        let _ = self.commands.send(CoreCommand::Shutdown);
+        let handles: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for h in handles {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for AsyncEngine {
+    fn drop(&mut self) {
+        // The frontend thread holds a command sender too: without this the threads would wait on
+        // each other forever.
+        let _ = self.commands.send(CoreCommand::Shutdown);
     }
 }
 
@@ -242,7 +358,7 @@ impl AsyncEngine {
 pub struct RequestStream {
     request_id: String,
     rx: mpsc::UnboundedReceiver<EngineEvent>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<CoreCommand>,
     done: bool,
 }
 
@@ -271,8 +387,194 @@ impl RequestStream {
 impl Drop for RequestStream {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.commands.send(Command::Abort(self.request_id.clone()));
+            let _ = self.commands.send(CoreCommand::Abort { request_id: self.request_id.clone(), log: true });
         }
+    }
+}
+
+/// A request as the engine thread tracks it: its children not yet finished in the core.
+struct CoreRequest {
+    children: Vec<String>,
+    unfinished: usize,
+}
+
+/// The engine thread: the engine core and nothing that knows text.
+struct EngineLoop<C: CoreBackend> {
+    core: C,
+    rx: mpsc::UnboundedReceiver<CoreCommand>,
+    frontend: mpsc::UnboundedSender<FrontendMsg>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    options: AsyncEngineOptions,
+    /// Requests with sequences in the core, by request id.
+    requests: HashMap<String, CoreRequest>,
+    /// Child id -> request id, for children not finished yet.
+    child_parent: HashMap<String, String>,
+    /// (request id, child id) of children never scheduled yet, for exact queue times.
+    unscheduled: Vec<(String, String)>,
+    prev_stats: SchedulerStats,
+    shutdown: bool,
+}
+
+impl<C: CoreBackend> EngineLoop<C> {
+    fn run(&mut self) -> Result<(), String> {
+        let mut consecutive_failures = 0;
+        loop {
+            if !self.core.has_unfinished_requests() {
+                // Idle: sleep until someone has something.
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return Ok(()),
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            if self.shutdown {
+                self.abort_all();
+                self.publish_stats();
+                return Ok(());
+            }
+            if !self.core.has_unfinished_requests() {
+                self.publish_stats();
+                continue;
+            }
+            let step_start = Instant::now();
+            match self.core.step() {
+                Ok(outputs) => {
+                    consecutive_failures = 0;
+                    // Before forgetting finished requests: one may be scheduled and finish in one step.
+                    let scheduled = self.newly_scheduled();
+                    self.track_finished(&outputs);
+                    let _ = self.frontend.send(FrontendMsg::Step { outputs, scheduled, step_start });
+                    if !self.core.has_unfinished_requests() {
+                        let _ = self.frontend.send(FrontendMsg::Idle);
+                    }
+                }
+                Err(e) => {
+                    consecutive_failures += 1;
+                    tracing::error!("engine step failed ({consecutive_failures} in a row): {e}");
+                    self.core.abort_all();
+                    self.forget_all();
+                    let _ = self.frontend.send(FrontendMsg::StepFailed(format!("engine step failed: {e}")));
+                    if consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES {
+                        self.publish_stats();
+                        return Err(format!("{consecutive_failures} consecutive step failures, last: {e}"));
+                    }
+                }
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn handle(&mut self, cmd: CoreCommand) {
+        match cmd {
+            CoreCommand::Add { children, request, reply } => self.add(children, request, reply),
+            CoreCommand::Abort { request_id, log } => {
+                if let Some(req) = self.requests.remove(&request_id) {
+                    if log && self.options.log_requests {
+                        tracing::info!("Aborted request {request_id}.");
+                    }
+                    self.core.abort_requests(&req.children);
+                    for c in &req.children {
+                        self.child_parent.remove(c);
+                    }
+                    let _ = self.frontend.send(FrontendMsg::Aborted(request_id));
+                }
+            }
+            CoreCommand::AbortAll => self.abort_all(),
+            CoreCommand::FinishByStopString { child_id, stop } => self.core.finish_by_stop_string(&child_id, stop),
+            CoreCommand::Shutdown => self.shutdown = true,
+        }
+    }
+
+    fn add(
+        &mut self,
+        children: Vec<Request>,
+        request: Box<NewRequest>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    ) {
+        if self.shutdown {
+            let _ = reply.send(Err(EngineError::ShuttingDown));
+            return;
+        }
+        let request_id = request.registration.request_id.clone();
+        if self.requests.contains_key(&request_id) {
+            let _ =
+                reply.send(Err(EngineError::InvalidRequest(format!("request id `{request_id}` is already in use"))));
+            return;
+        }
+        if let Err(e) = self.core.add_requests(children) {
+            let _ = reply.send(Err(EngineError::InvalidRequest(e.to_string())));
+            return;
+        }
+        let child_ids = request.registration.child_ids.clone();
+        self.shared.num_live.fetch_add(1, Ordering::SeqCst);
+        if reply.send(Ok(())).is_err() {
+            // The client left while the request was being added.
+            self.core.abort_requests(&child_ids);
+            self.shared.live_finished();
+            return;
+        }
+        if self.options.log_requests {
+            tracing::info!("Added request {request_id}.");
+        }
+        for c in &child_ids {
+            self.child_parent.insert(c.clone(), request_id.clone());
+            self.unscheduled.push((request_id.clone(), c.clone()));
+        }
+        self.requests.insert(request_id, CoreRequest { unfinished: child_ids.len(), children: child_ids });
+        let _ = self.frontend.send(FrontendMsg::Added(request));
+    }
+
+    fn abort_all(&mut self) {
+        self.core.abort_all();
+        self.forget_all();
+        let _ = self.frontend.send(FrontendMsg::AbortedAll);
+    }
+
+    fn forget_all(&mut self) {
+        self.requests.clear();
+        self.child_parent.clear();
+        self.unscheduled.clear();
+    }
+
+    /// Forgets requests whose every sequence got its final output.
+    fn track_finished(&mut self, outputs: &[EngineCoreOutput]) {
+        for out in outputs.iter().filter(|o| o.finish_reason.is_some()) {
+            let Some(parent) = self.child_parent.remove(&out.req_id) else { continue };
+            if let Some(req) = self.requests.get_mut(&parent) {
+                req.unfinished = req.unfinished.saturating_sub(1);
+                if req.unfinished == 0 {
+                    self.requests.remove(&parent);
+                }
+            }
+        }
+    }
+
+    /// The requests the scheduler took out of the waiting queue for the first time in this step.
+    fn newly_scheduled(&mut self) -> Vec<String> {
+        let mut scheduled: Vec<String> = Vec::new();
+        let (core, requests) = (&self.core, &self.requests);
+        self.unscheduled.retain(|(parent, child)| {
+            if !requests.contains_key(parent) {
+                return false;
+            }
+            if core.is_waiting(child) {
+                return true;
+            }
+            if !scheduled.contains(parent) {
+                scheduled.push(parent.clone());
+            }
+            false
+        });
+        scheduled
+    }
+
+    fn publish_stats(&mut self) {
+        let stats = self.core.stats();
+        self.metrics.record_scheduler(&stats, &self.prev_stats);
+        self.prev_stats = stats;
     }
 }
 
@@ -283,7 +585,7 @@ struct SeqState {
     finished: bool,
 }
 
-/// A request the engine thread is serving.
+/// A request the frontend thread is serving.
 struct LiveRequest {
     tx: mpsc::UnboundedSender<EngineEvent>,
     arrival: Instant,
@@ -293,7 +595,6 @@ struct LiveRequest {
     num_prompt_tokens: usize,
     max_tokens: Option<usize>,
     n: usize,
-    num_seqs: usize,
     cumulative: bool,
     seqs: Vec<SeqState>,
 }
@@ -324,164 +625,81 @@ impl LiveRequest {
     }
 }
 
-struct EngineLoop<E: EngineBackend> {
-    engine: E,
-    rx: mpsc::UnboundedReceiver<Command>,
+/// The frontend thread: output processing (detokenization, stop strings, deltas), routing to each
+/// request's stream, per-request metrics.
+struct FrontendLoop {
+    output: OutputStage,
+    rx: mpsc::UnboundedReceiver<FrontendMsg>,
+    commands: mpsc::UnboundedSender<CoreCommand>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     options: AsyncEngineOptions,
     live: HashMap<String, LiveRequest>,
-    /// Requests not yet seen scheduled, oldest first.
-    unscheduled: VecDeque<String>,
-    prev_stats: SchedulerStats,
-    shutdown: bool,
 }
 
-impl<E: EngineBackend> EngineLoop<E> {
-    fn new(
-        engine: E,
-        rx: mpsc::UnboundedReceiver<Command>,
-        metrics: Arc<Metrics>,
-        shared: Arc<Shared>,
-        options: AsyncEngineOptions,
-    ) -> Self {
-        EngineLoop {
-            engine,
-            rx,
-            metrics,
-            shared,
-            options,
-            live: HashMap::new(),
-            unscheduled: VecDeque::new(),
-            prev_stats: SchedulerStats::default(),
-            shutdown: false,
-        }
-    }
-
-    fn run(&mut self) -> Result<(), String> {
-        let mut consecutive_failures = 0;
-        loop {
-            if !self.engine.has_unfinished_requests() && self.live.is_empty() {
-                // Idle: sleep until the frontend has something.
-                match self.rx.blocking_recv() {
-                    Some(cmd) => self.handle(cmd),
-                    None => return Ok(()),
+impl FrontendLoop {
+    /// Runs until the engine thread stops (its sender is dropped).
+    fn run(&mut self) {
+        while let Some(msg) = self.rx.blocking_recv() {
+            match msg {
+                FrontendMsg::Added(request) => self.add(*request),
+                FrontendMsg::Step { outputs, scheduled, step_start } => {
+                    for id in scheduled {
+                        if let Some(l) = self.live.get_mut(&id) {
+                            l.scheduled.get_or_insert(step_start);
+                        }
+                    }
+                    let result = self.output.process(outputs);
+                    // Free the blocks of sequences that hit a stop string before anything else.
+                    for (child_id, stop) in result.stopped {
+                        let _ = self.commands.send(CoreCommand::FinishByStopString { child_id, stop });
+                    }
+                    self.dispatch(result.request_outputs);
+                    self.abort_disconnected();
                 }
-            }
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.handle(cmd);
-            }
-            if self.shutdown {
-                self.abort_all();
-                self.publish_stats();
-                return Ok(());
-            }
-            self.abort_disconnected();
-            if !self.engine.has_unfinished_requests() {
-                self.fail_orphans();
-                self.publish_stats();
-                continue;
-            }
-            let step_start = Instant::now();
-            match self.engine.step() {
-                Ok(outputs) => {
-                    consecutive_failures = 0;
-                    let stats = self.engine.stats();
-                    self.mark_scheduled(stats.num_waiting, step_start);
-                    self.dispatch(outputs);
-                    if !self.engine.has_unfinished_requests() {
-                        self.fail_orphans();
+                FrontendMsg::Aborted(id) => self.abort(&id),
+                FrontendMsg::AbortedAll => {
+                    let ids: Vec<String> = self.live.keys().cloned().collect();
+                    for id in ids {
+                        self.abort(&id);
                     }
                 }
-                Err(e) => {
-                    consecutive_failures += 1;
-                    tracing::error!("engine step failed ({consecutive_failures} in a row): {e}");
-                    self.fail_all(&format!("engine step failed: {e}"));
-                    if consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES {
-                        self.publish_stats();
-                        return Err(format!("{consecutive_failures} consecutive step failures, last: {e}"));
-                    }
-                }
+                FrontendMsg::StepFailed(message) => self.fail_all(&message),
+                FrontendMsg::Idle => self.fail_orphans(),
             }
-            self.publish_stats();
         }
+        // The engine thread stopped: end every stream still open (dropping its sender).
+        self.live.clear();
     }
 
-    fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Add { request, outputs, reply } => self.add(*request, outputs, reply),
-            Command::Abort(id) => {
-                if self.live.contains_key(&id) {
-                    if self.options.log_requests {
-                        tracing::info!("Aborted request {id}.");
-                    }
-                    self.abort(&id);
-                }
-            }
-            Command::AbortAll => self.abort_all(),
-            Command::Shutdown => self.shutdown = true,
-        }
-    }
-
-    fn add(
-        &mut self,
-        request: EngineRequest,
-        outputs: mpsc::UnboundedSender<EngineEvent>,
-        reply: oneshot::Sender<Result<(), EngineError>>,
-    ) {
-        if self.shutdown {
-            let _ = reply.send(Err(EngineError::ShuttingDown));
-            return;
-        }
-        let EngineRequest { request_id, prompt_token_ids, params, output_kind, priority, arrival } = request;
-        if self.live.contains_key(&request_id) {
-            let _ =
-                reply.send(Err(EngineError::InvalidRequest(format!("request id `{request_id}` is already in use"))));
-            return;
-        }
-        let num_prompt_tokens = prompt_token_ids.len();
-        let (n, num_seqs, max_tokens) = (params.n, params.num_sequences(), params.max_tokens);
-        let prompt = Prompt::Tokens(prompt_token_ids);
-        match self.engine.add_request(&request_id, &prompt, params, output_kind, priority) {
-            Ok(_) => {}
-            Err(e) => {
-                let _ = reply.send(Err(EngineError::InvalidRequest(e.to_string())));
-                return;
-            }
-        }
-        if reply.send(Ok(())).is_err() {
-            // The client left while the request was being added.
-            self.engine.abort_request(&request_id);
-            return;
-        }
-        if self.options.log_requests {
-            tracing::info!("Added request {request_id}.");
-        }
+    fn add(&mut self, request: NewRequest) {
+        let NewRequest { registration, outputs, arrival } = request;
+        self.output.register(&registration);
+        let params = &registration.params;
+        let num_seqs = registration.child_ids.len();
         self.live.insert(
-            request_id.clone(),
+            registration.request_id.clone(),
             LiveRequest {
                 tx: outputs,
                 arrival,
                 scheduled: None,
                 first_token: None,
                 last_token: None,
-                num_prompt_tokens,
-                max_tokens,
-                n,
-                num_seqs,
-                cumulative: output_kind != OutputKind::Delta,
+                num_prompt_tokens: registration.prompt_token_ids.len(),
+                max_tokens: params.max_tokens,
+                n: params.n,
+                cumulative: registration.kind != OutputKind::Delta,
                 seqs: vec![SeqState::default(); num_seqs],
             },
         );
-        self.unscheduled.push_back(request_id);
-        self.shared.num_live.store(self.live.len(), Ordering::SeqCst);
     }
 
-    /// Aborts one request, frees its blocks, counts its unfinished sequences as aborted and sends
-    /// the final output (finish reason `abort`) to the client if it is still listening.
-    fn abort(&mut self, request_id: &str) {
-        let Some(mut live) = self.live.remove(request_id) else { return };
-        let final_output = self.engine.abort_request(request_id);
+    /// Ends a request here (the engine already aborted it, or is told to by the caller): counts its
+    /// unfinished sequences as aborted and returns what is left of it. Its final output (reason
+    /// `abort`) is made by the output processor.
+    fn remove_aborted(&mut self, request_id: &str) -> Option<(LiveRequest, Option<RequestOutput>)> {
+        let mut live = self.live.remove(request_id)?;
+        let final_output = self.output.abort_request(request_id).and_then(|(_, out)| out);
         let now = Instant::now();
         for i in 0..live.seqs.len() {
             if !live.seqs[i].finished {
@@ -491,38 +709,42 @@ impl<E: EngineBackend> EngineLoop<E> {
             }
         }
         self.record_request_params(&live);
-        if let Some(out) = final_output {
-            let _ = live.tx.send(EngineEvent::Output(out));
-        }
-        self.shared.num_live.store(self.live.len(), Ordering::SeqCst);
+        self.shared.live_finished();
+        Some((live, final_output))
     }
 
-    fn abort_all(&mut self) {
-        let ids: Vec<String> = self.live.keys().cloned().collect();
-        for id in ids {
-            self.abort(&id);
+    /// A request the engine aborted: send the final output to the client if it is still listening.
+    fn abort(&mut self, request_id: &str) {
+        if let Some((live, Some(out))) = self.remove_aborted(request_id) {
+            let _ = live.tx.send(EngineEvent::Output(out));
         }
+    }
+
+    /// A request whose client went away: forget it here and have the engine abort it (freeing its
+    /// blocks).
+    fn abort_gone(&mut self, request_id: &str) {
+        if self.options.log_requests {
+            tracing::info!("Aborted request {request_id} (client disconnected).");
+        }
+        self.remove_aborted(request_id);
+        let _ = self.commands.send(CoreCommand::Abort { request_id: request_id.to_string(), log: false });
     }
 
     /// Aborts requests whose client dropped the output channel.
     fn abort_disconnected(&mut self) {
         let gone: Vec<String> = self.live.iter().filter(|(_, l)| l.tx.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
-            if self.options.log_requests {
-                tracing::info!("Aborted request {id} (client disconnected).");
-            }
-            self.abort(&id);
+            self.abort_gone(&id);
         }
     }
 
-    /// Fails every live request (a step failed): the client gets an error, the blocks are freed.
+    /// Fails every live request (the engine already aborted them): the client gets an error.
     fn fail_all(&mut self, message: &str) {
         let ids: Vec<String> = self.live.keys().cloned().collect();
         for id in ids {
-            if let Some(live) = self.live.get(&id) {
+            if let Some((live, _)) = self.remove_aborted(&id) {
                 let _ = live.tx.send(EngineEvent::Failed(message.to_string()));
             }
-            self.abort(&id);
         }
     }
 
@@ -533,27 +755,10 @@ impl<E: EngineBackend> EngineLoop<E> {
             return;
         }
         tracing::error!("{} request(s) left the engine without a final output", self.live.len());
+        let ids: Vec<String> = self.live.keys().cloned().collect();
         self.fail_all("the engine lost track of the request");
-    }
-
-    /// Requests no longer waiting are marked scheduled at `step_start`. The engine reports only the
-    /// number of waiting sequences, so the newest requests are taken to be the waiting ones.
-    fn mark_scheduled(&mut self, num_waiting: usize, step_start: Instant) {
-        self.unscheduled.retain(|id| self.live.contains_key(id));
-        let mut still_waiting = 0;
-        let mut keep_from = self.unscheduled.len();
-        for (i, id) in self.unscheduled.iter().enumerate().rev() {
-            let seqs = self.live.get(id).map_or(0, |l| l.num_seqs);
-            if still_waiting + seqs > num_waiting {
-                break;
-            }
-            still_waiting += seqs;
-            keep_from = i;
-        }
-        for id in self.unscheduled.drain(..keep_from) {
-            if let Some(l) = self.live.get_mut(&id) {
-                l.scheduled.get_or_insert(step_start);
-            }
+        for id in ids {
+            let _ = self.commands.send(CoreCommand::Abort { request_id: id, log: false });
         }
     }
 
@@ -618,18 +823,15 @@ impl<E: EngineBackend> EngineLoop<E> {
             if finished {
                 if let Some(live) = self.live.remove(&id) {
                     self.record_request_params(&live);
+                    self.shared.live_finished();
                 }
             } else if !sent {
-                if self.options.log_requests {
-                    tracing::info!("Aborted request {id} (client disconnected).");
-                }
-                self.abort(&id);
+                self.abort_gone(&id);
             }
         }
         if iteration_prompt_tokens + iteration_generation_tokens > 0 {
             self.metrics.iteration_tokens.observe((iteration_prompt_tokens + iteration_generation_tokens) as f64);
         }
-        self.shared.num_live.store(self.live.len(), Ordering::SeqCst);
     }
 
     fn record_request_params(&self, live: &LiveRequest) {
@@ -638,95 +840,78 @@ impl<E: EngineBackend> EngineLoop<E> {
             self.metrics.request_max_num_generation_tokens.observe(m as f64);
         }
     }
-
-    fn publish_stats(&mut self) {
-        let stats = self.engine.stats();
-        self.metrics.record_scheduler(&stats, &self.prev_stats);
-        self.prev_stats = stats;
-    }
 }
 
-/// A scriptable engine for tests of the engine loop and the handlers.
+/// A scriptable engine core for tests of the engine loop and the handlers: a real scheduler driving a
+/// fake model.
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
-    use ironllm::CompletionOutput;
+    use ironllm_core::outputs::{ModelRunnerOutput, SchedulerOutput};
+    use ironllm_core::{CoreError, SchedulerConfig};
+    use ironllm_model::tokenizer::Tokenizer;
+    use std::time::Duration;
 
-    /// A fake engine: each request produces one token per step until `max_tokens`; a step panics
-    /// when `panic_on_step` is set.
-    #[derive(Default)]
-    pub(crate) struct FakeEngine {
-        pub requests: Vec<(String, usize, usize)>,
+    /// Context length of the fake engine.
+    pub(crate) const MAX_MODEL_LEN: usize = 4096;
+
+    /// A fake model: every scheduled request samples the next token of `script` (cycled) each step;
+    /// a step sleeps `delay` (so long requests stay in flight), and panics when `panic_on_step` is set.
+    pub(crate) struct ScriptedModel {
+        pub script: Vec<u32>,
+        pub delay: Duration,
         pub panic_on_step: bool,
-        pub aborted: Arc<Mutex<Vec<String>>>,
+        /// Tokens sampled per request id, shared with the test.
+        pub produced: Arc<Mutex<HashMap<String, usize>>>,
     }
 
-    impl EngineBackend for FakeEngine {
-        fn add_request(
-            &mut self,
-            request_id: &str,
-            _prompt: &Prompt,
-            params: SamplingParams,
-            _kind: OutputKind,
-            _priority: i32,
-        ) -> Result<Vec<u32>, LlmError> {
-            if params.temperature < 0.0 {
-                return Err(LlmError::InvalidRequest("temperature must be non-negative".into()));
+    impl Default for ScriptedModel {
+        fn default() -> Self {
+            ScriptedModel {
+                script: vec![7],
+                delay: Duration::from_millis(1),
+                panic_on_step: false,
+                produced: Arc::default(),
             }
-            self.requests.push((request_id.to_string(), 0, params.max_tokens.unwrap_or(4)));
-            Ok(vec![1])
         }
-        fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
-            self.aborted.lock().unwrap().push(request_id.to_string());
-            let found = self.requests.iter().any(|r| r.0 == request_id);
-            self.requests.retain(|r| r.0 != request_id);
-            found.then(|| output(request_id, Some(FinishReason::Abort)))
-        }
-        fn step(&mut self) -> Result<Vec<RequestOutput>, LlmError> {
+    }
+
+    impl ModelExecutor for ScriptedModel {
+        fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
             if self.panic_on_step {
                 panic!("injected step failure");
             }
-            let mut outs = Vec::new();
-            for r in &mut self.requests {
-                r.1 += 1;
-                let done = r.1 >= r.2;
-                outs.push(output(&r.0, done.then_some(FinishReason::Length)));
+            std::thread::sleep(self.delay);
+            let mut produced = self.produced.lock().unwrap();
+            let mut out = ModelRunnerOutput::default();
+            for (id, _) in &plan.num_scheduled_tokens {
+                let count = produced.entry(id.clone()).or_default();
+                out.req_ids.push(id.clone());
+                out.sampled_token_ids.push(vec![self.script[*count % self.script.len()]]);
+                out.logprobs.push(None);
+                out.prompt_logprobs.push(None);
+                *count += 1;
             }
-            self.requests.retain(|r| r.1 < r.2);
-            Ok(outs)
-        }
-        fn has_unfinished_requests(&self) -> bool {
-            !self.requests.is_empty()
-        }
-        fn stats(&self) -> SchedulerStats {
-            SchedulerStats { num_running: self.requests.len(), ..Default::default() }
+            Ok(out)
         }
     }
 
-    pub(crate) fn output(id: &str, finish: Option<FinishReason>) -> RequestOutput {
-        RequestOutput {
-            request_id: id.to_string(),
-            prompt_token_ids: vec![1],
-            prompt_logprobs: None,
-            outputs: vec![CompletionOutput {
-                index: 0,
-                text: "x".into(),
-                token_ids: vec![7],
-                cumulative_logprob: None,
-                logprobs: None,
-                finish_reason: finish,
-                stop_reason: None,
-            }],
-            finished: finish.is_some(),
-            num_cached_tokens: 0,
-        }
+    /// Starts an [`AsyncEngine`] on a real scheduler and `model`, detokenizing with `tokenizer`.
+    pub(crate) fn start(model: ScriptedModel, tokenizer: Option<Arc<Tokenizer>>, metrics: Arc<Metrics>) -> AsyncEngine {
+        let config = SchedulerConfig::new(MAX_MODEL_LEN, 1024);
+        let core = Core::new(config, model).expect("scheduler config");
+        let input = InputProcessor::new(tokenizer.clone(), Vec::new(), 50_000, MAX_MODEL_LEN, 20);
+        AsyncEngine::start(input, OutputStage::new(tokenizer), core, metrics, AsyncEngineOptions::default())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fake::FakeEngine;
+    use super::fake::{start, ScriptedModel};
     use super::*;
+    use ironllm_core::outputs::StopReason;
+    use ironllm_model::tokenizer::Tokenizer;
+    use std::time::Duration;
 
     fn request(id: &str, max_tokens: usize) -> EngineRequest {
         EngineRequest {
@@ -743,10 +928,25 @@ mod tests {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
+    fn smollm2_tokenizer() -> Arc<Tokenizer> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer/smollm2");
+        Arc::new(Tokenizer::from_hf_dir(&dir).expect("the smollm2 tokenizer fixture"))
+    }
+
+    /// Waits (up to 2 s) until `done` holds.
+    async fn wait_for(mut done: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[test]
     fn outputs_arrive_and_metrics_count_them() {
         let metrics = Arc::new(Metrics::new("m", 2048));
-        let engine = AsyncEngine::start(FakeEngine::default(), metrics.clone(), Default::default());
+        let engine = start(ScriptedModel::default(), None, metrics.clone());
         rt().block_on(async {
             let mut s = engine.add_request(request("a", 3)).await.unwrap();
             let mut n = 0;
@@ -755,6 +955,8 @@ mod tests {
                 n += o.outputs[0].token_ids.len();
             }
             assert_eq!(n, 3);
+            // The last output may reach the client a moment before the metrics of its request.
+            wait_for(|| engine.num_live_requests() == 0).await;
         });
         assert_eq!(metrics.generation_tokens.get(), 3);
         assert_eq!(metrics.prompt_tokens.get(), 1);
@@ -763,39 +965,50 @@ mod tests {
     }
 
     #[test]
-    fn invalid_request_is_rejected_with_the_engine_message() {
-        let engine = AsyncEngine::start(FakeEngine::default(), Arc::new(Metrics::new("m", 64)), Default::default());
+    fn invalid_request_is_rejected_with_the_validation_message() {
+        let engine = start(ScriptedModel::default(), None, Arc::new(Metrics::new("m", 64)));
         let mut req = request("a", 3);
         req.params.temperature = -1.0;
         let err = rt().block_on(engine.add_request(req)).unwrap_err();
-        assert_eq!(err, EngineError::InvalidRequest("temperature must be non-negative".into()));
+        assert!(
+            matches!(&err, EngineError::InvalidRequest(m) if m.contains("temperature must be non-negative")),
+            "{err:?}"
+        );
+        // A duplicate id is refused while the first request is live.
+        rt().block_on(async {
+            let _s = engine.add_request(request("dup", 100_000)).await.unwrap();
+            let err = engine.add_request(request("dup", 3)).await.unwrap_err();
+            assert_eq!(err, EngineError::InvalidRequest("request id `dup` is already in use".into()));
+        });
         engine.shutdown();
     }
 
     #[test]
-    fn dropping_the_stream_aborts_the_request() {
-        let fake = FakeEngine::default();
-        let aborted = fake.aborted.clone();
-        let engine = AsyncEngine::start(fake, Arc::new(Metrics::new("m", 64)), Default::default());
+    fn dropping_the_stream_aborts_the_request_and_frees_its_blocks() {
+        let metrics = Arc::new(Metrics::new("m", 64));
+        let model = ScriptedModel::default();
+        let produced = model.produced.clone();
+        let engine = start(model, None, metrics.clone());
         rt().block_on(async {
             let mut s = engine.add_request(request("long", 1_000_000)).await.unwrap();
             s.next().await.unwrap();
+            // The gauges are written right after the step's outputs are sent.
+            wait_for(|| metrics.kv_cache_usage_perc.get() > 0.0).await;
+            assert!(metrics.kv_cache_usage_perc.get() > 0.0);
             drop(s);
-            for _ in 0..200 {
-                if engine.num_live_requests() == 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            wait_for(|| engine.num_live_requests() == 0 && metrics.kv_cache_usage_perc.get() == 0.0).await;
         });
         assert_eq!(engine.num_live_requests(), 0);
-        assert_eq!(aborted.lock().unwrap().as_slice(), ["long".to_string()]);
+        assert_eq!(metrics.kv_cache_usage_perc.get(), 0.0);
+        assert_eq!(metrics.num_requests_running.get(), 0);
+        let steps = produced.lock().unwrap()["long"];
+        assert!(steps < fake::MAX_MODEL_LEN - 1, "the request ran to its length limit ({steps} tokens)");
         engine.shutdown();
     }
 
     #[test]
     fn abort_all_finishes_requests_with_reason_abort() {
-        let engine = AsyncEngine::start(FakeEngine::default(), Arc::new(Metrics::new("m", 64)), Default::default());
+        let engine = start(ScriptedModel::default(), None, Arc::new(Metrics::new("m", 64)));
         rt().block_on(async {
             let mut s = engine.add_request(request("long", 1_000_000)).await.unwrap();
             s.next().await.unwrap();
@@ -813,21 +1026,127 @@ mod tests {
 
     #[test]
     fn a_panicking_step_kills_the_engine_and_fails_requests() {
-        let fake = FakeEngine { panic_on_step: true, ..Default::default() };
-        let engine = AsyncEngine::start(fake, Arc::new(Metrics::new("m", 64)), Default::default());
+        let model = ScriptedModel { panic_on_step: true, ..Default::default() };
+        let engine = start(model, None, Arc::new(Metrics::new("m", 64)));
         rt().block_on(async {
             let mut s = engine.add_request(request("a", 3)).await.unwrap();
             let ev = s.next().await.unwrap();
             assert!(matches!(ev, EngineEvent::Failed(_)), "{ev:?}");
-            for _ in 0..200 {
-                if !engine.is_alive() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            wait_for(|| !engine.is_alive()).await;
             assert!(!engine.is_alive());
             assert_eq!(engine.add_request(request("b", 3)).await.unwrap_err(), EngineError::Dead);
         });
+        engine.shutdown();
+    }
+
+    #[test]
+    fn queue_time_is_measured_to_the_step_that_first_schedules_the_request() {
+        let metrics = Arc::new(Metrics::new("m", 64));
+        let engine = start(ScriptedModel::default(), None, metrics.clone());
+        rt().block_on(async {
+            let mut r = request("a", 2);
+            // Arrived a second ago: the queue time covers that second, not the request's whole life.
+            r.arrival = Instant::now() - Duration::from_secs(1);
+            let mut s = engine.add_request(r).await.unwrap();
+            while s.next().await.is_some() {}
+            wait_for(|| engine.num_live_requests() == 0).await;
+        });
+        let text = metrics.encode();
+        let sum = text
+            .lines()
+            .find(|l| l.starts_with("vllm:request_queue_time_seconds_sum"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("queue time sum");
+        assert!((1.0..1.5).contains(&sum), "queue time {sum}");
+        engine.shutdown();
+    }
+
+    /// The engine thread runs only a `CoreBackend`, and `ironllm::Core` (the one the server runs) is
+    /// built from a scheduler config and a model runner: there is no tokenizer on that side to touch.
+    /// At run time: with a tokenizer given, its only holders are the input processor (handlers) and
+    /// the output stage (frontend thread); and the text arrives detokenized.
+    #[test]
+    fn the_engine_thread_holds_no_tokenizer_and_text_is_made_on_the_frontend() {
+        let tok = smollm2_tokenizer();
+        let script = tok.encode("Hello world", false).unwrap();
+        let model = ScriptedModel { script: script.clone(), ..Default::default() };
+        let engine = start(model, Some(tok.clone()), Arc::new(Metrics::new("m", 64)));
+        // This test, the input processor and the output stage; none on the engine thread.
+        assert_eq!(Arc::strong_count(&tok), 3);
+        // What crosses from the engine thread is token ids (this destructuring is exhaustive, so a
+        // text field added to `EngineCoreOutput` would fail to compile here).
+        let EngineCoreOutput {
+            req_id: _,
+            new_token_ids: _,
+            new_logprobs: _,
+            new_prompt_logprobs: _,
+            finish_reason: _,
+            stop_reason: _,
+            num_cached_tokens: _,
+        } = EngineCoreOutput {
+            req_id: String::new(),
+            new_token_ids: Vec::new(),
+            new_logprobs: None,
+            new_prompt_logprobs: None,
+            finish_reason: None,
+            stop_reason: None,
+            num_cached_tokens: 0,
+        };
+        let text = rt().block_on(async {
+            let mut s = engine.add_request(request("a", script.len())).await.unwrap();
+            let mut text = String::new();
+            while let Some(ev) = s.next().await {
+                let EngineEvent::Output(o) = ev else { panic!("{ev:?}") };
+                text.push_str(&o.outputs[0].text);
+            }
+            text
+        });
+        assert_eq!(text, "Hello world");
+        engine.shutdown();
+        // Both threads are gone; the parts they owned with them.
+        assert_eq!(Arc::strong_count(&tok), 2);
+    }
+
+    /// The frontend finds the stop string in the detokenized text, cuts the output there, and sends
+    /// "finish" to the engine thread, which finishes the sequence in the scheduler and frees its blocks
+    /// long before `max_tokens`.
+    #[test]
+    fn a_stop_string_found_by_the_frontend_finishes_the_request_in_the_engine() {
+        let tok = smollm2_tokenizer();
+        let mut script = tok.encode("Hello world. STOP", false).unwrap();
+        let filler = tok.encode(" and on", false).unwrap();
+        for _ in 0..200 {
+            script.extend_from_slice(&filler);
+        }
+        let model = ScriptedModel { script, ..Default::default() };
+        let produced = model.produced.clone();
+        let metrics = Arc::new(Metrics::new("m", 64));
+        let engine = start(model, Some(tok), metrics.clone());
+        rt().block_on(async {
+            let mut r = request("s", 400);
+            r.params.stop = vec!["STOP".into()];
+            let mut s = engine.add_request(r).await.unwrap();
+            let mut text = String::new();
+            let mut last = None;
+            while let Some(ev) = s.next().await {
+                let EngineEvent::Output(o) = ev else { panic!("{ev:?}") };
+                // A partial "STOP" is never streamed.
+                assert!(!o.outputs.iter().any(|c| c.text.contains('S')), "{o:?}");
+                text.push_str(&o.outputs[0].text);
+                last = Some(o);
+            }
+            let last = last.unwrap();
+            assert_eq!(text, "Hello world. ");
+            assert_eq!(last.outputs[0].finish_reason, Some(FinishReason::Stop));
+            assert_eq!(last.outputs[0].stop_reason, Some(StopReason::String("STOP".into())));
+            wait_for(|| metrics.kv_cache_usage_perc.get() == 0.0 && metrics.num_requests_running.get() == 0).await;
+        });
+        assert_eq!(metrics.kv_cache_usage_perc.get(), 0.0);
+        assert_eq!(metrics.num_requests_running.get(), 0);
+        // The engine stopped stepping the request soon after the stop string, not at max_tokens.
+        let steps = produced.lock().unwrap()["s"];
+        assert!(steps < 100, "the engine ran the request for {steps} tokens");
         engine.shutdown();
     }
 }

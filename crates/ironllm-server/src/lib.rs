@@ -2,9 +2,10 @@
 //! fields, response and error shapes, status codes and metric names.
 //!
 //! Main types:
-//! - [`AsyncEngine`]: the synchronous [`ironllm::Engine`] on its own thread, driven over channels;
-//!   each request gets a [`async_engine::RequestStream`] of outputs, and dropping it (a client that
-//!   went away) aborts the request and frees its KV blocks.
+//! - [`AsyncEngine`]: the engine core ([`ironllm::Core`]) on its own thread and the output processor
+//!   (detokenization, stop strings) on a frontend thread, driven over channels; each request gets a
+//!   [`async_engine::RequestStream`] of outputs, and dropping it (a client that went away) aborts the
+//!   request and frees its KV blocks.
 //! - [`ServerConfig`] and [`serve`]/[`run`]: the axum app on tokio, its middleware (API key, panic
 //!   guard, access log) and its lifecycle (SIGINT/SIGTERM drain and abort).
 //! - [`protocol`]: wire types (serde), kept apart from the engine's types; [`validate`] turns them

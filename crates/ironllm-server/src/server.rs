@@ -185,7 +185,10 @@ pub fn build_state(engine: Engine, config: ServerConfig) -> Result<Arc<AppState>
         created: unix_now(),
     };
     let metrics = Arc::new(Metrics::new(&model.served_names[0], info.max_model_len));
-    let engine = AsyncEngine::start(engine, metrics.clone(), AsyncEngineOptions { log_requests: config.log_requests });
+    // The engine core goes to the engine thread; input and output processing stay on this side.
+    let (input, output, core) = engine.into_parts();
+    let options = AsyncEngineOptions { log_requests: config.log_requests };
+    let engine = AsyncEngine::start(input, output, core, metrics.clone(), options);
     Ok(Arc::new(AppState { engine, metrics, model, tokenizer, chat_template, default_params, config }))
 }
 
@@ -405,15 +408,15 @@ pub fn run(engine: Engine, config: ServerConfig) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::async_engine::fake::FakeEngine;
+    use crate::async_engine::fake::{self, ScriptedModel};
     use crate::async_engine::{EngineEvent, EngineRequest};
     use axum::http::StatusCode;
     use std::time::Instant;
 
-    fn state_with(engine: FakeEngine) -> Arc<AppState> {
+    fn state_with(model: ScriptedModel) -> Arc<AppState> {
         let metrics = Arc::new(Metrics::new("m", 64));
         Arc::new(AppState {
-            engine: AsyncEngine::start(engine, metrics.clone(), AsyncEngineOptions::default()),
+            engine: fake::start(model, None, metrics.clone()),
             metrics,
             model: ModelInfo {
                 served_names: vec!["m".into()],
@@ -433,7 +436,7 @@ mod tests {
     #[test]
     fn health_turns_503_when_the_engine_dies() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let state = state_with(FakeEngine { panic_on_step: true, ..Default::default() });
+        let state = state_with(ScriptedModel { panic_on_step: true, ..Default::default() });
         rt.block_on(async {
             assert_eq!(routes::health(State(state.clone())).await.status(), StatusCode::OK);
             let request = EngineRequest {

@@ -1,16 +1,25 @@
-//! The synchronous engine every entry point drives: the frontend work for a request (tokenize, resolve
-//! and validate sampling parameters, fan out `n` / `best_of`), the engine core's step, and the output
-//! processor. The offline [`crate::LLM`] calls [`Engine::step`] in a loop; the server runs the same loop
-//! on its own thread.
+//! The synchronous engine every entry point drives, in two sides (vLLM V1's API process / engine core
+//! process split):
+//!
+//! - the frontend side: [`InputProcessor`] (tokenize, resolve and validate sampling parameters, fan out
+//!   `n` / `best_of` into child [`Request`]s) and [`OutputStage`] (the tokenizer and the
+//!   [`OutputProcessor`]: incremental detokenization, stop strings, [`RequestOutput`]s);
+//! - the engine-core side: [`Core`] (add child requests, abort, finish by stop string, step to
+//!   token-level [`EngineCoreOutput`]s, stats). It holds no tokenizer and never sees text.
+//!
+//! [`Engine`] composes the three on one thread: the offline [`crate::LLM`] calls [`Engine::step`] in a
+//! loop. The server takes the parts apart ([`Engine::into_parts`]) and runs [`Core`] on the engine
+//! thread and the frontend side elsewhere.
 
 use std::sync::Arc;
 
 use ironllm_core::engine::EngineCore;
-use ironllm_core::output_processor::{child_request_id, OutputKind, OutputProcessor, RequestOutput};
-use ironllm_core::outputs::{FinishReason, StopReason};
-use ironllm_core::request::Request;
+use ironllm_core::executor::ModelExecutor;
+use ironllm_core::output_processor::{child_request_id, OutputKind, OutputProcessor, ProcessResult, RequestOutput};
+use ironllm_core::outputs::{EngineCoreOutput, FinishReason, StopReason};
+use ironllm_core::request::{Request, RequestStatus};
 use ironllm_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use ironllm_core::SamplingParams;
+use ironllm_core::{SamplingParams, SchedulerStats};
 use ironllm_model::config::ModelConfig;
 use ironllm_model::generation_config::GenerationDefaults;
 use ironllm_model::llama::KvCache;
@@ -76,15 +85,278 @@ impl EngineInfo {
     }
 }
 
-/// The engine: frontend preprocessing + engine core + output processing.
-pub struct Engine {
-    core: EngineCore<CpuModelRunner>,
-    processor: OutputProcessor,
+/// A request after input processing: validated, its parameters resolved, fanned out into the child
+/// requests the engine core runs.
+#[derive(Debug)]
+pub struct ProcessedRequest {
+    /// The child requests for the engine core (one unless `n` / `best_of` is above 1).
+    pub children: Vec<Request>,
+    /// What the output processor needs to know about the request.
+    pub registration: Registration,
+}
+
+/// What the frontend's output processor keeps about a request (no tokenizer, no text: it can travel
+/// through the engine thread).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// The user's parameters, resolved (EOS ids, bad words) and validated.
+    pub params: Arc<SamplingParams>,
+    pub kind: OutputKind,
+    /// The ids of the child requests, in index order.
+    pub child_ids: Vec<String>,
+}
+
+/// The frontend's input side: tokenization, validation, `n` / `best_of` fan-out. Immutable, so it can
+/// be shared by every HTTP handler.
+pub struct InputProcessor {
     tokenizer: Option<Arc<Tokenizer>>,
     eos_token_ids: Vec<u32>,
+    vocab_size: usize,
+    max_model_len: usize,
+    max_logprobs: usize,
+}
+
+impl InputProcessor {
+    pub fn new(
+        tokenizer: Option<Arc<Tokenizer>>,
+        eos_token_ids: Vec<u32>,
+        vocab_size: usize,
+        max_model_len: usize,
+        max_logprobs: usize,
+    ) -> InputProcessor {
+        InputProcessor { tokenizer, eos_token_ids, vocab_size, max_model_len, max_logprobs }
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Tokenizes a prompt (adding special tokens as the tokenizer is configured to).
+    pub fn tokenize(&self, prompt: &Prompt, add_special_tokens: bool) -> Result<Vec<u32>, LlmError> {
+        match prompt {
+            Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Text(s) => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    LlmError::InvalidRequest("a text prompt needs a tokenizer; give token ids instead".into())
+                })?;
+                tok.encode(s, add_special_tokens).map_err(|e| LlmError::InvalidRequest(e.to_string()))
+            }
+        }
+    }
+
+    /// Tokenizes and validates a request and fans it out into child requests.
+    pub fn process(
+        &self,
+        request_id: &str,
+        prompt: &Prompt,
+        mut params: SamplingParams,
+        kind: OutputKind,
+        priority: i32,
+    ) -> Result<ProcessedRequest, LlmError> {
+        let prompt_ids = self.tokenize(prompt, true)?;
+        let vocab = self.vocab_size;
+        if prompt_ids.is_empty() {
+            return Err(LlmError::InvalidRequest("The decoder prompt cannot be empty".into()));
+        }
+        if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(LlmError::InvalidRequest(format!("Token id {bad} is out of vocabulary")));
+        }
+        if prompt_ids.len() >= self.max_model_len {
+            return Err(LlmError::InvalidRequest(format!(
+                "The decoder prompt (length {}) is longer than the maximum model length of {}. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+                prompt_ids.len(),
+                self.max_model_len
+            )));
+        }
+        if !params.bad_words.is_empty() {
+            let tok = self
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| LlmError::InvalidRequest("bad_words needs a tokenizer".into()))?;
+            let mut seqs: Vec<Vec<u32>> = Vec::new();
+            for word in &params.bad_words {
+                for prefix in ["", " "] {
+                    let ids = tok
+                        .encode(&format!("{prefix}{}", word.trim_start()), false)
+                        .map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+                    if !ids.is_empty() && !seqs.contains(&ids) {
+                        seqs.push(ids);
+                    }
+                }
+            }
+            params.bad_words_token_ids = seqs;
+        }
+        params.eos_token_ids = self.eos_token_ids.clone();
+        params.validate(vocab, self.max_logprobs).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+        let num_children = params.num_sequences();
+        let child_ids: Vec<String> = if num_children == 1 {
+            vec![request_id.to_string()]
+        } else {
+            (0..num_children).map(|i| child_request_id(request_id, i)).collect()
+        };
+        let pick_best = params.best_of.is_some_and(|b| b > params.n);
+        let children = child_ids
+            .iter()
+            .enumerate()
+            .map(|(i, cid)| {
+                let mut child = params.clone();
+                child.n = 1;
+                child.best_of = None;
+                if let Some(seed) = params.seed {
+                    child.seed = Some(seed.wrapping_add(i as u64));
+                }
+                if pick_best && child.logprobs.is_none() {
+                    // Ranking by cumulative logprob needs the sampled tokens' logprobs.
+                    child.logprobs = Some(0);
+                }
+                Request::new(cid.clone(), prompt_ids.clone(), Arc::new(child)).with_priority(priority)
+            })
+            .collect();
+        let registration = Registration {
+            request_id: request_id.to_string(),
+            prompt_token_ids: prompt_ids,
+            params: Arc::new(params),
+            kind,
+            child_ids,
+        };
+        Ok(ProcessedRequest { children, registration })
+    }
+}
+
+/// The frontend's output side: the [`OutputProcessor`] and the tokenizer it detokenizes with. Turns
+/// the engine core's token-level outputs into [`RequestOutput`]s and reports which sequences hit a
+/// stop string (the engine core must then finish them: [`Core::finish_by_stop_string`]).
+pub struct OutputStage {
+    processor: OutputProcessor,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl OutputStage {
+    pub fn new(tokenizer: Option<Arc<Tokenizer>>) -> OutputStage {
+        OutputStage { processor: OutputProcessor::new(), tokenizer }
+    }
+
+    /// Whether the request is still tracked.
+    pub fn has_request(&self, request_id: &str) -> bool {
+        self.processor.has_request(request_id)
+    }
+
+    /// Number of requests still tracked.
+    pub fn num_requests(&self) -> usize {
+        self.processor.num_requests()
+    }
+
+    /// Starts tracking a request whose children were added to the engine core.
+    pub fn register(&mut self, reg: &Registration) {
+        let detokenize = self.tokenizer.is_some();
+        self.processor.add_request(
+            &reg.request_id,
+            reg.prompt_token_ids.clone(),
+            reg.params.clone(),
+            reg.kind,
+            &reg.child_ids,
+            detokenize,
+        );
+    }
+
+    /// Applies one step's core outputs: detokenizes, finds stop strings, makes request outputs.
+    pub fn process(&mut self, outputs: Vec<EngineCoreOutput>) -> ProcessResult {
+        let tok = self.tokenizer.as_ref().map(|t| t.inner());
+        self.processor.process(outputs, tok)
+    }
+
+    /// Forgets a request, marking its unfinished sequences aborted. Returns its child ids (for the
+    /// engine core to abort) and its final output; `None` if the request is not tracked.
+    pub fn abort_request(&mut self, request_id: &str) -> Option<(Vec<String>, Option<RequestOutput>)> {
+        if !self.processor.has_request(request_id) {
+            return None;
+        }
+        // The ids first: making the final output forgets a finished request.
+        let children = self.processor.child_ids(request_id);
+        let out = self.processor.abort_request(request_id);
+        self.processor.remove_request(request_id);
+        Some((children, out))
+    }
+}
+
+/// The engine-core side: the scheduler and the model runner. Deals in token ids only: it holds no
+/// tokenizer, so the thread that drives it can never detokenize.
+pub struct Core<E: ModelExecutor = CpuModelRunner> {
+    core: EngineCore<E>,
+}
+
+impl<E: ModelExecutor> Core<E> {
+    pub fn new(config: SchedulerConfig, executor: E) -> Result<Core<E>, LlmError> {
+        Ok(Core { core: EngineCore::new(config, executor).map_err(LlmError::Core)? })
+    }
+
+    /// Adds a request's children; all or none (on failure the ones added are aborted).
+    pub fn add_requests(&mut self, children: Vec<Request>) -> Result<(), LlmError> {
+        let mut added: Vec<String> = Vec::new();
+        for req in children {
+            let id = req.request_id.clone();
+            if let Err(e) = self.core.add_request(req) {
+                self.core.abort_requests(&added);
+                return Err(LlmError::InvalidRequest(e.to_string()));
+            }
+            added.push(id);
+        }
+        Ok(())
+    }
+
+    /// Aborts child requests and frees their KV blocks at once. Returns how many were unfinished.
+    pub fn abort_requests<S: AsRef<str>>(&mut self, ids: impl IntoIterator<Item = S>) -> usize {
+        self.core.abort_requests(ids)
+    }
+
+    /// Aborts every queued or running request.
+    pub fn abort_all(&mut self) -> usize {
+        let scheduler = self.core.scheduler();
+        let ids: Vec<String> =
+            scheduler.running_request_ids().chain(scheduler.waiting_request_ids()).map(str::to_string).collect();
+        self.core.abort_requests(ids)
+    }
+
+    /// Finishes a child request whose text hit `stop` (found by the frontend); frees its blocks.
+    pub fn finish_by_stop_string(&mut self, child_id: &str, stop: String) {
+        self.core.finish_requests([child_id], FinishReason::Stop, Some(StopReason::String(stop)));
+    }
+
+    /// Runs one step; returns its token-level outputs.
+    pub fn step(&mut self) -> Result<Vec<EngineCoreOutput>, LlmError> {
+        self.core.step().map_err(LlmError::Core)
+    }
+
+    /// Whether any request is waiting or running (or has a final output not yet returned).
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.core.has_unfinished_requests()
+    }
+
+    /// Whether a child request is queued and was never scheduled.
+    pub fn is_waiting(&self, child_id: &str) -> bool {
+        self.core.scheduler().request(child_id).is_some_and(|r| matches!(r.status, RequestStatus::Waiting))
+    }
+
+    /// Scheduler statistics (running, waiting, KV usage, prefix cache counters, preemptions).
+    pub fn stats(&self) -> SchedulerStats {
+        self.core.stats()
+    }
+
+    pub fn engine_core(&self) -> &EngineCore<E> {
+        &self.core
+    }
+}
+
+/// The engine: the frontend side ([`InputProcessor`], [`OutputStage`]) and the engine-core side
+/// ([`Core`]), driven on one thread.
+pub struct Engine {
+    input: InputProcessor,
+    output: OutputStage,
+    core: Core,
     generation: GenerationDefaults,
     chat_template: Option<String>,
-    max_logprobs: usize,
     info: EngineInfo,
 }
 
@@ -174,17 +446,28 @@ impl Engine {
             info.max_concurrency()
         );
         let runner = CpuModelRunner::new(loaded.model.clone(), num_kv_blocks, args.block_size, args.seed);
-        let core = EngineCore::new(sched, runner).map_err(LlmError::Core)?;
+        let core = Core::new(sched, runner)?;
+        let input = InputProcessor::new(
+            loaded.tokenizer.clone(),
+            loaded.eos_token_ids,
+            info.config.vocab_size,
+            max_model_len,
+            args.max_logprobs,
+        );
         Ok(Engine {
+            input,
+            output: OutputStage::new(loaded.tokenizer),
             core,
-            processor: OutputProcessor::new(),
-            tokenizer: loaded.tokenizer,
-            eos_token_ids: loaded.eos_token_ids,
             generation: loaded.generation,
             chat_template: loaded.chat_template,
-            max_logprobs: args.max_logprobs,
             info,
         })
+    }
+
+    /// Takes the engine apart into its frontend side and its engine-core side (the server runs the
+    /// core on its own thread).
+    pub fn into_parts(self) -> (InputProcessor, OutputStage, Core) {
+        (self.input, self.output, self.core)
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -192,7 +475,7 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
-        self.tokenizer.as_ref()
+        self.input.tokenizer()
     }
 
     pub fn chat_template(&self) -> Option<&str> {
@@ -210,15 +493,7 @@ impl Engine {
 
     /// Tokenizes a prompt (adding special tokens as the tokenizer is configured to).
     pub fn tokenize(&self, prompt: &Prompt, add_special_tokens: bool) -> Result<Vec<u32>, LlmError> {
-        match prompt {
-            Prompt::Tokens(t) => Ok(t.clone()),
-            Prompt::Text(s) => {
-                let tok = self.tokenizer.as_ref().ok_or_else(|| {
-                    LlmError::InvalidRequest("a text prompt needs a tokenizer; give token ids instead".into())
-                })?;
-                tok.encode(s, add_special_tokens).map_err(|e| LlmError::InvalidRequest(e.to_string()))
-            }
-        }
+        self.input.tokenize(prompt, add_special_tokens)
     }
 
     /// Validates a request and hands it to the engine core. The request's outputs come from
@@ -227,98 +502,33 @@ impl Engine {
         &mut self,
         request_id: &str,
         prompt: &Prompt,
-        mut params: SamplingParams,
+        params: SamplingParams,
         kind: OutputKind,
         priority: i32,
     ) -> Result<Vec<u32>, LlmError> {
-        if self.processor.has_request(request_id) {
+        if self.output.has_request(request_id) {
             return Err(LlmError::InvalidRequest(format!("request id `{request_id}` is already in use")));
         }
-        let prompt_ids = self.tokenize(prompt, true)?;
-        let vocab = self.info.config.vocab_size;
-        if prompt_ids.is_empty() {
-            return Err(LlmError::InvalidRequest("The decoder prompt cannot be empty".into()));
-        }
-        if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(LlmError::InvalidRequest(format!("Token id {bad} is out of vocabulary")));
-        }
-        if prompt_ids.len() >= self.info.max_model_len {
-            return Err(LlmError::InvalidRequest(format!(
-                "The decoder prompt (length {}) is longer than the maximum model length of {}. Make sure that `max_model_len` is no smaller than the number of text tokens.",
-                prompt_ids.len(),
-                self.info.max_model_len
-            )));
-        }
-        if !params.bad_words.is_empty() {
-            let tok = self
-                .tokenizer
-                .as_ref()
-                .ok_or_else(|| LlmError::InvalidRequest("bad_words needs a tokenizer".into()))?;
-            let mut seqs: Vec<Vec<u32>> = Vec::new();
-            for word in &params.bad_words {
-                for prefix in ["", " "] {
-                    let ids = tok
-                        .encode(&format!("{prefix}{}", word.trim_start()), false)
-                        .map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
-                    if !ids.is_empty() && !seqs.contains(&ids) {
-                        seqs.push(ids);
-                    }
-                }
-            }
-            params.bad_words_token_ids = seqs;
-        }
-        params.eos_token_ids = self.eos_token_ids.clone();
-        params.validate(vocab, self.max_logprobs).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
-        let num_children = params.num_sequences();
-        let user_params = Arc::new(params.clone());
-        let child_ids: Vec<String> = if num_children == 1 {
-            vec![request_id.to_string()]
-        } else {
-            (0..num_children).map(|i| child_request_id(request_id, i)).collect()
-        };
-        let pick_best = params.best_of.is_some_and(|b| b > params.n);
-        let mut added: Vec<String> = Vec::new();
-        for (i, cid) in child_ids.iter().enumerate() {
-            let mut child = params.clone();
-            child.n = 1;
-            child.best_of = None;
-            if let Some(seed) = params.seed {
-                child.seed = Some(seed.wrapping_add(i as u64));
-            }
-            if pick_best && child.logprobs.is_none() {
-                // Ranking by cumulative logprob needs the sampled tokens' logprobs.
-                child.logprobs = Some(0);
-            }
-            let req = Request::new(cid.clone(), prompt_ids.clone(), Arc::new(child)).with_priority(priority);
-            if let Err(e) = self.core.add_request(req) {
-                self.core.abort_requests(&added);
-                return Err(LlmError::InvalidRequest(e.to_string()));
-            }
-            added.push(cid.clone());
-        }
-        let detokenize = self.tokenizer.is_some();
-        self.processor.add_request(request_id, prompt_ids.clone(), user_params, kind, &child_ids, detokenize);
-        Ok(prompt_ids)
+        let ProcessedRequest { children, registration } =
+            self.input.process(request_id, prompt, params, kind, priority)?;
+        self.core.add_requests(children)?;
+        self.output.register(&registration);
+        Ok(registration.prompt_token_ids)
     }
 
     /// Aborts a request (all its sequences) and frees its KV blocks at once.
     pub fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
-        let children = self.processor.child_ids(request_id);
+        let (children, out) = self.output.abort_request(request_id)?;
         self.core.abort_requests(&children);
-        let out = self.processor.abort_request(request_id);
-        self.processor.remove_request(request_id);
         out
     }
 
     /// Runs one engine step and returns the request outputs it produced.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, LlmError> {
-        let outputs = self.core.step().map_err(LlmError::Core)?;
-        let tok = self.tokenizer.as_ref().map(|t| t.inner());
-        let result = self.processor.process(outputs, tok);
-        if !result.stopped.is_empty() {
-            for (id, stop) in result.stopped {
-                self.core.finish_requests([id], FinishReason::Stop, Some(StopReason::String(stop)));
-            }
+        let outputs = self.core.step()?;
+        let result = self.output.process(outputs);
+        for (id, stop) in result.stopped {
+            self.core.finish_by_stop_string(&id, stop);
         }
         Ok(result.request_outputs)
     }

@@ -2,7 +2,8 @@
 //!
 //! - [`LLM`]: the offline engine (`LLM::new(EngineArgs)`, then `generate(prompts, params)`).
 //! - [`engine::Engine`]: the synchronous engine every entry point drives (request preprocessing, one
-//!   engine-core step, output processing).
+//!   engine-core step, output processing), composed of a frontend side ([`InputProcessor`],
+//!   [`OutputStage`]) and an engine-core side ([`Core`], no tokenizer) that the server runs apart.
 //! - [`EngineArgs`]: vLLM's engine flags and defaults.
 //! - [`default_model`]: fetching and caching the default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
 
@@ -11,7 +12,7 @@ pub mod engine;
 pub mod engine_args;
 pub mod llm;
 
-pub use engine::{Engine, Prompt, Usage};
+pub use engine::{Core, Engine, InputProcessor, OutputStage, ProcessedRequest, Prompt, Registration, Usage};
 pub use engine_args::EngineArgs;
 pub use ironllm_core::output_processor::{CompletionOutput, OutputKind, RequestOutput};
 pub use ironllm_core::SamplingParams;
