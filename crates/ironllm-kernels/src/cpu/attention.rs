@@ -5,7 +5,9 @@
 //! Cache layout per layer: `[num_blocks, num_kv_heads, block_size, head_dim]`, so one KV head's slice of a
 //! block is contiguous and a task that owns one (sequence, KV head) streams exactly the bytes it needs.
 //! All query heads that share a KV head (GQA) are computed in the same task, so K/V are read once for the
-//! group. Softmax is exact (max-subtracted, two passes over the scores) in f32.
+//! group. Softmax is exact (max-subtracted, two passes over the scores) in f32. Keys and values are
+//! read a cache block at a time (one table lookup per block, not per position) by SIMD row kernels
+//! whose results are bit-identical to the single-row `dot`/`axpy`.
 
 use std::cell::RefCell;
 
@@ -81,13 +83,24 @@ impl OutPtr {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scores and accumulator, reused across calls so a task allocates nothing.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Query tokens per task: small enough to spread a long prefill over threads, large enough to amortize.
 const QUERY_CHUNK: usize = 16;
 
+/// Below this many multiply-adds (q·K plus p·V over the whole call) the tasks run on the calling
+/// thread: a rayon fork/join costs 5-17 µs here, about what a short decode's attention takes.
+const PAR_MIN_MACS: usize = 1 << 18;
+
 /// `out[t, h*hd..]` = softmax(q·Kᵀ·scale) V for every query row t and head h.
+///
+/// The arithmetic of one (row, head) is fixed: scores are `simd::dot(q, k_j) * scale` in position
+/// order, the max is exact in any order, the exponentials' sum is folded in position order, and the
+/// output is the fused multiply-add of `exp(s_j - max)` times `v_j` in position order, divided by the
+/// sum at the end. Splitting positions into cache blocks or rows into tasks does not change any of it, so the
+/// result is independent of the batch, the task split and the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     layout: &KvLayout,
@@ -102,16 +115,17 @@ pub fn paged_attention(
     let hd = layout.head_dim;
     let nkv = layout.num_kv_heads;
     assert!(num_heads.is_multiple_of(nkv), "paged_attention: heads not a multiple of kv heads");
-    let group = num_heads / nkv;
     let width = num_heads * hd;
     assert_eq!(q.len(), out.len(), "paged_attention: q and out differ");
     assert!(k_cache.len() == layout.layer_len() && v_cache.len() == k_cache.len(), "paged_attention: cache size");
     let rows = q.len() / width;
+    let mut macs = 0usize;
     for s in seqs {
         assert!(s.query_start + s.query_len <= rows, "paged_attention: sequence beyond the batch");
         assert!(s.query_len <= s.context_len, "paged_attention: more queries than context");
         assert!(s.block_table.len() * layout.block_size >= s.context_len, "paged_attention: short block table");
         assert!(s.block_table.iter().all(|&b| (b as usize) < layout.num_blocks), "paged_attention: bad block id");
+        macs = macs.saturating_add(2 * s.query_len * s.context_len * width);
     }
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     for (si, s) in seqs.iter().enumerate() {
@@ -124,53 +138,108 @@ pub fn paged_attention(
         }
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each(|&(si, kvh, t0)| {
+    let run = |&(si, kvh, t0): &(usize, usize, usize)| {
         let s = &seqs[si];
         let t1 = (t0 + QUERY_CHUNK).min(s.query_len);
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
+        SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let (scores, acc) = &mut *guard;
             if scores.len() < s.context_len {
                 scores.resize(s.context_len, 0.0);
             }
-            let mut acc = vec![0f32; hd];
-            for t in t0..t1 {
-                let row = s.query_start + t;
-                // Causal: this query sits at position context_len - query_len + t and sees 0..=that.
-                let visible = s.context_len - s.query_len + t + 1;
-                for g in 0..group {
-                    let h = kvh * group + g;
-                    let qv = &q[row * width + h * hd..row * width + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                        let block = s.block_table[j / layout.block_size] as usize;
-                        let off = layout.offset(block, kvh, j % layout.block_size);
-                        *sc = simd::dot(qv, &k_cache[off..off + hd]) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores[..visible].iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (j, p) in scores[..visible].iter().enumerate() {
-                        let block = s.block_table[j / layout.block_size] as usize;
-                        let off = layout.offset(block, kvh, j % layout.block_size);
-                        simd::axpy(*p, &v_cache[off..off + hd], &mut acc);
-                    }
-                    let inv = 1.0 / sum;
-                    // SAFETY: row < rows and head h belong to this task alone (each (seq, kv head,
-                    // chunk) task owns its query rows' heads of one GQA group); in bounds of out.
-                    unsafe {
-                        let dst = out_ptr.get().add(row * width + h * hd);
-                        for (i, a) in acc.iter().enumerate() {
-                            *dst.add(i) = a * inv;
-                        }
-                    }
+            if acc.len() < hd {
+                acc.resize(hd, 0.0);
+            }
+            // SAFETY: each (seq, kv head, chunk) task owns its query rows' heads of one GQA group,
+            // so no two tasks write the same elements; rows and heads are in bounds of out (asserted
+            // above), and out stays borrowed by this call until every task has finished.
+            unsafe {
+                attend_group(
+                    layout,
+                    q,
+                    num_heads,
+                    k_cache,
+                    v_cache,
+                    s,
+                    kvh,
+                    t0..t1,
+                    scale,
+                    scores,
+                    &mut acc[..hd],
+                    out_ptr,
+                )
+            };
+        });
+    };
+    if macs < PAR_MIN_MACS || tasks.len() == 1 || rayon::current_num_threads() == 1 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// Attention of query rows `ts` of sequence `s` for the query heads of KV head `kvh`.
+///
+/// # Safety
+/// The caller guarantees that no other thread writes these rows' heads of `out` concurrently and
+/// that `out` holds `rows * num_heads * head_dim` floats.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group(
+    layout: &KvLayout,
+    q: &[f32],
+    num_heads: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    s: &SeqSpan<'_>,
+    kvh: usize,
+    ts: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+    out: OutPtr,
+) {
+    let (hd, bs) = (layout.head_dim, layout.block_size);
+    let group = num_heads / layout.num_kv_heads;
+    let width = num_heads * hd;
+    for t in ts {
+        let row = s.query_start + t;
+        // Causal: this query sits at position context_len - query_len + t and sees 0..=that.
+        let visible = s.context_len - s.query_len + t + 1;
+        for g in 0..group {
+            let h = kvh * group + g;
+            let qv = &q[row * width + h * hd..row * width + (h + 1) * hd];
+            // Scores block by block: within a block one KV head's keys are contiguous rows.
+            for (b, &block) in s.block_table[..visible.div_ceil(bs)].iter().enumerate() {
+                let n = bs.min(visible - b * bs);
+                let off = layout.offset(block as usize, kvh, 0);
+                simd::dot_rows(qv, &k_cache[off..off + n * hd], scale, &mut scores[b * bs..b * bs + n]);
+            }
+            let scores = &mut scores[..visible];
+            // A maximum is exact in any grouping, so the SIMD one equals the sequential fold (a zero
+            // maximum's sign aside, which no `exp(s - max)` below can see).
+            let max = simd::max(scores);
+            simd::exp_shifted_in_place(scores, max);
+            let mut sum = 0f32;
+            for sc in scores.iter() {
+                sum += *sc;
+            }
+            acc.fill(0.0);
+            for (b, &block) in s.block_table[..visible.div_ceil(bs)].iter().enumerate() {
+                let n = bs.min(visible - b * bs);
+                let off = layout.offset(block as usize, kvh, 0);
+                simd::axpy_rows(&scores[b * bs..b * bs + n], &v_cache[off..off + n * hd], acc);
+            }
+            let inv = 1.0 / sum;
+            // SAFETY: row < rows and head h < num_heads, so the hd floats at row * width + h * hd are
+            // in bounds of out; the caller guarantees no concurrent writer.
+            unsafe {
+                let dst = out.get().add(row * width + h * hd);
+                for (i, a) in acc.iter().enumerate() {
+                    *dst.add(i) = a * inv;
                 }
             }
-        });
-    });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +291,71 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The per-position formulation (one block-table lookup, `dot` and `axpy` per cached position)
+    /// that the block-wise kernels must reproduce bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn per_position(
+        layout: &KvLayout,
+        q: &[f32],
+        nh: usize,
+        k_cache: &[f32],
+        v_cache: &[f32],
+        s: &SeqSpan<'_>,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let (hd, bs) = (layout.head_dim, layout.block_size);
+        let group = nh / layout.num_kv_heads;
+        for t in 0..s.query_len {
+            let row = s.query_start + t;
+            let visible = s.context_len - s.query_len + t + 1;
+            for h in 0..nh {
+                let kvh = h / group;
+                let qv = &q[(row * nh + h) * hd..(row * nh + h + 1) * hd];
+                let at = |j: usize| layout.offset(s.block_table[j / bs] as usize, kvh, j % bs);
+                let mut sc: Vec<f32> =
+                    (0..visible).map(|j| simd::dot(qv, &k_cache[at(j)..at(j) + hd]) * scale).collect();
+                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for x in sc.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let mut acc = vec![0f32; hd];
+                for (j, p) in sc.iter().enumerate() {
+                    simd::axpy(*p, &v_cache[at(j)..at(j) + hd], &mut acc);
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    out[(row * nh + h) * hd + i] = a * (1.0 / sum);
+                }
+            }
+        }
+    }
+
+    /// Bit-identical to the per-position formulation, for long contexts (several 8-key groups per
+    /// block, far-below-max scores) and odd lengths.
+    #[test]
+    fn blockwise_kernels_match_per_position_bitwise() {
+        let (nh, nkv, hd, bs) = (9, 3, 64, 16);
+        let layout = KvLayout { num_blocks: 64, num_kv_heads: nkv, block_size: bs, head_dim: hd };
+        let (ctx, qlen) = (301usize, 21usize);
+        let table: Vec<u32> = (0..ctx.div_ceil(bs) as u32).map(|b| (b * 7) % 64).collect();
+        let mut k = rand_vec(ctx * nkv * hd, 1);
+        k.iter_mut().for_each(|x| *x *= 6.0); // spread the scores far below the max as well
+        let v = rand_vec(ctx * nkv * hd, 2);
+        let q = rand_vec(qlen * nh * hd, 3);
+        let mut k_cache = vec![0f32; layout.layer_len()];
+        let mut v_cache = vec![0f32; layout.layer_len()];
+        let slots: Vec<usize> = (0..ctx).map(|p| table[p / bs] as usize * bs + p % bs).collect();
+        write_kv(&layout, &k, &v, &slots, &mut k_cache, &mut v_cache);
+        let span = SeqSpan { query_start: 0, query_len: qlen, context_len: ctx, block_table: &table };
+        let mut got = vec![f32::NAN; q.len()];
+        paged_attention(&layout, &q, nh, &k_cache, &v_cache, &[span], 2.0, &mut got);
+        let mut want = vec![f32::NAN; q.len()];
+        per_position(&layout, &q, nh, &k_cache, &v_cache, &span, 2.0, &mut want);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

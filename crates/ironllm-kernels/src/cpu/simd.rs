@@ -70,6 +70,80 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `x[i] = exp(x[i] - shift)` for every element: the softmax numerators.
+///
+/// Scalar `f32::exp` on purpose: a vectorized exp of our own is a possible speed-up, but it must stay
+/// bit-identical between code paths (batch invariance) and be written by us, not transcribed from a
+/// libm; until then the platform's `expf` is the one definition every path shares.
+pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
+    for v in x.iter_mut() {
+        *v = (*v - shift).exp();
+    }
+}
+
+/// `out[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`, evaluated exactly as written in f32.
+pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(g.len() == out.len() && u.len() == out.len(), "silu_mul: length mismatch");
+    for ((o, &x), &v) in out.iter_mut().zip(g).zip(u) {
+        *o = silu_scalar(x) * v;
+    }
+}
+
+/// `x / (1 + exp(-x))` in f32, the definition the SIMD path reproduces.
+#[inline]
+pub fn silu_scalar(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The largest element (`NEG_INFINITY` for an empty slice). Taking a maximum is exact, so any
+/// grouping gives the same value for NaN-free input, up to the sign of a zero maximum.
+pub fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 checked.
+        return unsafe { avx2::max(x) };
+    }
+    x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// `out[j] = dot(q, k_j) * scale` for every row `k_j` of `k` (rows of `q.len()` floats): the scores of
+/// one query against a run of cached keys. Each result is bit-identical to `dot(q, k_j) * scale`, so the
+/// caller may split a context into runs (cache blocks) freely; the AVX2 path scores eight keys per
+/// pass, reducing their eight accumulators with the same tree as `hsum8`, only transposed.
+pub fn dot_rows(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(d > 0 && k.len() == out.len() * d, "dot_rows: k is not [out.len(), q.len()]");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2/FMA checked; k holds out.len() rows of d floats (asserted above).
+        unsafe { avx2::dot_rows(q, k, scale, out) };
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(k.chunks_exact(d)) {
+        *o = dot_portable(q, row) * scale;
+    }
+}
+
+/// `acc += p[j] * v_j` for every row `v_j` of `v` (rows of `acc.len()` floats), in order of j: the
+/// weighted sum of cached values. Every element sees the same fused multiply-adds in the same order as
+/// calling `axpy(p[j], v_j, acc)` row by row, so the result is bit-identical to that; the AVX2 path
+/// just keeps `acc` in registers across the rows.
+pub fn axpy_rows(p: &[f32], v: &[f32], acc: &mut [f32]) {
+    let d = acc.len();
+    assert!(d > 0 && v.len() == p.len() * d, "axpy_rows: v is not [p.len(), acc.len()]");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2/FMA checked; v holds p.len() rows of d floats (asserted above).
+        unsafe { avx2::axpy_rows(p, v, acc) };
+        return;
+    }
+    for (a, row) in p.iter().zip(v.chunks_exact(d)) {
+        for (yi, xi) in acc.iter_mut().zip(row) {
+            *yi = a.mul_add(*xi, *yi);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
@@ -126,6 +200,132 @@ pub(crate) mod avx2 {
             i += 1;
         }
     }
+
+    /// # Safety
+    /// Requires AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        let n8 = x.len() / 8 * 8;
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n8 <= x.len().
+            m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 8 writable f32s; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        lanes.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    }
+
+    /// `[x.lo + x.hi, y.lo + y.hi]`: step one of `hsum` for two accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn half(x: __m256, y: __m256) -> __m256 {
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(x, y), _mm256_permute2f128_ps::<0x31>(x, y))
+    }
+
+    /// Step two of `hsum` (lanes l and l + 2 of each four partial sums) for four accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn pair(x: __m256, y: __m256) -> __m256 {
+        _mm256_add_ps(_mm256_shuffle_ps::<0x44>(x, y), _mm256_shuffle_ps::<0xEE>(x, y))
+    }
+
+    /// Eight lane-wise accumulators (one per key) reduced with `hsum`'s tree, transposed: step one
+    /// adds each accumulator's high half to its low half, step two lanes l and l + 2, step three lanes
+    /// 0 and 1, pairing exactly the operands `hsum` pairs. Returns `[s0, s2, s4, s6 | s1, s3, s5, s7]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum_x8(a: [__m256; 8]) -> __m256 {
+        let (s01, s23, s45, s67) = (half(a[0], a[1]), half(a[2], a[3]), half(a[4], a[5]), half(a[6], a[7]));
+        let (d0123, d4567) = (pair(s01, s23), pair(s45, s67));
+        _mm256_add_ps(_mm256_shuffle_ps::<0x88>(d0123, d4567), _mm256_shuffle_ps::<0xDD>(d0123, d4567))
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA; `k.len() == out.len() * q.len()`, `q.len() > 0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        let n = out.len();
+        let mut j = 0;
+        if d.is_multiple_of(8) {
+            let vscale = _mm256_set1_ps(scale);
+            // hsum_x8 leaves key r in lane [0, 4, 1, 5, 2, 6, 3, 7][r].
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            while j + 8 <= n {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut i = 0;
+                while i < d {
+                    // SAFETY: i + 8 <= d = q.len().
+                    let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(i)) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: row j + r < n, so (j + r) * d + i + 8 <= n * d = k.len().
+                        let kv = unsafe { _mm256_loadu_ps(k.as_ptr().add((j + r) * d + i)) };
+                        *a = _mm256_fmadd_ps(qv, kv, *a);
+                    }
+                    i += 8;
+                }
+                let s = _mm256_permutevar8x32_ps(_mm256_mul_ps(hsum_x8(acc), vscale), order);
+                // SAFETY: j + 8 <= n = out.len().
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), s) };
+                j += 8;
+            }
+        }
+        while j < n {
+            // SAFETY: same features; row j is in bounds of k.
+            out[j] = unsafe { dot(q, &k[j * d..(j + 1) * d]) } * scale;
+            j += 1;
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA; `v.len() == p.len() * acc.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows(p: &[f32], v: &[f32], acc: &mut [f32]) {
+        let d = acc.len();
+        let mut c = 0;
+        // Columns in register-sized chunks: 64 floats (8 registers) while they last, then 8.
+        while c + 64 <= d {
+            let mut y = [_mm256_setzero_ps(); 8];
+            for (u, yu) in y.iter_mut().enumerate() {
+                // SAFETY: c + 8 * u + 8 <= c + 64 <= acc.len().
+                *yu = unsafe { _mm256_loadu_ps(acc.as_ptr().add(c + 8 * u)) };
+            }
+            for (j, &a) in p.iter().enumerate() {
+                let va = _mm256_set1_ps(a);
+                for (u, yu) in y.iter_mut().enumerate() {
+                    // SAFETY: j < p.len(), so j * d + c + 8 * u + 8 <= p.len() * d = v.len().
+                    let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(j * d + c + 8 * u)) };
+                    *yu = _mm256_fmadd_ps(va, x, *yu);
+                }
+            }
+            for (u, yu) in y.iter().enumerate() {
+                // SAFETY: c + 8 * u + 8 <= c + 64 <= acc.len().
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(c + 8 * u), *yu) };
+            }
+            c += 64;
+        }
+        while c + 8 <= d {
+            // SAFETY: c + 8 <= acc.len().
+            let mut y = unsafe { _mm256_loadu_ps(acc.as_ptr().add(c)) };
+            for (j, &a) in p.iter().enumerate() {
+                // SAFETY: j * d + c + 8 <= v.len().
+                let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(j * d + c)) };
+                y = _mm256_fmadd_ps(_mm256_set1_ps(a), x, y);
+            }
+            // SAFETY: as the load above.
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(c), y) };
+            c += 8;
+        }
+        for i in c..d {
+            for (j, &a) in p.iter().enumerate() {
+                acc[i] = a.mul_add(v[j * d + i], acc[i]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +351,50 @@ mod tests {
         axpy(2.0, &x, &mut y);
         for (i, v) in y.iter().enumerate() {
             assert_eq!(*v, 1.0 + 2.0 * i as f32);
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_scalar_bitwise() {
+        let g: Vec<f32> = (0..20011).map(|i| (i as f32 - 10000.0) / 83.0).chain([f32::NAN, -0.0, 0.0]).collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| 0.5 + (i % 7) as f32 / 3.0).collect();
+        let mut got = vec![0f32; g.len()];
+        silu_mul(&g, &u, &mut got);
+        for ((&x, &v), &y) in g.iter().zip(&u).zip(&got) {
+            let want = silu_scalar(x) * v;
+            assert!(y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()), "silu({x})");
+        }
+    }
+
+    #[test]
+    fn max_is_the_largest_element() {
+        for n in [0usize, 1, 7, 8, 9, 64, 100] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            assert_eq!(max(&x), x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), "n={n}");
+        }
+    }
+
+    #[test]
+    fn row_kernels_match_single_row_calls_bitwise() {
+        for d in [8usize, 12, 64, 72, 128] {
+            for n in [1usize, 7, 8, 9, 16, 23] {
+                let q: Vec<f32> = (0..d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+                let k: Vec<f32> = (0..n * d).map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0).collect();
+                let mut got = vec![0f32; n];
+                dot_rows(&q, &k, 0.125, &mut got);
+                for j in 0..n {
+                    let want = dot(&q, &k[j * d..(j + 1) * d]) * 0.125;
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "d={d} n={n} j={j}");
+                }
+                let p: Vec<f32> = (0..n).map(|j| (j as f32 + 0.3) / 7.0).collect();
+                let mut acc = q.clone();
+                axpy_rows(&p, &k, &mut acc);
+                let mut want = q.clone();
+                for j in 0..n {
+                    axpy(p[j], &k[j * d..(j + 1) * d], &mut want);
+                }
+                assert_eq!(acc, want, "d={d} n={n}");
+            }
         }
     }
 }

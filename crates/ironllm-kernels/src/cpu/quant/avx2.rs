@@ -13,6 +13,11 @@
 //! only 16 or 32 weight bytes, and handling its float scaling alone costs as much as its integer
 //! dot; pairing halves that cost (measured 1.4x on decode, 1.6x on 16-row batches).
 //!
+//! On CPUs with AVX-512 VNNI (Ice Lake, Zen 4 and later) the legacy kernels are compiled a second
+//! time with AVX-512 enabled: `vpdpbusd` replaces `maddubs` + `madd` (the same exact i32 sums, so
+//! results are bit-identical to the AVX2 build and do not depend on the CPU), and the 32 vector
+//! registers let one decoded weight block serve eight activation rows instead of four.
+//!
 //! The kernels are safe `#[target_feature]` functions over fixed-size array views, so their only
 //! `unsafe` is the unaligned loads and stores; each entry point runs under the `Avx2` token.
 #![allow(non_camel_case_types)] // one kernel per GGML type, named after it
@@ -26,15 +31,41 @@ use super::blocks::{
 };
 use super::RowDot;
 
-/// Proof that this CPU runs AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
+/// Proof that this CPU runs AVX2, FMA and F16C: only [`Avx2::detect`] makes one. `vnni` records
+/// whether it also runs AVX-512 F/VL/BW/VNNI, which the legacy-type kernels then use (see
+/// `dot_unsigned_vnni`); those give bit-identical results, so the flag changes speed only.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2 {
+    vnni: bool,
+}
 
 impl Avx2 {
     pub(crate) fn detect() -> Option<Avx2> {
         let ok =
             is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-        ok.then_some(Avx2(()))
+        // Called for every matmul: std caches the CPU flags, the environment look-up is cached here.
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let vnni = *VNNI.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                // An escape hatch for timing the AVX2 kernels on an AVX-512 machine.
+                && std::env::var_os("IRONLLM_NO_AVX512").is_none()
+        });
+        ok.then_some(Avx2 { vnni })
+    }
+
+    /// The same token with the AVX-512 VNNI paths turned off (tests compare the two).
+    #[cfg(test)]
+    pub(crate) fn without_vnni(self) -> Avx2 {
+        Avx2 { vnni: false }
+    }
+
+    /// Whether the AVX-512 VNNI paths run.
+    #[cfg(test)]
+    pub(crate) fn vnni(self) -> bool {
+        self.vnni
     }
 }
 
@@ -221,6 +252,26 @@ fn dot_signed(w: &LegacyPair, a: &BlockQ8x2) -> __m256i {
     _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
 }
 
+/// `dot_unsigned` with AVX-512 VNNI: `vpdpbusd` sums four u8 x i8 products straight into each
+/// i32 lane, the same four (lo) plus four (hi) products that `maddubs` + `madd` pair up, and no
+/// intermediate saturates in either path, so the i32 lanes are identical.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[inline]
+fn dot_unsigned_vnni(w: &LegacyPair, a: &BlockQ8x2) -> __m256i {
+    let lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.lo, load_i8x32(&a.lo));
+    _mm256_dpbusd_epi32(lo, w.hi, load_i8x32(&a.hi))
+}
+
+/// `dot_signed` with AVX-512 VNNI, the same `|w| * (y * sign(w))` identity; exact i32 sums, so
+/// identical lanes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[inline]
+fn dot_signed_vnni(w: &LegacyPair, a: &BlockQ8x2) -> __m256i {
+    let (ylo, yhi) = (load_i8x32(&a.lo), load_i8x32(&a.hi));
+    let lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(ylo, w.lo));
+    _mm256_dpbusd_epi32(lo, _mm256_sign_epi8(w.hi, w.hi), _mm256_sign_epi8(yhi, w.hi))
+}
+
 /// `a.ds` as a vector.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -235,8 +286,33 @@ fn load_ds(a: &BlockQ8x2) -> __m128 {
 /// (the offset terms) accumulate in `acc_off`. Lanes are summed once at the end of the row. An odd
 /// last block is paired with itself, against the zero second half of its `BlockQ8x2`.
 macro_rules! legacy_kernel {
-    ($ty:ident, $kernel:ident, $bytes:expr, $decode:ident, $dot:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
+    ($ty:ident, $kernel:ident, $kernel_vnni:ident, $bytes:expr, $decode:ident, $dot:ident, $dot_vnni:ident) => {
+        legacy_kernel!(@body $kernel, $bytes, $decode, $dot, "avx2,fma,f16c");
+        legacy_kernel!(@body $kernel_vnni, $bytes, $decode, $dot_vnni,
+            "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni");
+
+        impl RowDot for $ty {
+            type Act = BlockQ8x2;
+            fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8x2]; R]) -> [f32; R] {
+                if self.0.vnni {
+                    // SAFETY: `self.0` is an `Avx2` token whose `vnni` flag is only set on CPUs
+                    // with AVX2, FMA, F16C and AVX-512 F/VL/BW/VNNI, the features of this kernel.
+                    unsafe { $kernel_vnni::<R>(w, acts) }
+                } else {
+                    // SAFETY: `self.0` is an `Avx2` token, which exists only on CPUs with AVX2, FMA
+                    // and F16C, the features the kernel is compiled for.
+                    unsafe { $kernel::<R>(w, acts) }
+                }
+            }
+
+            fn max_tile(&self) -> usize {
+                // AVX-512's 32 vector registers hold eight rows' accumulators without spilling.
+                if self.0.vnni { 8 } else { 4 }
+            }
+        }
+    };
+    (@body $kernel:ident, $bytes:expr, $decode:ident, $dot:ident, $features:literal) => {
+        #[target_feature(enable = $features)]
         fn $kernel<const R: usize>(w: &[u8], acts: [&[BlockQ8x2]; R]) -> [f32; R] {
             let mut acc = [_mm256_setzero_ps(); R];
             let mut acc_off = [_mm_setzero_ps(); R];
@@ -263,23 +339,14 @@ macro_rules! legacy_kernel {
             }
             out
         }
-
-        impl RowDot for $ty {
-            type Act = BlockQ8x2;
-            fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8x2]; R]) -> [f32; R] {
-                // SAFETY: `self.0` is an `Avx2` token, which exists only on CPUs with AVX2, FMA
-                // and F16C, the features the kernel is compiled for.
-                unsafe { $kernel::<R>(w, acts) }
-            }
-        }
     };
 }
 
-legacy_kernel!(Q4_0, q4_0_dot, Q4_0_BYTES, decode_q4_0, dot_unsigned);
-legacy_kernel!(Q4_1, q4_1_dot, Q4_1_BYTES, decode_q4_1, dot_unsigned);
-legacy_kernel!(Q5_0, q5_0_dot, Q5_0_BYTES, decode_q5_0, dot_unsigned);
-legacy_kernel!(Q5_1, q5_1_dot, Q5_1_BYTES, decode_q5_1, dot_unsigned);
-legacy_kernel!(Q8_0, q8_0_dot, Q8_0_BYTES, decode_q8_0, dot_signed);
+legacy_kernel!(Q4_0, q4_0_dot, q4_0_dot_vnni, Q4_0_BYTES, decode_q4_0, dot_unsigned, dot_unsigned_vnni);
+legacy_kernel!(Q4_1, q4_1_dot, q4_1_dot_vnni, Q4_1_BYTES, decode_q4_1, dot_unsigned, dot_unsigned_vnni);
+legacy_kernel!(Q5_0, q5_0_dot, q5_0_dot_vnni, Q5_0_BYTES, decode_q5_0, dot_unsigned, dot_unsigned_vnni);
+legacy_kernel!(Q5_1, q5_1_dot, q5_1_dot_vnni, Q5_1_BYTES, decode_q5_1, dot_unsigned, dot_unsigned_vnni);
+legacy_kernel!(Q8_0, q8_0_dot, q8_0_dot_vnni, Q8_0_BYTES, decode_q8_0, dot_signed, dot_signed_vnni);
 
 /// Generates the `RowDot` impl of a K-quant kernel.
 macro_rules! k_impl {
@@ -287,6 +354,7 @@ macro_rules! k_impl {
         impl RowDot for $ty {
             type Act = BlockQ8K;
             fn dot<const R: usize>(&self, w: &[u8], acts: [&[BlockQ8K]; R]) -> [f32; R] {
+                let _proof: Avx2 = self.0;
                 // SAFETY: `self.0` is an `Avx2` token, which exists only on CPUs with AVX2, FMA
                 // and F16C, the features the kernel is compiled for.
                 unsafe { $kernel::<R>(w, acts) }

@@ -305,6 +305,12 @@ trait RowDot: Sync {
     /// the matching length. `R` > 1 lets every decoded weight block serve the whole tile; each
     /// row's arithmetic must be the same for every `R` (batch invariance, see the module doc).
     fn dot<const R: usize>(&self, w_row: &[u8], acts: [&[Self::Act]; R]) -> [f32; R];
+
+    /// The largest `R` worth calling `dot` with (1 ..= `TILE_M`): how many activation rows share
+    /// one decoded weight block before the accumulators no longer fit in registers.
+    fn max_tile(&self) -> usize {
+        4
+    }
 }
 
 /// Shapes have been checked by the caller.
@@ -354,8 +360,9 @@ where
 /// Below this many multiply-adds a call runs on the calling thread: rayon's fork/join costs a few
 /// microseconds, as much as the whole product at that size.
 const PAR_MIN_MACS: usize = 1 << 17;
-/// Activation rows per tile: the most rows one kernel call dots with a weight row.
-const TILE_M: usize = 4;
+/// Activation rows per tile: the most rows one kernel call dots with a weight row (kernels may
+/// ask for fewer through `RowDot::max_tile`).
+const TILE_M: usize = 8;
 /// Weight bytes a task keeps hot while it sweeps its rows over all activation tiles (L1-sized).
 const TASK_WEIGHT_BYTES: usize = 32 * 1024;
 
@@ -380,11 +387,16 @@ fn drive<D: RowDot>(dot: &D, acts: &[D::Act], act_stride: usize, m: usize, w: &Q
     // Each task owns a contiguous range of weight rows, i.e. output columns; for every tile of up
     // to four activation rows it sweeps its weight rows, which stay in L1/L2 between tiles, so each
     // weight byte comes from memory once per call.
+    let max_tile = dot.max_tile().clamp(1, TILE_M);
     let task = |rows: Range<usize>| {
         let mut i0 = 0;
         while i0 < m {
-            let tile = (m - i0).min(TILE_M);
+            let tile = (m - i0).min(max_tile);
             match tile {
+                8 => dot_tile::<D, 8>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                7 => dot_tile::<D, 7>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                6 => dot_tile::<D, 6>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
+                5 => dot_tile::<D, 5>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
                 4 => dot_tile::<D, 4>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
                 3 => dot_tile::<D, 3>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
                 2 => dot_tile::<D, 2>(dot, acts, act_stride, i0, rows.clone(), w.data, row_bytes, n, out_ptr),
@@ -403,7 +415,7 @@ fn drive<D: RowDot>(dot: &D, acts: &[D::Act], act_stride: usize, m: usize, w: &Q
     // Several tasks per thread so a thread slowed by a neighbour on a shared machine does not hold
     // up the call; with more than one tile, cap a task's weights so they stay cache-resident.
     let mut rows_per_task = n.div_ceil(threads * 4);
-    if m > TILE_M {
+    if m > max_tile {
         rows_per_task = rows_per_task.min((TASK_WEIGHT_BYTES / row_bytes.max(1)).max(1));
     }
     let n_tasks = n.div_ceil(rows_per_task);

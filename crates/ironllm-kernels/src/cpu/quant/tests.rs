@@ -244,7 +244,41 @@ fn kernels() -> Vec<Kernel> {
         eprintln!("note: this CPU has no AVX2; only the scalar kernels are tested");
         vec![Kernel::Scalar]
     } else {
-        vec![Kernel::Scalar, best]
+        let mut all = vec![Kernel::Scalar, best];
+        // With AVX-512 VNNI present, also the plain AVX2 kernels that other CPUs run.
+        if let Kernel::Avx2(token) = best {
+            if token.vnni() {
+                all.push(Kernel::Avx2(token.without_vnni()));
+            }
+        }
+        all
+    }
+}
+
+#[test]
+fn vnni_kernels_match_avx2_bitwise() {
+    let Kernel::Avx2(token) = Kernel::best() else {
+        eprintln!("note: no AVX2 on this CPU, nothing to compare");
+        return;
+    };
+    if !token.vnni() {
+        eprintln!("note: no AVX-512 VNNI on this CPU, nothing to compare");
+        return;
+    }
+    let mut rng = Rng(11);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+        let (n, k) = (13, 25 * blocks::QK);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        for m in 1..=19 {
+            let x = random_x(&mut rng, m, k);
+            let vnni = run(Kernel::Avx2(token), &x, m, &w);
+            let avx2 = run(Kernel::Avx2(token.without_vnni()), &x, m, &w);
+            assert!(
+                vnni.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{ty} m={m}: VNNI and AVX2 results differ"
+            );
+        }
     }
 }
 
@@ -328,13 +362,13 @@ fn avx2_kernels_agree_with_scalar() {
 
 #[test]
 fn row_results_do_not_depend_on_the_batch() {
-    // Large enough for the parallel driver, with m spanning tiles of 4, 3, 2 and 1 rows.
+    // Large enough for the parallel driver, with m spanning full and partial tiles of 8 and 4 rows.
     let mut rng = Rng(4);
     for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
         let (n, k) = (300, 2 * blocks::QK_K);
         let data = random_weights(&mut rng, ty, n, k);
         let w = QuantMatrix::new(ty, &data, n, k).unwrap();
-        let m = 11;
+        let m = 19;
         let x = random_x(&mut rng, m, k);
         for kernel in kernels() {
             let batched = run(kernel, &x, m, &w);
