@@ -10,12 +10,17 @@ use serde_json::json;
 
 use crate::args::EngineFlags;
 
+#[path = "bench_serve.rs"]
+pub mod serve;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Latency of one batch end to end.
     Latency(LatencyArgs),
     /// Offline throughput over many requests.
     Throughput(ThroughputArgs),
+    /// Online serving benchmark against an OpenAI-compatible server, as `vllm bench serve`.
+    Serve(Box<serve::ServeBenchArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +104,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Latency(a) => latency(a),
         BenchCommand::Throughput(a) => throughput(a),
+        BenchCommand::Serve(a) => serve::run(*a),
     }
 }
 
