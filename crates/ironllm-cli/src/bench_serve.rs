@@ -947,17 +947,18 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
     // Dataset.
     let t_ds = Instant::now();
     let mut rng = Rng::new(a.seed);
-    let (requests, tokenizer_id, mismatch) = {
+    let (requests, tokenizer_id, mismatch, calls) = {
         let mut pm = make_prompt_maker(&client, a.skip_tokenizer_init).await;
         let reqs = match a.dataset_name.as_str() {
             "random" => random_dataset(&a, &mut pm, &mut rng).await,
             _ => prefix_repetition_dataset(&a, &mut pm, &mut rng).await?,
         };
         let tid = pm.tok.as_ref().map(|t| format!("{base_url}/tokenize ({:?})", t.style));
-        (reqs, tid, pm.mismatch)
+        let calls = pm.tok.as_ref().map_or(0, |t| t.calls);
+        (reqs, tid, pm.mismatch, calls)
     };
     eprintln!(
-        "Dataset: {} {} prompts, {} input tokens in all, made in {:.1}s",
+        "Dataset: {} {} prompts, {} input tokens in all, made in {:.1}s ({calls} /tokenize calls)",
         requests.len(),
         a.dataset_name,
         requests.iter().map(|r| r.prompt_len).sum::<usize>(),
