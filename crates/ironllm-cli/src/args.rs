@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
 use ironllm::engine_args::parse_bytes;
-use ironllm::EngineArgs;
+use ironllm::{Device, EngineArgs};
 use ironllm_model::loader::GenerationConfigSource;
 
 /// Flags that shape the engine (vLLM's `EngineArgs`).
@@ -46,12 +46,13 @@ pub struct EngineFlags {
     pub enable_chunked_prefill: bool,
     #[arg(long, action = ArgAction::SetTrue)]
     pub no_enable_chunked_prefill: bool,
-    /// KV cache size on the CPU, e.g. 4GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
-    #[arg(long, alias = "kv-cache-memory", default_value = "4GiB", env = "IRONLLM_KV_CACHE_MEMORY")]
-    pub kv_cache_memory_bytes: String,
-    /// Fraction of GPU memory for the engine (GPU backend; accepted on the CPU for compatibility).
+    /// KV cache size, e.g. 4GiB. Default: 4GiB on the CPU; on the GPU, what --gpu-memory-utilization
+    /// leaves after the weights and the profiled activations.
+    #[arg(long, alias = "kv-cache-memory", env = "IRONLLM_KV_CACHE_MEMORY")]
+    pub kv_cache_memory_bytes: Option<String>,
+    /// Fraction of GPU memory the engine may use in all (GPU backend; accepted on the CPU).
     #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
+    pub gpu_memory_utilization: f64,
     /// Seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -69,11 +70,7 @@ pub struct EngineFlags {
 impl EngineFlags {
     /// Resolves the flags into engine arguments.
     pub fn to_engine_args(&self, model: Option<PathBuf>) -> anyhow::Result<EngineArgs> {
-        match self.device.as_str() {
-            "auto" | "cpu" => {}
-            "cuda" => anyhow::bail!("--device cuda: the CUDA backend is not built yet; use --device cpu"),
-            other => anyhow::bail!("invalid --device `{other}` (choose from auto, cpu, cuda)"),
-        }
+        let device: Device = self.device.parse().map_err(anyhow::Error::msg)?;
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             anyhow::bail!("--gpu-memory-utilization must be in (0, 1], got {}", self.gpu_memory_utilization);
         }
@@ -98,8 +95,14 @@ impl EngineFlags {
             block_size: self.block_size,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             enable_chunked_prefill: !self.no_enable_chunked_prefill,
-            kv_cache_memory_bytes: parse_bytes(&self.kv_cache_memory_bytes)
+            kv_cache_memory_bytes: self
+                .kv_cache_memory_bytes
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
                 .map_err(|e| anyhow::anyhow!("--kv-cache-memory-bytes: {e}"))?,
+            device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
             seed: self.seed,
             generation_config,
             max_logprobs: self.max_logprobs,

@@ -14,3 +14,10 @@ pub trait ModelExecutor: Send {
     /// Executes one step. Must return one entry in `req_ids` per scheduled request, in any order.
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError>;
 }
+
+/// A boxed executor is an executor, so the engine can pick its backend (CPU or GPU) at run time.
+impl<E: ModelExecutor + ?Sized> ModelExecutor for Box<E> {
+    fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
+        (**self).execute_model(plan)
+    }
+}

@@ -103,6 +103,18 @@ fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
+/// The rotary tables a config implies (rope scaling, GGUF frequency factors) for `max_positions`.
+pub fn rope_table(c: &ModelConfig, freq_factors: Option<&[f32]>, max_positions: usize) -> RopeTable {
+    let (llama3, linear) = match c.rope_scaling {
+        RopeScaling::None => (None, None),
+        RopeScaling::Linear { factor } => (None, Some(factor)),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            (Some(Llama3Scaling { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }), None)
+        }
+    };
+    RopeTable::new(c.head_dim, c.head_dim, c.rope_theta, max_positions, llama3, linear, freq_factors)
+}
+
 impl LlamaModel {
     /// Loads every tensor from `source`. `keep_quantized` keeps GGUF block weights as they are
     /// (quantized matmuls); otherwise everything becomes f32.
@@ -193,24 +205,8 @@ impl LlamaModel {
             }
             _ => Linear::shared(embed.clone()),
         };
-        let (llama3, linear) = match c.rope_scaling {
-            RopeScaling::None => (None, None),
-            RopeScaling::Linear { factor } => (None, Some(factor)),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => (
-                Some(Llama3Scaling { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }),
-                None,
-            ),
-        };
         let freq_factors = opt_vec("rope_freqs")?;
-        let rope = RopeTable::new(
-            c.head_dim,
-            c.head_dim,
-            c.rope_theta,
-            max_positions,
-            llama3,
-            linear,
-            freq_factors.as_deref(),
-        );
+        let rope = rope_table(c, freq_factors.as_deref(), max_positions);
         Ok(LlamaModel { config, embed, layers, final_norm, lm_head, rope })
     }
 

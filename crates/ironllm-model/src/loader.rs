@@ -89,6 +89,20 @@ pub struct LoadOptions {
     pub skip_tokenizer_init: bool,
 }
 
+/// A model resolved but not yet loaded: its config, where its weights come from, and what the frontend
+/// needs around it. A backend builds its model from `source` (the CPU through [`load`], the GPU itself).
+pub struct PreparedModel {
+    pub config: ModelConfig,
+    pub source: WeightSource,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub chat_template: Option<String>,
+    pub generation: GenerationDefaults,
+    pub max_model_len: usize,
+    /// EOS ids: the tokenizer's, the config's and the generation config's, deduplicated.
+    pub eos_token_ids: Vec<u32>,
+    pub started: Instant,
+}
+
 /// A loaded model with what the frontend needs around it.
 pub struct LoadedModel {
     pub model: Arc<LlamaModel>,
@@ -101,8 +115,28 @@ pub struct LoadedModel {
     pub load_seconds: f64,
 }
 
-/// Loads a model as the options say.
+/// Loads a model for the CPU backend as the options say.
 pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
+        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
+    }
+    let p = prepare(opts)?;
+    let keep_quantized = opts.dtype != DType::Float32;
+    let model = LlamaModel::load(p.config, &p.source, keep_quantized, p.max_model_len)?;
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: p.tokenizer,
+        chat_template: p.chat_template,
+        generation: p.generation,
+        max_model_len: p.max_model_len,
+        eos_token_ids: p.eos_token_ids,
+        load_seconds: p.started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Resolves the model (config, weight source, tokenizer, chat template, generation defaults, context
+/// length) without loading weights.
+pub fn prepare(opts: &LoadOptions) -> Result<PreparedModel, ModelError> {
     let started = Instant::now();
     let path = &opts.model;
     if !path.exists() {
@@ -117,9 +151,6 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
         LoadFormat::Auto => LoadFormat::Safetensors,
         f => f,
     };
-    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
-        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
-    }
     let (config, source, tokenizer, generation_dir) = match format {
         LoadFormat::Gguf => {
             if !is_gguf_file {
@@ -186,7 +217,6 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
         }
         _ => max_model_len,
     };
-    let keep_quantized = opts.dtype != DType::Float32;
     let mut eos_token_ids = config.eos_token_ids.clone();
     eos_token_ids.extend(generation.eos_token_ids.iter().copied());
     if let Some(t) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
@@ -195,14 +225,14 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
     let chat_template = tokenizer.as_ref().and_then(|t| t.chat_template().map(str::to_string));
-    let model = LlamaModel::load(config, &source, keep_quantized, max_model_len)?;
-    Ok(LoadedModel {
-        model: Arc::new(model),
+    Ok(PreparedModel {
+        config,
+        source,
         tokenizer: tokenizer.map(Arc::new),
         chat_template,
         generation,
         max_model_len,
         eos_token_ids,
-        load_seconds: started.elapsed().as_secs_f64(),
+        started,
     })
 }

@@ -22,12 +22,13 @@ use ironllm_core::scheduler::{SchedulerConfig, SchedulingPolicy};
 use ironllm_core::{SamplingParams, SchedulerStats};
 use ironllm_model::config::ModelConfig;
 use ironllm_model::generation_config::GenerationDefaults;
-use ironllm_model::llama::KvCache;
-use ironllm_model::loader::{self, LoadOptions};
+use ironllm_model::llama::{KvCache, LlamaModel};
+use ironllm_model::loader::{self, DType, LoadOptions, PreparedModel};
 use ironllm_model::runner::CpuModelRunner;
 use ironllm_model::tokenizer::Tokenizer;
 
 use crate::default_model::ensure_default_model;
+use crate::engine_args::{Device, DEFAULT_CPU_KV_CACHE_BYTES};
 use crate::{EngineArgs, LlmError};
 
 /// A prompt as text or as token ids.
@@ -67,6 +68,8 @@ pub enum Usage {
 pub struct EngineInfo {
     pub model_path: String,
     pub config: ModelConfig,
+    /// `cpu` or the GPU's name.
+    pub device: String,
     pub weight_format: &'static str,
     pub weight_bytes: usize,
     pub max_model_len: usize,
@@ -283,7 +286,7 @@ impl OutputStage {
 
 /// The engine-core side: the scheduler and the model runner. Deals in token ids only: it holds no
 /// tokenizer, so the thread that drives it can never detokenize.
-pub struct Core<E: ModelExecutor = CpuModelRunner> {
+pub struct Core<E: ModelExecutor = Box<dyn ModelExecutor>> {
     core: EngineCore<E>,
 }
 
@@ -377,19 +380,8 @@ impl Engine {
             generation_config: args.generation_config.clone(),
             skip_tokenizer_init: args.skip_tokenizer_init,
         };
-        let loaded = loader::load(&opts)?;
-        let config = loaded.model.config.clone();
         if args.block_size == 0 || args.block_size > 1024 {
             return Err(LlmError::InvalidArgs(format!("--block-size must be in [1, 1024], got {}", args.block_size)));
-        }
-        let bytes_per_block = KvCache::bytes_per_token(&config) * args.block_size;
-        let num_kv_blocks = args.kv_cache_memory_bytes / bytes_per_block;
-        let max_model_len = loaded.max_model_len;
-        if num_kv_blocks * args.block_size < max_model_len.min(args.block_size * 2) {
-            return Err(LlmError::InvalidArgs(format!(
-                "the KV cache of {} bytes holds only {} blocks of {} tokens; raise --kv-cache-memory-bytes",
-                args.kv_cache_memory_bytes, num_kv_blocks, args.block_size
-            )));
         }
         let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(match usage {
             Usage::Offline => 8192,
@@ -397,6 +389,26 @@ impl Engine {
         });
         if args.max_num_seqs == 0 {
             return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
+        }
+        let use_cuda = match args.device {
+            Device::Cpu => false,
+            Device::Cuda => true,
+            Device::Auto => ironllm_cuda::cuda_available(),
+        };
+        let built = if use_cuda {
+            build_cuda_backend(args, &opts, max_num_batched_tokens)?
+        } else {
+            build_cpu_backend(args, &opts)?
+        };
+        let Backend { runner, prepared, num_kv_blocks, device, weight_format, weight_bytes, kv_bytes, load_seconds } =
+            built;
+        let config = prepared.config.clone();
+        let max_model_len = prepared.max_model_len;
+        if num_kv_blocks * args.block_size < max_model_len.min(args.block_size * 2) {
+            return Err(LlmError::InvalidArgs(format!(
+                "the KV cache holds only {} blocks of {} tokens; raise --kv-cache-memory-bytes or --gpu-memory-utilization",
+                num_kv_blocks, args.block_size
+            )));
         }
         if !args.enable_chunked_prefill && max_num_batched_tokens < max_model_len {
             return Err(LlmError::InvalidArgs(format!(
@@ -416,8 +428,9 @@ impl Engine {
         };
         let info = EngineInfo {
             model_path: model_path.display().to_string(),
-            weight_format: loaded.model.weight_format(),
-            weight_bytes: loaded.model.weight_bytes(),
+            device,
+            weight_format,
+            weight_bytes,
             config,
             max_model_len,
             num_kv_blocks,
@@ -425,7 +438,7 @@ impl Engine {
             kv_capacity_tokens: num_kv_blocks * args.block_size,
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens,
-            load_seconds: loaded.load_seconds,
+            load_seconds,
         };
         tracing::info!(
             "model {} ({}, {} layers, weights {} = {:.1} MiB) loaded in {:.2}s",
@@ -437,29 +450,30 @@ impl Engine {
             info.load_seconds
         );
         tracing::info!(
-            "device cpu: KV cache {} blocks x {} tokens = {} tokens ({:.1} MiB); maximum concurrency for {} tokens per request: {:.2}x",
+            "device {}: KV cache {} blocks x {} tokens = {} tokens ({:.1} MiB); maximum concurrency for {} tokens per request: {:.2}x",
+            info.device,
             num_kv_blocks,
             args.block_size,
             info.kv_capacity_tokens,
-            (num_kv_blocks * bytes_per_block) as f64 / (1 << 20) as f64,
+            kv_bytes as f64 / (1 << 20) as f64,
             max_model_len,
             info.max_concurrency()
         );
-        let runner = CpuModelRunner::new(loaded.model.clone(), num_kv_blocks, args.block_size, args.seed);
+        let loaded = prepared;
         let core = Core::new(sched, runner)?;
         let input = InputProcessor::new(
             loaded.tokenizer.clone(),
-            loaded.eos_token_ids,
+            loaded.eos_token_ids.clone(),
             info.config.vocab_size,
             max_model_len,
             args.max_logprobs,
         );
         Ok(Engine {
             input,
-            output: OutputStage::new(loaded.tokenizer),
+            output: OutputStage::new(loaded.tokenizer.clone()),
             core,
-            generation: loaded.generation,
-            chat_template: loaded.chat_template,
+            generation: loaded.generation.clone(),
+            chat_template: loaded.chat_template.clone(),
             info,
         })
     }
@@ -543,3 +557,95 @@ impl Engine {
         self.core.stats()
     }
 }
+
+/// A model runner with what start-up learned while building it.
+struct Backend {
+    runner: Box<dyn ModelExecutor>,
+    prepared: PreparedModel,
+    num_kv_blocks: usize,
+    device: String,
+    weight_format: &'static str,
+    weight_bytes: usize,
+    kv_bytes: usize,
+    load_seconds: f64,
+}
+
+fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, LlmError> {
+    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
+        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
+    }
+    let prepared = loader::prepare(opts)?;
+    let keep_quantized = opts.dtype != DType::Float32;
+    let model =
+        Arc::new(LlamaModel::load(prepared.config.clone(), &prepared.source, keep_quantized, prepared.max_model_len)?);
+    let kv_bytes_wanted = args.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
+    let bytes_per_block = KvCache::bytes_per_token(&prepared.config) * args.block_size;
+    let num_kv_blocks = kv_bytes_wanted / bytes_per_block;
+    let runner = CpuModelRunner::new(model.clone(), num_kv_blocks, args.block_size, args.seed);
+    Ok(Backend {
+        runner: Box::new(runner),
+        num_kv_blocks,
+        device: "cpu".into(),
+        weight_format: model.weight_format(),
+        weight_bytes: model.weight_bytes(),
+        kv_bytes: num_kv_blocks * bytes_per_block,
+        load_seconds: prepared.started.elapsed().as_secs_f64(),
+        prepared,
+    })
+}
+
+fn build_cuda_backend(
+    args: &EngineArgs,
+    opts: &LoadOptions,
+    max_num_batched_tokens: usize,
+) -> Result<Backend, LlmError> {
+    use ironllm_cuda::runner::{resolve_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
+    let cuda_err = |e: ironllm_cuda::CudaError| LlmError::Device(e.to_string());
+    let gpu = ironllm_cuda::Gpu::open(0).map_err(cuda_err)?;
+    let prepared = loader::prepare(opts)?;
+    let dtype = resolve_dtype(opts.dtype, prepared.config.torch_dtype.as_deref());
+    let model = ironllm_cuda::model::CudaLlama::load(
+        gpu.clone(),
+        prepared.config.clone(),
+        &prepared.source,
+        dtype,
+        prepared.max_model_len,
+        args.seed,
+    )
+    .map_err(cuda_err)?;
+    let model = Arc::new(model);
+    let load_seconds = prepared.started.elapsed().as_secs_f64();
+    let cfg = CudaRunnerConfig {
+        block_size: args.block_size,
+        max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        kv_cache: match args.kv_cache_memory_bytes {
+            Some(b) => KvCacheSize::Bytes(b),
+            None => KvCacheSize::Utilization(args.gpu_memory_utilization),
+        },
+        seed: args.seed,
+    };
+    let runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
+    let m = runner.memory.clone();
+    tracing::info!(
+        "GPU memory: {:.2} GiB total, weights {:.2} GiB ({}), peak activations {:.2} GiB, KV cache {:.2} GiB; profiled in {:.2}s",
+        m.total_bytes as f64 / GIB,
+        m.weight_bytes as f64 / GIB,
+        dtype.name(),
+        m.peak_activation_bytes as f64 / GIB,
+        m.kv_cache_bytes as f64 / GIB,
+        m.profile_seconds
+    );
+    Ok(Backend {
+        runner: Box::new(runner),
+        num_kv_blocks: m.num_blocks,
+        device: format!("cuda ({})", gpu.info.name),
+        weight_format: dtype.name(),
+        weight_bytes: m.weight_bytes,
+        kv_bytes: m.kv_cache_bytes,
+        load_seconds,
+        prepared,
+    })
+}
+
+const GIB: f64 = (1u64 << 30) as f64;

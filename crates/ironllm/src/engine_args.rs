@@ -5,6 +5,28 @@ use std::path::PathBuf;
 
 use ironllm_model::loader::{DType, GenerationConfigSource, LoadFormat};
 
+/// `--device`: where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The GPU when one is there (a CUDA driver that reports a device), else the CPU.
+    #[default]
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            "cpu" => Ok(Device::Cpu),
+            other => Err(format!("invalid device `{other}` (choose from auto, cuda, cpu)")),
+        }
+    }
+}
+
 /// Everything that shapes an engine, as `vllm serve` / `LLM(...)` take it.
 #[derive(Debug, Clone)]
 pub struct EngineArgs {
@@ -20,8 +42,13 @@ pub struct EngineArgs {
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
-    /// KV cache size in bytes on the CPU (vLLM's `--kv-cache-memory-bytes` / `VLLM_CPU_KVCACHE_SPACE`).
-    pub kv_cache_memory_bytes: usize,
+    /// KV cache size in bytes (vLLM's `--kv-cache-memory-bytes`); `None`: 4 GiB on the CPU, and on the
+    /// GPU what `gpu_memory_utilization` leaves after weights and activations.
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// `--device`.
+    pub device: Device,
+    /// Fraction of the GPU's memory the engine may use in all (vLLM's `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f64,
     pub seed: u64,
     pub generation_config: GenerationConfigSource,
     pub max_logprobs: usize,
@@ -43,7 +70,9 @@ impl Default for EngineArgs {
             block_size: 16,
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
-            kv_cache_memory_bytes: 4 << 30,
+            kv_cache_memory_bytes: None,
+            device: Device::Auto,
+            gpu_memory_utilization: 0.9,
             seed: 0,
             generation_config: GenerationConfigSource::Auto,
             max_logprobs: 20,
@@ -52,6 +81,9 @@ impl Default for EngineArgs {
         }
     }
 }
+
+/// The CPU backend's KV cache size when none is given.
+pub const DEFAULT_CPU_KV_CACHE_BYTES: usize = 4 << 30;
 
 /// Parses sizes such as `4GiB`, `512MiB`, `2G`, `1000000`.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {

@@ -13,7 +13,7 @@ pub mod engine_args;
 pub mod llm;
 
 pub use engine::{Core, Engine, InputProcessor, OutputStage, ProcessedRequest, Prompt, Registration, Usage};
-pub use engine_args::EngineArgs;
+pub use engine_args::{Device, EngineArgs};
 pub use ironllm_core::output_processor::{CompletionOutput, OutputKind, RequestOutput};
 pub use ironllm_core::SamplingParams;
 pub use llm::LLM;
@@ -33,4 +33,7 @@ pub enum LlmError {
     Fetch(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The GPU backend could not start (no device, a kernel that failed to compile, out of memory).
+    #[error("GPU backend: {0}")]
+    Device(String),
 }

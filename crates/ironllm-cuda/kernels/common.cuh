@@ -1,0 +1,89 @@
+// Shared device helpers for every ironllm kernel file. NVRTC compiles each kernel file with this text
+// prepended (no #include: the runtime needs only libnvrtc, not the CUDA toolkit headers), so nothing here
+// may rely on cuda_fp16.h / cuda_bf16.h. Half types travel as their 16-bit patterns (`bf16_t`, `f16_t`)
+// and convert through PTX `cvt`, which rounds to nearest even like torch does.
+//
+// Kernel naming: a kernel templated on the element type T is exported three times with `extern "C"`
+// wrappers named `<name>_f32`, `<name>_bf16` and `<name>_f16` (see IRONLLM_FOR_EACH_DTYPE).
+
+typedef unsigned short bf16_t;
+typedef unsigned short f16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+
+#define IRONLLM_INF __int_as_float(0x7f800000)
+
+// Distinct tag types so templates can tell bf16 from f16 although both are 16-bit patterns.
+struct bf16 { bf16_t bits; };
+struct f16 { f16_t bits; };
+
+__device__ __forceinline__ float bf16_to_float(bf16_t h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ bf16_t float_to_bf16(float f) {
+    bf16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float f16_to_float(f16_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ f16_t float_to_f16(float f) {
+    f16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Loads and stores of one element as float, and rounding a float to the element type's precision
+// (used to mimic where the reference rounds intermediates, e.g. Hugging Face's bf16 RMSNorm).
+__device__ __forceinline__ float load_f(const float* p) { return *p; }
+__device__ __forceinline__ float load_f(const bf16* p) { return bf16_to_float(p->bits); }
+__device__ __forceinline__ float load_f(const f16* p) { return f16_to_float(p->bits); }
+__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f(bf16* p, float v) { p->bits = float_to_bf16(v); }
+__device__ __forceinline__ void store_f(f16* p, float v) { p->bits = float_to_f16(v); }
+template <typename T> __device__ __forceinline__ float round_to(float v);
+template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <> __device__ __forceinline__ float round_to<bf16>(float v) { return bf16_to_float(float_to_bf16(v)); }
+template <> __device__ __forceinline__ float round_to<f16>(float v) { return f16_to_float(float_to_f16(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum / max for blockDim.x a multiple of 32 and at most 1024. `scratch` holds 32 floats of
+// shared memory; every thread gets the result. Fixed reduction order, so results are deterministic.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -IRONLLM_INF;
+    return warp_max(v);
+}
+
+// Exports `name##_f32/_bf16/_f16` wrappers around a templated __device__ body. Usage:
+//   template <typename T> __device__ void my_kernel_impl(T* out, const T* x, int n) { ... }
+//   #define MY_KERNEL(T, SUFFIX) extern "C" __global__ void my_kernel_##SUFFIX(T* out, const T* x, int n) \
+//       { my_kernel_impl<T>(out, x, n); }
+//   IRONLLM_FOR_EACH_DTYPE(MY_KERNEL)
+#define IRONLLM_FOR_EACH_DTYPE(M) M(float, f32) M(bf16, bf16) M(f16, f16)

@@ -1,0 +1,364 @@
+// Per-token layer kernels of the Llama family: embedding lookup, RMSNorm (plain and fused with the residual
+// add), the fused Qwen3 q/k-norm + rotary embedding + paged KV-cache write, SiLU-and-multiply, bias add,
+// row gather and dtype casts. Each mimics Hugging Face transformers in the same dtype: where HF rounds an
+// intermediate to bf16/f16 we round with `round_to<T>`, and every accumulation is f32. In f32 everything
+// is plain f32.
+//
+// Rows are handled by one block each with a fixed strided thread mapping and `block_sum`'s fixed tree, so
+// every result depends only on its own row (batch invariance). Rows whose width and base addresses allow
+// it move 16 bytes per load; any other width takes the scalar path.
+//
+// Launch shapes (all matrices row-major and contiguous; no dynamic shared memory anywhere):
+//   embedding_T        grid = (num_tokens),                      block = 256
+//   rms_norm_T         grid = (rows),                            block = 256
+//   add_rms_norm_T     grid = (rows),                            block = 256
+//   qk_norm_rope_kv_T  grid = (num_tokens, ceil((num_heads + num_kv_heads) / 4)), block = 128
+//   silu_and_mul_T     grid = (rows, ceil(inter / 2048)),        block = 256
+//   add_bias_T         grid = (rows, ceil(cols / 2048)),         block = 256
+//   gather_rows_T      grid = (num_rows),                        block = 256
+//   cast_to_f32_T      grid = (any, e.g. min(ceil(n / 2048), 65535)), block = 256 (grid-stride loop)
+//   cast_from_f32_T    grid = (any, e.g. min(ceil(n / 2048), 65535)), block = 256 (grid-stride loop)
+
+#define LAYERS_THREADS 256
+#define LAYERS_COLS_PER_BLOCK 2048
+
+// ---------------------------------------------------------------------------------------------------
+// 16-byte packs: LAYERS_PACK<T> elements (4 f32 or 8 bf16/f16) travel as one uint4.
+
+template <typename T> struct layers_pack { static constexpr int N = 16 / (int)sizeof(T); };
+
+__device__ __forceinline__ bool layers_aligned16(const void* p) { return (((unsigned long long)p) & 15ull) == 0; }
+
+template <typename T> __device__ __forceinline__ void layers_unpack(const uint4& u, float* f);
+template <> __device__ __forceinline__ void layers_unpack<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+template <> __device__ __forceinline__ void layers_unpack<bf16>(const uint4& u, float* f) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <> __device__ __forceinline__ void layers_unpack<f16>(const uint4& u, float* f) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = f16_to_float((f16_t)(w[i] & 0xffffu));
+        f[2 * i + 1] = f16_to_float((f16_t)(w[i] >> 16));
+    }
+}
+
+template <typename T> __device__ __forceinline__ uint4 layers_pack_from(const float* f);
+template <> __device__ __forceinline__ uint4 layers_pack_from<float>(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+template <> __device__ __forceinline__ uint4 layers_pack_from<bf16>(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_bf16(f[2 * i]) | ((unsigned int)float_to_bf16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ uint4 layers_pack_from<f16>(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_f16(f[2 * i]) | ((unsigned int)float_to_f16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Copies one row of `n` elements with the whole block: 16-byte moves when both rows allow them.
+template <typename T> __device__ __forceinline__ void layers_copy_row(T* dst, const T* src, int n) {
+    const long long bytes = (long long)n * (long long)sizeof(T);
+    if ((bytes & 15) == 0 && layers_aligned16(dst) && layers_aligned16(src)) {
+        const uint4* s = reinterpret_cast<const uint4*>(src);
+        uint4* d = reinterpret_cast<uint4*>(dst);
+        const int units = (int)(bytes >> 4);
+        for (int i = threadIdx.x; i < units; i += blockDim.x) d[i] = s[i];
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 1. embedding: out[t, :] = table[ids[t], :]. grid = (num_tokens), block = 256.
+
+template <typename T>
+__device__ void embedding_impl(T* out, const T* table, const uint32_t* ids, int num_tokens, int hidden) {
+    const int t = blockIdx.x;
+    if (t >= num_tokens) return;
+    layers_copy_row<T>(out + (long long)t * hidden, table + (long long)ids[t] * hidden, hidden);
+}
+#define EMBEDDING(T, S)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
+        embedding_##S(T* out, const T* table, const uint32_t* ids, int num_tokens, int hidden) {          \
+        embedding_impl<T>(out, table, ids, num_tokens, hidden);                                           \
+    }
+IRONLLM_FOR_EACH_DTYPE(EMBEDDING)
+
+// ---------------------------------------------------------------------------------------------------
+// 2./3. RMSNorm, optionally fused with the residual add. grid = (rows), block = 256.
+//   HF: var = mean(x.float()^2); y = (x.float() * rsqrt(var + eps)).to(dtype); out = weight * y.
+//   Fused: residual = (residual + x).to(dtype) is stored back first and is what gets normalised.
+// Pass 1 accumulates the sum of squares (each thread strided, then the block tree); pass 2 re-reads the
+// row (the same thread reads back exactly the elements it wrote in pass 1) and writes the output.
+
+template <typename T, bool kAddResidual>
+__device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, int hidden, float eps) {
+    __shared__ float scratch[32];
+    constexpr int N = layers_pack<T>::N;
+    const int row = blockIdx.x;
+    const long long base = (long long)row * hidden;
+    const T* xr = x + base;
+    T* rr = kAddResidual ? residual + base : nullptr;
+    T* outr = out + base;
+    // The row that gets normalised: the updated residual (fused) or x.
+    const T* src = kAddResidual ? (const T*)rr : xr;
+    const bool vec = (hidden % N) == 0 && layers_aligned16(xr) && layers_aligned16(outr) && layers_aligned16(weight) &&
+                     (!kAddResidual || layers_aligned16(rr));
+    float ss = 0.0f;
+    if (vec) {
+        const int units = hidden / N;
+        for (int c = threadIdx.x; c < units; c += blockDim.x) {
+            float v[N];
+            layers_unpack<T>(reinterpret_cast<const uint4*>(xr)[c], v);
+            if (kAddResidual) {
+                float r[N];
+                layers_unpack<T>(reinterpret_cast<const uint4*>(rr)[c], r);
+#pragma unroll
+                for (int i = 0; i < N; ++i) v[i] = round_to<T>(r[i] + v[i]);
+                reinterpret_cast<uint4*>(rr)[c] = layers_pack_from<T>(v);
+            }
+#pragma unroll
+            for (int i = 0; i < N; ++i) ss = fmaf(v[i], v[i], ss);
+        }
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            float v = load_f(xr + i);
+            if (kAddResidual) {
+                v = round_to<T>(load_f(rr + i) + v);
+                store_f(rr + i, v);
+            }
+            ss = fmaf(v, v, ss);
+        }
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)hidden + eps);
+    if (vec) {
+        const int units = hidden / N;
+        for (int c = threadIdx.x; c < units; c += blockDim.x) {
+            float v[N], w[N];
+            layers_unpack<T>(reinterpret_cast<const uint4*>(src)[c], v);
+            layers_unpack<T>(reinterpret_cast<const uint4*>(weight)[c], w);
+#pragma unroll
+            for (int i = 0; i < N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
+            reinterpret_cast<uint4*>(outr)[c] = layers_pack_from<T>(v);
+        }
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+            store_f(outr + i, load_f(weight + i) * round_to<T>(load_f(src + i) * inv));
+    }
+}
+
+#define RMS_NORM(T, S)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
+        rms_norm_##S(T* out, const T* x, const T* weight, int rows, int hidden, float eps) {              \
+        if ((int)blockIdx.x >= rows) return;                                                              \
+        rms_norm_row<T, false>(out, nullptr, x, weight, hidden, eps);                                     \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) add_rms_norm_##S(                        \
+        T* residual, const T* x, const T* weight, T* out, int rows, int hidden, float eps) {              \
+        if ((int)blockIdx.x >= rows) return;                                                              \
+        rms_norm_row<T, true>(out, residual, x, weight, hidden, eps);                                     \
+    }
+IRONLLM_FOR_EACH_DTYPE(RMS_NORM)
+
+// ---------------------------------------------------------------------------------------------------
+// 4. Fused (Qwen3 q/k RMSNorm) + rotate-half RoPE on q and k in place + paged KV-cache write.
+//   grid = (num_tokens, ceil((num_heads + num_kv_heads) / 4)), block = 128: one warp per q or k head.
+//   qkv row t: [q heads (num_heads) | k heads (num_kv_heads) | v heads (num_kv_heads)] x head_dim.
+//   Lane l owns rotary pairs (i, i + head_dim/2) for i = l, l + 32, ... (head_dim <= 256 -> <= 4 pairs).
+//   The k-head warps also write k (roped) and v (unchanged) to the caches at slot_mapping[t] (< 0: skip);
+//   cache layout [num_blocks, num_kv_heads, block_size, head_dim].
+
+#define QKR_MAX_PAIRS 4
+
+template <typename T>
+__device__ void qk_norm_rope_kv_impl(T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table,
+                                     const int* positions, const int64_t* slot_mapping, const T* q_norm_weight,
+                                     const T* k_norm_weight, int num_tokens, int num_heads, int num_kv_heads,
+                                     int head_dim, int block_size, float eps) {
+    const int t = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int head = blockIdx.y * 4 + warp;  // q heads first, then k heads
+    if (t >= num_tokens || head >= num_heads + num_kv_heads) return;
+    const int half = head_dim >> 1;
+    const long long qkv_stride = (long long)(num_heads + 2 * num_kv_heads) * head_dim;
+    T* row = qkv + (long long)t * qkv_stride;
+    T* x = row + (long long)head * head_dim;
+    const bool is_k = head >= num_heads;
+
+    float x1[QKR_MAX_PAIRS], x2[QKR_MAX_PAIRS];
+#pragma unroll
+    for (int r = 0; r < QKR_MAX_PAIRS; ++r) {
+        const int i = lane + 32 * r;
+        x1[r] = i < half ? load_f(x + i) : 0.0f;
+        x2[r] = i < half ? load_f(x + i + half) : 0.0f;
+    }
+
+    if (q_norm_weight != nullptr) {
+        const T* wn = is_k ? k_norm_weight : q_norm_weight;
+        float ss = 0.0f;
+#pragma unroll
+        for (int r = 0; r < QKR_MAX_PAIRS; ++r) ss = fmaf(x1[r], x1[r], fmaf(x2[r], x2[r], ss));
+        ss = warp_sum(ss);
+        const float inv = rsqrtf(ss / (float)head_dim + eps);
+#pragma unroll
+        for (int r = 0; r < QKR_MAX_PAIRS; ++r) {
+            const int i = lane + 32 * r;
+            if (i < half) {
+                x1[r] = round_to<T>(load_f(wn + i) * round_to<T>(x1[r] * inv));
+                x2[r] = round_to<T>(load_f(wn + i + half) * round_to<T>(x2[r] * inv));
+            }
+        }
+    }
+
+    const long long pos = positions[t];
+    const float* cs = cos_table + pos * half;
+    const float* sn = sin_table + pos * half;
+#pragma unroll
+    for (int r = 0; r < QKR_MAX_PAIRS; ++r) {
+        const int i = lane + 32 * r;
+        if (i < half) {
+            const float c = round_to<T>(cs[i]), s = round_to<T>(sn[i]);
+            const float a = round_to<T>(x1[r] * c) - round_to<T>(x2[r] * s);
+            const float b = round_to<T>(x2[r] * c) + round_to<T>(x1[r] * s);
+            x1[r] = round_to<T>(a);
+            x2[r] = round_to<T>(b);
+            store_f(x + i, x1[r]);
+            store_f(x + i + half, x2[r]);
+        }
+    }
+
+    if (!is_k) return;
+    const long long slot = slot_mapping[t];
+    if (slot < 0) return;
+    const int kvh = head - num_heads;
+    const long long blk = slot / block_size, off = slot % block_size;
+    const long long base = ((blk * num_kv_heads + kvh) * block_size + off) * head_dim;
+#pragma unroll
+    for (int r = 0; r < QKR_MAX_PAIRS; ++r) {
+        const int i = lane + 32 * r;
+        if (i < half) {
+            store_f(k_cache + base + i, x1[r]);
+            store_f(k_cache + base + i + half, x2[r]);
+        }
+    }
+    const T* v = row + (long long)(num_heads + num_kv_heads + kvh) * head_dim;
+    for (int d = lane; d < head_dim; d += 32) v_cache[base + d] = v[d];
+}
+
+#define QK_NORM_ROPE_KV(T, S)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) qk_norm_rope_kv_##S(                                \
+        T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table, const int* positions, \
+        const int64_t* slot_mapping, const T* q_norm_weight, const T* k_norm_weight, int num_tokens,      \
+        int num_heads, int num_kv_heads, int head_dim, int block_size, float eps) {                       \
+        qk_norm_rope_kv_impl<T>(qkv, k_cache, v_cache, cos_table, sin_table, positions, slot_mapping,     \
+                                q_norm_weight, k_norm_weight, num_tokens, num_heads, num_kv_heads, head_dim, \
+                                block_size, eps);                                                         \
+    }
+IRONLLM_FOR_EACH_DTYPE(QK_NORM_ROPE_KV)
+
+// ---------------------------------------------------------------------------------------------------
+// 5. SiLU-and-multiply: out[r, c] = T(round_to<T>(silu(gate[r, c])) * up[r, c]), gate_up row = [gate | up].
+//   grid = (rows, ceil(inter / 2048)), block = 256. silu(g) = g / (1 + exp(-g)) in f32 (as torch).
+
+__device__ __forceinline__ float layers_silu(float g) { return g / (1.0f + expf(-g)); }
+
+template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up, int rows, int inter) {
+    constexpr int N = layers_pack<T>::N;
+    const int r = blockIdx.x;
+    const int c0 = blockIdx.y * LAYERS_COLS_PER_BLOCK;
+    if (r >= rows || c0 >= inter) return;
+    const int c1 = min(c0 + LAYERS_COLS_PER_BLOCK, inter);
+    const T* g = gate_up + (long long)r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + (long long)r * inter;
+    if ((inter % N) == 0 && layers_aligned16(g) && layers_aligned16(o)) {
+        for (int c = c0 + threadIdx.x * N; c < c1; c += blockDim.x * N) {
+            float gv[N], uv[N];
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(g + c), gv);
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(u + c), uv);
+#pragma unroll
+            for (int i = 0; i < N; ++i) gv[i] = round_to<T>(layers_silu(gv[i])) * uv[i];
+            *reinterpret_cast<uint4*>(o + c) = layers_pack_from<T>(gv);
+        }
+    } else {
+        for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x)
+            store_f(o + c, round_to<T>(layers_silu(load_f(g + c))) * load_f(u + c));
+    }
+}
+#define SILU_AND_MUL(T, S)                                                                                \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
+        silu_and_mul_##S(T* out, const T* gate_up, int rows, int inter) {                                 \
+        silu_and_mul_impl<T>(out, gate_up, rows, inter);                                                  \
+    }
+IRONLLM_FOR_EACH_DTYPE(SILU_AND_MUL)
+
+// ---------------------------------------------------------------------------------------------------
+// 6. Bias add in place: x[r, c] = T(x[r, c] + bias[c]). grid = (rows, ceil(cols / 2048)), block = 256.
+
+template <typename T> __device__ void add_bias_impl(T* x, const T* bias, int rows, int cols) {
+    constexpr int N = layers_pack<T>::N;
+    const int r = blockIdx.x;
+    const int c0 = blockIdx.y * LAYERS_COLS_PER_BLOCK;
+    if (r >= rows || c0 >= cols) return;
+    const int c1 = min(c0 + LAYERS_COLS_PER_BLOCK, cols);
+    T* xr = x + (long long)r * cols;
+    if ((cols % N) == 0 && layers_aligned16(xr) && layers_aligned16(bias)) {
+        for (int c = c0 + threadIdx.x * N; c < c1; c += blockDim.x * N) {
+            float xv[N], bv[N];
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(xr + c), xv);
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(bias + c), bv);
+#pragma unroll
+            for (int i = 0; i < N; ++i) xv[i] += bv[i];
+            *reinterpret_cast<uint4*>(xr + c) = layers_pack_from<T>(xv);
+        }
+    } else {
+        for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) store_f(xr + c, load_f(xr + c) + load_f(bias + c));
+    }
+}
+#define ADD_BIAS(T, S)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) add_bias_##S(T* x, const T* bias, int rows, int cols) { \
+        add_bias_impl<T>(x, bias, rows, cols);                                                            \
+    }
+IRONLLM_FOR_EACH_DTYPE(ADD_BIAS)
+
+// ---------------------------------------------------------------------------------------------------
+// 7. Row gather: out[i, :] = x[rows[i], :]. grid = (num_rows), block = 256.
+
+#define GATHER_ROWS(T, S)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
+        gather_rows_##S(T* out, const T* x, const int* rows, int num_rows, int hidden) {                  \
+        const int i = blockIdx.x;                                                                         \
+        if (i >= num_rows) return;                                                                        \
+        layers_copy_row<T>(out + (long long)i * hidden, x + (long long)rows[i] * hidden, hidden);         \
+    }
+IRONLLM_FOR_EACH_DTYPE(GATHER_ROWS)
+
+// ---------------------------------------------------------------------------------------------------
+// 8. Elementwise casts to and from f32. Any grid, block = 256 (grid-stride loop); e.g.
+//   grid = (min(ceil(n / 2048), 65535)).
+
+#define CASTS(T, S)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) cast_to_f32_##S(float* out, const T* x, long long n) { \
+        const long long stride = (long long)gridDim.x * blockDim.x;                                       \
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)          \
+            out[i] = load_f(x + i);                                                                       \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) cast_from_f32_##S(T* out, const float* x, long long n) { \
+        const long long stride = (long long)gridDim.x * blockDim.x;                                       \
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)          \
+            store_f(out + i, x[i]);                                                                       \
+    }
+IRONLLM_FOR_EACH_DTYPE(CASTS)

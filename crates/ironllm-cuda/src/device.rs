@@ -1,0 +1,171 @@
+//! The GPU: driver context, the one stream all work is ordered on, the cuBLAS handle and every compiled
+//! kernel by name. Opening a `Gpu` compiles (or loads from the disk cache) all kernel files for the
+//! card's architecture, so a missing or broken kernel is found at start-up, not mid-request.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use crate::compile::{compile_file, default_cache_dir, SOURCES};
+use crate::error::{CudaError, DriverContext};
+
+/// Whether a CUDA driver library is present and reports at least one device.
+pub fn cuda_available() -> bool {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    CudaContext::device_count().is_ok_and(|n| n > 0)
+}
+
+/// Facts about the card, read once.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+    pub multiprocessors: usize,
+    /// The NVRTC target, e.g. `sm_90a`.
+    pub arch: String,
+    pub kernel_compile_seconds: f64,
+    pub kernels_from_cache: bool,
+}
+
+/// An opened GPU with its kernels loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: HashMap<String, CudaFunction>,
+    pub info: GpuInfo,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads every kernel (compiling those not in the disk cache).
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>, CudaError> {
+        Gpu::open_with_cache(ordinal, default_cache_dir())
+    }
+
+    /// Like [`open`](Self::open) with an explicit kernel cache folder (`None`: no cache).
+    pub fn open_with_cache(ordinal: usize, cache_dir: Option<PathBuf>) -> Result<Arc<Gpu>, CudaError> {
+        // SAFETY: only probes whether the libraries can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable("the CUDA driver library (libcuda.so) was not found".into()));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable("the NVRTC library (libnvrtc.so) was not found".into()));
+        }
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable("the cuBLAS library (libcublas.so) was not found".into()));
+        }
+        let count = CudaContext::device_count().at(|| "counting CUDA devices".into())?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::Unavailable(format!("no CUDA device {ordinal} ({count} found)")));
+        }
+        let ctx = CudaContext::new(ordinal).at(|| format!("creating a context on CUDA device {ordinal}"))?;
+        let stream = ctx.new_stream().at(|| "creating a stream".into())?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| CudaError::Cublas { what: "creating the handle".into(), message: format!("{e:?}") })?;
+        let name = ctx.name().at(|| "reading the device name".into())?;
+        let cc = ctx.compute_capability().at(|| "reading the compute capability".into())?;
+        let total_memory = ctx.total_mem().at(|| "reading the memory size".into())?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .at(|| "reading the multiprocessor count".into())? as usize;
+        // Hopper's architecture-specific target unlocks wgmma and the bulk tensor copies.
+        let arch = if cc == (9, 0) { "sm_90a".to_string() } else { format!("sm_{}{}", cc.0, cc.1) };
+        let started = Instant::now();
+        let mut functions = HashMap::new();
+        let mut all_cached = true;
+        for (file, src) in SOURCES {
+            let compiled = compile_file(file, src, &arch, cache_dir.as_deref())?;
+            all_cached &= compiled.cached;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+                .at(|| format!("loading the compiled module {file}"))?;
+            for kernel in compiled.kernel_names {
+                let f = module.load_function(&kernel).at(|| format!("loading kernel {kernel} of {file}"))?;
+                functions.insert(kernel, f);
+            }
+        }
+        let info = GpuInfo {
+            ordinal,
+            name,
+            compute_capability: cc,
+            total_memory,
+            multiprocessors,
+            arch,
+            kernel_compile_seconds: started.elapsed().as_secs_f64(),
+            kernels_from_cache: all_cached,
+        };
+        tracing::info!(
+            "CUDA device {ordinal}: {} (sm_{}{}, {:.1} GiB, {} SMs); {} kernels {} in {:.2}s",
+            info.name,
+            cc.0,
+            cc.1,
+            total_memory as f64 / (1u64 << 30) as f64,
+            multiprocessors,
+            functions.len(),
+            if all_cached { "loaded from the cache" } else { "compiled" },
+            info.kernel_compile_seconds
+        );
+        Ok(Arc::new(Gpu { ctx, stream, blas, functions, info }))
+    }
+
+    /// The stream every operation of this backend is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle (bound to [`stream`](Self::stream)).
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// A kernel by its `extern "C"` name.
+    pub fn function(&self, name: &str) -> Result<&CudaFunction, CudaError> {
+        self.functions.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_string()))
+    }
+
+    /// Whether a kernel exists.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
+    }
+
+    /// A zeroed device buffer of `n` elements.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
+        self.stream.alloc_zeros::<T>(n.max(1)).at(|| format!("allocating {n} elements of GPU memory"))
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        self.stream.clone_htod(host).at(|| format!("copying {} elements to the GPU", host.len()))
+    }
+
+    /// Copies a device buffer to the host (synchronizes the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+        self.stream.clone_dtoh(dev).at(|| "copying from the GPU".into())
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().at(|| "waiting for the GPU".into())
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx.mem_get_info().at(|| "reading free GPU memory".into())
+    }
+}

@@ -1,0 +1,381 @@
+//! The Llama-family decoder on the GPU (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), the same
+//! architecture as `ironllm_model::llama` over GPU kernels: merged QKV and gate/up projections (one GEMM
+//! each), residual add fused into RMSNorm, q/k norm + RoPE fused with the KV-cache write, attention over
+//! the paged cache, SiLU-and-mul, and the final norm and LM head only for the rows that produce logits.
+//!
+//! Weights go to the GPU one tensor at a time in the compute dtype (bf16 checkpoints are copied as they
+//! are; f32/f16 are converted and GGUF blocks dequantized per tensor on the host), so the host never
+//! holds the whole model. `--load-format dummy` fills the tensors with random values on the GPU.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use ironllm_model::config::ModelConfig;
+use ironllm_model::llama::rope_table;
+use ironllm_model::weights::{StoredTensor, StoredType, WeightSource};
+
+use crate::device::Gpu;
+use crate::error::{CudaError, DriverContext};
+use crate::ops::{self, AttnShape, BatchMeta};
+use crate::tensor::{DevBuf, GpuDType};
+
+struct Layer {
+    input_norm: DevBuf,
+    /// [q + 2 kv, hidden]
+    qkv: DevBuf,
+    qkv_bias: Option<DevBuf>,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    /// [hidden, q]
+    o_proj: DevBuf,
+    o_bias: Option<DevBuf>,
+    post_norm: DevBuf,
+    /// [2 inter, hidden]
+    gate_up: DevBuf,
+    gate_up_bias: Option<DevBuf>,
+    /// [hidden, inter]
+    down: DevBuf,
+    down_bias: Option<DevBuf>,
+}
+
+/// A Llama-family model resident on the GPU.
+pub struct CudaLlama {
+    pub config: ModelConfig,
+    pub dtype: GpuDType,
+    gpu: Arc<Gpu>,
+    embed: DevBuf,
+    lm_head: Option<DevBuf>,
+    layers: Vec<Layer>,
+    final_norm: DevBuf,
+    /// [max_positions, head_dim / 2]
+    rope_cos: CudaSlice<f32>,
+    rope_sin: CudaSlice<f32>,
+    pub max_positions: usize,
+    weight_bytes: usize,
+}
+
+/// The paged KV cache on the GPU: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size,
+/// head_dim]` in the compute dtype.
+pub struct CudaKvCache {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    layers: Vec<(DevBuf, DevBuf)>,
+}
+
+impl CudaKvCache {
+    pub fn new(gpu: &Gpu, model: &CudaLlama, num_blocks: usize, block_size: usize) -> Result<CudaKvCache, CudaError> {
+        let c = &model.config;
+        let len = num_blocks * c.num_key_value_heads * block_size * c.head_dim;
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| Ok((DevBuf::zeros(gpu, model.dtype, len)?, DevBuf::zeros(gpu, model.dtype, len)?)))
+            .collect::<Result<Vec<_>, CudaError>>()?;
+        Ok(CudaKvCache { num_blocks, block_size, layers })
+    }
+
+    /// Bytes one block takes over all layers (K and V).
+    pub fn bytes_per_block(config: &ModelConfig, dtype: GpuDType, block_size: usize) -> usize {
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * dtype.size()
+    }
+}
+
+/// Activation buffers, allocated for the largest step and reused.
+pub struct Workspace {
+    residual: DevBuf,
+    normed: DevBuf,
+    qkv: DevBuf,
+    attn: DevBuf,
+    proj: DevBuf,
+    gate_up: DevBuf,
+    act: DevBuf,
+    rows_a: DevBuf,
+    rows_b: DevBuf,
+    rows_normed: DevBuf,
+    /// [rows, vocab] f32
+    pub logits: DevBuf,
+    max_tokens: usize,
+    max_rows: usize,
+}
+
+impl Workspace {
+    /// Buffers for steps of up to `max_tokens` tokens and `max_rows` logits rows.
+    pub fn new(gpu: &Gpu, model: &CudaLlama, max_tokens: usize, max_rows: usize) -> Result<Workspace, CudaError> {
+        let c = &model.config;
+        let d = model.dtype;
+        let (t, r, h) = (max_tokens.max(1), max_rows.max(1), c.hidden_size);
+        let qkv_w = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+        Ok(Workspace {
+            residual: DevBuf::zeros(gpu, d, t * h)?,
+            normed: DevBuf::zeros(gpu, d, t * h)?,
+            qkv: DevBuf::zeros(gpu, d, t * qkv_w)?,
+            attn: DevBuf::zeros(gpu, d, t * c.num_attention_heads * c.head_dim)?,
+            proj: DevBuf::zeros(gpu, d, t * h)?,
+            gate_up: DevBuf::zeros(gpu, d, t * 2 * c.intermediate_size)?,
+            act: DevBuf::zeros(gpu, d, t * c.intermediate_size)?,
+            rows_a: DevBuf::zeros(gpu, d, r * h)?,
+            rows_b: DevBuf::zeros(gpu, d, r * h)?,
+            rows_normed: DevBuf::zeros(gpu, d, r * h)?,
+            logits: DevBuf::zeros(gpu, GpuDType::F32, r * c.vocab_size)?,
+            max_tokens: t,
+            max_rows: r,
+        })
+    }
+}
+
+/// Converts one stored tensor to `dtype` bytes (a bf16 checkpoint in bf16 is copied as is).
+fn encode(t: &StoredTensor<'_>, dtype: GpuDType) -> Result<Vec<u8>, CudaError> {
+    match (t.dtype, dtype) {
+        (StoredType::BF16, GpuDType::BF16) | (StoredType::F16, GpuDType::F16) | (StoredType::F32, GpuDType::F32) => {
+            let size = dtype.size();
+            if t.data.len() != t.numel() * size {
+                return Err(CudaError::Invalid(format!(
+                    "tensor `{}` has {} bytes for {} elements",
+                    t.name,
+                    t.data.len(),
+                    t.numel()
+                )));
+            }
+            Ok(t.data.to_vec())
+        }
+        _ => Ok(dtype.encode(&t.to_f32()?)),
+    }
+}
+
+struct Loader<'a> {
+    gpu: &'a Gpu,
+    source: &'a WeightSource,
+    dtype: GpuDType,
+    dummy_seed: Option<u64>,
+    bytes: usize,
+}
+
+impl Loader<'_> {
+    fn shape_of(&self, name: &str) -> Result<Option<Vec<usize>>, CudaError> {
+        Ok(self.source.get(name)?.map(|t| t.shape))
+    }
+
+    /// Rows of several tensors (each `[rows_i, cols]`) stacked into one device buffer.
+    fn stacked(&mut self, names: &[String], rows: &[usize], cols: usize) -> Result<DevBuf, CudaError> {
+        let total: usize = rows.iter().sum::<usize>() * cols;
+        let mut buf = DevBuf::zeros(self.gpu, self.dtype, total)?;
+        self.bytes += buf.nbytes();
+        if let Some(seed) = self.dummy_seed {
+            let scale = 1.0 / (cols as f32).sqrt();
+            ops::fill_uniform(self.gpu, &mut buf, seed ^ fnv(&names[0]), -scale, scale)?;
+            return Ok(buf);
+        }
+        let mut offset = 0;
+        for (name, &r) in names.iter().zip(rows) {
+            let t = self.source.require(name)?;
+            if t.numel() != r * cols {
+                return Err(CudaError::Invalid(format!(
+                    "tensor `{name}` has shape {:?}, the config implies [{r}, {cols}]",
+                    t.shape
+                )));
+            }
+            let bytes = encode(&t, self.dtype)?;
+            let mut view = buf.view_mut(offset, r * cols)?;
+            self.gpu.stream().memcpy_htod(&bytes, &mut view).at(|| format!("copying `{name}` to the GPU"))?;
+            offset += r * cols;
+        }
+        Ok(buf)
+    }
+
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<DevBuf, CudaError> {
+        self.stacked(&[name.to_string()], &[rows], cols)
+    }
+
+    /// A 1-D tensor (norm weight or bias); `None` when absent and optional.
+    fn vector(&mut self, name: &str, len: usize, required: bool) -> Result<Option<DevBuf>, CudaError> {
+        if let Some(seed) = self.dummy_seed {
+            if !required && self.shape_of(name)?.is_none() {
+                return Ok(None);
+            }
+            let mut buf = DevBuf::zeros(self.gpu, self.dtype, len)?;
+            let (lo, hi) = if name.ends_with("norm.weight") { (0.9, 1.1) } else { (-0.05, 0.05) };
+            ops::fill_uniform(self.gpu, &mut buf, seed ^ fnv(name), lo, hi)?;
+            self.bytes += buf.nbytes();
+            return Ok(Some(buf));
+        }
+        let t = match self.source.get(name)? {
+            Some(t) => t,
+            None if required => return Err(CudaError::Invalid(format!("checkpoint has no tensor `{name}`"))),
+            None => return Ok(None),
+        };
+        if t.numel() != len {
+            return Err(CudaError::Invalid(format!("tensor `{name}` has {} elements, expected {len}", t.numel())));
+        }
+        let buf = DevBuf::from_bytes(self.gpu, self.dtype, &encode(&t, self.dtype)?)?;
+        self.bytes += buf.nbytes();
+        Ok(Some(buf))
+    }
+
+    /// q/k/v (or gate/up) biases stacked, when the checkpoint has them.
+    fn stacked_bias(&mut self, names: &[String], lens: &[usize]) -> Result<Option<DevBuf>, CudaError> {
+        let parts = names.iter().zip(lens).map(|(n, &l)| self.vector(n, l, false)).collect::<Result<Vec<_>, _>>()?;
+        if parts.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut host = Vec::new();
+        for (p, &l) in parts.iter().zip(lens) {
+            match p {
+                Some(b) => host.extend(b.to_f32(self.gpu)?),
+                None => host.extend(std::iter::repeat_n(0.0, l)),
+            }
+        }
+        Ok(Some(DevBuf::from_f32(self.gpu, self.dtype, &host)?))
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+impl CudaLlama {
+    /// Loads every tensor of `source` onto the GPU in `dtype`.
+    pub fn load(
+        gpu: Arc<Gpu>,
+        config: ModelConfig,
+        source: &WeightSource,
+        dtype: GpuDType,
+        max_positions: usize,
+        seed: u64,
+    ) -> Result<CudaLlama, CudaError> {
+        let c = &config;
+        let dummy_seed = matches!(source, WeightSource::Dummy(_)).then_some(seed);
+        let mut ld = Loader { gpu: &gpu, source, dtype, dummy_seed, bytes: 0 };
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (qw, kvw) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let n = |s: &str| format!("model.layers.{l}.{s}");
+            let qkv_names = [n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight")];
+            let qkv_bias_names = [n("self_attn.q_proj.bias"), n("self_attn.k_proj.bias"), n("self_attn.v_proj.bias")];
+            let gu_names = [n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")];
+            let gu_bias_names = [n("mlp.gate_proj.bias"), n("mlp.up_proj.bias")];
+            let layer = Layer {
+                input_norm: ld.vector(&n("input_layernorm.weight"), h, true)?.expect("required"),
+                qkv: ld.stacked(&qkv_names, &[qw, kvw, kvw], h)?,
+                qkv_bias: if c.qkv_bias || dummy_seed.is_none() {
+                    ld.stacked_bias(&qkv_bias_names, &[qw, kvw, kvw])?
+                } else {
+                    None
+                },
+                q_norm: if c.qk_norm { ld.vector(&n("self_attn.q_norm.weight"), hd, true)? } else { None },
+                k_norm: if c.qk_norm { ld.vector(&n("self_attn.k_norm.weight"), hd, true)? } else { None },
+                o_proj: ld.matrix(&n("self_attn.o_proj.weight"), h, qw)?,
+                o_bias: ld.vector(&n("self_attn.o_proj.bias"), h, false)?,
+                post_norm: ld.vector(&n("post_attention_layernorm.weight"), h, true)?.expect("required"),
+                gate_up: ld.stacked(&gu_names, &[inter, inter], h)?,
+                gate_up_bias: if c.mlp_bias || dummy_seed.is_none() {
+                    ld.stacked_bias(&gu_bias_names, &[inter, inter])?
+                } else {
+                    None
+                },
+                down: ld.matrix(&n("mlp.down_proj.weight"), h, inter)?,
+                down_bias: ld.vector(&n("mlp.down_proj.bias"), h, false)?,
+            };
+            layers.push(layer);
+        }
+        let final_norm = ld.vector("model.norm.weight", h, true)?.expect("required");
+        let has_head = match dummy_seed {
+            Some(_) => !c.tie_word_embeddings,
+            None => source.get("lm_head.weight")?.is_some(),
+        };
+        let lm_head = if has_head { Some(ld.matrix("lm_head.weight", c.vocab_size, h)?) } else { None };
+        let freq_factors = source.get("rope_freqs")?.map(|t| t.to_f32()).transpose()?;
+        let rope = rope_table(c, freq_factors.as_deref(), max_positions);
+        let (cos, sin) = rope.tables();
+        let rope_cos = gpu.upload(cos)?;
+        let rope_sin = gpu.upload(sin)?;
+        let weight_bytes = ld.bytes;
+        gpu.synchronize()?;
+        Ok(CudaLlama {
+            config,
+            dtype,
+            gpu,
+            embed,
+            lm_head,
+            layers,
+            final_norm,
+            rope_cos,
+            rope_sin,
+            max_positions,
+            weight_bytes,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Runs one step's flattened batch; leaves f32 logits `[num_logits_rows, vocab]` in `ws.logits`.
+    pub fn forward(
+        &self,
+        token_ids: &CudaSlice<u32>,
+        meta: &BatchMeta<'_>,
+        logits_rows: &CudaSlice<i32>,
+        num_logits_rows: usize,
+        kv: &mut CudaKvCache,
+        ws: &mut Workspace,
+    ) -> Result<(), CudaError> {
+        let gpu = &*self.gpu;
+        let c = &self.config;
+        let t = meta.num_tokens;
+        if t > ws.max_tokens || num_logits_rows > ws.max_rows {
+            return Err(CudaError::Invalid(format!(
+                "step of {t} tokens / {num_logits_rows} logits rows exceeds the workspace ({} / {})",
+                ws.max_tokens, ws.max_rows
+            )));
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let shape = AttnShape {
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            block_size: kv.block_size,
+            num_blocks: kv.num_blocks,
+        };
+        let qkv_w = shape.qkv_width();
+        let qw = c.num_attention_heads * hd;
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let Workspace { residual, normed, qkv, attn, proj, gate_up, act, rows_a, rows_b, rows_normed, logits, .. } = ws;
+        ops::embedding(gpu, residual, &self.embed, token_ids, t, h)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            if li == 0 {
+                ops::rms_norm(gpu, normed, residual, &layer.input_norm, t, h, eps)?;
+            } else {
+                ops::add_rms_norm(gpu, residual, proj, &layer.input_norm, normed, t, h, eps)?;
+            }
+            ops::gemm(gpu, qkv, normed, &layer.qkv, layer.qkv_bias.as_ref(), t, qkv_w, h)?;
+            let (kc, vc) = &mut kv.layers[li];
+            let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
+            ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
+            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale)?;
+            ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
+            ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
+            ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
+            ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
+            ops::gemm(gpu, proj, act, &layer.down, layer.down_bias.as_ref(), t, h, inter)?;
+        }
+        let r = num_logits_rows;
+        if r == 0 {
+            return Ok(());
+        }
+        // Only the rows that produce logits need the last residual add, the final norm and the LM head.
+        ops::gather_rows(gpu, rows_a, residual, logits_rows, r, h)?;
+        ops::gather_rows(gpu, rows_b, proj, logits_rows, r, h)?;
+        ops::add_rms_norm(gpu, rows_a, rows_b, &self.final_norm, rows_normed, r, h, eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        ops::gemm(gpu, logits, rows_normed, head, None, r, c.vocab_size, h)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,538 @@
+//! Safe launchers for the kernels in `kernels/*.cu` and the GEMMs. Each checks the sizes it is given
+//! against the buffers before launching (a kernel reading past a buffer is a crash, not an error), picks
+//! the kernel by dtype suffix, and returns driver failures as [`CudaError`] with the kernel's name.
+//!
+//! Launch shapes are the ones documented at the top of each kernel.
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use crate::device::Gpu;
+use crate::error::{CudaError, DriverContext};
+use crate::tensor::{DevBuf, GpuDType};
+
+fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
+    if buf.len < elems {
+        return Err(CudaError::Invalid(format!("{what}: buffer of {} elements, need {elems}", buf.len)));
+    }
+    Ok(())
+}
+
+fn need_slice<T>(buf: &CudaSlice<T>, elems: usize, what: &str) -> Result<(), CudaError> {
+    if buf.len() < elems {
+        return Err(CudaError::Invalid(format!("{what}: buffer of {} elements, need {elems}", buf.len())));
+    }
+    Ok(())
+}
+
+fn same_dtype(bufs: &[&DevBuf], what: &str) -> Result<GpuDType, CudaError> {
+    let d = bufs[0].dtype;
+    if bufs.iter().any(|b| b.dtype != d) {
+        return Err(CudaError::Invalid(format!("{what}: operands of different dtypes")));
+    }
+    Ok(d)
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}
+
+fn i32_of(n: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(n).map_err(|_| CudaError::Invalid(format!("{what} = {n} does not fit in 32 bits")))
+}
+
+/// `out[t, :] = table[ids[t], :]`.
+pub fn embedding(
+    gpu: &Gpu,
+    out: &mut DevBuf,
+    table: &DevBuf,
+    ids: &CudaSlice<u32>,
+    t: usize,
+    h: usize,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, table], "embedding")?;
+    need(out, t * h, "embedding out")?;
+    need_slice(ids, t, "embedding ids")?;
+    let name = format!("embedding_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ti, hi) = (i32_of(t, "tokens")?, i32_of(h, "hidden")?);
+    // SAFETY: sizes checked above; the kernel reads ids[0..t] and table rows named by ids, which the
+    // engine validated against the vocabulary.
+    unsafe {
+        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&table.data).arg(ids).arg(&ti).arg(&hi).launch(cfg(
+            (t as u32, 1, 1),
+            256,
+            0,
+        ))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// `out = rms_norm(x) * w` over rows of `hidden`.
+pub fn rms_norm(
+    gpu: &Gpu,
+    out: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, x, w], "rms_norm")?;
+    need(out, rows * hidden, "rms_norm out")?;
+    need(x, rows * hidden, "rms_norm x")?;
+    need(w, hidden, "rms_norm weight")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = format!("rms_norm_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ri, hi) = (i32_of(rows, "rows")?, i32_of(hidden, "hidden")?);
+    // SAFETY: sizes checked above.
+    unsafe {
+        gpu.stream()
+            .launch_builder(f)
+            .arg(&mut out.data)
+            .arg(&x.data)
+            .arg(&w.data)
+            .arg(&ri)
+            .arg(&hi)
+            .arg(&eps)
+            .launch(cfg((rows as u32, 1, 1), 256, 0))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// `residual += x; out = rms_norm(residual) * w`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    residual: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    out: &mut DevBuf,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[residual, x, w, out], "add_rms_norm")?;
+    need(residual, rows * hidden, "add_rms_norm residual")?;
+    need(x, rows * hidden, "add_rms_norm x")?;
+    need(out, rows * hidden, "add_rms_norm out")?;
+    need(w, hidden, "add_rms_norm weight")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = format!("add_rms_norm_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ri, hi) = (i32_of(rows, "rows")?, i32_of(hidden, "hidden")?);
+    // SAFETY: sizes checked above; residual and out are distinct buffers (two &mut).
+    unsafe {
+        gpu.stream()
+            .launch_builder(f)
+            .arg(&mut residual.data)
+            .arg(&x.data)
+            .arg(&w.data)
+            .arg(&mut out.data)
+            .arg(&ri)
+            .arg(&hi)
+            .arg(&eps)
+            .launch(cfg((rows as u32, 1, 1), 256, 0))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// Geometry of the attention part of a layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+impl AttnShape {
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+    pub fn cache_len(&self) -> usize {
+        self.num_blocks * self.num_kv_heads * self.block_size * self.head_dim
+    }
+}
+
+/// The per-step batch metadata on the device.
+pub struct BatchMeta<'a> {
+    pub num_tokens: usize,
+    pub num_seqs: usize,
+    /// [num_tokens]
+    pub positions: &'a CudaSlice<i32>,
+    /// [num_tokens]
+    pub slot_mapping: &'a CudaSlice<i64>,
+    /// [num_seqs * max_blocks_per_seq]
+    pub block_tables: &'a CudaSlice<i32>,
+    pub max_blocks_per_seq: usize,
+    /// [num_seqs + 1]
+    pub query_start_loc: &'a CudaSlice<i32>,
+    /// [num_seqs]
+    pub context_lens: &'a CudaSlice<i32>,
+    /// [num_tokens]
+    pub token_to_seq: &'a CudaSlice<i32>,
+    /// Leading tokens that belong to single-token (decode) sequences; the rest are prefill rows.
+    pub num_decode_tokens: usize,
+    /// [num_tiles * 2] (sequence, first query token) per prefill tile of `FLASH_BLOCK_M` tokens.
+    pub prefill_tiles: &'a CudaSlice<i32>,
+    pub num_prefill_tiles: usize,
+}
+
+/// Optional per-head q/k RMSNorm, then rotary embedding of q and k in place in `qkv`, then K and V
+/// written into the layer's paged cache at `slot_mapping`.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_kv(
+    gpu: &Gpu,
+    qkv: &mut DevBuf,
+    k_cache: &mut DevBuf,
+    v_cache: &mut DevBuf,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    qk_norm: Option<(&DevBuf, &DevBuf)>,
+    shape: &AttnShape,
+    meta: &BatchMeta<'_>,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[qkv, k_cache, v_cache], "qk_norm_rope_kv")?;
+    let t = meta.num_tokens;
+    need(qkv, t * shape.qkv_width(), "qkv")?;
+    need(k_cache, shape.cache_len(), "k cache")?;
+    need(v_cache, shape.cache_len(), "v cache")?;
+    need_slice(meta.positions, t, "positions")?;
+    need_slice(meta.slot_mapping, t, "slot mapping")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let name = format!("qk_norm_rope_kv_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let null = 0u64;
+    let (ti, nh, nkv, hd, bs) = (
+        i32_of(t, "tokens")?,
+        i32_of(shape.num_heads, "heads")?,
+        i32_of(shape.num_kv_heads, "kv heads")?,
+        i32_of(shape.head_dim, "head_dim")?,
+        i32_of(shape.block_size, "block_size")?,
+    );
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(&mut qkv.data)
+        .arg(&mut k_cache.data)
+        .arg(&mut v_cache.data)
+        .arg(cos)
+        .arg(sin)
+        .arg(meta.positions)
+        .arg(meta.slot_mapping);
+    match qk_norm {
+        Some((qn, kn)) => {
+            need(qn, shape.head_dim, "q_norm")?;
+            need(kn, shape.head_dim, "k_norm")?;
+            b.arg(&qn.data).arg(&kn.data);
+        }
+        None => {
+            b.arg(&null).arg(&null);
+        }
+    }
+    b.arg(&ti).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&eps);
+    // SAFETY: sizes checked above; positions are < the rope table length (the runner checks positions
+    // against max_model_len) and slots are inside the cache (block ids come from the block pool).
+    unsafe { b.launch(cfg((t as u32, (shape.num_heads + shape.num_kv_heads).div_ceil(4) as u32, 1), 128, 0)) }
+        .at(|| name)?;
+    Ok(())
+}
+
+/// Tokens per tile of the tensor-core prefill kernel.
+pub const FLASH_BLOCK_M: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+/// Attention for every token of the batch: decode rows (and everything in f32, or head sizes the
+/// tensor-core kernel lacks) through the general paged kernel, prefill rows through the tensor-core one.
+pub fn attention(
+    gpu: &Gpu,
+    out: &mut DevBuf,
+    qkv: &DevBuf,
+    k_cache: &DevBuf,
+    v_cache: &DevBuf,
+    shape: &AttnShape,
+    meta: &BatchMeta<'_>,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, qkv, k_cache, v_cache], "attention")?;
+    let t = meta.num_tokens;
+    need(out, t * shape.num_heads * shape.head_dim, "attention out")?;
+    need(qkv, t * shape.qkv_width(), "qkv")?;
+    need_slice(meta.block_tables, meta.num_seqs * meta.max_blocks_per_seq, "block tables")?;
+    need_slice(meta.query_start_loc, meta.num_seqs + 1, "query_start_loc")?;
+    need_slice(meta.context_lens, meta.num_seqs, "context_lens")?;
+    need_slice(meta.token_to_seq, t, "token_to_seq")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let flash = flash_kernel(gpu, d, shape.head_dim);
+    let paged_tokens = if flash.is_some() { meta.num_decode_tokens } else { t };
+    let (nh, nkv, hd, bs, mb) = (
+        i32_of(shape.num_heads, "heads")?,
+        i32_of(shape.num_kv_heads, "kv heads")?,
+        i32_of(shape.head_dim, "head_dim")?,
+        i32_of(shape.block_size, "block_size")?,
+        i32_of(meta.max_blocks_per_seq, "blocks per sequence")?,
+    );
+    if paged_tokens > 0 {
+        let name = format!("paged_attention_{}", d.suffix());
+        let f = gpu.function(&name)?;
+        let n = i32_of(paged_tokens, "tokens")?;
+        // SAFETY: sizes checked above; block tables hold valid block ids for every context position.
+        unsafe {
+            gpu.stream()
+                .launch_builder(f)
+                .arg(&mut out.data)
+                .arg(&qkv.data)
+                .arg(&k_cache.data)
+                .arg(&v_cache.data)
+                .arg(meta.block_tables)
+                .arg(meta.query_start_loc)
+                .arg(meta.context_lens)
+                .arg(meta.token_to_seq)
+                .arg(&n)
+                .arg(&nh)
+                .arg(&nkv)
+                .arg(&hd)
+                .arg(&bs)
+                .arg(&mb)
+                .arg(&scale)
+                .launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, 0))
+        }
+        .at(|| name)?;
+    }
+    if let Some(name) = flash {
+        if meta.num_prefill_tiles > 0 {
+            need_slice(meta.prefill_tiles, 2 * meta.num_prefill_tiles, "prefill tiles")?;
+            let f = gpu.function(&name)?;
+            let tiles = i32_of(meta.num_prefill_tiles, "tiles")?;
+            // SAFETY: as above; tiles name sequences of this batch and query offsets inside them.
+            unsafe {
+                gpu.stream()
+                    .launch_builder(f)
+                    .arg(&mut out.data)
+                    .arg(&qkv.data)
+                    .arg(&k_cache.data)
+                    .arg(&v_cache.data)
+                    .arg(meta.block_tables)
+                    .arg(meta.query_start_loc)
+                    .arg(meta.context_lens)
+                    .arg(meta.prefill_tiles)
+                    .arg(&tiles)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&bs)
+                    .arg(&mb)
+                    .arg(&scale)
+                    .launch(cfg((meta.num_prefill_tiles as u32, shape.num_heads as u32, 1), 128, 0))
+            }
+            .at(|| name.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// The tensor-core prefill kernel for this dtype and head size, if there is one.
+pub fn flash_kernel(gpu: &Gpu, d: GpuDType, head_dim: usize) -> Option<String> {
+    if d == GpuDType::F32 || std::env::var_os("IRONLLM_DISABLE_FLASH_PREFILL").is_some() {
+        return None;
+    }
+    let name = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
+    gpu.has_function(&name).then_some(name)
+}
+
+/// `out[r, :inter] = silu(gate) * up` for `gate_up` rows `[gate | up]`.
+pub fn silu_and_mul(gpu: &Gpu, out: &mut DevBuf, gate_up: &DevBuf, rows: usize, inter: usize) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, gate_up], "silu_and_mul")?;
+    need(out, rows * inter, "silu_and_mul out")?;
+    need(gate_up, rows * 2 * inter, "silu_and_mul in")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = format!("silu_and_mul_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ri, ii) = (i32_of(rows, "rows")?, i32_of(inter, "intermediate")?);
+    // SAFETY: sizes checked above.
+    unsafe {
+        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&gate_up.data).arg(&ri).arg(&ii).launch(cfg(
+            (rows as u32, inter.div_ceil(2048) as u32, 1),
+            256,
+            0,
+        ))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// `x[r, c] += bias[c]`.
+pub fn add_bias(gpu: &Gpu, x: &mut DevBuf, bias: &DevBuf, rows: usize, cols: usize) -> Result<(), CudaError> {
+    let d = same_dtype(&[x, bias], "add_bias")?;
+    need(x, rows * cols, "add_bias x")?;
+    need(bias, cols, "add_bias bias")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = format!("add_bias_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ri, ci) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
+    // SAFETY: sizes checked above.
+    unsafe {
+        gpu.stream().launch_builder(f).arg(&mut x.data).arg(&bias.data).arg(&ri).arg(&ci).launch(cfg(
+            (rows as u32, cols.div_ceil(2048) as u32, 1),
+            256,
+            0,
+        ))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// `out[i, :] = x[rows[i], :]`.
+pub fn gather_rows(
+    gpu: &Gpu,
+    out: &mut DevBuf,
+    x: &DevBuf,
+    rows: &CudaSlice<i32>,
+    n: usize,
+    hidden: usize,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, x], "gather_rows")?;
+    need(out, n * hidden, "gather_rows out")?;
+    need_slice(rows, n, "gather_rows rows")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = format!("gather_rows_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (ni, hi) = (i32_of(n, "rows")?, i32_of(hidden, "hidden")?);
+    // SAFETY: sizes checked above; row indices come from the runner and are < the batch's tokens.
+    unsafe {
+        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&x.data).arg(rows).arg(&ni).arg(&hi).launch(cfg(
+            (n as u32, 1, 1),
+            256,
+            0,
+        ))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// Fills `buf` with uniform random values in `[lo, hi)` (dummy weights).
+pub fn fill_uniform(gpu: &Gpu, buf: &mut DevBuf, seed: u64, lo: f32, hi: f32) -> Result<(), CudaError> {
+    let name = format!("fill_uniform_{}", buf.dtype.suffix());
+    let f = gpu.function(&name)?;
+    let n = buf.len as i64;
+    let blocks = buf.len.div_ceil(256).clamp(1, 65535) as u32;
+    // SAFETY: the kernel writes buf[0..n].
+    unsafe {
+        gpu.stream().launch_builder(f).arg(&mut buf.data).arg(&n).arg(&seed).arg(&lo).arg(&hi).launch(cfg(
+            (blocks, 1, 1),
+            256,
+            0,
+        ))
+    }
+    .at(|| name)?;
+    Ok(())
+}
+
+/// `y[m, n] = x[m, k] @ w[n, k]^T (+ bias)`, in the buffers' dtype. `y` may be f32 while `x`/`w` are
+/// bf16/f16 (the LM head's logits). f32 uses our batch-invariant kernel; half types use cuBLAS.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    gpu: &Gpu,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    bias: Option<&DevBuf>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    if x.dtype != w.dtype {
+        return Err(CudaError::Invalid("gemm: x and w of different dtypes".into()));
+    }
+    need(y, m * n, "gemm y")?;
+    need(x, m * k, "gemm x")?;
+    need(w, n * k, "gemm w")?;
+    if m == 0 {
+        return Ok(());
+    }
+    let (mi, ni, ki) = (i32_of(m, "m")?, i32_of(n, "n")?, i32_of(k, "k")?);
+    if x.dtype == GpuDType::F32 {
+        if y.dtype != GpuDType::F32 {
+            return Err(CudaError::Invalid("gemm: f32 inputs need an f32 output".into()));
+        }
+        let f = gpu.function("gemm_f32_nt")?;
+        let null = 0u64;
+        let mut b = gpu.stream().launch_builder(f);
+        b.arg(&mut y.data).arg(&x.data).arg(&w.data);
+        match bias {
+            Some(bias) => {
+                need(bias, n, "gemm bias")?;
+                b.arg(&bias.data)
+            }
+            None => b.arg(&null),
+        };
+        b.arg(&mi).arg(&ni).arg(&ki);
+        // SAFETY: sizes checked above.
+        unsafe { b.launch(cfg(((n as u32).div_ceil(64), (m as u32).div_ceil(64), 1), 256, 0)) }
+            .at(|| "gemm_f32_nt".into())?;
+        return Ok(());
+    }
+    let ty = |d: GpuDType| match d {
+        GpuDType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
+        GpuDType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
+        GpuDType::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let stream = gpu.stream();
+    {
+        let (xp, _gx) = x.data.device_ptr(stream);
+        let (wp, _gw) = w.data.device_ptr(stream);
+        let (yp, _gy) = y.data.device_ptr_mut(stream);
+        // Row-major y[m, n] is column-major [n, m] = W^T-op(w as col-major [k, n]) x (x as col-major [k, m]).
+        // SAFETY: pointers are live device buffers whose sizes were checked above; cuBLAS runs on our stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *gpu.blas().handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                ty(w.dtype),
+                ki,
+                xp as *const _,
+                ty(x.dtype),
+                ki,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                ty(y.dtype),
+                ni,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Cublas { what: format!("gemm m={m} n={n} k={k}"), message: format!("{e:?}") })?;
+    }
+    if let Some(bias) = bias {
+        if y.dtype != bias.dtype {
+            return Err(CudaError::Invalid("gemm: bias dtype differs from the output's".into()));
+        }
+        add_bias(gpu, y, bias, m, n)?;
+    }
+    Ok(())
+}

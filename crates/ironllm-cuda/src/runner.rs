@@ -1,0 +1,493 @@
+//! The GPU model runner: the CPU runner's bookkeeping (per-request token ids, block tables, computed
+//! tokens; a request's state survives preemption so its seeded draws continue) over a GPU model, a GPU
+//! KV cache and the GPU sampler.
+//!
+//! The flattened batch puts single-token (decode) sequences first, so the general paged-attention kernel
+//! runs over a prefix of the tokens and the tensor-core prefill kernel over tiles of the rest. Batch
+//! arrays are built in reused host vectors and copied into device buffers that only grow.
+//!
+//! Start-up sizes the KV cache like vLLM: load the weights, allocate the activation workspace for the
+//! largest step, run one forward pass of `max_num_batched_tokens` tokens, then give the cache
+//! `gpu_memory_utilization` of the card's memory minus everything in use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::CudaSlice;
+use ironllm_core::executor::ModelExecutor;
+use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
+use ironllm_core::{CoreError, SamplingParams};
+use ironllm_model::sampler::Rng;
+
+use crate::device::Gpu;
+use crate::error::{CudaError, DriverContext};
+use crate::model::{CudaKvCache, CudaLlama, Workspace};
+use crate::ops::{BatchMeta, FLASH_BLOCK_M};
+use crate::sampler::{GpuSampler, GpuSamplingRow};
+use crate::tensor::GpuDType;
+
+struct ReqState {
+    /// Prompt followed by every output token known so far.
+    token_ids: Vec<u32>,
+    num_prompt_tokens: usize,
+    block_table: Vec<u32>,
+    num_computed_tokens: usize,
+    params: Arc<SamplingParams>,
+    /// The request's generator seed (its own, or drawn once from the engine's generator).
+    seed: u64,
+}
+
+/// How the KV cache is sized.
+#[derive(Debug, Clone, Copy)]
+pub enum KvCacheSize {
+    /// This many bytes (`--kv-cache-memory-bytes`).
+    Bytes(usize),
+    /// This fraction of the card's memory for everything (`--gpu-memory-utilization`).
+    Utilization(f64),
+}
+
+/// Settings of the runner.
+#[derive(Debug, Clone)]
+pub struct CudaRunnerConfig {
+    pub block_size: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub kv_cache: KvCacheSize,
+    pub seed: u64,
+}
+
+/// What start-up measured, for the log line and `EngineInfo`.
+#[derive(Debug, Clone)]
+pub struct CudaMemoryReport {
+    pub total_bytes: usize,
+    pub weight_bytes: usize,
+    pub peak_activation_bytes: usize,
+    pub kv_cache_bytes: usize,
+    pub num_blocks: usize,
+    pub profile_seconds: f64,
+}
+
+/// Reused device buffers for the batch metadata; they only grow.
+struct DeviceBatch {
+    token_ids: CudaSlice<u32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i64>,
+    block_tables: CudaSlice<i32>,
+    query_start_loc: CudaSlice<i32>,
+    context_lens: CudaSlice<i32>,
+    token_to_seq: CudaSlice<i32>,
+    logits_rows: CudaSlice<i32>,
+    tiles: CudaSlice<i32>,
+}
+
+fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    dst: &mut CudaSlice<T>,
+    host: &[T],
+) -> Result<(), CudaError> {
+    if host.is_empty() {
+        return Ok(());
+    }
+    if dst.len() < host.len() {
+        *dst = gpu.alloc_zeros::<T>(host.len().next_power_of_two())?;
+    }
+    let mut view = dst.slice_mut(0..host.len());
+    gpu.stream().memcpy_htod(host, &mut view).at(|| "copying batch metadata to the GPU".into())
+}
+
+/// Host-side batch arrays, reused across steps.
+#[derive(Default)]
+struct HostBatch {
+    token_ids: Vec<u32>,
+    positions: Vec<i32>,
+    slots: Vec<i64>,
+    block_tables: Vec<i32>,
+    query_start_loc: Vec<i32>,
+    context_lens: Vec<i32>,
+    token_to_seq: Vec<i32>,
+    logits_rows: Vec<i32>,
+    tiles: Vec<i32>,
+}
+
+/// Executes planned steps on the GPU.
+pub struct CudaModelRunner {
+    gpu: Arc<Gpu>,
+    model: Arc<CudaLlama>,
+    kv: CudaKvCache,
+    ws: Workspace,
+    sampler: GpuSampler,
+    engine_rng: Rng,
+    reqs: HashMap<String, ReqState>,
+    host: HostBatch,
+    dev: DeviceBatch,
+    pub memory: CudaMemoryReport,
+}
+
+impl CudaModelRunner {
+    /// Allocates the workspace, profiles a forward pass of the largest step and sizes the KV cache.
+    pub fn new(model: Arc<CudaLlama>, cfg: &CudaRunnerConfig) -> Result<CudaModelRunner, CudaError> {
+        let gpu = model.gpu().clone();
+        let started = Instant::now();
+        let c = &model.config;
+        let max_tokens = cfg.max_num_batched_tokens.max(1);
+        // Logits rows: one per sampling sequence plus prompt-logprob rows, never more than the tokens.
+        let max_rows = max_tokens.max(cfg.max_num_seqs);
+        let ws = Workspace::new(&gpu, &model, max_tokens, max_rows)?;
+        let sampler = GpuSampler::new(gpu.clone(), c.vocab_size)?;
+        let dev = DeviceBatch {
+            token_ids: gpu.alloc_zeros(max_tokens)?,
+            positions: gpu.alloc_zeros(max_tokens)?,
+            slots: gpu.alloc_zeros(max_tokens)?,
+            block_tables: gpu.alloc_zeros(1024)?,
+            query_start_loc: gpu.alloc_zeros(cfg.max_num_seqs + 1)?,
+            context_lens: gpu.alloc_zeros(cfg.max_num_seqs)?,
+            token_to_seq: gpu.alloc_zeros(max_tokens)?,
+            logits_rows: gpu.alloc_zeros(max_rows)?,
+            tiles: gpu.alloc_zeros(256)?,
+        };
+        // Profile: one sequence of max_tokens tokens in a throwaway cache just big enough for it.
+        let profile_blocks = max_tokens.div_ceil(cfg.block_size) + 1;
+        let profile_kv = CudaKvCache::new(&gpu, &model, profile_blocks, cfg.block_size)?;
+        let mut runner = CudaModelRunner {
+            gpu: gpu.clone(),
+            model: model.clone(),
+            kv: profile_kv,
+            ws,
+            sampler,
+            engine_rng: Rng::seeded(cfg.seed),
+            reqs: HashMap::new(),
+            host: HostBatch::default(),
+            dev,
+            memory: CudaMemoryReport {
+                total_bytes: gpu.info.total_memory,
+                weight_bytes: model.weight_bytes(),
+                peak_activation_bytes: 0,
+                kv_cache_bytes: 0,
+                num_blocks: 0,
+                profile_seconds: 0.0,
+            },
+        };
+        let (free_before, _) = gpu.mem_info()?;
+        let profile_len = max_tokens.min(model.max_positions);
+        let prompt: Vec<u32> = (0..profile_len).map(|i| (i % c.vocab_size) as u32).collect();
+        let blocks: Vec<u32> = (0..profile_len.div_ceil(cfg.block_size) as u32).collect();
+        runner.run_profile(&prompt, &blocks)?;
+        gpu.synchronize()?;
+        let (free_after, total) = gpu.mem_info()?;
+        let profile_kv_bytes = CudaKvCache::bytes_per_block(c, model.dtype, cfg.block_size) * profile_blocks;
+        runner.kv = CudaKvCache::new(&gpu, &model, 1, cfg.block_size)?; // free the profile cache
+        gpu.synchronize()?;
+        let (free_now, _) = gpu.mem_info()?;
+        let bytes_per_block = CudaKvCache::bytes_per_block(c, model.dtype, cfg.block_size);
+        let kv_bytes = match cfg.kv_cache {
+            KvCacheSize::Bytes(b) => b,
+            KvCacheSize::Utilization(u) => {
+                if !(0.0..=1.0).contains(&u) || u == 0.0 {
+                    return Err(CudaError::Invalid(format!("gpu_memory_utilization must be in (0, 1], got {u}")));
+                }
+                let used = total - free_now;
+                let budget = (total as f64 * u) as usize;
+                budget.checked_sub(used).ok_or_else(|| {
+                    CudaError::OutOfMemory(format!(
+                        "{:.2} GiB are already in use (weights {:.2} GiB) but --gpu-memory-utilization {u} allows {:.2} GiB; raise it",
+                        used as f64 / GIB,
+                        model.weight_bytes() as f64 / GIB,
+                        budget as f64 / GIB
+                    ))
+                })?
+            }
+        };
+        let num_blocks = kv_bytes / bytes_per_block;
+        if num_blocks < 2 {
+            return Err(CudaError::OutOfMemory(format!(
+                "no room for the KV cache ({kv_bytes} bytes for blocks of {bytes_per_block}); raise --gpu-memory-utilization or lower --max-num-batched-tokens"
+            )));
+        }
+        runner.kv = CudaKvCache::new(&gpu, &model, num_blocks, cfg.block_size)?;
+        gpu.synchronize()?;
+        runner.memory.peak_activation_bytes = free_before.saturating_sub(free_after).saturating_sub(profile_kv_bytes);
+        runner.memory.kv_cache_bytes = num_blocks * bytes_per_block;
+        runner.memory.num_blocks = num_blocks;
+        runner.memory.profile_seconds = started.elapsed().as_secs_f64();
+        runner.reqs.clear();
+        Ok(runner)
+    }
+
+    /// Blocks of the KV cache.
+    pub fn num_blocks(&self) -> usize {
+        self.kv.num_blocks
+    }
+
+    pub fn model(&self) -> &Arc<CudaLlama> {
+        &self.model
+    }
+
+    fn run_profile(&mut self, prompt: &[u32], blocks: &[u32]) -> Result<(), CudaError> {
+        use ironllm_core::outputs::NewRequestData;
+        let params = Arc::new(SamplingParams { max_tokens: Some(1), ..SamplingParams::default() });
+        let plan = SchedulerOutput {
+            scheduled_new_reqs: vec![NewRequestData {
+                req_id: "__profile__".into(),
+                prompt_token_ids: prompt.to_vec(),
+                output_token_ids: Vec::new(),
+                sampling_params: params,
+                block_ids: blocks.iter().map(|&b| ironllm_core::outputs::BlockId(b)).collect(),
+                num_computed_tokens: 0,
+            }],
+            num_scheduled_tokens: vec![("__profile__".into(), prompt.len())],
+            total_num_scheduled_tokens: prompt.len(),
+            ..SchedulerOutput::default()
+        };
+        self.step(&plan).map(|_| ())
+    }
+
+    fn apply_plan_bookkeeping(&mut self, plan: &SchedulerOutput) -> Result<(), CudaError> {
+        for id in &plan.finished_req_ids {
+            self.reqs.remove(id);
+        }
+        for id in &plan.preempted_req_ids {
+            if let Some(st) = self.reqs.get_mut(id) {
+                st.block_table.clear();
+                st.num_computed_tokens = 0;
+            }
+        }
+        for new in &plan.scheduled_new_reqs {
+            let mut token_ids = new.prompt_token_ids.clone();
+            token_ids.extend_from_slice(&new.output_token_ids);
+            let block_table = new.block_ids.iter().map(|b| b.0).collect();
+            match self.reqs.get_mut(&new.req_id) {
+                Some(st) => {
+                    st.token_ids = token_ids;
+                    st.block_table = block_table;
+                    st.num_computed_tokens = new.num_computed_tokens;
+                }
+                None => {
+                    let seed = new.sampling_params.seed.unwrap_or_else(|| self.engine_rng.next_u64());
+                    self.reqs.insert(
+                        new.req_id.clone(),
+                        ReqState {
+                            token_ids,
+                            num_prompt_tokens: new.prompt_token_ids.len(),
+                            block_table,
+                            num_computed_tokens: new.num_computed_tokens,
+                            params: new.sampling_params.clone(),
+                            seed,
+                        },
+                    );
+                }
+            }
+        }
+        for cached in &plan.scheduled_cached_reqs {
+            let st = self
+                .reqs
+                .get_mut(&cached.req_id)
+                .ok_or_else(|| CudaError::Invalid(format!("unknown request `{}`", cached.req_id)))?;
+            st.block_table.extend(cached.new_block_ids.iter().map(|b| b.0));
+            st.num_computed_tokens = cached.num_computed_tokens;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CudaError> {
+        self.apply_plan_bookkeeping(plan)?;
+        let block_size = self.kv.block_size;
+        let max_pos = self.model.max_positions;
+        let h = &mut self.host;
+        h.token_ids.clear();
+        h.positions.clear();
+        h.slots.clear();
+        h.block_tables.clear();
+        h.query_start_loc.clear();
+        h.context_lens.clear();
+        h.token_to_seq.clear();
+        h.logits_rows.clear();
+        h.tiles.clear();
+
+        let order: Vec<(&String, usize)> = plan.num_scheduled_tokens.iter().map(|(id, n)| (id, *n)).collect();
+        // Decode (single-token) sequences first: they form the paged kernel's prefix of the batch.
+        let mut batch_order: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == 1).collect();
+        let num_decode_seqs = batch_order.len();
+        batch_order.extend((0..order.len()).filter(|&i| order[i].1 != 1));
+        let max_blocks = batch_order
+            .iter()
+            .map(|&i| {
+                self.reqs.get(order[i].0).map_or(0, |st| (st.num_computed_tokens + order[i].1).div_ceil(block_size))
+            })
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        // Per request (in plan order): query start in the batch, whether it samples, prompt-logprob range.
+        let mut query_start = vec![0usize; order.len()];
+        let mut samples = vec![false; order.len()];
+        let mut prompt_lp = vec![0..0; order.len()];
+        h.query_start_loc.push(0);
+        for (seq, &ri) in batch_order.iter().enumerate() {
+            let (id, n) = order[ri];
+            let st =
+                self.reqs.get(id).ok_or_else(|| CudaError::Invalid(format!("request `{id}` scheduled but unknown")))?;
+            let start = st.num_computed_tokens;
+            let end = start + n;
+            if end > st.token_ids.len() || end > st.block_table.len() * block_size {
+                return Err(CudaError::Invalid(format!(
+                    "plan for `{id}` covers tokens {start}..{end} but it has {} tokens and {} blocks",
+                    st.token_ids.len(),
+                    st.block_table.len()
+                )));
+            }
+            if end > max_pos {
+                return Err(CudaError::Invalid(format!("position {} beyond the model's {max_pos}", end - 1)));
+            }
+            query_start[ri] = h.token_ids.len();
+            for pos in start..end {
+                h.token_ids.push(st.token_ids[pos]);
+                h.positions.push(pos as i32);
+                h.slots.push(st.block_table[pos / block_size] as i64 * block_size as i64 + (pos % block_size) as i64);
+                h.token_to_seq.push(seq as i32);
+            }
+            h.query_start_loc.push(h.token_ids.len() as i32);
+            h.context_lens.push(end as i32);
+            let table_start = h.block_tables.len();
+            h.block_tables.extend(st.block_table.iter().take(max_blocks).map(|&b| b as i32));
+            h.block_tables.resize(table_start + max_blocks, 0);
+            if seq >= num_decode_seqs {
+                for tile in (0..n).step_by(FLASH_BLOCK_M) {
+                    h.tiles.push(seq as i32);
+                    h.tiles.push(tile as i32);
+                }
+            }
+            samples[ri] = end == st.token_ids.len();
+            if st.params.prompt_logprobs.is_some() {
+                let last = st.num_prompt_tokens.saturating_sub(1);
+                prompt_lp[ri] = start.min(last)..end.min(last);
+            }
+        }
+        let num_decode_tokens = num_decode_seqs;
+        // Logits rows: one per sampling request (plan order), then the prompt-logprob rows.
+        let mut sample_req_idx = Vec::new();
+        for ri in 0..order.len() {
+            if samples[ri] {
+                h.logits_rows.push((query_start[ri] + order[ri].1 - 1) as i32);
+                sample_req_idx.push(ri);
+            }
+        }
+        let num_sample_rows = h.logits_rows.len();
+        let mut prompt_targets: Vec<u32> = Vec::new();
+        for ri in 0..order.len() {
+            let st = &self.reqs[order[ri].0];
+            for pos in prompt_lp[ri].clone() {
+                h.logits_rows.push((query_start[ri] + pos - st.num_computed_tokens) as i32);
+                prompt_targets.push(st.token_ids[pos + 1]);
+            }
+        }
+        let t = h.token_ids.len();
+        let gpu = &*self.gpu;
+        upload_into(gpu, &mut self.dev.token_ids, &h.token_ids)?;
+        upload_into(gpu, &mut self.dev.positions, &h.positions)?;
+        upload_into(gpu, &mut self.dev.slots, &h.slots)?;
+        upload_into(gpu, &mut self.dev.block_tables, &h.block_tables)?;
+        upload_into(gpu, &mut self.dev.query_start_loc, &h.query_start_loc)?;
+        upload_into(gpu, &mut self.dev.context_lens, &h.context_lens)?;
+        upload_into(gpu, &mut self.dev.token_to_seq, &h.token_to_seq)?;
+        upload_into(gpu, &mut self.dev.logits_rows, &h.logits_rows)?;
+        upload_into(gpu, &mut self.dev.tiles, &h.tiles)?;
+        let meta = BatchMeta {
+            num_tokens: t,
+            num_seqs: batch_order.len(),
+            positions: &self.dev.positions,
+            slot_mapping: &self.dev.slots,
+            block_tables: &self.dev.block_tables,
+            max_blocks_per_seq: max_blocks,
+            query_start_loc: &self.dev.query_start_loc,
+            context_lens: &self.dev.context_lens,
+            token_to_seq: &self.dev.token_to_seq,
+            num_decode_tokens,
+            prefill_tiles: &self.dev.tiles,
+            num_prefill_tiles: h.tiles.len() / 2,
+        };
+        let num_rows = h.logits_rows.len();
+        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, num_rows, &mut self.kv, &mut self.ws)?;
+
+        let vocab = self.model.config.vocab_size;
+        let mut prompt_lps: Vec<Option<Vec<PositionLogprobs>>> = vec![None; order.len()];
+        if !prompt_targets.is_empty() {
+            let mut offset = 0;
+            for ri in 0..order.len() {
+                let count = prompt_lp[ri].len();
+                if count == 0 {
+                    continue;
+                }
+                let k = self.reqs[order[ri].0].params.prompt_logprobs.unwrap_or(0);
+                let row0 = num_sample_rows + offset;
+                let view = self.ws.logits.data.slice(row0 * vocab * 4..(row0 + count) * vocab * 4);
+                // SAFETY: the bytes are f32 logits written by the LM head GEMM.
+                let view = unsafe { view.transmute::<f32>(count * vocab) }
+                    .ok_or_else(|| CudaError::Invalid("logits view".into()))?;
+                prompt_lps[ri] =
+                    Some(self.sampler.prompt_logprobs(&view, &prompt_targets[offset..offset + count], k)?);
+                offset += count;
+            }
+        }
+        let rows: Vec<GpuSamplingRow<'_>> = sample_req_idx
+            .iter()
+            .map(|&ri| {
+                let st = &self.reqs[order[ri].0];
+                let (prompt, output) = st.token_ids.split_at(st.num_prompt_tokens);
+                GpuSamplingRow { params: &st.params, prompt_token_ids: prompt, output_token_ids: output, seed: st.seed }
+            })
+            .collect();
+        let sampled = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let mut view = self.ws.logits.data.slice_mut(0..num_sample_rows * vocab * 4);
+            // SAFETY: as above.
+            let mut view = unsafe { view.transmute_mut::<f32>(num_sample_rows * vocab) }
+                .ok_or_else(|| CudaError::Invalid("logits view".into()))?;
+            self.sampler.sample(&mut view, &rows)?
+        };
+        drop(rows);
+        let mut out = ModelRunnerOutput {
+            req_ids: order.iter().map(|(id, _)| (*id).clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); order.len()],
+            logprobs: vec![None; order.len()],
+            prompt_logprobs: prompt_lps,
+        };
+        for (tok, &ri) in sampled.into_iter().zip(&sample_req_idx) {
+            out.sampled_token_ids[ri] = vec![tok.token_id];
+            out.logprobs[ri] = tok.logprobs.map(|l| vec![l]);
+        }
+        for (ri, (id, n)) in order.iter().enumerate() {
+            if let Some(st) = self.reqs.get_mut(*id) {
+                st.num_computed_tokens += n;
+                if let Some(&tok) = out.sampled_token_ids[ri].first() {
+                    st.token_ids.push(tok);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl ModelExecutor for CudaModelRunner {
+    fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
+        self.step(plan).map_err(|e| CoreError::Execution(e.to_string()))
+    }
+}
+
+/// The compute dtype for `--dtype` on the GPU: `auto` is the checkpoint's own (bf16 or fp16; fp32
+/// checkpoints stay fp32, as vLLM does), defaulting to bf16 when the checkpoint does not say.
+pub fn resolve_dtype(requested: ironllm_model::loader::DType, torch_dtype: Option<&str>) -> GpuDType {
+    use ironllm_model::loader::DType;
+    match requested {
+        DType::Float32 => GpuDType::F32,
+        DType::BFloat16 => GpuDType::BF16,
+        DType::Float16 => GpuDType::F16,
+        DType::Auto => match torch_dtype {
+            Some("float32") | Some("float") => GpuDType::F32,
+            Some("float16") | Some("half") => GpuDType::F16,
+            _ => GpuDType::BF16,
+        },
+    }
+}
