@@ -28,7 +28,7 @@ record() { # name status seconds detail
 step() { # name command...
   local name=$1; shift
   local t0=$(date +%s)
-  "$@" >"$LOGS/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-300}" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   local detail
@@ -54,12 +54,12 @@ for phase in "$@"; do
       step make_models python3 tests/gpu/make_models.py "$MODELS"
       ;;
     rust)
-      export IRONLLM_TEST_DEVICE=cuda
-      export IRONLLM_TEST_GGUF=${IRONLLM_TEST_MODEL:-$MODELS/smollm2-float32}
+      export IRONLLM_TEST_DEVICE=cuda IRONLLM_TEST_RANDOM_WEIGHTS=1 IRONLLM_TEST_DTYPE=float32
+      export IRONLLM_TEST_GGUF=${IRONLLM_TEST_MODEL:-$MODELS/smollm2-135m-float32}
       for t in .gpu/test_ironllm_cuda_unit .gpu/test_gpu_sampler .gpu/test_batch_invariance .gpu/test_offline_api; do
         [ -x "$t" ] && step "$(basename "$t")" "$t" --test-threads 1
       done
-      unset IRONLLM_TEST_DEVICE IRONLLM_TEST_GGUF
+      unset IRONLLM_TEST_DEVICE IRONLLM_TEST_GGUF IRONLLM_TEST_RANDOM_WEIGHTS IRONLLM_TEST_DTYPE
       ;;
     e2e)
       step compare_transformers python3 tests/gpu/compare_transformers.py --models "$MODELS/models.json" \

@@ -18,6 +18,12 @@ BIN = Path(os.environ.get("IRONLLM_BIN", ROOT / "target" / "release" / "ironllm"
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
 BASE_ARGS = ["--kv-cache-memory-bytes", "1GiB", "--max-model-len", str(MAX_MODEL_LEN)]
+# The GPU run serves a model directory made on the GPU host (no network there for the default model):
+# IRONLLM_API_MODEL names it and IRONLLM_API_ARGS adds flags such as `--device cuda`.
+API_MODEL = os.environ.get("IRONLLM_API_MODEL")
+MODEL_ARGS = ([API_MODEL] if API_MODEL else []) + os.environ.get("IRONLLM_API_ARGS", "").split()
+# Random weights of the default model's shape (the GPU run): tests of what a trained model says skip.
+RANDOM_WEIGHTS = bool(os.environ.get("IRONLLM_API_RANDOM_WEIGHTS"))
 
 
 def free_port() -> int:
@@ -34,7 +40,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         base = [a for i, a in enumerate(BASE_ARGS) if not (a in args or (i % 2 and BASE_ARGS[i - 1] in args))]
-        cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port), *base, *args]
+        name = ["--served-model-name", MODEL_NAME] if API_MODEL and "--served-model-name" not in args else []
+        cmd = [str(BIN), "serve", *MODEL_ARGS, *name, "--host", "127.0.0.1", "--port", str(self.port), *base, *args]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.log = open(log_path, "wb")

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+import apiutil
 from apiutil import MODEL_NAME, assert_error_shape, sse_events
 
 MESSAGES = [
@@ -205,6 +206,8 @@ def test_echo(http):
 
 
 def test_eos_finishes_with_stop(client):
+    if apiutil.RANDOM_WEIGHTS:
+        pytest.skip("needs the trained default model (this run uses random weights)")
     r = chat(client, messages=[{"role": "user", "content": "Say hi."}], max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 200

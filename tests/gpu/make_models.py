@@ -18,16 +18,19 @@ with the SmolLM2 tokenizer files copied from tests/fixtures/reference/smollm2_hf
     smollm2-135m LlamaForCausalLM  the real SmolLM2-135M-Instruct config (hidden 576, 30 layers, 9 heads /
                                    3 kv, head_dim 64, tied embeddings) with random weights
 
-Weights: matrices ~ N(0, init^2) with init chosen per model so that the final logits have a standard
-deviation of about 1.5-2 (sqrt(hidden) * init): the next-token distribution is spread (high entropy, the
-greedy text is not one token repeated) and the logit gaps are O(0.1-1), far above float32 noise. Norm
+Weights (see init_weights): embeddings and LM head ~ N(0, (1.2 / sqrt(hidden))^2), so the logits have a
+standard deviation of about 1.2 (a spread next-token distribution: entropy near the maximum, greedy
+text is not one token repeated, top-2 gaps O(0.1), far above float32 noise); every other matrix
+~ N(0, 1 / fan_in), which keeps bfloat16 rounding noise from being amplified through the layers; norm
 weights ~ 1 + N(0, 0.1^2) and biases ~ N(0, 0.3^2), so that a kernel ignoring a norm weight or a bias
 shows up (transformers' own init leaves them at exactly 1 and 0).
 
-Prints one summary line per model (entropy of the next-token distribution on a sample prompt, distinct
-tokens in 32 greedy tokens, share of positions whose top-2 logit gap is a near-tie; for bf16 also the
-top-1 agreement of bf16 with float32 transformers, a rough floor for what compare_transformers.py can
-expect) and writes OUT_DIR/models.json: [{name, base, path, dtype, arch, architecture, head_dim, ...}].
+Every saved model is loaded back with from_pretrained and probed on a 512-token sample: entropy of the
+next-token distribution, share of positions whose top-2 logit gap is below 1e-3 / 0.05, distinct tokens
+among 64 greedy tokens; for bf16 also the noise floor, transformers bf16 (sdpa) against transformers
+float32 on the same bf16 weights: top-1 agreement, near-tie adjusted (gap < 0.05) and the count of
+"hard" disagreements, which is what compare_transformers.py's 99% target has to clear. One summary line
+per model and writes OUT_DIR/models.json: [{name, base, path, dtype, arch, architecture, head_dim, ...}].
 """
 import argparse
 import copy
@@ -66,7 +69,7 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 1024,
 }
 
-# name, architecture, config fields, init std.
+# name, architecture, config fields (vocab, max positions and special ids are common), rope.
 SPECS = [
     dict(
         name="llama-hd32",
@@ -74,7 +77,6 @@ SPECS = [
         cfg=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rms_norm_eps=1e-5),
         rope=LLAMA3_ROPE,
-        init=0.1,
     ),
     dict(
         name="llama-hd64",
@@ -82,7 +84,6 @@ SPECS = [
         cfg=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, rms_norm_eps=1e-5),
         rope=LLAMA3_ROPE,
-        init=0.07,
     ),
     dict(
         name="llama-hd128",
@@ -90,7 +91,6 @@ SPECS = [
         cfg=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=128, tie_word_embeddings=False, rms_norm_eps=1e-5),
         rope=LLAMA3_ROPE,
-        init=0.07,
     ),
     dict(
         name="qwen2-hd64",
@@ -99,7 +99,6 @@ SPECS = [
         cfg=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-6, use_sliding_window=False),
         rope={"rope_type": "default", "rope_theta": 1000000.0},
-        init=0.1,
     ),
     dict(
         name="qwen3-hd128",
@@ -108,9 +107,8 @@ SPECS = [
                  num_key_value_heads=2, head_dim=128, tie_word_embeddings=True, rms_norm_eps=1e-6,
                  attention_bias=False, use_sliding_window=False),
         rope={"rope_type": "default", "rope_theta": 1000000.0},
-        init=0.1,
     ),
-    dict(name="smollm2-135m", arch="smollm2", cfg=None, rope=None, init=0.07),
+    dict(name="smollm2-135m", arch="smollm2", cfg=None, rope=None),
 ]
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "smollm2": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -127,16 +125,18 @@ def log(msg):
     print(msg, flush=True)
 
 
-def make_config(spec, transformers):
+def make_config(spec, transformers, logit_std):
     """Builds the transformers config of a spec. Returns (config, path taken)."""
-    common = dict(vocab_size=VOCAB, max_position_embeddings=4096, initializer_range=spec["init"],
+    hidden = spec["cfg"]["hidden_size"] if spec["cfg"] else None
+    init = round(logit_std / math.sqrt(hidden), 4) if hidden else None
+    common = dict(vocab_size=VOCAB, max_position_embeddings=4096, initializer_range=init,
                   hidden_act="silu", attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                   use_cache=True)
     if spec["arch"] == "smollm2":
         with open(os.path.join(FIXTURE, "config.json")) as f:
             d = json.load(f)
         d.pop("_model_name_or_path", None)
-        d["initializer_range"] = spec["init"]
+        d["initializer_range"] = round(logit_std / math.sqrt(d["hidden_size"]), 4)
         d["dtype"] = "float32"
         d.pop("torch_dtype", None)
         cls = getattr(transformers, "LlamaConfig")
@@ -145,7 +145,7 @@ def make_config(spec, transformers):
         except Exception as e:  # noqa: BLE001
             log(f"  LlamaConfig.from_dict failed ({e!r}); trying AutoConfig.from_pretrained(fixture)")
             c = transformers.AutoConfig.from_pretrained(FIXTURE)
-            c.initializer_range = spec["init"]
+            c.initializer_range = round(logit_std / math.sqrt(c.hidden_size), 4)
             return c, "AutoConfig.from_pretrained(fixture)"
     cls = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[spec["arch"]])
     kwargs = dict(common, **spec["cfg"])
@@ -170,9 +170,19 @@ def rope_of(d):
     return kind, theta
 
 
-def init_weights(model, init, seed):
-    """Deterministic random weights, independent of transformers' init scheme."""
+def init_weights(model, logit_std, seed):
+    """Deterministic random weights, independent of transformers' init scheme.
+
+    Embeddings and the LM head ~ N(0, (logit_std / sqrt(hidden))^2): the final norm's output has unit
+    RMS, so the logits have a standard deviation of about logit_std. Every other matrix ~ N(0, 1 / fan_in)
+    (gain 1): the network stays out of the chaotic regime, so bfloat16 rounding noise is not amplified
+    layer after layer (with a uniform N(0, 0.07^2) init, the 30-layer SmolLM2 shape amplifies it until
+    bf16 and fp32 transformers disagree on 25% of the top-1 tokens). Norm weights ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.3^2), so a kernel that drops a norm weight or a bias shows up.
+    """
     g = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    lm_std = logit_std / math.sqrt(hidden)
     names = []
     with torch.no_grad():
         # named_parameters() yields a tied weight once.
@@ -181,40 +191,80 @@ def init_weights(model, init, seed):
                 v = 1.0 + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float32)
             elif name.endswith(".bias"):
                 v = 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float32)
+            elif "embed_tokens" in name or "lm_head" in name:
+                v = lm_std * torch.randn(p.shape, generator=g, dtype=torch.float32)
+            elif p.dim() == 2:
+                v = torch.randn(p.shape, generator=g, dtype=torch.float32) / math.sqrt(p.shape[1])
             else:
-                v = init * torch.randn(p.shape, generator=g, dtype=torch.float32)
+                raise RuntimeError(f"unexpected parameter {name} {tuple(p.shape)}")
             p.copy_(v.to(p.dtype))
             names.append(name)
     return names
 
 
-def entropy_probe(model, ids, device):
-    """Next-token statistics on one sample prompt, and 32 greedy tokens (full forwards, no cache)."""
+def load(path, tdtype, attn, device):
+    """from_pretrained with transformers 5's `dtype=` (4.x's `torch_dtype=` as the fallback)."""
+    import transformers
+
+    try:
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdtype, attn_implementation=attn)
+    except TypeError:
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=tdtype, attn_implementation=attn)
+    m = m.to(device).eval()
+    got = {p.dtype for p in m.parameters()}
+    if got != {tdtype}:
+        raise RuntimeError(f"{path}: loaded parameters are {got}, wanted {tdtype}")
+    return m
+
+
+def logits_fp32_head(model, x):
+    """[T, vocab] float32 logits: the decoder's final (normed) hidden states times the LM head in fp32."""
+    h = model.get_decoder()(input_ids=x).last_hidden_state[0]
+    return h.float() @ model.get_output_embeddings().weight.float().T
+
+
+def probe(model, ids, device):
+    """Next-token statistics on the sample, and 64 greedy tokens (KV cache) from its first 24 tokens."""
     x = torch.tensor([ids], device=device)
     with torch.inference_mode():
-        logits = model(input_ids=x).logits[0].float()
+        logits = logits_fp32_head(model, x)
         lsm = torch.log_softmax(logits, dim=-1)
-        last = lsm[-1]
-        ent = float(-(last.exp() * last).sum())
+        ent = -(lsm.exp() * lsm).sum(-1)
         top2 = logits.topk(2, dim=-1).values
-        gaps = (top2[:, 0] - top2[:, 1])
-        seq = list(ids)
+        gaps = top2[:, 0] - top2[:, 1]
+        out = model(input_ids=x[:, :24], use_cache=True)
         greedy = []
-        for _ in range(32):
-            nxt = int(model(input_ids=torch.tensor([seq], device=device)).logits[0, -1].float().argmax())
+        for _ in range(64):
+            nxt = int(out.logits[0, -1].float().argmax())
             greedy.append(nxt)
-            seq.append(nxt)
+            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
+                        use_cache=True)
     return {
-        "entropy_last": ent,
+        "positions": len(ids),
+        "entropy_last": float(ent[-1]),
+        "entropy_mean": float(ent.mean()),
         "max_entropy": math.log(logits.shape[-1]),
-        "top1_prob_last": float(last.max().exp()),
-        "logit_std_last": float(logits[-1].std()),
+        "top1_prob_max": float(lsm.max(-1).values.exp().max()),
+        "logit_std": float(logits.std(-1).mean()),
         "median_top2_gap": float(gaps.median()),
         "frac_gap_lt_1e-3": float((gaps < 1e-3).float().mean()),
         "frac_gap_lt_0.05": float((gaps < 0.05).float().mean()),
-        "greedy_distinct_of_32": len(set(greedy)),
-        "greedy": greedy,
-        "logits": logits,  # dropped before JSON
+        "greedy_distinct_of_64": len(set(greedy)),
+    }, logits
+
+
+def noise_floor(bf16_logits, fp32_logits):
+    """transformers bf16 against transformers fp32 on the same weights, per position."""
+    top2 = fp32_logits.topk(2, dim=-1)
+    gap = top2.values[:, 0] - top2.values[:, 1]
+    agree = bf16_logits.argmax(-1) == top2.indices[:, 0]
+    hard = (~agree) & (gap >= 0.05)
+    return {
+        "top1_agree": float(agree.float().mean()),
+        "top1_agree_neartie_adjusted": float((~hard).float().mean()),
+        "hard_disagreements": int(hard.sum()),
+        "max_abs_dlogit": float((bf16_logits - fp32_logits).abs().max()),
+        "std_dlogit": float((bf16_logits - fp32_logits).std()),
     }
 
 
@@ -248,15 +298,120 @@ def save(model, out_dir, dtype_name):
     return how, copied, d
 
 
-def sample_ids():
+def sample_ids(n=512):
+    """n token ids of SAMPLE_TEXT repeated, through the SmolLM2 tokenizer."""
     try:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(os.path.join(FIXTURE, "tokenizer.json"))
-        return tok.encode(SAMPLE_TEXT, add_special_tokens=False).ids
+        base = tok.encode(SAMPLE_TEXT + " ", add_special_tokens=False).ids
     except Exception as e:  # noqa: BLE001
         log(f"tokenizers failed ({e!r}); using fixed ids for the probe")
-        return [(i * 7919) % VOCAB for i in range(48)]
+        base = [(i * 7919) % VOCAB for i in range(97)]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def build_one(spec, si, args, transformers, out_root, device, ids):
+    """Builds, saves and probes both dtypes of one spec; returns (entries, summary lines, failures)."""
+    cfg, cfg_path = make_config(spec, transformers, args.logit_std)
+    cls = getattr(transformers, ARCH_CLASSES[spec["arch"]])
+    torch.manual_seed(args.seed + si)
+    try:
+        model = cls(cfg)
+        how_built = f"{cls.__name__}(config)"
+    except Exception as e:  # noqa: BLE001
+        log(f"  {cls.__name__}(config) failed ({e!r}); using AutoModelForCausalLM.from_config")
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        how_built = "AutoModelForCausalLM.from_config"
+    model = model.to(torch.float32)
+    init_weights(model, args.logit_std, args.seed + 1000 * si)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    dirs = {}
+    for dtype_name, tdtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if tdtype != torch.float32:
+            model = model.to(tdtype)  # the same weights, rounded
+        for attr in ("dtype", "torch_dtype"):
+            try:
+                setattr(model.config, attr, tdtype)
+            except Exception:  # noqa: BLE001
+                pass
+        out_dir = os.path.join(out_root, f"{spec['name']}-{dtype_name}")
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        dirs[dtype_name] = (out_dir,) + save(model, out_dir, dtype_name)
+    del model
+
+    entries, lines, failures = [], [], []
+    fp32_logits = None
+    for dtype_name, tdtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out_dir, how_saved, copied, d = dirs[dtype_name]
+        name = f"{spec['name']}-{dtype_name}"
+        attn = "eager" if tdtype == torch.float32 else "sdpa"
+        m = load(out_dir, tdtype, attn, device)
+        stats, logits = probe(m, ids, device)
+        del m
+        extra = ""
+        if tdtype == torch.float32:
+            fp32_logits = logits
+        else:
+            # The noise floor: the bf16 weights computed in fp32 against the same weights in bf16.
+            mx = load(out_dir, torch.float32, "eager", device)
+            with torch.inference_mode():
+                exact = logits_fp32_head(mx, torch.tensor([ids], device=device))
+            del mx
+            stats["noise_floor"] = nf = noise_floor(logits, exact)
+            extra = (f" | bf16 noise floor: top1 {nf['top1_agree']:.3f}, near-tie adj "
+                     f"{nf['top1_agree_neartie_adjusted']:.4f} ({nf['hard_disagreements']} hard of {len(ids)}), "
+                     f"dlogit std {nf['std_dlogit']:.4f}")
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        rope_kind, rope_theta = rope_of(d)
+        if spec["arch"] == "llama" and rope_kind != "llama3":
+            raise RuntimeError(f"{name}: config.json lost the llama3 rope scaling: {rope_kind}")
+        if "rope_scaling" in d and d["rope_scaling"] is None and rope_kind != "default":
+            log(f"  WARNING {name}: config.json has rope_scaling: null next to rope_parameters "
+                f"{d.get('rope_parameters')} (a reader that prefers rope_scaling sees no scaling)")
+        entry = {
+            "name": name,
+            "base": spec["name"],
+            "path": out_dir,
+            "dtype": dtype_name,
+            "arch": spec["arch"],
+            "architecture": (d.get("architectures") or [cls.__name__])[0],
+            "head_dim": head_dim,
+            "hidden_size": d["hidden_size"],
+            "intermediate_size": d["intermediate_size"],
+            "num_hidden_layers": d["num_hidden_layers"],
+            "num_attention_heads": d["num_attention_heads"],
+            "num_key_value_heads": d["num_key_value_heads"],
+            "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
+            "rope": rope_kind,
+            "rope_theta": rope_theta,
+            "max_position_embeddings": d.get("max_position_embeddings"),
+            "vocab_size": d["vocab_size"],
+            "logit_std_target": args.logit_std,
+            "num_parameters": n_params,
+            "seed": args.seed,
+            "probe": stats,
+        }
+        entries.append(entry)
+        degenerate = stats["greedy_distinct_of_64"] < 4
+        lines.append(
+            f"{name:<22} {entry['architecture']:<17} hd {head_dim:<3} L {entry['num_hidden_layers']:<2} "
+            f"H {entry['num_attention_heads']}/{entry['num_key_value_heads']} hidden {entry['hidden_size']:<3} "
+            f"tied {int(entry['tie_word_embeddings'])} rope {rope_kind:<7} {n_params / 1e6:5.1f}M | entropy "
+            f"{stats['entropy_mean']:.2f}/{stats['max_entropy']:.2f}, logit std {stats['logit_std']:.2f}, median gap "
+            f"{stats['median_top2_gap']:.3f}, gap<1e-3 {stats['frac_gap_lt_1e-3']:.3f}, gap<0.05 "
+            f"{stats['frac_gap_lt_0.05']:.3f}, greedy distinct {stats['greedy_distinct_of_64']}/64"
+            f"{extra}{'  DEGENERATE' if degenerate else ''}")
+        log(lines[-1])
+        log(f"  built with {how_built}, config via {cfg_path}; {how_saved}; copied {copied}; "
+            f"files {sorted(os.listdir(out_dir))}")
+        if degenerate:
+            failures.append(f"{name}: greedy text is degenerate ({stats['greedy_distinct_of_64']} distinct of 64)")
+    return entries, lines, failures
 
 
 def main():
@@ -265,10 +420,15 @@ def main():
     ap.add_argument("--only", default=None, help="regex on model base names (default: all)")
     ap.add_argument("--device", default=None, help="device for the probes (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--logit-std", type=float, default=1.2, help="target standard deviation of the logits")
     args = ap.parse_args()
 
     import transformers
 
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         for setter in (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", False),
@@ -278,106 +438,22 @@ def main():
             except Exception:  # noqa: BLE001
                 pass
     log(f"make_models: torch {torch.__version__}, transformers {transformers.__version__}, probe device {device}, "
-        f"seed {args.seed}")
+        f"seed {args.seed}, logit std {args.logit_std}")
     out_root = os.path.abspath(args.out_dir)
     os.makedirs(out_root, exist_ok=True)
     ids = sample_ids()
     entries, summaries, failures = [], [], []
+    started = time.time()
     for si, spec in enumerate(SPECS):
         if args.only and not re.search(args.only, spec["name"]):
             continue
         t0 = time.time()
         try:
-            cfg, cfg_path = make_config(spec, transformers)
-            cls = getattr(transformers, ARCH_CLASSES[spec["arch"]])
-            torch.manual_seed(args.seed + si)
-            try:
-                model = cls(cfg)
-            except Exception as e:  # noqa: BLE001
-                log(f"  {cls.__name__}(config) failed ({e!r}); trying AutoModelForCausalLM.from_config")
-                model = transformers.AutoModelForCausalLM.from_config(cfg)
-            model = model.to(torch.float32)
-            init_weights(model, spec["init"], args.seed + 1000 * si)
-            model.eval()
-            n_params = sum(p.numel() for p in model.parameters())
-            model.to(device)
-            fp32_probe = None
-            for dtype_name, tdtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-                if tdtype != torch.float32:
-                    model.to(tdtype)
-                for attr in ("dtype", "torch_dtype"):
-                    try:
-                        setattr(model.config, attr, tdtype)
-                    except Exception:  # noqa: BLE001
-                        pass
-                name = f"{spec['name']}-{dtype_name}"
-                out_dir = os.path.join(out_root, name)
-                if os.path.isdir(out_dir):
-                    shutil.rmtree(out_dir)
-                how, copied, d = save(model, out_dir, dtype_name)
-                probe = entropy_probe(model, ids, device)
-                extra = ""
-                if fp32_probe is None:
-                    fp32_probe = probe
-                else:
-                    ref = fp32_probe["logits"]
-                    top2 = ref.topk(2, dim=-1)
-                    gap = top2.values[:, 0] - top2.values[:, 1]
-                    agree = probe["logits"].argmax(-1) == top2.indices[:, 0]
-                    adj = agree | (gap < 0.05)
-                    probe["bf16_vs_fp32_top1"] = float(agree.float().mean())
-                    probe["bf16_vs_fp32_top1_neartie_adjusted"] = float(adj.float().mean())
-                    extra = (f" bf16-vs-fp32 top1 {probe['bf16_vs_fp32_top1']:.3f} "
-                             f"(near-tie adj {probe['bf16_vs_fp32_top1_neartie_adjusted']:.3f})")
-                probe.pop("logits")
-                head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-                rope_kind, rope_theta = rope_of(d)
-                if spec["arch"] in ("llama",) and rope_kind != "llama3":
-                    raise RuntimeError(f"{name}: config.json lost the llama3 rope scaling: {rope_kind}")
-                if d.get("rope_scaling", "absent") is None and (d.get("rope_parameters") or {}).get("rope_type") not in (None, "default"):
-                    log(f"  WARNING {name}: config.json has rope_scaling: null next to rope_parameters "
-                        f"{d.get('rope_parameters')} (a reader preferring rope_scaling sees no scaling)")
-                entry = {
-                    "name": name,
-                    "base": spec["name"],
-                    "path": out_dir,
-                    "dtype": dtype_name,
-                    "arch": spec["arch"],
-                    "architecture": (d.get("architectures") or [cls.__name__])[0],
-                    "head_dim": head_dim,
-                    "hidden_size": d["hidden_size"],
-                    "num_hidden_layers": d["num_hidden_layers"],
-                    "num_attention_heads": d["num_attention_heads"],
-                    "num_key_value_heads": d["num_key_value_heads"],
-                    "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
-                    "rope": rope_kind,
-                    "rope_theta": rope_theta,
-                    "max_position_embeddings": d.get("max_position_embeddings"),
-                    "vocab_size": d["vocab_size"],
-                    "init": spec["init"],
-                    "num_parameters": n_params,
-                    "seed": args.seed,
-                    "probe": {k: v for k, v in probe.items() if k != "greedy"},
-                }
-                entries.append(entry)
-                degenerate = probe["greedy_distinct_of_32"] < 4
-                line = (f"{name:<24} {entry['architecture']:<18} hd {head_dim:<3} L {entry['num_hidden_layers']:<2} "
-                        f"H {entry['num_attention_heads']}/{entry['num_key_value_heads']} hidden {entry['hidden_size']:<4} "
-                        f"tied {int(entry['tie_word_embeddings'])} rope {rope_kind} params {n_params/1e6:.1f}M | "
-                        f"entropy {probe['entropy_last']:.2f}/{probe['max_entropy']:.2f} nats, top1 p "
-                        f"{probe['top1_prob_last']:.3f}, logit std {probe['logit_std_last']:.2f}, median gap "
-                        f"{probe['median_top2_gap']:.3f}, gap<1e-3 {probe['frac_gap_lt_1e-3']:.3f}, gap<0.05 "
-                        f"{probe['frac_gap_lt_0.05']:.3f}, greedy distinct {probe['greedy_distinct_of_32']}/32"
-                        f"{extra}{'  DEGENERATE' if degenerate else ''}")
-                summaries.append(line)
-                log(line)
-                log(f"  {how}; config via {cfg_path}; copied {copied}; files {sorted(os.listdir(out_dir))}")
-                if degenerate:
-                    failures.append(f"{name}: greedy text is degenerate ({probe['greedy_distinct_of_32']} distinct of 32)")
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            log(f"  {spec['name']} done in {time.time() - t0:.1f}s")
+            e, lines, f = build_one(spec, si, args, transformers, out_root, device, ids)
+            entries += e
+            summaries += lines
+            failures += f
+            log(f"  {spec['name']}: {time.time() - t0:.1f}s")
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -386,13 +462,12 @@ def main():
     with open(os.path.join(out_root, "models.json"), "w") as f:
         json.dump(entries, f, indent=2)
         f.write("\n")
-    log(f"wrote {os.path.join(out_root, 'models.json')} ({len(entries)} models)")
+    log(f"wrote {os.path.join(out_root, 'models.json')}: {len(entries)} models in {time.time() - started:.1f}s")
     for line in summaries:
         log(line)
-    if failures:
-        for msg in failures:
-            log(f"FAIL {msg}")
-        sys.exit(1)
+    for msg in failures:
+        log(f"FAIL {msg}")
+    sys.exit(1 if failures or not entries else 0)
 
 
 if __name__ == "__main__":

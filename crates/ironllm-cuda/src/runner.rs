@@ -133,6 +133,8 @@ impl CudaModelRunner {
         let max_tokens = cfg.max_num_batched_tokens.max(1);
         // Logits rows: one per sampling sequence plus prompt-logprob rows, never more than the tokens.
         let max_rows = max_tokens.max(cfg.max_num_seqs);
+        gpu.synchronize()?;
+        let (free_before, _) = gpu.mem_info()?;
         let ws = Workspace::new(&gpu, &model, max_tokens, max_rows)?;
         let sampler = GpuSampler::new(gpu.clone(), c.vocab_size)?;
         let dev = DeviceBatch {
@@ -168,7 +170,6 @@ impl CudaModelRunner {
                 profile_seconds: 0.0,
             },
         };
-        let (free_before, _) = gpu.mem_info()?;
         let profile_len = max_tokens.min(model.max_positions);
         let prompt: Vec<u32> = (0..profile_len).map(|i| (i % c.vocab_size) as u32).collect();
         let blocks: Vec<u32> = (0..profile_len.div_ceil(cfg.block_size) as u32).collect();
@@ -476,18 +477,13 @@ impl ModelExecutor for CudaModelRunner {
     }
 }
 
-/// The compute dtype for `--dtype` on the GPU: `auto` is the checkpoint's own (bf16 or fp16; fp32
-/// checkpoints stay fp32, as vLLM does), defaulting to bf16 when the checkpoint does not say.
-pub fn resolve_dtype(requested: ironllm_model::loader::DType, torch_dtype: Option<&str>) -> GpuDType {
+/// The compute dtype for `--dtype` on the GPU: `auto` is bf16 for bf16, fp16 and fp32 checkpoints alike
+/// (and for GGUF files, dequantized at load); an explicit `--dtype` is honoured.
+pub fn resolve_dtype(requested: ironllm_model::loader::DType) -> GpuDType {
     use ironllm_model::loader::DType;
     match requested {
         DType::Float32 => GpuDType::F32,
-        DType::BFloat16 => GpuDType::BF16,
         DType::Float16 => GpuDType::F16,
-        DType::Auto => match torch_dtype {
-            Some("float32") | Some("float") => GpuDType::F32,
-            Some("float16") | Some("half") => GpuDType::F16,
-            _ => GpuDType::BF16,
-        },
+        DType::BFloat16 | DType::Auto => GpuDType::BF16,
     }
 }

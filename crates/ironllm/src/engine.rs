@@ -390,15 +390,21 @@ impl Engine {
         if args.max_num_seqs == 0 {
             return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
         }
-        let use_cuda = match args.device {
-            Device::Cpu => false,
-            Device::Cuda => true,
-            Device::Auto => ironllm_cuda::cuda_available(),
+        let gpu = match args.device {
+            Device::Cpu => None,
+            Device::Cuda => Some(ironllm_cuda::Gpu::open(0).map_err(|e| LlmError::Device(e.to_string()))?),
+            Device::Auto if ironllm_cuda::cuda_available() => match ironllm_cuda::Gpu::open(0) {
+                Ok(gpu) => Some(gpu),
+                Err(e) => {
+                    tracing::warn!("a GPU is present but the CUDA backend cannot start ({e}); running on the CPU");
+                    None
+                }
+            },
+            Device::Auto => None,
         };
-        let built = if use_cuda {
-            build_cuda_backend(args, &opts, max_num_batched_tokens)?
-        } else {
-            build_cpu_backend(args, &opts)?
+        let built = match gpu {
+            Some(gpu) => build_cuda_backend(gpu, args, &opts, max_num_batched_tokens)?,
+            None => build_cpu_backend(args, &opts)?,
         };
         let Backend { runner, prepared, num_kv_blocks, device, weight_format, weight_bytes, kv_bytes, load_seconds } =
             built;
@@ -595,15 +601,15 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
 }
 
 fn build_cuda_backend(
+    gpu: Arc<ironllm_cuda::Gpu>,
     args: &EngineArgs,
     opts: &LoadOptions,
     max_num_batched_tokens: usize,
 ) -> Result<Backend, LlmError> {
     use ironllm_cuda::runner::{resolve_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
     let cuda_err = |e: ironllm_cuda::CudaError| LlmError::Device(e.to_string());
-    let gpu = ironllm_cuda::Gpu::open(0).map_err(cuda_err)?;
     let prepared = loader::prepare(opts)?;
-    let dtype = resolve_dtype(opts.dtype, prepared.config.torch_dtype.as_deref());
+    let dtype = resolve_dtype(opts.dtype);
     let model = ironllm_cuda::model::CudaLlama::load(
         gpu.clone(),
         prepared.config.clone(),

@@ -18,6 +18,9 @@ fn chat(q: &str) -> Prompt {
 
 #[test]
 fn greedy_text_matches_tokens_and_finishes_on_eos() {
+    if !common::needs_trained_weights("greedy_text_matches_tokens_and_finishes_on_eos") {
+        return;
+    }
     let mut llm = llm();
     let out = llm
         .generate(&[chat("What is the capital of France? Answer in one sentence.")], &SamplingParams::greedy(64))
@@ -84,6 +87,9 @@ fn best_of_returns_the_most_likely_sequences() {
 
 #[test]
 fn stop_strings_are_trimmed_or_kept_and_stop_tokens_reported() {
+    if !common::needs_trained_weights("stop_strings_are_trimmed_or_kept_and_stop_tokens_reported") {
+        return;
+    }
     let mut llm = llm();
     let prompt = [chat("Count from 1 to 20, separated by commas.")];
     let free = llm.generate(&prompt, &SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) }).unwrap();
@@ -110,6 +116,9 @@ fn stop_strings_are_trimmed_or_kept_and_stop_tokens_reported() {
 
 #[test]
 fn min_tokens_ignore_eos_and_masks() {
+    if !common::needs_trained_weights("min_tokens_ignore_eos_and_masks") {
+        return;
+    }
     let mut llm = llm();
     let prompt = [chat("Say hi.")];
     let short = llm.generate(&prompt, &SamplingParams::greedy(64)).unwrap();
@@ -178,6 +187,9 @@ fn logprobs_shapes_and_ranks() {
 
 #[test]
 fn penalties_change_repetitive_output() {
+    if !common::needs_trained_weights("penalties_change_repetitive_output") {
+        return;
+    }
     let mut llm = llm();
     let prompt = [Prompt::Text("the the the the the the".into())];
     let plain = llm.generate(&prompt, &SamplingParams { ignore_eos: true, ..SamplingParams::greedy(16) }).unwrap();

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# First GPU figures (issue 7): a Llama-3.1-8B-shaped model with dummy bf16 weights — decode step time at
+# batch 1/32/64/128 with ~1k context and prefill tokens/s for 1x4096 and 8x1024 — and a SmolLM2-135M-shaped
+# one at batch 1 and 64, each beside its floor computed from the card's ceilings measured in the same run
+# (bench/gpu_ceilings.py). Runs on the GPU host from the repository root with the binary staged in .gpu/.
+# usage: bash bench/gpu_bench.sh LOGDIR
+set -uo pipefail
+LOGS=${1:-/tmp/ironllm-bench}
+mkdir -p "$LOGS"
+BIN=${IRONLLM_BIN:-.gpu/ironllm}
+python3 bench/gpu_ceilings.py >"$LOGS/ceilings.json" 2>"$LOGS/ceilings.err" || echo '{}' >"$LOGS/ceilings.json"
+
+lat() { # name model batch input output extra...
+  local name=$1 model=$2 bs=$3 inp=$4 outl=$5; shift 5
+  "$BIN" bench latency "$model" --load-format dummy --device cuda --batch-size "$bs" --input-len "$inp" \
+    --output-len "$outl" --num-iters-warmup 2 --num-iters 5 --output-json "$LOGS/$name.json" "$@" \
+    >"$LOGS/$name.log" 2>&1 || echo "FAILED $name (see $name.log)"
+}
+
+L8=bench/configs/llama-3.1-8b
+S=bench/configs/smollm2-135m
+COMMON8=(--dtype bfloat16 --max-model-len 8192 --max-num-seqs 256)
+lat l8_prefill_1x4096 $L8 1 4096 1 "${COMMON8[@]}"
+lat l8_prefill_8x1024 $L8 8 1024 1 "${COMMON8[@]}"
+for b in 1 32 64 128; do
+  lat "l8_b${b}_o1" $L8 "$b" 1024 1 "${COMMON8[@]}"
+  lat "l8_b${b}_o65" $L8 "$b" 1024 65 "${COMMON8[@]}"
+done
+for b in 1 64; do
+  lat "s_b${b}_o1" $S "$b" 128 1 --dtype bfloat16
+  lat "s_b${b}_o129" $S "$b" 128 129 --dtype bfloat16
+done
+grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
+python3 bench/gpu_table.py "$LOGS"
