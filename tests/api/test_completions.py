@@ -288,3 +288,28 @@ def test_non_json_content_type_is_still_parsed(server):
         headers={"content-type": "text/plain"},
     )
     assert r.status_code == 200
+
+
+def test_streamed_token_ids_survive_tokens_without_text(http):
+    """A token that ends inside a UTF-8 sequence adds no text; with return_token_ids its id must still
+    reach the client (the GPU run's random-weight model found chunks dropped there)."""
+    import json as _json
+    from pathlib import Path
+
+    vocab = _json.loads((Path(__file__).resolve().parents[1] / "fixtures/reference/smollm2_hf/tokenizer.json").read_text())
+    lone_byte = vocab["model"]["vocab"]["\u00e2"]  # the byte 0xE2 alone: the start of a 3-byte sequence
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "allowed_token_ids": [lone_byte], "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    ids = [t for e in events[:-1] for c in e["choices"] for t in (c.get("token_ids") or [])]
+    assert ids == [lone_byte] * 6
+    chat_body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                 "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                 "allowed_token_ids": [lone_byte], "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=chat_body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    ids = [t for e in events[:-1] for c in e["choices"] for t in (c.get("token_ids") or [])]
+    assert ids == [lone_byte] * 6

@@ -304,7 +304,10 @@ async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStre
                 content: Some(logprobs::chat_logprobs(tok, &o.token_ids, o.logprobs.as_deref().unwrap_or_default(), k)),
             });
             let has_logprobs = lp.as_ref().is_some_and(|l| l.content.as_ref().is_some_and(|c| !c.is_empty()));
-            if o.text.is_empty() && o.finish_reason.is_none() && !has_logprobs {
+            // A token may add no text yet (an incomplete UTF-8 sequence); its chunk is still sent when the
+            // client asked for token ids, or they would be lost.
+            let ids_to_send = p.return_token_ids && !o.token_ids.is_empty();
+            if o.text.is_empty() && o.finish_reason.is_none() && !has_logprobs && !ids_to_send {
                 continue;
             }
             let c = ChatStreamChoice {

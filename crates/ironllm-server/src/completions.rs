@@ -287,7 +287,14 @@ async fn stream_completion(state: Arc<AppState>, p: Prepared, streams: Vec<Reque
             if let Some(l) = lp.as_mut() {
                 builders[idx].append(l, tok, &o.token_ids, o.logprobs.as_deref().unwrap_or_default());
             }
-            if text.is_empty() && o.finish_reason.is_none() && lp.as_ref().is_none_or(|l| l.tokens.is_empty()) {
+            // A token may add no text yet (an incomplete UTF-8 sequence); its chunk is still sent when the
+            // client asked for token ids, or they would be lost.
+            let ids_to_send = p.return_token_ids && !o.token_ids.is_empty();
+            if text.is_empty()
+                && o.finish_reason.is_none()
+                && lp.as_ref().is_none_or(|l| l.tokens.is_empty())
+                && !ids_to_send
+            {
                 continue;
             }
             let chunk = CompletionStreamResponse {
