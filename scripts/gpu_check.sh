@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: executes on the device machine (no Rust toolchain there) what scripts/gpu_stage.sh staged
 # in .gpu/, in phases, and prints a summary table last. Usage, from the repository root:
-#   bash scripts/gpu_check.sh [kernels] [models] [rust] [e2e] [bench] [serve]
+#   bash scripts/gpu_check.sh [kernels] [smoke] [models] [rust] [e2e] [bench] [serve]
 # Logs go to $OUT (the device tool's folder of files to bring back) as one tarball plus summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -3,6 +3,7 @@ request and frees its KV blocks at once; SIGTERM/SIGINT stop the server cleanly 
 requests are aborted with finish_reason "abort" (default) or allowed to finish within
 --shutdown-timeout — and the process exits 0."""
 
+import os
 import signal
 import subprocess
 import threading
@@ -89,7 +90,9 @@ def test_sigterm_aborts_in_flight_requests_and_exits_cleanly(start_server):
 def test_sigint_with_shutdown_timeout_lets_requests_finish(start_server):
     s = start_server("--shutdown-timeout", "30")
     out = {}
-    body = {**LONG, "max_tokens": 40, "stream": True}
+    # Long enough to be seen running before it ends: 40 tokens take ~0.3 s on the CPU but ~40 ms on a GPU.
+    tokens = 1000 if "cuda" in os.environ.get("IRONLLM_API_ARGS", "") else 40
+    body = {**LONG, "max_tokens": tokens, "stream": True}
     t = threading.Thread(target=read_stream, args=(s.url, body, out))
     t.start()
     wait_for_running(s.url)

@@ -53,6 +53,12 @@ pub struct EngineFlags {
     /// Fraction of GPU memory the engine may use in all (GPU backend; accepted on the CPU).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// Run the GPU eagerly (no CUDA graphs).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Seconds a structured-output grammar (JSON schema, regex, choice, Lark) may take to compile.
+    #[arg(long, default_value_t = 10.0)]
+    pub structured_outputs_compile_timeout: f64,
     /// Seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -103,6 +109,15 @@ impl EngineFlags {
                 .map_err(|e| anyhow::anyhow!("--kv-cache-memory-bytes: {e}"))?,
             device,
             gpu_memory_utilization: self.gpu_memory_utilization,
+            enforce_eager: self.enforce_eager,
+            structured_outputs_compile_timeout: std::time::Duration::try_from_secs_f64(
+                self.structured_outputs_compile_timeout,
+            )
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                anyhow::anyhow!("--structured-outputs-compile-timeout must be a positive number of seconds")
+            })?,
             seed: self.seed,
             generation_config,
             max_logprobs: self.max_logprobs,

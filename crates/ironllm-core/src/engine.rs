@@ -24,8 +24,23 @@ impl<E: ModelExecutor> EngineCore<E> {
         Ok(EngineCore { scheduler: Scheduler::new(config)?, executor })
     }
 
-    /// Queues a request; see [`Scheduler::add_request`] for what is rejected.
+    /// Queues a request; see [`Scheduler::add_request`] for what is rejected. A structured-output
+    /// request is refused when the executor cannot apply grammars or its grammar was not compiled.
     pub fn add_request(&mut self, request: Request) -> Result<(), CoreError> {
+        if let Some(structured) = &request.sampling_params.structured_outputs {
+            if !self.executor.supports_structured_output() {
+                return Err(CoreError::InvalidParams(format!(
+                    "`{}`: structured output is not supported on this device's backend yet (use --device cpu)",
+                    structured.field_name()
+                )));
+            }
+            if request.sampling_params.compiled_grammar.is_none() {
+                return Err(CoreError::InvalidParams(format!(
+                    "`{}`: the constraint was not compiled by the frontend",
+                    structured.field_name()
+                )));
+            }
+        }
         self.scheduler.add_request(request)
     }
 

@@ -13,11 +13,21 @@ use crate::CoreError;
 pub trait ModelExecutor: Send {
     /// Executes one step. Must return one entry in `req_ids` per scheduled request, in any order.
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError>;
+
+    /// Whether this executor applies structured-output grammars (token bitmasks) when it samples. The
+    /// engine refuses constrained requests on one that does not, rather than ignore the constraint.
+    fn supports_structured_output(&self) -> bool {
+        false
+    }
 }
 
 /// A boxed executor is an executor, so the engine can pick its backend (CPU or GPU) at run time.
 impl<E: ModelExecutor + ?Sized> ModelExecutor for Box<E> {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
         (**self).execute_model(plan)
+    }
+
+    fn supports_structured_output(&self) -> bool {
+        (**self).supports_structured_output()
     }
 }

@@ -10,6 +10,7 @@
 //!   prefill, preemption by recompute) and produces a [`outputs::SchedulerOutput`].
 //! - [`executor::ModelExecutor`]: the one seam to the model side (forward + sample for a planned step).
 //! - [`engine::EngineCore`]: schedule, execute, update — one step, used by every entry point.
+//! - [`structured`]: a request's structured-output constraint and the grammar seam the runner uses.
 //! - [`detokenizer::IncrementalDetokenizer`] and [`output_processor`]: text, stop strings, deltas.
 
 pub mod block_pool;
@@ -23,6 +24,7 @@ pub mod outputs;
 pub mod request;
 pub mod sampling_params;
 pub mod scheduler;
+pub mod structured;
 pub mod testing;
 
 pub use engine::EngineCore;

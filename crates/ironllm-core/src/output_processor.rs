@@ -345,7 +345,14 @@ impl OutputProcessor {
                 o.index = i;
             }
         }
-        let prompt_logprobs = if delta && parent.sent_prompt_logprobs { None } else { parent.prompt_logprobs.clone() };
+        // A chunked prefill delivers prompt logprobs chunk by chunk; a delta output carries them once, whole
+        // (every prompt position known, or the request over), as the client reads them from one output.
+        let prompt_complete = parent.prompt_logprobs.as_ref().is_some_and(|p| p.len() >= parent.prompt_token_ids.len());
+        let prompt_logprobs = if delta && (parent.sent_prompt_logprobs || !(prompt_complete || finished)) {
+            None
+        } else {
+            parent.prompt_logprobs.clone()
+        };
         if prompt_logprobs.is_some() {
             parent.sent_prompt_logprobs = true;
         }
@@ -387,6 +394,43 @@ fn find_stop_string(text: &str, new_from: usize, stops: &[String], include: bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outputs::TokenLogprob;
+
+    fn position(token_id: u32) -> PositionLogprobs {
+        let chosen = TokenLogprob { token_id, logprob: -1.0, rank: 1 };
+        PositionLogprobs { chosen: chosen.clone(), top: vec![chosen] }
+    }
+
+    #[test]
+    fn delta_outputs_carry_the_whole_prompt_logprobs_of_a_chunked_prefill_once() {
+        let mut op = OutputProcessor::new();
+        let prompt: Vec<u32> = (1..=6).collect();
+        let params = Arc::new(SamplingParams { prompt_logprobs: Some(1), ..SamplingParams::default() });
+        op.add_request("r", prompt.clone(), params, OutputKind::Delta, &["r".to_string()], false);
+        let out = |plp: Vec<PositionLogprobs>, tokens: Vec<u32>| EngineCoreOutput {
+            req_id: "r".into(),
+            new_token_ids: tokens,
+            new_logprobs: None,
+            new_prompt_logprobs: Some(plp),
+            finish_reason: None,
+            stop_reason: None,
+            num_cached_tokens: 0,
+        };
+        // First chunk: positions 1..=3 of 6; nothing to send yet.
+        let r1 = op.process(vec![out(vec![position(2), position(3), position(4)], vec![])], None);
+        assert!(r1.request_outputs.iter().all(|o| o.prompt_logprobs.is_none()));
+        // Second chunk completes the prompt and samples: all 6 entries (the first is None) at once.
+        let r2 = op.process(vec![out(vec![position(5), position(6)], vec![9])], None);
+        let plp = r2.request_outputs[0].prompt_logprobs.as_ref().expect("sent when complete");
+        assert_eq!(plp.len(), prompt.len());
+        assert!(plp[0].is_none());
+        let ids: Vec<u32> = plp[1..].iter().map(|p| p.as_ref().unwrap().chosen.token_id).collect();
+        assert_eq!(ids, vec![2, 3, 4, 5, 6]);
+        // Later deltas do not repeat them.
+        let later = EngineCoreOutput { new_prompt_logprobs: None, ..out(vec![], vec![10]) };
+        let r3 = op.process(vec![later], None);
+        assert!(r3.request_outputs[0].prompt_logprobs.is_none());
+    }
 
     #[test]
     fn stop_strings_found_across_chunks_and_trimmed() {

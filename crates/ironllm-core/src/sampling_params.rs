@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::structured::{GrammarHandle, StructuredOutputsParams};
 use crate::CoreError;
 
 /// Temperatures below this are treated as greedy, as in vLLM.
@@ -56,6 +57,12 @@ pub struct SamplingParams {
     /// EOS ids of the model and generation config; filled by the frontend, not by users.
     #[serde(skip)]
     pub eos_token_ids: Vec<u32>,
+    /// Structured output: the output must follow this JSON schema, regex, choice list or grammar.
+    pub structured_outputs: Option<StructuredOutputsParams>,
+    /// `structured_outputs` compiled by the frontend (never by users); the runner builds each
+    /// sequence's matcher from it. A constrained request without it is refused by the engine.
+    #[serde(skip)]
+    pub compiled_grammar: Option<GrammarHandle>,
 }
 
 impl Default for SamplingParams {
@@ -87,6 +94,8 @@ impl Default for SamplingParams {
             bad_words: Vec::new(),
             bad_words_token_ids: Vec::new(),
             eos_token_ids: Vec::new(),
+            structured_outputs: None,
+            compiled_grammar: None,
         }
     }
 }
@@ -208,6 +217,9 @@ impl SamplingParams {
         }
         if self.logit_bias.values().any(|b| !b.is_finite()) {
             return bad("logit_bias values must be finite numbers.".to_string());
+        }
+        if let Some(structured) = &self.structured_outputs {
+            structured.validate()?;
         }
         Ok(())
     }

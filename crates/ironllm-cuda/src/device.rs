@@ -23,6 +23,8 @@ pub fn cuda_available() -> bool {
     CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
+const CUBLAS_WORKSPACE_BYTES: usize = 64 << 20;
+
 /// Facts about the card, read once.
 #[derive(Debug, Clone)]
 pub struct GpuInfo {
@@ -42,6 +44,7 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    _blas_workspace: CudaSlice<u8>,
     functions: HashMap<String, CudaFunction>,
     pub info: GpuInfo,
 }
@@ -75,9 +78,27 @@ impl Gpu {
             return Err(CudaError::Unavailable(format!("no CUDA device {ordinal} ({count} found)")));
         }
         let ctx = CudaContext::new(ordinal).at(|| format!("creating a context on CUDA device {ordinal}"))?;
+        // Everything runs on one stream, so cudarc's per-buffer event tracking (an event record and a
+        // stream wait per kernel argument) is pure launch overhead; it must be off before any allocation.
+        // SAFETY: no buffer exists yet, and this backend never uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().at(|| "creating a stream".into())?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| CudaError::Cublas { what: "creating the handle".into(), message: format!("{e:?}") })?;
+        // A fixed cuBLAS workspace, so GEMMs captured into CUDA graphs never allocate.
+        let workspace =
+            stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES).at(|| "allocating the cuBLAS workspace".into())?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _guard) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the Gpu (it is stored beside the handle).
+            let rc = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, CUBLAS_WORKSPACE_BYTES)
+            };
+            if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Cublas { what: "setting the workspace".into(), message: format!("{rc:?}") });
+            }
+        }
         let name = ctx.name().at(|| "reading the device name".into())?;
         let cc = ctx.compute_capability().at(|| "reading the compute capability".into())?;
         let total_memory = ctx.total_mem().at(|| "reading the memory size".into())?;
@@ -121,7 +142,7 @@ impl Gpu {
             if all_cached { "loaded from the cache" } else { "compiled" },
             info.kernel_compile_seconds
         );
-        Ok(Arc::new(Gpu { ctx, stream, blas, functions, info }))
+        Ok(Arc::new(Gpu { ctx, stream, blas, _blas_workspace: workspace, functions, info }))
     }
 
     /// The stream every operation of this backend is ordered on.

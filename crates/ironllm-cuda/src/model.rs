@@ -121,6 +121,18 @@ impl Workspace {
     }
 }
 
+impl Workspace {
+    /// Largest number of tokens a step may have.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Largest number of logits rows a step may have.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+}
+
 /// Converts one stored tensor to `dtype` bytes (a bf16 checkpoint in bf16 is copied as is).
 fn encode(t: &StoredTensor<'_>, dtype: GpuDType) -> Result<Vec<u8>, CudaError> {
     match (t.dtype, dtype) {

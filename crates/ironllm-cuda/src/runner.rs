@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaGraph, CudaSlice};
 use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
 use ironllm_core::{CoreError, SamplingParams};
@@ -55,6 +55,9 @@ pub struct CudaRunnerConfig {
     pub max_num_seqs: usize,
     pub kv_cache: KvCacheSize,
     pub seed: u64,
+    pub max_model_len: usize,
+    /// `--enforce-eager`: no CUDA graphs.
+    pub enforce_eager: bool,
 }
 
 /// What start-up measured, for the log line and `EngineInfo`.
@@ -66,6 +69,9 @@ pub struct CudaMemoryReport {
     pub kv_cache_bytes: usize,
     pub num_blocks: usize,
     pub profile_seconds: f64,
+    /// Batch sizes with a captured decode graph, and the time capturing took.
+    pub graph_batch_sizes: Vec<usize>,
+    pub graph_capture_seconds: f64,
 }
 
 /// Reused device buffers for the batch metadata; they only grow.
@@ -121,7 +127,35 @@ pub struct CudaModelRunner {
     reqs: HashMap<String, ReqState>,
     host: HostBatch,
     dev: DeviceBatch,
+    /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
+    graph_table_stride: usize,
+    /// Captured decode graphs by padded batch size (ascending).
+    graphs: Vec<(usize, DecodeGraph)>,
     pub memory: CudaMemoryReport,
+}
+
+/// A captured decode graph. cudarc's `CudaGraph` holds raw driver handles and is not `Send`.
+struct DecodeGraph(CudaGraph);
+
+// SAFETY: graph and graph-exec handles are plain driver objects usable from any thread that has the
+// context current (cudarc binds it on every launch); the runner owns its graphs exclusively and uses them
+// from one thread at a time (it moves to the engine thread once, before any launch).
+unsafe impl Send for DecodeGraph {}
+
+/// Batch sizes to capture decode graphs for, as vLLM does: 1, 2, 4, then steps of 8 up to 64 and of 16
+/// beyond, up to `max_num_seqs` (capped at 512).
+pub fn graph_batch_sizes(max_num_seqs: usize) -> Vec<usize> {
+    let cap = max_num_seqs.clamp(1, 512);
+    let mut sizes: Vec<usize> = [1, 2, 4].into_iter().filter(|&b| b <= cap).collect();
+    let mut b = 8;
+    while b <= cap {
+        sizes.push(b);
+        b += if b < 64 { 8 } else { 16 };
+    }
+    if sizes.last() != Some(&cap) {
+        sizes.push(cap);
+    }
+    sizes
 }
 
 impl CudaModelRunner {
@@ -137,16 +171,19 @@ impl CudaModelRunner {
         let (free_before, _) = gpu.mem_info()?;
         let ws = Workspace::new(&gpu, &model, max_tokens, max_rows)?;
         let sampler = GpuSampler::new(gpu.clone(), c.vocab_size)?;
+        // Metadata buffers at their largest, so they never move: captured graphs read them by address.
+        let graph_table_stride = cfg.max_model_len.div_ceil(cfg.block_size).max(1);
+        let max_seqs = cfg.max_num_seqs.max(1);
         let dev = DeviceBatch {
-            token_ids: gpu.alloc_zeros(max_tokens)?,
-            positions: gpu.alloc_zeros(max_tokens)?,
-            slots: gpu.alloc_zeros(max_tokens)?,
-            block_tables: gpu.alloc_zeros(1024)?,
-            query_start_loc: gpu.alloc_zeros(cfg.max_num_seqs + 1)?,
-            context_lens: gpu.alloc_zeros(cfg.max_num_seqs)?,
-            token_to_seq: gpu.alloc_zeros(max_tokens)?,
+            token_ids: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            positions: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            slots: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            block_tables: gpu.alloc_zeros(max_seqs * graph_table_stride)?,
+            query_start_loc: gpu.alloc_zeros(max_seqs + 1)?,
+            context_lens: gpu.alloc_zeros(max_seqs)?,
+            token_to_seq: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
             logits_rows: gpu.alloc_zeros(max_rows)?,
-            tiles: gpu.alloc_zeros(256)?,
+            tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
         };
         // Profile: one sequence of max_tokens tokens in a throwaway cache just big enough for it.
         let profile_blocks = max_tokens.div_ceil(cfg.block_size) + 1;
@@ -161,6 +198,8 @@ impl CudaModelRunner {
             reqs: HashMap::new(),
             host: HostBatch::default(),
             dev,
+            graph_table_stride,
+            graphs: Vec::new(),
             memory: CudaMemoryReport {
                 total_bytes: gpu.info.total_memory,
                 weight_bytes: model.weight_bytes(),
@@ -168,6 +207,8 @@ impl CudaModelRunner {
                 kv_cache_bytes: 0,
                 num_blocks: 0,
                 profile_seconds: 0.0,
+                graph_batch_sizes: Vec::new(),
+                graph_capture_seconds: 0.0,
             },
         };
         let profile_len = max_tokens.min(model.max_positions);
@@ -212,7 +253,110 @@ impl CudaModelRunner {
         runner.memory.num_blocks = num_blocks;
         runner.memory.profile_seconds = started.elapsed().as_secs_f64();
         runner.reqs.clear();
+        if !cfg.enforce_eager {
+            let t0 = Instant::now();
+            runner.capture_graphs(&graph_batch_sizes(cfg.max_num_seqs))?;
+            runner.memory.graph_capture_seconds = t0.elapsed().as_secs_f64();
+            runner.memory.graph_batch_sizes = runner.graphs.iter().map(|(b, _)| *b).collect();
+        }
         Ok(runner)
+    }
+
+    /// Captures one decode graph per batch size: the whole forward of a batch of single-token sequences,
+    /// reading its metadata from the fixed device buffers. Padding rows write no KV (slot -1) and attend
+    /// to one cached position of block 0, so any real block table works with any padded size.
+    fn capture_graphs(&mut self, sizes: &[usize]) -> Result<(), CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let gpu = self.gpu.clone();
+        for &b in sizes {
+            if b > self.ws_max_rows() {
+                break;
+            }
+            self.fill_padding_batch(b)?;
+            // One eager run first: cuBLAS picks and initializes its kernels outside the capture.
+            self.forward_decode(b)?;
+            gpu.synchronize()?;
+            gpu.stream()
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .at(|| format!("starting the capture of the batch-{b} decode graph"))?;
+            let captured = self.forward_decode(b);
+            let graph = gpu
+                .stream()
+                .end_capture(CUgraphInstantiate_flags(0))
+                .at(|| format!("instantiating the batch-{b} decode graph"))?;
+            captured?;
+            let graph = graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
+            graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
+            self.graphs.push((b, DecodeGraph(graph)));
+        }
+        gpu.synchronize()
+    }
+
+    fn ws_max_rows(&self) -> usize {
+        self.ws.max_rows().min(self.ws.max_tokens())
+    }
+
+    /// Metadata of a batch of `b` padding rows (the capture's inputs; contents do not matter to a graph).
+    fn fill_padding_batch(&mut self, b: usize) -> Result<(), CudaError> {
+        let h = &mut self.host;
+        h.token_ids = vec![0; b];
+        h.positions = vec![0; b];
+        h.slots = vec![-1; b];
+        h.block_tables = vec![0; b * self.graph_table_stride];
+        h.query_start_loc = (0..=b as i32).collect();
+        h.context_lens = vec![1; b];
+        h.token_to_seq = (0..b as i32).collect();
+        h.logits_rows = (0..b as i32).collect();
+        h.tiles.clear();
+        self.upload_host()
+    }
+
+    fn upload_host(&mut self) -> Result<(), CudaError> {
+        let (gpu, h) = (&*self.gpu, &self.host);
+        upload_into(gpu, &mut self.dev.token_ids, &h.token_ids)?;
+        upload_into(gpu, &mut self.dev.positions, &h.positions)?;
+        upload_into(gpu, &mut self.dev.slots, &h.slots)?;
+        upload_into(gpu, &mut self.dev.block_tables, &h.block_tables)?;
+        upload_into(gpu, &mut self.dev.query_start_loc, &h.query_start_loc)?;
+        upload_into(gpu, &mut self.dev.context_lens, &h.context_lens)?;
+        upload_into(gpu, &mut self.dev.token_to_seq, &h.token_to_seq)?;
+        upload_into(gpu, &mut self.dev.logits_rows, &h.logits_rows)?;
+        upload_into(gpu, &mut self.dev.tiles, &h.tiles)
+    }
+
+    /// Debugging aid (`IRONLLM_GRAPH_CHECK=1`): recomputes a replayed step eagerly over the same padded
+    /// metadata and logs how far the graph's logits are from the eager ones.
+    fn check_graph_step(&mut self, b: usize, rows: usize) -> Result<(), CudaError> {
+        let vocab = self.model.config.vocab_size;
+        let read = |ws: &Workspace, gpu: &Gpu| -> Result<Vec<f32>, CudaError> {
+            let all = ws.logits.to_f32(gpu)?;
+            Ok(all[..rows * vocab].to_vec())
+        };
+        let graph = read(&self.ws, &self.gpu)?;
+        self.forward_decode(b)?;
+        let eager = read(&self.ws, &self.gpu)?;
+        let diff = graph.iter().zip(&eager).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+        tracing::warn!("graph check: batch {b} ({rows} real rows): max |graph - eager| = {diff:e}");
+        Ok(())
+    }
+
+    /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it.
+    fn forward_decode(&mut self, b: usize) -> Result<(), CudaError> {
+        let meta = BatchMeta {
+            num_tokens: b,
+            num_seqs: b,
+            positions: &self.dev.positions,
+            slot_mapping: &self.dev.slots,
+            block_tables: &self.dev.block_tables,
+            max_blocks_per_seq: self.graph_table_stride,
+            query_start_loc: &self.dev.query_start_loc,
+            context_lens: &self.dev.context_lens,
+            token_to_seq: &self.dev.token_to_seq,
+            num_decode_tokens: b,
+            prefill_tiles: &self.dev.tiles,
+            num_prefill_tiles: 0,
+        };
+        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws)
     }
 
     /// Blocks of the KV cache.
@@ -306,18 +450,35 @@ impl CudaModelRunner {
         h.tiles.clear();
 
         let order: Vec<(&String, usize)> = plan.num_scheduled_tokens.iter().map(|(id, n)| (id, *n)).collect();
+        // A decode-only step (every sequence one token, all sampling, no prompt logprobs) replays the
+        // smallest captured graph that fits, padded.
+        let graph_size = if order.is_empty() || order.iter().any(|(_, n)| *n != 1) {
+            None
+        } else {
+            let all_sample = order.iter().all(|(id, n)| {
+                self.reqs.get(*id).is_some_and(|st| {
+                    st.num_computed_tokens + n == st.token_ids.len() && st.params.prompt_logprobs.is_none()
+                })
+            });
+            self.graphs.iter().map(|(b, _)| *b).find(|&b| b >= order.len()).filter(|_| all_sample)
+        };
         // Decode (single-token) sequences first: they form the paged kernel's prefix of the batch.
         let mut batch_order: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == 1).collect();
         let num_decode_seqs = batch_order.len();
         batch_order.extend((0..order.len()).filter(|&i| order[i].1 != 1));
-        let max_blocks = batch_order
-            .iter()
-            .map(|&i| {
-                self.reqs.get(order[i].0).map_or(0, |st| (st.num_computed_tokens + order[i].1).div_ceil(block_size))
-            })
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        // Block-table row stride: graphs bake in the one for max_model_len; eager steps use the longest
+        // table of the step, so their upload stays small.
+        let max_blocks = match graph_size {
+            Some(_) => self.graph_table_stride,
+            None => batch_order
+                .iter()
+                .map(|&i| {
+                    self.reqs.get(order[i].0).map_or(0, |st| (st.num_computed_tokens + order[i].1).div_ceil(block_size))
+                })
+                .max()
+                .unwrap_or(0)
+                .max(1),
+        };
         // Per request (in plan order): query start in the batch, whether it samples, prompt-logprob range.
         let mut query_start = vec![0usize; order.len()];
         let mut samples = vec![false; order.len()];
@@ -382,32 +543,55 @@ impl CudaModelRunner {
             }
         }
         let t = h.token_ids.len();
-        let gpu = &*self.gpu;
-        upload_into(gpu, &mut self.dev.token_ids, &h.token_ids)?;
-        upload_into(gpu, &mut self.dev.positions, &h.positions)?;
-        upload_into(gpu, &mut self.dev.slots, &h.slots)?;
-        upload_into(gpu, &mut self.dev.block_tables, &h.block_tables)?;
-        upload_into(gpu, &mut self.dev.query_start_loc, &h.query_start_loc)?;
-        upload_into(gpu, &mut self.dev.context_lens, &h.context_lens)?;
-        upload_into(gpu, &mut self.dev.token_to_seq, &h.token_to_seq)?;
-        upload_into(gpu, &mut self.dev.logits_rows, &h.logits_rows)?;
-        upload_into(gpu, &mut self.dev.tiles, &h.tiles)?;
-        let meta = BatchMeta {
-            num_tokens: t,
-            num_seqs: batch_order.len(),
-            positions: &self.dev.positions,
-            slot_mapping: &self.dev.slots,
-            block_tables: &self.dev.block_tables,
-            max_blocks_per_seq: max_blocks,
-            query_start_loc: &self.dev.query_start_loc,
-            context_lens: &self.dev.context_lens,
-            token_to_seq: &self.dev.token_to_seq,
-            num_decode_tokens,
-            prefill_tiles: &self.dev.tiles,
-            num_prefill_tiles: h.tiles.len() / 2,
-        };
         let num_rows = h.logits_rows.len();
-        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, num_rows, &mut self.kv, &mut self.ws)?;
+        let num_seqs = batch_order.len();
+        let num_tiles = h.tiles.len() / 2;
+        if let Some(b) = graph_size {
+            for i in num_seqs..b {
+                h.token_ids.push(0);
+                h.positions.push(0);
+                h.slots.push(-1);
+                h.token_to_seq.push(i as i32);
+                h.query_start_loc.push(i as i32 + 1);
+                h.context_lens.push(1);
+                h.block_tables.extend(std::iter::repeat_n(0, max_blocks));
+                h.logits_rows.push(i as i32);
+            }
+        }
+        self.upload_host()?;
+        match graph_size {
+            Some(b) => {
+                let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
+                graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
+                if std::env::var_os("IRONLLM_GRAPH_CHECK").is_some() {
+                    self.check_graph_step(b, num_rows)?;
+                }
+            }
+            None => {
+                let meta = BatchMeta {
+                    num_tokens: t,
+                    num_seqs,
+                    positions: &self.dev.positions,
+                    slot_mapping: &self.dev.slots,
+                    block_tables: &self.dev.block_tables,
+                    max_blocks_per_seq: max_blocks,
+                    query_start_loc: &self.dev.query_start_loc,
+                    context_lens: &self.dev.context_lens,
+                    token_to_seq: &self.dev.token_to_seq,
+                    num_decode_tokens,
+                    prefill_tiles: &self.dev.tiles,
+                    num_prefill_tiles: num_tiles,
+                };
+                self.model.forward(
+                    &self.dev.token_ids,
+                    &meta,
+                    &self.dev.logits_rows,
+                    num_rows,
+                    &mut self.kv,
+                    &mut self.ws,
+                )?;
+            }
+        }
 
         let vocab = self.model.config.vocab_size;
         let mut prompt_lps: Vec<Option<Vec<PositionLogprobs>>> = vec![None; order.len()];

@@ -17,6 +17,7 @@ pub mod llama;
 pub mod loader;
 pub mod runner;
 pub mod sampler;
+pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 

@@ -5,14 +5,22 @@
 //! It keeps per-request state across steps (token ids, block table, sampler state), as vLLM's persistent
 //! batch does. A preempted request keeps its sampler state (so a seeded generator continues where it was)
 //! and gets a fresh block table when it comes back. Batch buffers are reused across steps.
+//!
+//! Structured output: a constrained request carries a compiled grammar; the runner keeps one matcher
+//! per request (kept across preemption, like the sampler state, so it never needs a replay), fills the
+//! request's token bitmask while the forward pass runs (the masks depend only on tokens already
+//! sampled), hands the masks to the sampler, and advances each matcher with its sampled token.
+//! Prompt tokens are never fed to a matcher. Unconstrained rows get no mask and are untouched.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
+use ironllm_core::structured::GrammarMatcher;
 use ironllm_core::{CoreError, SamplingParams};
 use ironllm_kernels::cpu::attention::SeqSpan;
+use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
@@ -25,6 +33,8 @@ struct ReqState {
     num_computed_tokens: usize,
     params: Arc<SamplingParams>,
     sampler: SamplerState,
+    /// The structured-output matcher, advanced with every sampled token (`None`: unconstrained).
+    grammar: Option<Box<dyn GrammarMatcher>>,
 }
 
 /// A request's place in this step's batch.
@@ -54,6 +64,8 @@ pub struct CpuModelRunner {
     positions: Vec<usize>,
     slots: Vec<usize>,
     logits_rows: Vec<usize>,
+    /// Structured-output bitmasks of this step, `[num_constrained_rows, vocab.div_ceil(32)]`.
+    bitmask: Vec<u32>,
 }
 
 impl CpuModelRunner {
@@ -80,6 +92,7 @@ impl CpuModelRunner {
             positions: Vec::new(),
             slots: Vec::new(),
             logits_rows: Vec::new(),
+            bitmask: Vec::new(),
         }
     }
 
@@ -111,6 +124,15 @@ impl CpuModelRunner {
                 }
                 None => {
                     let sampler = SamplerState::new(&new.sampling_params, &mut self.engine_rng);
+                    // A request this runner has not seen starts its grammar at the output's start and
+                    // replays any output it already has.
+                    let grammar = new.sampling_params.compiled_grammar.as_ref().map(|g| {
+                        let mut matcher = g.new_matcher();
+                        for &t in &new.output_token_ids {
+                            matcher.accept_token(t);
+                        }
+                        matcher
+                    });
                     self.reqs.insert(
                         new.req_id.clone(),
                         ReqState {
@@ -120,6 +142,7 @@ impl CpuModelRunner {
                             num_computed_tokens: new.num_computed_tokens,
                             params: new.sampling_params.clone(),
                             sampler,
+                            grammar,
                         },
                     );
                 }
@@ -141,6 +164,10 @@ impl ModelExecutor for CpuModelRunner {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
         let pool = Arc::clone(&self.pool);
         pool.install(|| self.execute_step(plan))
+    }
+
+    fn supports_structured_output(&self) -> bool {
+        true
     }
 }
 
@@ -215,6 +242,27 @@ impl CpuModelRunner {
                 prompt_targets.push(st.token_ids[pos + 1]);
             }
         }
+        // Constrained rows that sample this step: (sample row, request, its matcher taken out so the
+        // masks can be filled while the forward runs).
+        let mut grammar_rows: Vec<(usize, usize, Box<dyn GrammarMatcher>)> = Vec::new();
+        let mut sample_row = 0;
+        for (p, st) in planned.iter().zip(states.iter_mut()) {
+            if p.samples {
+                if let Some(matcher) = st.grammar.take() {
+                    grammar_rows.push((sample_row, p.req_idx, matcher));
+                }
+                sample_row += 1;
+            }
+        }
+        let vocab = self.model.config.vocab_size;
+        let words = vocab.div_ceil(32);
+        self.bitmask.clear();
+        self.bitmask.resize(grammar_rows.len() * words, 0);
+        let fill_masks = |bitmask: &mut [u32], rows: &mut [(usize, usize, Box<dyn GrammarMatcher>)]| {
+            bitmask.par_chunks_mut(words).zip(rows.par_iter_mut()).for_each(|(out, (_, _, m))| {
+                m.fill_next_token_bitmask(out);
+            });
+        };
         let spans: Vec<SeqSpan<'_>> = planned
             .iter()
             .map(|p| {
@@ -235,10 +283,18 @@ impl CpuModelRunner {
             logits_rows: &self.logits_rows,
         };
         if !self.token_ids.is_empty() {
-            self.model.forward(&batch, &mut self.kv, &mut self.ws);
+            let (model, kv, ws) = (&self.model, &mut self.kv, &mut self.ws);
+            if grammar_rows.is_empty() {
+                model.forward(&batch, kv, ws);
+            } else {
+                // Mask computation overlaps the forward; neither reads what the other writes.
+                let bitmask = &mut self.bitmask;
+                rayon::join(|| model.forward(&batch, kv, ws), || fill_masks(bitmask, &mut grammar_rows));
+            }
+        } else {
+            fill_masks(&mut self.bitmask, &mut grammar_rows);
         }
         drop(spans);
-        let vocab = self.model.config.vocab_size;
         let (sample_logits, prompt_logits) =
             self.ws.logits[..self.logits_rows.len() * vocab].split_at_mut(num_sample_rows * vocab);
 
@@ -274,7 +330,14 @@ impl CpuModelRunner {
                 sample_req_idx.push(p.req_idx);
             }
         }
-        let sampled = self.sampler.sample(sample_logits, &mut rows, &mut self.engine_rng);
+        let mut masks: Vec<Option<&[u32]>> = Vec::new();
+        if !grammar_rows.is_empty() {
+            masks.resize(num_sample_rows, None);
+            for (i, (row, _, _)) in grammar_rows.iter().enumerate() {
+                masks[*row] = Some(&self.bitmask[i * words..(i + 1) * words]);
+            }
+        }
+        let sampled = self.sampler.sample_with_masks(sample_logits, &mut rows, &masks, &mut self.engine_rng);
         drop(rows);
 
         let mut out = ModelRunnerOutput {
@@ -286,6 +349,14 @@ impl CpuModelRunner {
         for (tok, &ri) in sampled.into_iter().zip(&sample_req_idx) {
             out.sampled_token_ids[ri] = vec![tok.token_id];
             out.logprobs[ri] = tok.logprobs.map(|l| vec![l]);
+        }
+        for (_, req_idx, mut matcher) in grammar_rows {
+            if let Some(&t) = out.sampled_token_ids[req_idx].first() {
+                if !matcher.is_terminated() && !matcher.accept_token(t) {
+                    tracing::debug!("structured output: token {t} rejected by the grammar");
+                }
+            }
+            states[req_idx].grammar = Some(matcher);
         }
         for (p, st) in planned.iter().zip(states.iter_mut()) {
             st.num_computed_tokens += p.query_len;

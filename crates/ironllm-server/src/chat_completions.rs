@@ -3,6 +3,10 @@
 //! (`{"role": "assistant", "content": ""}`) per choice first, content deltas, `finish_reason` on a
 //! choice's last content chunk, then the usage chunk (`stream_options.include_usage`) and
 //! `data: [DONE]`.
+//!
+//! Forced tool calls (`tool_choice` naming a function, or `"required"`): the output is constrained to
+//! the arguments' JSON schema and comes back as `tool_calls` with `finish_reason: "tool_calls"`; when
+//! streaming, the calls are sent whole in the choice's last chunk (no partial arguments).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +30,7 @@ use crate::protocol::{
 };
 use crate::routes::{body_json, chat_template_for};
 use crate::server::{random_uuid, unix_now, AppState};
+use crate::structured::{self, StructuredFields, ToolMode};
 use crate::validate::{self, check_model, PromptInput, SamplingFields};
 
 /// A chat request after validation, templating and tokenization.
@@ -45,6 +50,7 @@ struct Prepared {
     cumulative: bool,
     priority: i32,
     return_token_ids: bool,
+    tool_mode: ToolMode,
 }
 
 pub async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -80,24 +86,35 @@ pub async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Bo
         .seqs
         .iter()
         .enumerate()
-        .map(|(i, seq)| ChatChoice {
-            index: i,
-            message: ChatMessage {
-                role: state.config.response_role.clone(),
-                content: Some(format!("{}{}", p.echo.as_deref().unwrap_or_default(), seq.text)),
-                refusal: None,
-                annotations: None,
-                audio: None,
-                function_call: None,
-                tool_calls: Vec::new(),
-                reasoning_content: None,
-            },
-            logprobs: p.logprobs.map(|k| ChatLogprobs {
-                content: Some(logprobs::chat_logprobs(tok, &seq.token_ids, &seq.logprobs, k)),
-            }),
-            finish_reason: finish_reason_str(seq.finish_reason),
-            stop_reason: stop_reason_json(seq.stop_reason.as_ref()),
-            token_ids: p.return_token_ids.then(|| seq.token_ids.clone()),
+        .map(|(i, seq)| {
+            let tool_calls = tool_calls_of(&p.tool_mode, &seq.text, finish_reason_str(seq.finish_reason).as_deref());
+            ChatChoice {
+                index: i,
+                message: ChatMessage {
+                    role: state.config.response_role.clone(),
+                    content: if tool_calls.is_some() {
+                        None
+                    } else {
+                        Some(format!("{}{}", p.echo.as_deref().unwrap_or_default(), seq.text))
+                    },
+                    refusal: None,
+                    annotations: None,
+                    audio: None,
+                    function_call: None,
+                    tool_calls: tool_calls.clone().unwrap_or_default(),
+                    reasoning_content: None,
+                },
+                logprobs: p.logprobs.map(|k| ChatLogprobs {
+                    content: Some(logprobs::chat_logprobs(tok, &seq.token_ids, &seq.logprobs, k)),
+                }),
+                finish_reason: if tool_calls.is_some() {
+                    Some("tool_calls".to_string())
+                } else {
+                    finish_reason_str(seq.finish_reason)
+                },
+                stop_reason: stop_reason_json(seq.stop_reason.as_ref()),
+                token_ids: p.return_token_ids.then(|| seq.token_ids.clone()),
+            }
         })
         .collect();
     let cached = state.config.enable_prompt_tokens_details.then_some(acc.num_cached_tokens);
@@ -120,21 +137,29 @@ pub async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Bo
 fn prepare(state: &AppState, req: ChatCompletionRequest) -> Result<Prepared, ApiError> {
     let stream = req.stream.unwrap_or(false);
     let (include_usage, continuous_usage) = validate::stream_options(stream, req.stream_options.as_ref())?;
-    validate::check_response_format(req.response_format.as_ref())?;
+    let mut structured = structured::parse(&StructuredFields {
+        response_format: req.response_format.as_ref(),
+        structured_outputs: req.structured_outputs.as_ref(),
+        guided_json: req.guided_json.as_ref(),
+        guided_regex: req.guided_regex.as_ref(),
+        guided_choice: req.guided_choice.as_ref(),
+        guided_grammar: req.guided_grammar.as_ref(),
+    })?;
     let priority = validate::check_priority(state, req.priority)?;
     let has_tools = matches!(&req.tools, Some(Value::Array(t)) if !t.is_empty());
     // vLLM defaults `tool_choice` to "auto" when tools are given, and "auto" needs a tool parser.
-    let unsupported = |what: &str| {
-        Err(ApiError::bad_request(format!("{what} needs structured output, which this server does not support yet"))
-            .with_param("tool_choice"))
-    };
+    let mut tool_mode = ToolMode::None;
     match &req.tool_choice {
         None | Some(Value::Null) if !has_tools => {}
         Some(Value::String(s)) if s == "none" => {}
         None | Some(Value::Null) => return auto_tool_choice_error(),
         Some(Value::String(s)) if s == "auto" => return auto_tool_choice_error(),
-        Some(Value::String(s)) if s == "required" => return unsupported("tool_choice `required`"),
-        Some(Value::Object(_)) => return unsupported("A named tool_choice"),
+        Some(choice @ Value::String(s)) if s == "required" => {
+            (tool_mode, structured) = forced_tools(structured, req.tools.as_ref(), choice)?;
+        }
+        Some(choice @ Value::Object(_)) => {
+            (tool_mode, structured) = forced_tools(structured, req.tools.as_ref(), choice)?;
+        }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "`tool_choice` must be `none`, `auto`, `required` or a named tool, got {other}"
@@ -211,7 +236,8 @@ fn prepare(state: &AppState, req: ChatCompletionRequest) -> Result<Prepared, Api
         bad_words: req.bad_words,
         use_beam_search: req.use_beam_search,
     };
-    let params = validate::build_sampling_params(state, fields, max_tokens)?;
+    let mut params = validate::build_sampling_params(state, fields, max_tokens)?;
+    params.structured_outputs = structured;
     let echo = if req.echo.unwrap_or(false) {
         chat::final_message_content(&messages)
             .filter(|(role, _)| *role == state.config.response_role)
@@ -232,7 +258,32 @@ fn prepare(state: &AppState, req: ChatCompletionRequest) -> Result<Prepared, Api
         cumulative,
         priority,
         return_token_ids: req.return_token_ids.unwrap_or(false),
+        tool_mode,
     })
+}
+
+/// The constraint of a forced tool call; a request that also asks for another constraint is refused.
+fn forced_tools(
+    other: Option<ironllm_core::structured::StructuredOutputsParams>,
+    tools: Option<&Value>,
+    choice: &Value,
+) -> Result<(ToolMode, Option<ironllm_core::structured::StructuredOutputsParams>), ApiError> {
+    if let Some(other) = other {
+        return Err(ApiError::bad_request(format!(
+            "Only one kind of structured output may be requested, got `tool_choice` and `{}`",
+            other.field
+        ))
+        .with_param("tool_choice"));
+    }
+    structured::tool_constraint(tools, Some(choice))
+}
+
+/// The tool calls of a finished choice in tool mode (only when the output completed its grammar).
+fn tool_calls_of(mode: &ToolMode, text: &str, finish_reason: Option<&str>) -> Option<Vec<Value>> {
+    if finish_reason != Some("stop") {
+        return None;
+    }
+    structured::tool_calls_from_text(mode, text)
 }
 
 fn auto_tool_choice_error<T>() -> Result<T, ApiError> {
@@ -260,7 +311,11 @@ async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStre
     for i in 0..p.n {
         let role = ChatStreamChoice {
             index: i,
-            delta: ChatDelta { role: Some(state.config.response_role.clone()), content: Some(String::new()) },
+            delta: ChatDelta {
+                role: Some(state.config.response_role.clone()),
+                content: Some(String::new()),
+                tool_calls: None,
+            },
             logprobs: None,
             finish_reason: None,
             stop_reason: None,
@@ -272,7 +327,7 @@ async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStre
         if let Some(echo) = &p.echo {
             let c = ChatStreamChoice {
                 index: i,
-                delta: ChatDelta { role: None, content: Some(echo.clone()) },
+                delta: ChatDelta { role: None, content: Some(echo.clone()), tool_calls: None },
                 logprobs: None,
                 finish_reason: None,
                 stop_reason: None,
@@ -284,6 +339,9 @@ async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStre
         }
     }
     let mut cached_tokens = 0;
+    // Tool mode: each choice's text is held back and sent as tool calls when it finishes.
+    let mut tool_text = vec![String::new(); p.n];
+    let tool_mode = p.tool_mode != ToolMode::None;
     let mut merged = generate::merge(streams);
     while let Some((_, ev)) = merged.next().await {
         let out = match ev {
@@ -310,11 +368,36 @@ async fn stream_chat(state: Arc<AppState>, p: Prepared, streams: Vec<RequestStre
             if o.text.is_empty() && o.finish_reason.is_none() && !has_logprobs && !ids_to_send {
                 continue;
             }
+            let (content, tool_calls, finish) = if tool_mode {
+                tool_text[o.index].push_str(&o.text);
+                let finish = finish_reason_str(o.finish_reason);
+                if finish.is_none() && !has_logprobs && !ids_to_send {
+                    continue;
+                }
+                match finish.as_deref().and_then(|f| tool_calls_of(&p.tool_mode, &tool_text[o.index], Some(f))) {
+                    Some(calls) => {
+                        let indexed = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, mut c)| {
+                                c["index"] = i.into();
+                                c
+                            })
+                            .collect();
+                        (None, Some(indexed), Some("tool_calls".to_string()))
+                    }
+                    // Not parseable (cut by length): the text goes out as content.
+                    None if finish.is_some() => (Some(std::mem::take(&mut tool_text[o.index])), None, finish),
+                    None => (None, None, None),
+                }
+            } else {
+                (Some(o.text), None, finish_reason_str(o.finish_reason))
+            };
             let c = ChatStreamChoice {
                 index: o.index,
-                delta: ChatDelta { role: None, content: Some(o.text) },
+                delta: ChatDelta { role: None, content, tool_calls },
                 logprobs: lp,
-                finish_reason: finish_reason_str(o.finish_reason),
+                finish_reason: finish,
                 stop_reason: stop_reason_json(o.stop_reason.as_ref()),
                 token_ids: p.return_token_ids.then_some(o.token_ids),
             };

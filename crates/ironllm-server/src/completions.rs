@@ -100,7 +100,14 @@ fn prepare(state: &AppState, req: CompletionRequest) -> Result<Prepared, ApiErro
             ApiError::bad_request("`prompt_embeds` is not supported by this server").with_param("prompt_embeds")
         );
     }
-    validate::check_response_format(req.response_format.as_ref())?;
+    let structured = crate::structured::parse(&crate::structured::StructuredFields {
+        response_format: req.response_format.as_ref(),
+        structured_outputs: req.structured_outputs.as_ref(),
+        guided_json: req.guided_json.as_ref(),
+        guided_regex: req.guided_regex.as_ref(),
+        guided_choice: req.guided_choice.as_ref(),
+        guided_grammar: req.guided_grammar.as_ref(),
+    })?;
     let priority = validate::check_priority(state, req.priority)?;
     let logprobs = match req.logprobs {
         Some(k) if k < 0 => {
@@ -156,6 +163,7 @@ fn prepare(state: &AppState, req: CompletionRequest) -> Result<Prepared, ApiErro
         let ids = validate::tokenize_prompt(state, prompt, add_special_tokens, req.truncate_prompt_tokens)?;
         let max_tokens = validate::resolve_max_tokens(state, ids.len(), requested_max)?;
         let mut p = validate::build_sampling_params(state, fields.clone(), max_tokens)?;
+        p.structured_outputs = structured.clone();
         if echo {
             if let Some(k) = logprobs {
                 p.prompt_logprobs = Some(p.prompt_logprobs.unwrap_or(0).max(k));

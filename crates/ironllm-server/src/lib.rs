@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod routes;
 pub mod server;
+pub mod structured;
 pub mod validate;
 
 pub use async_engine::{AsyncEngine, EngineRequest};

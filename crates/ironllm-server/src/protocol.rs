@@ -67,6 +67,14 @@ pub struct CompletionRequest {
     // vLLM's extra parameters.
     pub add_special_tokens: Option<bool>,
     pub response_format: Option<Value>,
+    /// vLLM's structured outputs, and the older `guided_*` fields mapped to the same thing.
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
     pub priority: Option<i64>,
     pub request_id: Option<String>,
     pub return_token_ids: Option<bool>,
@@ -123,6 +131,14 @@ pub struct ChatCompletionRequest {
     pub documents: Option<Value>,
     pub chat_template: Option<String>,
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// vLLM's structured outputs, and the older `guided_*` fields mapped to the same thing.
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
     pub priority: Option<i64>,
     pub request_id: Option<String>,
     pub return_token_ids: Option<bool>,
@@ -350,6 +366,9 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Forced tool calls, sent whole in the choice's last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -423,7 +442,7 @@ mod tests {
 
     #[test]
     fn chat_delta_omits_unset_fields() {
-        let d = ChatDelta { role: None, content: Some("hi".into()) };
+        let d = ChatDelta { role: None, content: Some("hi".into()), tool_calls: None };
         assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"content":"hi"}"#);
     }
 }

@@ -419,25 +419,6 @@ pub fn check_priority(state: &AppState, priority: Option<i64>) -> Result<i32, Ap
         .map_err(|_| ApiError::bad_request(format!("`priority` must fit in 32 bits, got {p}")).with_param("priority"))
 }
 
-/// Rejects `response_format` types that need structured output (not built yet).
-pub fn check_response_format(v: Option<&Value>) -> Result<(), ApiError> {
-    let Some(v) = v else { return Ok(()) };
-    let kind = match v {
-        Value::Null => return Ok(()),
-        Value::Object(o) => o.get("type").and_then(Value::as_str).unwrap_or(""),
-        _ => "",
-    };
-    match kind {
-        "text" => Ok(()),
-        "json_object" | "json_schema" | "structural_tag" => Err(ApiError::bad_request(format!(
-            "`response_format` of type `{kind}` needs structured output, which this server does not support yet"
-        ))
-        .with_param("response_format")),
-        _ => Err(ApiError::bad_request("`response_format.type` must be one of `text`, `json_object`, `json_schema`")
-            .with_param("response_format")),
-    }
-}
-
 /// `stream_options` is only allowed with `stream: true`; returns (include_usage, continuous_usage_stats).
 pub fn stream_options(
     stream: bool,

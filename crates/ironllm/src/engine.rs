@@ -11,7 +11,8 @@
 //! loop. The server takes the parts apart ([`Engine::into_parts`]) and runs [`Core`] on the engine
 //! thread and the frontend side elsewhere.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use ironllm_core::engine::EngineCore;
 use ironllm_core::executor::ModelExecutor;
@@ -25,6 +26,7 @@ use ironllm_model::generation_config::GenerationDefaults;
 use ironllm_model::llama::{KvCache, LlamaModel};
 use ironllm_model::loader::{self, DType, LoadOptions, PreparedModel};
 use ironllm_model::runner::CpuModelRunner;
+use ironllm_model::structured::{StructuredOutputCompiler, DEFAULT_COMPILE_TIMEOUT};
 use ironllm_model::tokenizer::Tokenizer;
 
 use crate::default_model::ensure_default_model;
@@ -111,14 +113,19 @@ pub struct Registration {
     pub child_ids: Vec<String>,
 }
 
-/// The frontend's input side: tokenization, validation, `n` / `best_of` fan-out. Immutable, so it can
-/// be shared by every HTTP handler.
+/// The frontend's input side: tokenization, validation, structured-output compilation, `n` /
+/// `best_of` fan-out. Immutable after construction (the grammar compiler is built on first use and
+/// caches internally), so it can be shared by every HTTP handler.
 pub struct InputProcessor {
     tokenizer: Option<Arc<Tokenizer>>,
     eos_token_ids: Vec<u32>,
     vocab_size: usize,
     max_model_len: usize,
     max_logprobs: usize,
+    /// Time limit for compiling one grammar (`--structured-outputs-compile-timeout`).
+    structured_compile_timeout: Duration,
+    /// Built at the first constrained request: the token trie costs time and memory nobody else needs.
+    structured: OnceLock<Result<Arc<StructuredOutputCompiler>, String>>,
 }
 
 impl InputProcessor {
@@ -129,7 +136,53 @@ impl InputProcessor {
         max_model_len: usize,
         max_logprobs: usize,
     ) -> InputProcessor {
-        InputProcessor { tokenizer, eos_token_ids, vocab_size, max_model_len, max_logprobs }
+        InputProcessor {
+            tokenizer,
+            eos_token_ids,
+            vocab_size,
+            max_model_len,
+            max_logprobs,
+            structured_compile_timeout: DEFAULT_COMPILE_TIMEOUT,
+            structured: OnceLock::new(),
+        }
+    }
+
+    /// Sets the time limit for compiling one structured-output grammar (default 10 s).
+    pub fn set_structured_outputs_compile_timeout(&mut self, timeout: Duration) {
+        self.structured_compile_timeout = timeout;
+    }
+
+    /// The structured-output compiler for this tokenizer, built on first use.
+    pub fn structured_compiler(&self) -> Result<&Arc<StructuredOutputCompiler>, LlmError> {
+        self.structured
+            .get_or_init(|| {
+                let tok = self.tokenizer.as_ref().ok_or("structured output needs a tokenizer")?;
+                StructuredOutputCompiler::new(
+                    tok,
+                    self.vocab_size,
+                    &self.eos_token_ids,
+                    self.structured_compile_timeout,
+                )
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| LlmError::InvalidRequest(e.clone()))
+    }
+
+    /// Compiles a request's structured-output constraint (a cache hit is a lookup) into
+    /// `params.compiled_grammar`. Runs on the caller's thread, never on the engine thread; a compile
+    /// error or time-out is an invalid request whose message names the field.
+    fn compile_structured(&self, params: &mut SamplingParams) -> Result<(), LlmError> {
+        let Some(structured) = &params.structured_outputs else {
+            return Ok(());
+        };
+        if params.compiled_grammar.is_none() {
+            let compiled =
+                self.structured_compiler()?.compile(structured).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+            params.compiled_grammar = Some(compiled);
+        }
+        Ok(())
     }
 
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
@@ -193,6 +246,7 @@ impl InputProcessor {
         }
         params.eos_token_ids = self.eos_token_ids.clone();
         params.validate(vocab, self.max_logprobs).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+        self.compile_structured(&mut params)?;
         let num_children = params.num_sequences();
         let child_ids: Vec<String> = if num_children == 1 {
             vec![request_id.to_string()]
@@ -467,13 +521,14 @@ impl Engine {
         );
         let loaded = prepared;
         let core = Core::new(sched, runner)?;
-        let input = InputProcessor::new(
+        let mut input = InputProcessor::new(
             loaded.tokenizer.clone(),
             loaded.eos_token_ids.clone(),
             info.config.vocab_size,
             max_model_len,
             args.max_logprobs,
         );
+        input.set_structured_outputs_compile_timeout(args.structured_outputs_compile_timeout);
         Ok(Engine {
             input,
             output: OutputStage::new(loaded.tokenizer.clone()),
@@ -630,6 +685,8 @@ fn build_cuda_backend(
             None => KvCacheSize::Utilization(args.gpu_memory_utilization),
         },
         seed: args.seed,
+        max_model_len: prepared.max_model_len,
+        enforce_eager: args.enforce_eager,
     };
     let runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
     let m = runner.memory.clone();
@@ -642,6 +699,16 @@ fn build_cuda_backend(
         m.kv_cache_bytes as f64 / GIB,
         m.profile_seconds
     );
+    if args.enforce_eager {
+        tracing::info!("CUDA graphs off (--enforce-eager)");
+    } else {
+        tracing::info!(
+            "captured {} decode CUDA graphs (batch sizes {:?}) in {:.2}s",
+            m.graph_batch_sizes.len(),
+            m.graph_batch_sizes,
+            m.graph_capture_seconds
+        );
+    }
     Ok(Backend {
         runner: Box::new(runner),
         num_kv_blocks: m.num_blocks,

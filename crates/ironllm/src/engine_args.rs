@@ -49,6 +49,10 @@ pub struct EngineArgs {
     pub device: Device,
     /// Fraction of the GPU's memory the engine may use in all (vLLM's `--gpu-memory-utilization`).
     pub gpu_memory_utilization: f64,
+    /// `--enforce-eager`: no CUDA graphs on the GPU.
+    pub enforce_eager: bool,
+    /// The longest a structured-output grammar may take to compile before the request is refused.
+    pub structured_outputs_compile_timeout: std::time::Duration,
     pub seed: u64,
     pub generation_config: GenerationConfigSource,
     pub max_logprobs: usize,
@@ -73,6 +77,8 @@ impl Default for EngineArgs {
             kv_cache_memory_bytes: None,
             device: Device::Auto,
             gpu_memory_utilization: 0.9,
+            enforce_eager: false,
+            structured_outputs_compile_timeout: ironllm_model::structured::DEFAULT_COMPILE_TIMEOUT,
             seed: 0,
             generation_config: GenerationConfigSource::Auto,
             max_logprobs: 20,

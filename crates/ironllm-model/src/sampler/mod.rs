@@ -2,6 +2,8 @@
 //! logits, with vLLM V1's semantics.
 //!
 //! Per row, in vLLM V1's order:
+//! 0. a structured-output row's grammar bitmask (tokens the grammar forbids become `-inf`), before any
+//!    logits processor, as vLLM applies it;
 //! 1. logprobs to return are taken from the raw logits (`log_softmax` of the model output, vLLM's
 //!    default `logprobs_mode = raw_logprobs`), only when `params.logprobs` is set;
 //! 2. the allowed-token mask, 3. bad words, 4. min-tokens, 5. logit bias, 6. repetition, frequency and
@@ -94,7 +96,28 @@ impl Sampler {
         rows: &mut [SamplingRow<'_>],
         engine_rng: &mut Rng,
     ) -> Vec<SampledToken> {
+        self.sample_with_masks(logits, rows, &[], engine_rng)
+    }
+
+    /// [`Sampler::sample`] with structured-output bitmasks: `masks[i]`, when given, is row `i`'s
+    /// allowed-token bitmask (bit `t % 32` of word `t / 32` set when token `t` may be sampled;
+    /// `vocab_size.div_ceil(32)` words). Rows past `masks.len()` and `None` rows are unconstrained and
+    /// their logits are not touched, so they sample exactly what they would alone.
+    ///
+    /// # Panics
+    /// If `logits.len() != rows.len() * vocab_size` or a mask is shorter than the vocabulary.
+    pub fn sample_with_masks(
+        &mut self,
+        logits: &mut [f32],
+        rows: &mut [SamplingRow<'_>],
+        masks: &[Option<&[u32]>],
+        engine_rng: &mut Rng,
+    ) -> Vec<SampledToken> {
         let vocab_size = self.vocab_size;
+        for mask in masks.iter().flatten() {
+            assert!(mask.len() * 32 >= vocab_size, "a bitmask must cover the vocabulary ({vocab_size} tokens)");
+        }
+        let mask_of = |i: usize| masks.get(i).copied().flatten();
         assert_eq!(
             logits.len(),
             rows.len() * vocab_size,
@@ -119,10 +142,11 @@ impl Sampler {
                 .par_chunks_mut(vocab_size)
                 .zip(rows.par_iter_mut())
                 .zip(scratch.par_iter_mut())
-                .map(|((row_logits, row), scratch)| sample_row(row_logits, row, scratch))
+                .enumerate()
+                .map(|(i, ((row_logits, row), scratch))| sample_row(row_logits, row, mask_of(i), scratch))
                 .collect()
         } else {
-            vec![sample_row(logits, &mut rows[0], &mut scratch[0])]
+            vec![sample_row(logits, &mut rows[0], mask_of(0), &mut scratch[0])]
         }
     }
 
@@ -155,15 +179,35 @@ impl Sampler {
     }
 }
 
+/// Sets every token whose bit is clear to `-inf` (`logits`: `[vocab]`). Works a 32-token word at a
+/// time, and skips words where everything is allowed.
+fn apply_bitmask(logits: &mut [f32], mask: &[u32]) {
+    for (chunk, &word) in logits.chunks_mut(32).zip(mask) {
+        if word == u32::MAX && chunk.len() == 32 {
+            continue;
+        }
+        for (bit, x) in chunk.iter_mut().enumerate() {
+            if word & (1 << bit) == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// The whole pipeline for one row (`logits`: `[vocab]`).
-fn sample_row(logits: &mut [f32], row: &mut SamplingRow<'_>, scratch: &mut RowScratch) -> SampledToken {
+fn sample_row(
+    logits: &mut [f32],
+    row: &mut SamplingRow<'_>,
+    mask: Option<&[u32]>,
+    scratch: &mut RowScratch,
+) -> SampledToken {
     let params = row.params;
     let greedy = params.is_greedy();
     let processors_active = processors::any_active(params, row.output_token_ids);
 
-    // Greedy with no processor: the raw row is the processed row, so one argmax pass, and the logprobs
-    // (if any) read the same untouched row.
-    if greedy && !processors_active {
+    // Greedy with no processor and no grammar: the raw row is the processed row, so one argmax pass,
+    // and the logprobs (if any) read the same untouched row.
+    if greedy && !processors_active && mask.is_none() {
         let token_id = select::argmax(logits);
         let logprobs = params.logprobs.map(|k| logprobs::position_logprobs(logits, token_id, k));
         return SampledToken { token_id, logprobs };
@@ -173,6 +217,10 @@ fn sample_row(logits: &mut [f32], row: &mut SamplingRow<'_>, scratch: &mut RowSc
     if params.logprobs.is_some() {
         scratch.raw_logits.clear();
         scratch.raw_logits.extend_from_slice(logits);
+    }
+    // (0) The grammar first: later processors then only see tokens the grammar allows.
+    if let Some(mask) = mask {
+        apply_bitmask(logits, mask);
     }
     // (2)-(6)
     if processors_active {
