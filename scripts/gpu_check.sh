@@ -61,6 +61,10 @@ for phase in "$@"; do
       done
       unset IRONLLM_TEST_DEVICE IRONLLM_TEST_GGUF IRONLLM_TEST_RANDOM_WEIGHTS IRONLLM_TEST_DTYPE
       ;;
+    structured)
+      step structured_cuda python3 tests/gpu/structured_check.py .gpu/ironllm "$MODELS/smollm2-135m-float32" \
+        "$LOGS/structured.json"
+      ;;
     e2e)
       step compare_transformers python3 tests/gpu/compare_transformers.py --models "$MODELS/models.json" \
         --ironllm .gpu/ironllm --out "$LOGS/compare_results.json"

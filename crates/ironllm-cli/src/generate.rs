@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use ironllm::{Prompt, SamplingParams, LLM};
+use ironllm_core::structured::{StructuredConstraint, StructuredOutputsParams};
 use serde_json::{json, Value};
 
 use crate::args::EngineFlags;
@@ -96,7 +97,57 @@ pub fn apply_json_params(p: &mut SamplingParams, v: &Value) -> anyhow::Result<()
         }
     }
     *p = serde_json::from_value(merged).context("invalid sampling fields")?;
+    if let Some(structured) = structured_outputs_of(obj)? {
+        p.structured_outputs = Some(structured);
+    }
     Ok(())
+}
+
+/// vLLM's `structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`, with
+/// `disable_any_whitespace` / `disable_additional_properties`) or a legacy `guided_*` field of one line.
+fn structured_outputs_of(obj: &serde_json::Map<String, Value>) -> anyhow::Result<Option<StructuredOutputsParams>> {
+    let constraint_of = |key: &str, v: &Value| -> anyhow::Result<Option<StructuredConstraint>> {
+        Ok(match key {
+            "json" => Some(StructuredConstraint::Json(match v {
+                Value::String(text) => serde_json::from_str(text).context("`json` is not valid JSON")?,
+                other => other.clone(),
+            })),
+            "regex" => Some(StructuredConstraint::Regex(v.as_str().context("`regex` must be a string")?.to_string())),
+            "choice" => Some(StructuredConstraint::Choice(
+                serde_json::from_value(v.clone()).context("`choice` must be a list of strings")?,
+            )),
+            "grammar" => {
+                Some(StructuredConstraint::Grammar(v.as_str().context("`grammar` must be a string")?.to_string()))
+            }
+            "json_object" if v.as_bool() == Some(true) => Some(StructuredConstraint::JsonObject),
+            _ => None,
+        })
+    };
+    if let Some(so) = obj.get("structured_outputs").and_then(Value::as_object) {
+        let mut found = None;
+        for (k, v) in so {
+            if let Some(c) = constraint_of(k, v)? {
+                anyhow::ensure!(found.is_none(), "`structured_outputs` holds more than one constraint");
+                found = Some((k.clone(), c));
+            }
+        }
+        let Some((key, constraint)) = found else { anyhow::bail!("`structured_outputs` holds no constraint") };
+        let mut params = StructuredOutputsParams::new(constraint);
+        params.disable_any_whitespace = so.get("disable_any_whitespace").and_then(Value::as_bool).unwrap_or(false);
+        params.disable_additional_properties =
+            so.get("disable_additional_properties").and_then(Value::as_bool).unwrap_or(false);
+        params.field = format!("structured_outputs.{key}");
+        return Ok(Some(params));
+    }
+    for key in ["json", "regex", "choice", "grammar"] {
+        if let Some(v) = obj.get(&format!("guided_{key}")) {
+            let constraint = constraint_of(key, v)?.context("unreachable: a known key")?;
+            let mut params = StructuredOutputsParams::new(constraint);
+            params.field = format!("guided_{key}");
+            return Ok(Some(params));
+        }
+    }
+    Ok(None)
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {

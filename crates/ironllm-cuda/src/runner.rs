@@ -17,6 +17,7 @@ use std::time::Instant;
 use cudarc::driver::{CudaGraph, CudaSlice};
 use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
+use ironllm_core::structured::GrammarMatcher;
 use ironllm_core::{CoreError, SamplingParams};
 use ironllm_model::sampler::Rng;
 
@@ -36,6 +37,8 @@ struct ReqState {
     params: Arc<SamplingParams>,
     /// The request's generator seed (its own, or drawn once from the engine's generator).
     seed: u64,
+    /// The structured-output matcher, advanced with every sampled token (`None`: unconstrained).
+    grammar: Option<Box<dyn GrammarMatcher>>,
 }
 
 /// How the KV cache is sized.
@@ -85,6 +88,9 @@ struct DeviceBatch {
     token_to_seq: CudaSlice<i32>,
     logits_rows: CudaSlice<i32>,
     tiles: CudaSlice<i32>,
+    /// Structured-output bitmasks of this step and the logits row each applies to.
+    masks: CudaSlice<u32>,
+    mask_rows: CudaSlice<i32>,
 }
 
 fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -184,6 +190,8 @@ impl CudaModelRunner {
             token_to_seq: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
             logits_rows: gpu.alloc_zeros(max_rows)?,
             tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
+            masks: gpu.alloc_zeros(c.vocab_size.div_ceil(32))?,
+            mask_rows: gpu.alloc_zeros(1)?,
         };
         // Profile: one sequence of max_tokens tokens in a throwaway cache just big enough for it.
         let profile_blocks = max_tokens.div_ceil(cfg.block_size) + 1;
@@ -324,6 +332,51 @@ impl CudaModelRunner {
         upload_into(gpu, &mut self.dev.tiles, &h.tiles)
     }
 
+    /// Structured output: fills the bitmask of every constrained row that samples this step (on the host,
+    /// while the GPU runs the forward already queued) and applies them to the logits.
+    fn apply_grammar_masks(&mut self, order: &[(&String, usize)], sample_req_idx: &[usize]) -> Result<(), CudaError> {
+        let vocab = self.model.config.vocab_size;
+        let words = vocab.div_ceil(32);
+        let mut masks: Vec<u32> = Vec::new();
+        let mut rows: Vec<i32> = Vec::new();
+        for (row, &ri) in sample_req_idx.iter().enumerate() {
+            if let Some(m) = self.reqs.get_mut(order[ri].0).and_then(|st| st.grammar.as_mut()) {
+                let start = masks.len();
+                masks.resize(start + words, 0);
+                m.fill_next_token_bitmask(&mut masks[start..]);
+                rows.push(row as i32);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let gpu = &*self.gpu;
+        upload_into(gpu, &mut self.dev.masks, &masks)?;
+        upload_into(gpu, &mut self.dev.mask_rows, &rows)?;
+        let f = gpu.function("apply_token_bitmask_f32")?;
+        let (vocab_i, words_i) = (vocab as i32, words as i32);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (rows.len() as u32, vocab.div_ceil(1024) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: masks hold rows.len() x words words; each row index is < the step's sampling rows,
+        // which the logits buffer holds.
+        unsafe {
+            use cudarc::driver::PushKernelArg;
+            gpu.stream()
+                .launch_builder(f)
+                .arg(&mut self.ws.logits.data)
+                .arg(&vocab_i)
+                .arg(&self.dev.masks)
+                .arg(&self.dev.mask_rows)
+                .arg(&words_i)
+                .launch(cfg)
+        }
+        .at(|| "apply_token_bitmask_f32".into())?;
+        Ok(())
+    }
+
     /// Debugging aid (`IRONLLM_GRAPH_CHECK=1`): recomputes a replayed step eagerly over the same padded
     /// metadata and logs how far the graph's logits are from the eager ones.
     fn check_graph_step(&mut self, b: usize, rows: usize) -> Result<(), CudaError> {
@@ -409,6 +462,15 @@ impl CudaModelRunner {
                 }
                 None => {
                     let seed = new.sampling_params.seed.unwrap_or_else(|| self.engine_rng.next_u64());
+                    // A request this runner has not seen starts its grammar at the output's start and
+                    // replays the output it already has (a request resumed elsewhere).
+                    let grammar = new.sampling_params.compiled_grammar.as_ref().map(|g| {
+                        let mut matcher = g.new_matcher();
+                        for &t in &new.output_token_ids {
+                            matcher.accept_token(t);
+                        }
+                        matcher
+                    });
                     self.reqs.insert(
                         new.req_id.clone(),
                         ReqState {
@@ -418,6 +480,7 @@ impl CudaModelRunner {
                             num_computed_tokens: new.num_computed_tokens,
                             params: new.sampling_params.clone(),
                             seed,
+                            grammar,
                         },
                     );
                 }
@@ -613,6 +676,7 @@ impl CudaModelRunner {
                 offset += count;
             }
         }
+        self.apply_grammar_masks(&order, &sample_req_idx)?;
         let rows: Vec<GpuSamplingRow<'_>> = sample_req_idx
             .iter()
             .map(|&ri| {
@@ -646,6 +710,9 @@ impl CudaModelRunner {
                 st.num_computed_tokens += n;
                 if let Some(&tok) = out.sampled_token_ids[ri].first() {
                     st.token_ids.push(tok);
+                    if let Some(m) = st.grammar.as_mut() {
+                        m.accept_token(tok);
+                    }
                 }
             }
         }
@@ -658,6 +725,10 @@ const GIB: f64 = (1u64 << 30) as f64;
 impl ModelExecutor for CudaModelRunner {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
         self.step(plan).map_err(|e| CoreError::Execution(e.to_string()))
+    }
+
+    fn supports_structured_output(&self) -> bool {
+        true
     }
 }
 
