@@ -227,8 +227,6 @@ def test_tools(http):
 def test_unsupported_content_and_formats(client):
     with pytest.raises(openai.BadRequestError):
         chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
-    with pytest.raises(openai.BadRequestError):
-        chat(client, response_format={"type": "json_object"})
 
 
 def test_logprob_values_are_finite_json(http):

@@ -122,6 +122,14 @@ pub struct ServeBenchArgs {
     /// Extra JSON fields for every request body, e.g. '{"cache_prompt": false}'.
     #[arg(long)]
     pub extra_body: Option<String>,
+    /// Fraction of requests that carry `--structured-output-body` (spread evenly over the run), as
+    /// vLLM's structured-output benchmark's `--structured-output-ratio`.
+    #[arg(long, default_value_t = 0.0)]
+    pub structured_output_ratio: f64,
+    /// JSON fields the structured requests add (default: a `response_format` JSON schema of a person
+    /// record).
+    #[arg(long)]
+    pub structured_output_body: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub num_warmups: usize,
     /// Poll the endpoint with the first prompt until it answers, up to this many seconds (0: skip).
@@ -415,6 +423,8 @@ pub struct SampleRequest {
     pub prompt: String,
     pub prompt_len: usize,
     pub expected_output_len: usize,
+    /// Whether the request carries the structured-output fields.
+    pub structured: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -445,6 +455,8 @@ struct Client {
     headers: reqwest::header::HeaderMap,
     model: String,
     extra: Map<String, Value>,
+    /// Added to the requests marked structured.
+    structured_extra: Map<String, Value>,
     ignore_eos: bool,
 }
 
@@ -462,6 +474,11 @@ impl Client {
         }
         for (k, v) in &self.extra {
             body[k] = v.clone();
+        }
+        if req.structured {
+            for (k, v) in &self.structured_extra {
+                body[k] = v.clone();
+            }
         }
         let mut out = RequestOutput { prompt_len: req.prompt_len, ..Default::default() };
         let mut st = Instant::now();
@@ -713,7 +730,7 @@ async fn random_dataset(a: &ServeBenchArgs, pm: &mut PromptMaker<'_>, rng: &mut 
         let in_len = sample_lens(rng, a.random_input_len, a.random_range_ratio, 0);
         let out_len = sample_lens(rng, a.random_output_len, a.random_range_ratio, 1);
         let (prompt, n) = pm.fit(rng, &prefix, prefix_len, prefix_len + in_len.max(1)).await;
-        reqs.push(SampleRequest { prompt, prompt_len: n, expected_output_len: out_len });
+        reqs.push(SampleRequest { prompt, prompt_len: n, expected_output_len: out_len, structured: false });
     }
     reqs
 }
@@ -737,7 +754,12 @@ async fn prefix_repetition_dataset(
         let (prefix, plen) = pm.fit(rng, "", 0, p).await;
         for _ in 0..per_prefix {
             let (prompt, n) = pm.fit(rng, &prefix, plen, plen + s).await;
-            reqs.push(SampleRequest { prompt, prompt_len: n, expected_output_len: a.prefix_repetition_output_len });
+            reqs.push(SampleRequest {
+                prompt,
+                prompt_len: n,
+                expected_output_len: a.prefix_repetition_output_len,
+                structured: false,
+            });
         }
     }
     if !a.disable_shuffle {
@@ -900,6 +922,19 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
             _ => bail!("--extra-body must be a JSON object"),
         }
     }
+    if !(0.0..=1.0).contains(&a.structured_output_ratio) {
+        bail!("--structured-output-ratio must be in [0, 1]");
+    }
+    let structured_extra = match &a.structured_output_body {
+        Some(s) => match serde_json::from_str::<Value>(s).context("--structured-output-body is not JSON")? {
+            Value::Object(m) => m,
+            _ => bail!("--structured-output-body must be a JSON object"),
+        },
+        None => match default_structured_body() {
+            Value::Object(m) => m,
+            _ => unreachable!("a JSON object literal"),
+        },
+    };
     if a.temperature.is_none() {
         eprintln!(
             "WARNING: no --temperature given: the server's default sampling applies (pass --temperature 0 for greedy)."
@@ -931,6 +966,7 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
         headers,
         model: String::new(),
         extra,
+        structured_extra,
         ignore_eos: a.ignore_eos,
     };
     let model_id = match &a.model {
@@ -947,7 +983,7 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
     // Dataset.
     let t_ds = Instant::now();
     let mut rng = Rng::new(a.seed);
-    let (requests, tokenizer_id, mismatch, calls) = {
+    let (mut requests, tokenizer_id, mismatch, calls) = {
         let mut pm = make_prompt_maker(&client, a.skip_tokenizer_init).await;
         let reqs = match a.dataset_name.as_str() {
             "random" => random_dataset(&a, &mut pm, &mut rng).await,
@@ -964,6 +1000,18 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
         requests.iter().map(|r| r.prompt_len).sum::<usize>(),
         t_ds.elapsed().as_secs_f64()
     );
+    // Structured requests spread evenly: request i is one when i * ratio crosses an integer.
+    let ratio = a.structured_output_ratio;
+    for (i, r) in requests.iter_mut().enumerate() {
+        r.structured = ((i + 1) as f64 * ratio).floor() > (i as f64 * ratio).floor();
+    }
+    if ratio > 0.0 {
+        eprintln!(
+            "Structured output: {} of {} requests",
+            requests.iter().filter(|r| r.structured).count(),
+            requests.len()
+        );
+    }
     if mismatch != 0 {
         eprintln!(
             "WARNING: across all prompts there were {} {} tokens than requested after fitting.",
@@ -1375,4 +1423,21 @@ mod tests {
         assert_eq!(p_word(99.0), "99");
         assert_eq!(p_word(99.9), "99.9");
     }
+}
+
+/// The default structured-output fields: an OpenAI `response_format` JSON schema of a person record whose
+/// biography must be long (`minLength` 600), so the grammar stays active for a whole 128-token output:
+/// a schema that completes early would end in EOS-only steps whose empty text skips streaming and
+/// detokenization work, and flatter the constrained side.
+fn default_structured_body() -> Value {
+    json!({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 8, "maxLength": 32},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "biography": {"type": "string", "minLength": 600},
+        },
+        "required": ["name", "age", "biography"],
+        "additionalProperties": false,
+    }}}})
 }
