@@ -1264,6 +1264,23 @@ fn report(
     r
 }
 
+/// The default structured-output fields: an OpenAI `response_format` JSON schema of a person record whose
+/// biography must be long (`minLength` 600), so the grammar stays active for a whole 128-token output:
+/// a schema that completes early would end in EOS-only steps whose empty text skips streaming and
+/// detokenization work, and flatter the constrained side.
+fn default_structured_body() -> Value {
+    json!({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 8, "maxLength": 32},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "biography": {"type": "string", "minLength": 600},
+        },
+        "required": ["name", "age", "biography"],
+        "additionalProperties": false,
+    }}}})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1423,21 +1440,4 @@ mod tests {
         assert_eq!(p_word(99.0), "99");
         assert_eq!(p_word(99.9), "99.9");
     }
-}
-
-/// The default structured-output fields: an OpenAI `response_format` JSON schema of a person record whose
-/// biography must be long (`minLength` 600), so the grammar stays active for a whole 128-token output:
-/// a schema that completes early would end in EOS-only steps whose empty text skips streaming and
-/// detokenization work, and flatter the constrained side.
-fn default_structured_body() -> Value {
-    json!({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "minLength": 8, "maxLength": 32},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "biography": {"type": "string", "minLength": 600},
-        },
-        "required": ["name", "age", "biography"],
-        "additionalProperties": false,
-    }}}})
 }
