@@ -198,7 +198,8 @@ pub struct AsyncEngineOptions {
 /// The handlers' handle on the engine: input processing here, the engine core on the engine thread,
 /// output processing on the frontend thread.
 pub struct AsyncEngine {
-    input: InputProcessor,
+    /// Shared with the blocking pool, where structured-output grammars compile.
+    input: Arc<InputProcessor>,
     commands: mpsc::UnboundedSender<CoreCommand>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -281,7 +282,12 @@ impl AsyncEngine {
                 drop(engine);
             })
             .expect("spawning the engine thread");
-        AsyncEngine { input, commands, shared, threads: Mutex::new(vec![engine_thread, frontend_thread]) }
+        AsyncEngine {
+            input: Arc::new(input),
+            commands,
+            shared,
+            threads: Mutex::new(vec![engine_thread, frontend_thread]),
+        }
     }
 
     /// Whether the engine thread is running.
@@ -308,10 +314,18 @@ impl AsyncEngine {
             return Err(EngineError::ShuttingDown);
         }
         let EngineRequest { request_id, prompt_token_ids, params, output_kind, priority, arrival } = request;
-        let processed = self
-            .input
-            .process(&request_id, &Prompt::Tokens(prompt_token_ids), params, output_kind, priority)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let prompt = Prompt::Tokens(prompt_token_ids);
+        let processed = if params.structured_outputs.is_some() {
+            // Compiling a grammar can take up to the compile time limit: on the blocking pool, so the
+            // async workers keep serving; the request reaches the engine's queue once it has compiled.
+            let (input, id) = (self.input.clone(), request_id.clone());
+            tokio::task::spawn_blocking(move || input.process(&id, &prompt, params, output_kind, priority))
+                .await
+                .map_err(|e| EngineError::InvalidRequest(format!("grammar compilation failed: {e}")))?
+        } else {
+            self.input.process(&request_id, &prompt, params, output_kind, priority)
+        }
+        .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let request = Box::new(NewRequest { registration: processed.registration, outputs: tx, arrival });
