@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod kv_cache_manager;
+pub mod ngram_proposer;
 pub mod output_processor;
 pub mod outputs;
 pub mod request;

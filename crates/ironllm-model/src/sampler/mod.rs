@@ -26,6 +26,7 @@
 mod logprobs;
 mod math;
 mod processors;
+pub mod rejection;
 mod rng;
 mod select;
 mod state;
