@@ -52,6 +52,8 @@ pub struct CudaLlama {
     rope_sin: CudaSlice<f32>,
     pub max_positions: usize,
     weight_bytes: usize,
+    /// The tensor-core prefill kernel for this dtype and head size, if any (resolved once).
+    flash_prefill: Option<String>,
 }
 
 /// The paged KV cache on the GPU: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size,
@@ -301,6 +303,7 @@ impl CudaLlama {
         let rope_cos = gpu.upload(cos)?;
         let rope_sin = gpu.upload(sin)?;
         let weight_bytes = ld.bytes;
+        let flash_prefill = ops::flash_kernel(&gpu, dtype, c.head_dim);
         gpu.synchronize()?;
         Ok(CudaLlama {
             config,
@@ -314,6 +317,7 @@ impl CudaLlama {
             rope_sin,
             max_positions,
             weight_bytes,
+            flash_prefill,
         })
     }
 
@@ -371,7 +375,7 @@ impl CudaLlama {
             let (kc, vc) = &mut kv.layers[li];
             let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
             ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
-            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale)?;
+            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, self.flash_prefill.as_deref())?;
             ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
             ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
             ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;

@@ -253,8 +253,9 @@ pub fn qk_norm_rope_kv(
 pub const FLASH_BLOCK_M: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
-/// Attention for every token of the batch: decode rows (and everything in f32, or head sizes the
-/// tensor-core kernel lacks) through the general paged kernel, prefill rows through the tensor-core one.
+/// Attention for every token of the batch: decode rows (and everything when `flash` is `None`: f32, or
+/// head sizes the tensor-core kernel lacks) through the general paged kernel, prefill rows through the
+/// tensor-core kernel `flash` ([`flash_kernel`], resolved once at load).
 pub fn attention(
     gpu: &Gpu,
     out: &mut DevBuf,
@@ -264,6 +265,7 @@ pub fn attention(
     shape: &AttnShape,
     meta: &BatchMeta<'_>,
     scale: f32,
+    flash: Option<&str>,
 ) -> Result<(), CudaError> {
     let d = same_dtype(&[out, qkv, k_cache, v_cache], "attention")?;
     let t = meta.num_tokens;
@@ -276,7 +278,6 @@ pub fn attention(
     if t == 0 {
         return Ok(());
     }
-    let flash = flash_kernel(gpu, d, shape.head_dim);
     let paged_tokens = if flash.is_some() { meta.num_decode_tokens } else { t };
     let (nh, nkv, hd, bs, mb) = (
         i32_of(shape.num_heads, "heads")?,
@@ -315,7 +316,7 @@ pub fn attention(
     if let Some(name) = flash {
         if meta.num_prefill_tiles > 0 {
             need_slice(meta.prefill_tiles, 2 * meta.num_prefill_tiles, "prefill tiles")?;
-            let f = gpu.function(&name)?;
+            let f = gpu.function(name)?;
             let tiles = i32_of(meta.num_prefill_tiles, "tiles")?;
             // SAFETY: as above; tiles name sequences of this batch and query offsets inside them.
             unsafe {
@@ -337,7 +338,7 @@ pub fn attention(
                     .arg(&scale)
                     .launch(cfg((meta.num_prefill_tiles as u32, shape.num_heads as u32, 1), 128, 0))
             }
-            .at(|| name.clone())?;
+            .at(|| name.to_string())?;
         }
     }
     Ok(())

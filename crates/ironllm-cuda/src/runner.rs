@@ -137,6 +137,8 @@ pub struct CudaModelRunner {
     graph_table_stride: usize,
     /// Captured decode graphs by padded batch size (ascending).
     graphs: Vec<(usize, DecodeGraph)>,
+    /// `IRONLLM_GRAPH_CHECK` was set: every replay is compared with an eager run (debugging aid).
+    check_graphs: bool,
     pub memory: CudaMemoryReport,
 }
 
@@ -208,6 +210,7 @@ impl CudaModelRunner {
             dev,
             graph_table_stride,
             graphs: Vec::new(),
+            check_graphs: std::env::var_os("IRONLLM_GRAPH_CHECK").is_some(),
             memory: CudaMemoryReport {
                 total_bytes: gpu.info.total_memory,
                 weight_bytes: model.weight_bytes(),
@@ -626,7 +629,7 @@ impl CudaModelRunner {
             Some(b) => {
                 let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
                 graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
-                if std::env::var_os("IRONLLM_GRAPH_CHECK").is_some() {
+                if self.check_graphs {
                     self.check_graph_step(b, num_rows)?;
                 }
             }

@@ -106,14 +106,6 @@ impl DevBuf {
         Ok(self.data.slice_mut(start * s..(start + len) * s))
     }
 
-    /// Grows (reallocates, contents lost) to hold at least `len` elements.
-    pub fn ensure(&mut self, gpu: &Gpu, len: usize) -> Result<(), CudaError> {
-        if self.len < len {
-            *self = DevBuf::zeros(gpu, self.dtype, len)?;
-        }
-        Ok(())
-    }
-
     pub fn nbytes(&self) -> usize {
         self.len * self.dtype.size()
     }

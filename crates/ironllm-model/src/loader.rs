@@ -117,12 +117,8 @@ pub struct LoadedModel {
 
 /// Loads a model for the CPU backend as the options say.
 pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
-    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
-        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
-    }
     let p = prepare(opts)?;
-    let keep_quantized = opts.dtype != DType::Float32;
-    let model = LlamaModel::load(p.config, &p.source, keep_quantized, p.max_model_len)?;
+    let model = cpu_model(&p, opts.dtype)?;
     Ok(LoadedModel {
         model: Arc::new(model),
         tokenizer: p.tokenizer,
@@ -132,6 +128,15 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
         eos_token_ids: p.eos_token_ids,
         load_seconds: p.started.elapsed().as_secs_f64(),
     })
+}
+
+/// Loads a prepared model's weights for the CPU backend: f32 math, GGUF blocks kept quantized unless
+/// `--dtype float32` (bf16/fp16 requests are treated as float32, with a warning).
+pub fn cpu_model(p: &PreparedModel, dtype: DType) -> Result<LlamaModel, ModelError> {
+    if dtype == DType::BFloat16 || dtype == DType::Float16 {
+        tracing::warn!("the CPU backend computes in float32; --dtype {dtype:?} is treated as float32");
+    }
+    LlamaModel::load(p.config.clone(), &p.source, dtype != DType::Float32, p.max_model_len)
 }
 
 /// Resolves the model (config, weight source, tokenizer, chat template, generation defaults, context

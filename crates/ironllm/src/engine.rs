@@ -23,8 +23,8 @@ use ironllm_core::scheduler::{SchedulerConfig, SchedulingPolicy};
 use ironllm_core::{SamplingParams, SchedulerStats};
 use ironllm_model::config::ModelConfig;
 use ironllm_model::generation_config::GenerationDefaults;
-use ironllm_model::llama::{KvCache, LlamaModel};
-use ironllm_model::loader::{self, DType, LoadOptions, PreparedModel};
+use ironllm_model::llama::KvCache;
+use ironllm_model::loader::{self, LoadOptions, PreparedModel};
 use ironllm_model::runner::CpuModelRunner;
 use ironllm_model::structured::{StructuredOutputCompiler, DEFAULT_COMPILE_TIMEOUT};
 use ironllm_model::tokenizer::Tokenizer;
@@ -632,13 +632,8 @@ struct Backend {
 }
 
 fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, LlmError> {
-    if opts.dtype == DType::BFloat16 || opts.dtype == DType::Float16 {
-        tracing::warn!("the CPU backend computes in float32; --dtype {:?} is treated as float32", opts.dtype);
-    }
     let prepared = loader::prepare(opts)?;
-    let keep_quantized = opts.dtype != DType::Float32;
-    let model =
-        Arc::new(LlamaModel::load(prepared.config.clone(), &prepared.source, keep_quantized, prepared.max_model_len)?);
+    let model = Arc::new(loader::cpu_model(&prepared, opts.dtype)?);
     let kv_bytes_wanted = args.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
     let bytes_per_block = KvCache::bytes_per_token(&prepared.config) * args.block_size;
     let num_kv_blocks = kv_bytes_wanted / bytes_per_block;
