@@ -10,6 +10,7 @@
 //!   prefill, preemption by recompute) and produces a [`outputs::SchedulerOutput`].
 //! - [`executor::ModelExecutor`]: the one seam to the model side (forward + sample for a planned step).
 //! - [`engine::EngineCore`]: schedule, execute, update — one step, used by every entry point.
+//! - [`spec_decode`]: the speculative config, the per-request draft gate, acceptance counters.
 //! - [`structured`]: a request's structured-output constraint and the grammar seam the runner uses.
 //! - [`detokenizer::IncrementalDetokenizer`] and [`output_processor`]: text, stop strings, deltas.
 
@@ -25,6 +26,7 @@ pub mod outputs;
 pub mod request;
 pub mod sampling_params;
 pub mod scheduler;
+pub mod spec_decode;
 pub mod structured;
 pub mod testing;
 

@@ -81,6 +81,12 @@ pub struct SchedulerOutput {
     pub finished_req_ids: Vec<String>,
     /// Requests preempted this step: the runner drops their state; they come back as new requests.
     pub preempted_req_ids: Vec<String>,
+    /// Draft tokens to verify this step per request (speculative decoding): the request's scheduled
+    /// tokens end with them, after its last real token.
+    pub scheduled_spec_decode_tokens: Vec<(String, Vec<u32>)>,
+    /// Requests the runner proposes draft tokens for once this step has sampled (empty when speculation
+    /// is off or turned down for the whole batch).
+    pub spec_propose_req_ids: Vec<String>,
 }
 
 /// One candidate token with its log-probability.
@@ -105,13 +111,17 @@ pub struct PositionLogprobs {
 pub struct ModelRunnerOutput {
     /// One entry per scheduled request, same order as the vectors below.
     pub req_ids: Vec<String>,
-    /// Sampled tokens per request; empty while a prefill is still partial.
+    /// Sampled tokens per request; empty while a prefill is still partial. With draft tokens scheduled:
+    /// the accepted drafts followed by one token the runner sampled itself.
     pub sampled_token_ids: Vec<Vec<u32>>,
     /// Per request, one entry per sampled token when `logprobs` was requested.
     pub logprobs: Vec<Option<Vec<PositionLogprobs>>>,
     /// Per request, prompt logprobs for the prompt positions computed this step (`prompt_logprobs`).
     /// Position i holds the logprob of prompt token i+1 given tokens up to i.
     pub prompt_logprobs: Vec<Option<Vec<PositionLogprobs>>>,
+    /// Per request, the draft tokens proposed for the next step (speculative decoding; may be empty, or
+    /// shorter than `req_ids` when the runner proposes nothing).
+    pub spec_token_ids: Vec<Vec<u32>>,
 }
 
 /// What the engine core reports for a request after a step.

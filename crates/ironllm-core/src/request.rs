@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::block_pool::{hash_block_tokens, BlockHash};
 use crate::outputs::FinishReason;
+use crate::spec_decode::DraftGate;
 use crate::SamplingParams;
 
 /// Where a request is in its life.
@@ -64,6 +65,11 @@ pub struct Request {
     /// Prompt positions whose prompt logprobs were already reported, so a recompute after preemption does
     /// not report them twice.
     pub(crate) num_prompt_logprobs_sent: usize,
+    /// Draft tokens the runner proposed after the last step, verified in the next one (speculative
+    /// decoding); never part of `token_ids`.
+    pub spec_token_ids: Vec<u32>,
+    /// Whether this request's drafts are currently worth verifying.
+    pub(crate) draft_gate: DraftGate,
 }
 
 impl Request {
@@ -91,6 +97,8 @@ impl Request {
             hashed_block_size: 0,
             arrival_index: 0,
             num_prompt_logprobs_sent: 0,
+            spec_token_ids: Vec::new(),
+            draft_gate: DraftGate::default(),
         }
     }
 

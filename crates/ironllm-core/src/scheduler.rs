@@ -33,6 +33,7 @@ use crate::outputs::{
     SchedulerOutput, StopReason,
 };
 use crate::request::{Request, RequestStatus};
+use crate::spec_decode::{SpecDecodingStats, SpeculativeConfig};
 use crate::CoreError;
 
 /// Which waiting request goes first, and which running request is preempted (`--scheduling-policy`).
@@ -66,6 +67,8 @@ pub struct SchedulerConfig {
     /// with chunked prefill: without it a prompt must be computed whole.
     pub long_prefill_token_threshold: usize,
     pub policy: SchedulingPolicy,
+    /// `--speculative-config`, with `disable_by_batch_size` already resolved for the backend.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 impl SchedulerConfig {
@@ -81,6 +84,7 @@ impl SchedulerConfig {
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
             policy: SchedulingPolicy::Fcfs,
+            speculative: None,
         }
     }
 
@@ -142,6 +146,8 @@ pub struct SchedulerStats {
     pub prefix_cache_hits: u64,
     /// Preemptions since start (`vllm:num_preemptions`).
     pub num_preemptions: u64,
+    /// Speculative decoding's acceptance counters since start (`vllm:spec_decode_*`).
+    pub spec_decoding: SpecDecodingStats,
 }
 
 /// Orders requests by (priority, arrival time, admission order).
@@ -239,6 +245,7 @@ pub struct Scheduler {
     pending_outputs: Vec<EngineCoreOutput>,
     num_preemptions_total: u64,
     next_arrival_index: u64,
+    spec_stats: SpecDecodingStats,
 }
 
 impl Scheduler {
@@ -254,6 +261,7 @@ impl Scheduler {
             pending_outputs: Vec::new(),
             num_preemptions_total: 0,
             next_arrival_index: 0,
+            spec_stats: SpecDecodingStats::default(),
             config,
         })
     }
@@ -300,21 +308,27 @@ impl Scheduler {
     /// Plans one step. See the module docs for the policy.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut token_budget = self.config.max_num_batched_tokens;
-        // (request id, tokens this step, blocks added this step), in running order.
-        let mut scheduled_running: Vec<(String, usize, Vec<BlockId>)> = Vec::new();
+        // (request id, tokens this step including drafts, drafts, blocks added this step), in running order.
+        let mut scheduled_running: Vec<(String, usize, usize, Vec<BlockId>)> = Vec::new();
         let mut preempted_req_ids: Vec<String> = Vec::new();
+        let lookahead = self.config.speculative.as_ref().map_or(0, SpeculativeConfig::num_lookahead_tokens);
 
         let mut req_idx = 0;
         while req_idx < self.running.len() && token_budget > 0 {
             let req_id = self.running[req_idx].clone();
-            let num_new_tokens = self.num_tokens_to_schedule(self.tracked(&req_id), token_budget);
+            let request = self.tracked(&req_id);
+            let num_new_tokens = self.num_tokens_to_schedule(request, token_budget);
             if num_new_tokens == 0 {
                 req_idx += 1;
                 continue;
             }
+            let num_drafts = self.num_drafts_to_schedule(request, num_new_tokens, token_budget);
+            let num_scheduled = num_new_tokens + num_drafts;
             let new_blocks = loop {
                 let request = tracked(&self.requests, &req_id);
-                if let Some(blocks) = self.kv_cache_manager.allocate_slots(request, num_new_tokens, &[]) {
+                let num_slots =
+                    with_lookahead(self.config.max_model_len, request.num_computed_tokens, num_scheduled, lookahead);
+                if let Some(blocks) = self.kv_cache_manager.allocate_slots(request, num_slots, &[]) {
                     break Some(blocks);
                 }
                 let victim_idx = self.pick_victim();
@@ -334,8 +348,8 @@ impl Scheduler {
                 }
             };
             if let Some(blocks) = new_blocks {
-                token_budget -= num_new_tokens;
-                scheduled_running.push((req_id, num_new_tokens, blocks));
+                token_budget -= num_scheduled;
+                scheduled_running.push((req_id, num_scheduled, num_drafts, blocks));
                 req_idx += 1;
             }
         }
@@ -362,7 +376,8 @@ impl Scheduler {
             } else if num_new_tokens > token_budget {
                 break;
             }
-            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, &computed_blocks).is_none() {
+            let num_slots = with_lookahead(self.config.max_model_len, num_computed_tokens, num_new_tokens, lookahead);
+            if self.kv_cache_manager.allocate_slots(request, num_slots, &computed_blocks).is_none() {
                 break;
             }
             self.waiting.pop_front();
@@ -380,12 +395,21 @@ impl Scheduler {
     /// Turns the step's decisions into the plain-data plan the runner reads.
     fn build_plan(
         &mut self,
-        scheduled_running: Vec<(String, usize, Vec<BlockId>)>,
+        scheduled_running: Vec<(String, usize, usize, Vec<BlockId>)>,
         scheduled_new: Vec<(String, usize)>,
         mut preempted_req_ids: Vec<String>,
     ) -> SchedulerOutput {
         let mut plan = SchedulerOutput::default();
-        for (req_id, num_tokens, new_block_ids) in scheduled_running {
+        for (req_id, num_tokens, num_drafts, new_block_ids) in scheduled_running {
+            // Drafts are consumed by the step that verifies them (or dropped with it: the step's new token
+            // makes them stale either way).
+            if let Some(request) = self.requests.get_mut(&req_id) {
+                let mut drafts = std::mem::take(&mut request.spec_token_ids);
+                if num_drafts > 0 {
+                    drafts.truncate(num_drafts);
+                    plan.scheduled_spec_decode_tokens.push((req_id.clone(), drafts));
+                }
+            }
             plan.scheduled_cached_reqs.push(CachedRequestData {
                 num_computed_tokens: self.tracked(&req_id).num_computed_tokens,
                 req_id: req_id.clone(),
@@ -406,6 +430,7 @@ impl Scheduler {
             plan.num_scheduled_tokens.push((req_id, num_tokens));
         }
         plan.total_num_scheduled_tokens = plan.num_scheduled_tokens.iter().map(|(_, n)| n).sum();
+        plan.spec_propose_req_ids = self.spec_propose_req_ids(&plan);
         if plan.total_num_scheduled_tokens == 0 {
             // This plan may never reach the runner: keep its news for the next one.
             self.unsent_preempted_req_ids.append(&mut preempted_req_ids);
@@ -426,6 +451,38 @@ impl Scheduler {
             num_tokens = num_tokens.min(threshold);
         }
         num_tokens.min(token_budget)
+    }
+
+    /// How many of `request`'s proposed drafts this step verifies: none unless all its remaining tokens
+    /// fit (a prefill still in chunks has no drafts), then as many as the budget, the context and
+    /// `max_tokens` leave room for (the step emits at most one token past the accepted drafts).
+    fn num_drafts_to_schedule(&self, request: &Request, num_new_tokens: usize, token_budget: usize) -> usize {
+        if request.spec_token_ids.is_empty() || num_new_tokens < request.num_tokens_to_compute() {
+            return 0;
+        }
+        let context_left = self.config.max_model_len.saturating_sub(request.num_tokens() + 1);
+        let output_left = request.max_tokens.saturating_sub(request.num_output_tokens() + 1);
+        request.spec_token_ids.len().min(token_budget - num_new_tokens).min(context_left).min(output_left)
+    }
+
+    /// Scheduled requests whose next drafts are worth proposing: speculation is on, the batch is below
+    /// `disable_by_batch_size`, and the request's gate is open (which also counts down its pause).
+    fn spec_propose_req_ids(&mut self, plan: &SchedulerOutput) -> Vec<String> {
+        let Some(spec) = &self.config.speculative else {
+            return Vec::new();
+        };
+        if self.running.len() >= spec.disable_by_batch_size.unwrap_or(usize::MAX) {
+            return Vec::new();
+        }
+        let mut ids = Vec::new();
+        for (req_id, _) in &plan.num_scheduled_tokens {
+            if let Some(request) = self.requests.get_mut(req_id) {
+                if request.draft_gate.allows_drafts() {
+                    ids.push(req_id.clone());
+                }
+            }
+        }
+        ids
     }
 
     /// Index in `running` of the request to preempt: the newest (FCFS) or the largest (priority,
@@ -452,6 +509,7 @@ impl Scheduler {
         };
         request.status = RequestStatus::Preempted;
         request.num_computed_tokens = 0;
+        request.spec_token_ids.clear();
         request.num_preemptions += 1;
         self.num_preemptions_total += 1;
         self.waiting.push_front(request);
@@ -467,8 +525,11 @@ impl Scheduler {
         runner_output: ModelRunnerOutput,
     ) -> Vec<EngineCoreOutput> {
         let mut outputs = std::mem::take(&mut self.pending_outputs);
-        let ModelRunnerOutput { req_ids, mut sampled_token_ids, mut logprobs, mut prompt_logprobs } = runner_output;
+        let ModelRunnerOutput { req_ids, mut sampled_token_ids, mut logprobs, mut prompt_logprobs, mut spec_token_ids } =
+            runner_output;
         let row_of: HashMap<&str, usize> = req_ids.iter().enumerate().map(|(row, id)| (id.as_str(), row)).collect();
+        let drafts_of: HashMap<&str, usize> =
+            plan.scheduled_spec_decode_tokens.iter().map(|(id, drafts)| (id.as_str(), drafts.len())).collect();
         let mut finished: Vec<String> = Vec::new();
 
         for (req_id, num_scheduled_tokens) in &plan.num_scheduled_tokens {
@@ -480,8 +541,10 @@ impl Scheduler {
                 continue;
             }
             let num_computed_before = request.num_computed_tokens;
+            // Scheduled drafts are not tokens yet: this stops at the last real token, and the accepted
+            // drafts are added below once known.
             request.num_computed_tokens = (num_computed_before + num_scheduled_tokens).min(request.num_tokens());
-            self.kv_cache_manager.cache_blocks(request);
+            let num_drafts = drafts_of.get(req_id.as_str()).copied().unwrap_or(0);
 
             let row = row_of.get(req_id.as_str()).copied();
             let sampled = row.and_then(|r| sampled_token_ids.get_mut(r)).map(std::mem::take);
@@ -501,6 +564,13 @@ impl Scheduler {
                     tracing::error!(%req_id, "the model runner sampled no token; aborting the request");
                     finish = Some((FinishReason::Abort, None));
                 }
+                if num_drafts > 0 {
+                    // The runner returns the accepted drafts and one token of its own.
+                    let num_accepted = sampled.len().saturating_sub(1).min(num_drafts);
+                    self.spec_stats.observe(num_drafts, num_accepted);
+                    request.draft_gate.observe(num_drafts, num_accepted);
+                    request.num_computed_tokens += num_accepted;
+                }
                 for token_id in sampled {
                     request.append_output_token(token_id);
                     new_token_ids.push(token_id);
@@ -509,7 +579,14 @@ impl Scheduler {
                         break;
                     }
                 }
+                // A stop inside the accepted drafts drops the tokens after it.
+                request.num_computed_tokens = request.num_computed_tokens.min(request.num_tokens());
+                if finish.is_none() {
+                    request.spec_token_ids =
+                        row.and_then(|r| spec_token_ids.get_mut(r)).map(std::mem::take).unwrap_or_default();
+                }
             }
+            self.kv_cache_manager.cache_blocks(request);
             let new_logprobs = new_logprobs.map(|mut entries| {
                 entries.truncate(new_token_ids.len());
                 entries
@@ -643,6 +720,7 @@ impl Scheduler {
             prefix_cache_queries: self.prefix_cache_queries(),
             prefix_cache_hits: self.prefix_cache_hits(),
             num_preemptions: self.num_preemptions_total,
+            spec_decoding: self.spec_stats.clone(),
         }
     }
 
@@ -686,6 +764,13 @@ fn tracked<'a>(requests: &'a HashMap<String, Request>, req_id: &str) -> &'a Requ
         Some(request) => request,
         None => panic!("scheduler bookkeeping lost request `{req_id}`"),
     }
+}
+
+/// Slots to allocate for `num_scheduled` tokens after `num_computed` plus the draft model's lookahead,
+/// never past the context.
+fn with_lookahead(max_model_len: usize, num_computed: usize, num_scheduled: usize, lookahead: usize) -> usize {
+    let room = max_model_len.saturating_sub(num_computed);
+    num_scheduled.max((num_scheduled + lookahead).min(room))
 }
 
 /// Whether the newest output token ends `request`, in vLLM's order: length first (`max_tokens` or the

@@ -10,15 +10,15 @@
 //! largest step, run one forward pass of `max_num_batched_tokens` tokens, then give the cache
 //! `gpu_memory_utilization` of the card's memory minus everything in use.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaSlice};
 use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
-use ironllm_core::structured::GrammarMatcher;
 use ironllm_core::{CoreError, SamplingParams};
+use ironllm_model::proposer::Proposer;
+use ironllm_model::runner_state::{RunnerRequest, RunnerRequests};
 use ironllm_model::sampler::Rng;
 
 use crate::device::Gpu;
@@ -27,19 +27,6 @@ use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::ops::{BatchMeta, FLASH_BLOCK_M};
 use crate::sampler::{GpuSampler, GpuSamplingRow};
 use crate::tensor::GpuDType;
-
-struct ReqState {
-    /// Prompt followed by every output token known so far.
-    token_ids: Vec<u32>,
-    num_prompt_tokens: usize,
-    block_table: Vec<u32>,
-    num_computed_tokens: usize,
-    params: Arc<SamplingParams>,
-    /// The request's generator seed (its own, or drawn once from the engine's generator).
-    seed: u64,
-    /// The structured-output matcher, advanced with every sampled token (`None`: unconstrained).
-    grammar: Option<Box<dyn GrammarMatcher>>,
-}
 
 /// How the KV cache is sized.
 #[derive(Debug, Clone, Copy)]
@@ -130,7 +117,10 @@ pub struct CudaModelRunner {
     ws: Workspace,
     sampler: GpuSampler,
     engine_rng: Rng,
-    reqs: HashMap<String, ReqState>,
+    /// Per-request state; the sampling state is the request's generator seed.
+    reqs: RunnerRequests<u64>,
+    /// Speculative decoding's proposer (`None`: off).
+    spec: Option<Proposer>,
     host: HostBatch,
     dev: DeviceBatch,
     /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
@@ -205,7 +195,8 @@ impl CudaModelRunner {
             ws,
             sampler,
             engine_rng: Rng::seeded(cfg.seed),
-            reqs: HashMap::new(),
+            reqs: RunnerRequests::default(),
+            spec: None,
             host: HostBatch::default(),
             dev,
             graph_table_stride,
@@ -337,18 +328,30 @@ impl CudaModelRunner {
 
     /// Structured output: fills the bitmask of every constrained row that samples this step (on the host,
     /// while the GPU runs the forward already queued) and applies them to the logits.
-    fn apply_grammar_masks(&mut self, order: &[(&String, usize)], sample_req_idx: &[usize]) -> Result<(), CudaError> {
+    fn apply_grammar_masks(
+        &mut self,
+        order: &[(&String, usize)],
+        sample_rows: &[(usize, usize)],
+    ) -> Result<(), CudaError> {
         let vocab = self.model.config.vocab_size;
         let words = vocab.div_ceil(32);
         let mut masks: Vec<u32> = Vec::new();
         let mut rows: Vec<i32> = Vec::new();
-        for (row, &ri) in sample_req_idx.iter().enumerate() {
-            if let Some(m) = self.reqs.get_mut(order[ri].0).and_then(|st| st.grammar.as_mut()) {
-                let start = masks.len();
-                masks.resize(start + words, 0);
-                m.fill_next_token_bitmask(&mut masks[start..]);
-                rows.push(row as i32);
+        for (row, &(ri, r)) in sample_rows.iter().enumerate() {
+            // A request's rows are consecutive: all of its masks are filled at its first row.
+            if r != 0 {
+                continue;
             }
+            let Some(st) = self.reqs.get_mut(order[ri].0) else { continue };
+            if st.grammar.is_none() {
+                continue;
+            }
+            let drafts = st.drafts().to_vec();
+            let Some(m) = st.grammar.as_mut() else { continue };
+            let start = masks.len();
+            masks.resize(start + (drafts.len() + 1) * words, 0);
+            RunnerRequest::<u64>::fill_spec_masks(m.as_mut(), &drafts, &mut masks[start..], words);
+            rows.extend((0..=drafts.len()).map(|j| (row + j) as i32));
         }
         if rows.is_empty() {
             return Ok(());
@@ -443,65 +446,22 @@ impl CudaModelRunner {
         self.step(&plan).map(|_| ())
     }
 
-    fn apply_plan_bookkeeping(&mut self, plan: &SchedulerOutput) -> Result<(), CudaError> {
-        for id in &plan.finished_req_ids {
-            self.reqs.remove(id);
+    /// Turns speculative decoding on (n-gram drafts; a draft model is not supported on the GPU yet).
+    pub fn set_proposer(&mut self, proposer: Proposer) -> Result<(), CudaError> {
+        if matches!(proposer, Proposer::DraftModel(_)) {
+            return Err(CudaError::Invalid(
+                "the draft_model speculative method is not supported on the CUDA backend yet; use ngram, or --device cpu".into(),
+            ));
         }
-        for id in &plan.preempted_req_ids {
-            if let Some(st) = self.reqs.get_mut(id) {
-                st.block_table.clear();
-                st.num_computed_tokens = 0;
-            }
-        }
-        for new in &plan.scheduled_new_reqs {
-            let mut token_ids = new.prompt_token_ids.clone();
-            token_ids.extend_from_slice(&new.output_token_ids);
-            let block_table = new.block_ids.iter().map(|b| b.0).collect();
-            match self.reqs.get_mut(&new.req_id) {
-                Some(st) => {
-                    st.token_ids = token_ids;
-                    st.block_table = block_table;
-                    st.num_computed_tokens = new.num_computed_tokens;
-                }
-                None => {
-                    let seed = new.sampling_params.seed.unwrap_or_else(|| self.engine_rng.next_u64());
-                    // A request this runner has not seen starts its grammar at the output's start and
-                    // replays the output it already has (a request resumed elsewhere).
-                    let grammar = new.sampling_params.compiled_grammar.as_ref().map(|g| {
-                        let mut matcher = g.new_matcher();
-                        for &t in &new.output_token_ids {
-                            matcher.accept_token(t);
-                        }
-                        matcher
-                    });
-                    self.reqs.insert(
-                        new.req_id.clone(),
-                        ReqState {
-                            token_ids,
-                            num_prompt_tokens: new.prompt_token_ids.len(),
-                            block_table,
-                            num_computed_tokens: new.num_computed_tokens,
-                            params: new.sampling_params.clone(),
-                            seed,
-                            grammar,
-                        },
-                    );
-                }
-            }
-        }
-        for cached in &plan.scheduled_cached_reqs {
-            let st = self
-                .reqs
-                .get_mut(&cached.req_id)
-                .ok_or_else(|| CudaError::Invalid(format!("unknown request `{}`", cached.req_id)))?;
-            st.block_table.extend(cached.new_block_ids.iter().map(|b| b.0));
-            st.num_computed_tokens = cached.num_computed_tokens;
-        }
+        self.spec = Some(proposer);
         Ok(())
     }
 
     fn step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CudaError> {
-        self.apply_plan_bookkeeping(plan)?;
+        let engine_rng = &mut self.engine_rng;
+        self.reqs
+            .apply_plan(plan, |new| new.sampling_params.seed.unwrap_or_else(|| engine_rng.next_u64()))
+            .map_err(CudaError::Invalid)?;
         let block_size = self.kv.block_size;
         let max_pos = self.model.max_positions;
         let h = &mut self.host;
@@ -591,18 +551,25 @@ impl CudaModelRunner {
             }
         }
         let num_decode_tokens = num_decode_seqs;
-        // Logits rows: one per sampling request (plan order), then the prompt-logprob rows.
-        let mut sample_req_idx = Vec::new();
+        // Logits rows: the sample rows of each sampling request in plan order (its last position, or its
+        // last k + 1 with k drafts), then the prompt-logprob rows.
+        let mut sample_rows: Vec<(usize, usize)> = Vec::new(); // (request, row within the request)
         for ri in 0..order.len() {
             if samples[ri] {
-                h.logits_rows.push((query_start[ri] + order[ri].1 - 1) as i32);
-                sample_req_idx.push(ri);
+                let rows = self.reqs.get(order[ri].0).map_or(1, RunnerRequest::num_sample_rows);
+                if rows > order[ri].1 {
+                    return Err(CudaError::Invalid(format!("`{}` has more drafts than scheduled tokens", order[ri].0)));
+                }
+                for r in 0..rows {
+                    h.logits_rows.push((query_start[ri] + order[ri].1 - rows + r) as i32);
+                    sample_rows.push((ri, r));
+                }
             }
         }
         let num_sample_rows = h.logits_rows.len();
         let mut prompt_targets: Vec<u32> = Vec::new();
         for ri in 0..order.len() {
-            let st = &self.reqs[order[ri].0];
+            let st = self.reqs.get(order[ri].0).ok_or_else(|| CudaError::Invalid("request vanished".into()))?;
             for pos in prompt_lp[ri].clone() {
                 h.logits_rows.push((query_start[ri] + pos - st.num_computed_tokens) as i32);
                 prompt_targets.push(st.token_ids[pos + 1]);
@@ -668,7 +635,7 @@ impl CudaModelRunner {
                 if count == 0 {
                     continue;
                 }
-                let k = self.reqs[order[ri].0].params.prompt_logprobs.unwrap_or(0);
+                let k = self.reqs.get(order[ri].0).and_then(|st| st.params.prompt_logprobs).unwrap_or(0);
                 let row0 = num_sample_rows + offset;
                 let view = self.ws.logits.data.slice(row0 * vocab * 4..(row0 + count) * vocab * 4);
                 // SAFETY: the bytes are f32 logits written by the LM head GEMM.
@@ -679,15 +646,17 @@ impl CudaModelRunner {
                 offset += count;
             }
         }
-        self.apply_grammar_masks(&order, &sample_req_idx)?;
-        let rows: Vec<GpuSamplingRow<'_>> = sample_req_idx
-            .iter()
-            .map(|&ri| {
-                let st = &self.reqs[order[ri].0];
-                let (prompt, output) = st.token_ids.split_at(st.num_prompt_tokens);
-                GpuSamplingRow { params: &st.params, prompt_token_ids: prompt, output_token_ids: output, seed: st.seed }
-            })
-            .collect();
+        self.apply_grammar_masks(&order, &sample_rows)?;
+        let mut rows: Vec<GpuSamplingRow<'_>> = Vec::with_capacity(sample_rows.len());
+        for &(ri, r) in &sample_rows {
+            let st = self.reqs.get(order[ri].0).ok_or_else(|| CudaError::Invalid("request vanished".into()))?;
+            rows.push(GpuSamplingRow {
+                params: &st.params,
+                prompt_token_ids: &st.token_ids[..st.num_prompt_tokens],
+                output_token_ids: st.output_before_row(r),
+                seed: st.sampling,
+            });
+        }
         let sampled = if rows.is_empty() {
             Vec::new()
         } else {
@@ -698,26 +667,36 @@ impl CudaModelRunner {
             self.sampler.sample(&mut view, &rows)?
         };
         drop(rows);
+        let n = order.len();
+        let mut row_tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut row_logprobs: Vec<Vec<Option<PositionLogprobs>>> = vec![Vec::new(); n];
+        for (tok, &(ri, _)) in sampled.into_iter().zip(&sample_rows) {
+            row_tokens[ri].push(tok.token_id);
+            row_logprobs[ri].push(tok.logprobs);
+        }
         let mut out = ModelRunnerOutput {
             req_ids: order.iter().map(|(id, _)| (*id).clone()).collect(),
-            sampled_token_ids: vec![Vec::new(); order.len()],
-            logprobs: vec![None; order.len()],
+            sampled_token_ids: vec![Vec::new(); n],
+            logprobs: vec![None; n],
             prompt_logprobs: prompt_lps,
+            spec_token_ids: Vec::new(),
         };
-        for (tok, &ri) in sampled.into_iter().zip(&sample_req_idx) {
-            out.sampled_token_ids[ri] = vec![tok.token_id];
-            out.logprobs[ri] = tok.logprobs.map(|l| vec![l]);
-        }
-        for (ri, (id, n)) in order.iter().enumerate() {
-            if let Some(st) = self.reqs.get_mut(*id) {
-                st.num_computed_tokens += n;
-                if let Some(&tok) = out.sampled_token_ids[ri].first() {
-                    st.token_ids.push(tok);
-                    if let Some(m) = st.grammar.as_mut() {
-                        m.accept_token(tok);
-                    }
-                }
+        for (ri, (id, num_scheduled)) in order.iter().enumerate() {
+            let Some(st) = self.reqs.get_mut(id.as_str()) else { continue };
+            if !samples[ri] {
+                st.num_computed_tokens += num_scheduled;
+                continue;
             }
+            let emitted = st.finish_step(*num_scheduled, &row_tokens[ri]);
+            let lps = &mut row_logprobs[ri];
+            lps.truncate(emitted.len());
+            if !lps.is_empty() && lps.iter().all(Option::is_some) {
+                out.logprobs[ri] = Some(lps.drain(..).flatten().collect());
+            }
+            out.sampled_token_ids[ri] = emitted;
+        }
+        if let Some(proposer) = self.spec.as_mut() {
+            out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, block_size);
         }
         Ok(out)
     }

@@ -12,7 +12,6 @@
 //! sampled), hands the masks to the sampler, and advances each matcher with its sampled token.
 //! Prompt tokens are never fed to a matcher. Unconstrained rows get no mask and are untouched.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ironllm_core::executor::ModelExecutor;
@@ -23,19 +22,9 @@ use ironllm_kernels::cpu::attention::SeqSpan;
 use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
+use crate::proposer::Proposer;
+use crate::runner_state::{RunnerRequest, RunnerRequests};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
-
-struct ReqState {
-    /// Prompt followed by every output token known so far.
-    token_ids: Vec<u32>,
-    num_prompt_tokens: usize,
-    block_table: Vec<u32>,
-    num_computed_tokens: usize,
-    params: Arc<SamplingParams>,
-    sampler: SamplerState,
-    /// The structured-output matcher, advanced with every sampled token (`None`: unconstrained).
-    grammar: Option<Box<dyn GrammarMatcher>>,
-}
 
 /// A request's place in this step's batch.
 struct Planned {
@@ -55,7 +44,9 @@ pub struct CpuModelRunner {
     ws: Workspace,
     sampler: Sampler,
     engine_rng: Rng,
-    reqs: HashMap<String, ReqState>,
+    reqs: RunnerRequests<SamplerState>,
+    /// Speculative decoding's proposer (`None`: off).
+    spec: Option<Proposer>,
     /// The one thread pool the kernels run on. The forward pass is entered through `install`, so every
     /// parallel kernel starts on a pool worker instead of paying a cross-thread hand-off per call.
     pool: Arc<rayon::ThreadPool>,
@@ -86,7 +77,8 @@ impl CpuModelRunner {
             ws: Workspace::default(),
             sampler: Sampler::new(vocab),
             engine_rng: Rng::seeded(seed),
-            reqs: HashMap::new(),
+            reqs: RunnerRequests::default(),
+            spec: None,
             pool: Arc::new(pool),
             token_ids: Vec::new(),
             positions: Vec::new(),
@@ -101,62 +93,10 @@ impl CpuModelRunner {
         &self.model
     }
 
-    fn apply_plan_bookkeeping(&mut self, plan: &SchedulerOutput) -> Result<(), CoreError> {
-        for id in &plan.finished_req_ids {
-            self.reqs.remove(id);
-        }
-        for id in &plan.preempted_req_ids {
-            if let Some(st) = self.reqs.get_mut(id) {
-                st.block_table.clear();
-                st.num_computed_tokens = 0;
-            }
-        }
-        for new in &plan.scheduled_new_reqs {
-            let mut token_ids = new.prompt_token_ids.clone();
-            token_ids.extend_from_slice(&new.output_token_ids);
-            let block_table = new.block_ids.iter().map(|b| b.0).collect();
-            match self.reqs.get_mut(&new.req_id) {
-                // Resumed after preemption: keep the sampler state so seeded draws continue.
-                Some(st) => {
-                    st.token_ids = token_ids;
-                    st.block_table = block_table;
-                    st.num_computed_tokens = new.num_computed_tokens;
-                }
-                None => {
-                    let sampler = SamplerState::new(&new.sampling_params, &mut self.engine_rng);
-                    // A request this runner has not seen starts its grammar at the output's start and
-                    // replays any output it already has.
-                    let grammar = new.sampling_params.compiled_grammar.as_ref().map(|g| {
-                        let mut matcher = g.new_matcher();
-                        for &t in &new.output_token_ids {
-                            matcher.accept_token(t);
-                        }
-                        matcher
-                    });
-                    self.reqs.insert(
-                        new.req_id.clone(),
-                        ReqState {
-                            token_ids,
-                            num_prompt_tokens: new.prompt_token_ids.len(),
-                            block_table,
-                            num_computed_tokens: new.num_computed_tokens,
-                            params: new.sampling_params.clone(),
-                            sampler,
-                            grammar,
-                        },
-                    );
-                }
-            }
-        }
-        for cached in &plan.scheduled_cached_reqs {
-            let st = self
-                .reqs
-                .get_mut(&cached.req_id)
-                .ok_or_else(|| CoreError::Execution(format!("unknown request `{}`", cached.req_id)))?;
-            st.block_table.extend(cached.new_block_ids.iter().map(|b| b.0));
-            st.num_computed_tokens = cached.num_computed_tokens;
-        }
-        Ok(())
+    /// Turns speculative decoding on: after each step, the runner proposes draft tokens for the
+    /// requests the plan names.
+    pub fn set_proposer(&mut self, proposer: Proposer) {
+        self.spec = Some(proposer);
     }
 }
 
@@ -173,7 +113,10 @@ impl ModelExecutor for CpuModelRunner {
 
 impl CpuModelRunner {
     fn execute_step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
-        self.apply_plan_bookkeeping(plan)?;
+        let engine_rng = &mut self.engine_rng;
+        self.reqs
+            .apply_plan(plan, |new| SamplerState::new(&new.sampling_params, engine_rng))
+            .map_err(CoreError::Execution)?;
         let block_size = self.kv.layout.block_size;
         let max_pos = self.model.config.max_position_embeddings.max(1);
         self.token_ids.clear();
@@ -182,18 +125,9 @@ impl CpuModelRunner {
         self.logits_rows.clear();
 
         // Requests in batch order, with their slices of the flattened batch.
-        let order: Vec<&String> = plan.num_scheduled_tokens.iter().map(|(id, _)| id).collect();
+        let order: Vec<&str> = plan.num_scheduled_tokens.iter().map(|(id, _)| id.as_str()).collect();
+        let mut states = self.reqs.many_mut(&order).map_err(CoreError::Execution)?;
         let mut planned = Vec::with_capacity(order.len());
-        let mut states: Vec<&mut ReqState> = Vec::with_capacity(order.len());
-        {
-            let mut by_id: HashMap<&String, &mut ReqState> = self.reqs.iter_mut().collect();
-            for id in &order {
-                let st = by_id
-                    .remove(*id)
-                    .ok_or_else(|| CoreError::Execution(format!("request `{id}` scheduled twice or unknown")))?;
-                states.push(st);
-            }
-        }
         for (req_idx, ((_, n), st)) in plan.num_scheduled_tokens.iter().zip(states.iter()).enumerate() {
             let start = st.num_computed_tokens;
             let end = start + n;
@@ -218,18 +152,22 @@ impl CpuModelRunner {
             } else {
                 0..0
             };
-            planned.push(Planned {
-                req_idx,
-                query_start,
-                query_len: *n,
-                samples: end == st.token_ids.len(),
-                prompt_lp,
-            });
+            let samples = end == st.token_ids.len();
+            if samples && *n < st.num_sample_rows() {
+                return Err(CoreError::Execution(format!("request {req_idx} has more drafts than scheduled tokens")));
+            }
+            planned.push(Planned { req_idx, query_start, query_len: *n, samples, prompt_lp });
         }
-        // Logits rows: first one per sampling request, then the prompt-logprob rows.
+        // Logits rows: the sample rows of each sampling request (its last position, or its last k + 1
+        // with k drafts), then the prompt-logprob rows.
+        let mut sample_rows: Vec<(usize, usize)> = Vec::new(); // (request, row within the request)
         for p in &planned {
             if p.samples {
-                self.logits_rows.push(p.query_start + p.query_len - 1);
+                let rows = states[p.req_idx].num_sample_rows();
+                for r in 0..rows {
+                    self.logits_rows.push(p.query_start + p.query_len - rows + r);
+                    sample_rows.push((p.req_idx, r));
+                }
             }
         }
         let num_sample_rows = self.logits_rows.len();
@@ -242,25 +180,33 @@ impl CpuModelRunner {
                 prompt_targets.push(st.token_ids[pos + 1]);
             }
         }
-        // Constrained rows that sample this step: (sample row, request, its matcher taken out so the
-        // masks can be filled while the forward runs).
-        let mut grammar_rows: Vec<(usize, usize, Box<dyn GrammarMatcher>)> = Vec::new();
+        // Constrained requests that sample this step: (first sample row, request, its matcher taken out
+        // so the masks can be filled while the forward runs, drafts).
+        let mut grammar_rows: Vec<(usize, usize, Box<dyn GrammarMatcher>, Vec<u32>)> = Vec::new();
         let mut sample_row = 0;
         for (p, st) in planned.iter().zip(states.iter_mut()) {
             if p.samples {
                 if let Some(matcher) = st.grammar.take() {
-                    grammar_rows.push((sample_row, p.req_idx, matcher));
+                    grammar_rows.push((sample_row, p.req_idx, matcher, st.drafts().to_vec()));
                 }
-                sample_row += 1;
+                sample_row += st.num_sample_rows();
             }
         }
         let vocab = self.model.config.vocab_size;
         let words = vocab.div_ceil(32);
+        let mask_rows: Vec<usize> = grammar_rows.iter().map(|(_, _, _, d)| d.len() + 1).collect();
         self.bitmask.clear();
-        self.bitmask.resize(grammar_rows.len() * words, 0);
-        let fill_masks = |bitmask: &mut [u32], rows: &mut [(usize, usize, Box<dyn GrammarMatcher>)]| {
-            bitmask.par_chunks_mut(words).zip(rows.par_iter_mut()).for_each(|(out, (_, _, m))| {
-                m.fill_next_token_bitmask(out);
+        self.bitmask.resize(mask_rows.iter().sum::<usize>() * words, 0);
+        let fill_masks = |bitmask: &mut [u32], rows: &mut [(usize, usize, Box<dyn GrammarMatcher>, Vec<u32>)]| {
+            let mut chunks = Vec::with_capacity(rows.len());
+            let mut rest = bitmask;
+            for n in &mask_rows {
+                let (head, tail) = rest.split_at_mut(n * words);
+                chunks.push(head);
+                rest = tail;
+            }
+            chunks.into_par_iter().zip(rows.par_iter_mut()).for_each(|(out, (_, _, m, drafts))| {
+                RunnerRequest::<SamplerState>::fill_spec_masks(m.as_mut(), drafts, out, words);
             });
         };
         let spans: Vec<SeqSpan<'_>> = planned
@@ -315,54 +261,87 @@ impl CpuModelRunner {
             }
         }
 
+        // Sample rows after the first of a request with drafts sample with copies of its state, each
+        // seeing the drafts before it as output; the copy of the last emitted row becomes the state.
+        let mut draft_states: Vec<Vec<SamplerState>> = states
+            .iter()
+            .map(|st| if st.num_drafts > 0 { vec![st.sampling.clone(); st.num_drafts] } else { Vec::new() })
+            .collect();
         let mut rows: Vec<SamplingRow<'_>> = Vec::with_capacity(num_sample_rows);
-        let mut sample_req_idx = Vec::with_capacity(num_sample_rows);
-        for (p, st) in planned.iter().zip(states.iter_mut()) {
-            if p.samples {
-                let st: &mut ReqState = st;
-                let (prompt, output) = st.token_ids.split_at(st.num_prompt_tokens);
+        for ((p, st), extra) in planned.iter().zip(states.iter_mut()).zip(draft_states.iter_mut()) {
+            if !p.samples {
+                continue;
+            }
+            let st: &mut RunnerRequest<SamplerState> = st;
+            let (np, num_real) = (st.num_prompt_tokens, st.num_tokens());
+            let RunnerRequest { token_ids, params, sampling, .. } = st;
+            let token_ids: &[u32] = token_ids.as_slice();
+            let params: &SamplingParams = params;
+            rows.push(SamplingRow {
+                params,
+                prompt_token_ids: &token_ids[..np],
+                output_token_ids: &token_ids[np..num_real],
+                state: sampling,
+            });
+            for (j, state) in extra.iter_mut().enumerate() {
                 rows.push(SamplingRow {
-                    params: &st.params,
-                    prompt_token_ids: prompt,
-                    output_token_ids: output,
-                    state: &mut st.sampler,
+                    params,
+                    prompt_token_ids: &token_ids[..np],
+                    output_token_ids: &token_ids[np..num_real + j + 1],
+                    state,
                 });
-                sample_req_idx.push(p.req_idx);
             }
         }
         let mut masks: Vec<Option<&[u32]>> = Vec::new();
         if !grammar_rows.is_empty() {
             masks.resize(num_sample_rows, None);
-            for (i, (row, _, _)) in grammar_rows.iter().enumerate() {
-                masks[*row] = Some(&self.bitmask[i * words..(i + 1) * words]);
+            let mut offset = 0;
+            for ((row, _, _, drafts), n) in grammar_rows.iter().zip(&mask_rows) {
+                for r in 0..=drafts.len() {
+                    masks[row + r] = Some(&self.bitmask[(offset + r) * words..(offset + r + 1) * words]);
+                }
+                offset += n;
             }
         }
         let sampled = self.sampler.sample_with_masks(sample_logits, &mut rows, &masks, &mut self.engine_rng);
         drop(rows);
 
-        let mut out = ModelRunnerOutput {
-            req_ids: order.iter().map(|s| (*s).clone()).collect(),
-            sampled_token_ids: vec![Vec::new(); planned.len()],
-            logprobs: vec![None; planned.len()],
-            prompt_logprobs: prompt_lps,
-        };
-        for (tok, &ri) in sampled.into_iter().zip(&sample_req_idx) {
-            out.sampled_token_ids[ri] = vec![tok.token_id];
-            out.logprobs[ri] = tok.logprobs.map(|l| vec![l]);
+        let n = planned.len();
+        let mut row_tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut row_logprobs: Vec<Vec<Option<PositionLogprobs>>> = vec![Vec::new(); n];
+        for (tok, &(ri, _)) in sampled.into_iter().zip(&sample_rows) {
+            row_tokens[ri].push(tok.token_id);
+            row_logprobs[ri].push(tok.logprobs);
         }
-        for (_, req_idx, mut matcher) in grammar_rows {
-            if let Some(&t) = out.sampled_token_ids[req_idx].first() {
-                if !matcher.is_terminated() && !matcher.accept_token(t) {
-                    tracing::debug!("structured output: token {t} rejected by the grammar");
-                }
-            }
+        for (_, req_idx, matcher, _) in grammar_rows {
             states[req_idx].grammar = Some(matcher);
         }
+        let mut out = ModelRunnerOutput {
+            req_ids: order.iter().map(|s| (*s).to_owned()).collect(),
+            sampled_token_ids: vec![Vec::new(); n],
+            logprobs: vec![None; n],
+            prompt_logprobs: prompt_lps,
+            spec_token_ids: Vec::new(),
+        };
         for (p, st) in planned.iter().zip(states.iter_mut()) {
-            st.num_computed_tokens += p.query_len;
-            if let Some(&t) = out.sampled_token_ids[p.req_idx].first() {
-                st.token_ids.push(t);
+            if !p.samples {
+                st.num_computed_tokens += p.query_len;
+                continue;
             }
+            let emitted = st.finish_step(p.query_len, &row_tokens[p.req_idx]);
+            if emitted.len() > 1 {
+                st.sampling = std::mem::take(&mut draft_states[p.req_idx][emitted.len() - 2]);
+            }
+            let lps = &mut row_logprobs[p.req_idx];
+            lps.truncate(emitted.len());
+            if lps.iter().all(Option::is_some) && !lps.is_empty() {
+                out.logprobs[p.req_idx] = Some(lps.drain(..).flatten().collect());
+            }
+            out.sampled_token_ids[p.req_idx] = emitted;
+        }
+        drop(states);
+        if let Some(proposer) = self.spec.as_mut() {
+            out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, self.kv.layout.block_size);
         }
         Ok(out)
     }

@@ -11,20 +11,24 @@
 //! loop. The server takes the parts apart ([`Engine::into_parts`]) and runs [`Core`] on the engine
 //! thread and the frontend side elsewhere.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ironllm_core::engine::EngineCore;
 use ironllm_core::executor::ModelExecutor;
+use ironllm_core::ngram_proposer::NgramProposer;
 use ironllm_core::output_processor::{child_request_id, OutputKind, OutputProcessor, ProcessResult, RequestOutput};
 use ironllm_core::outputs::{EngineCoreOutput, FinishReason, StopReason};
 use ironllm_core::request::{Request, RequestStatus};
 use ironllm_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use ironllm_core::spec_decode::{SpeculativeConfig, SpeculativeMethod};
 use ironllm_core::{SamplingParams, SchedulerStats};
 use ironllm_model::config::ModelConfig;
 use ironllm_model::generation_config::GenerationDefaults;
-use ironllm_model::llama::KvCache;
-use ironllm_model::loader::{self, LoadOptions, PreparedModel};
+use ironllm_model::llama::{KvCache, LlamaModel};
+use ironllm_model::loader::{self, LoadFormat, LoadOptions, PreparedModel};
+use ironllm_model::proposer::{DraftModel, Proposer};
 use ironllm_model::runner::CpuModelRunner;
 use ironllm_model::structured::{StructuredOutputCompiler, DEFAULT_COMPILE_TIMEOUT};
 use ironllm_model::tokenizer::Tokenizer;
@@ -460,10 +464,23 @@ impl Engine {
             Some(gpu) => build_cuda_backend(gpu, args, &opts, max_num_batched_tokens)?,
             None => build_cpu_backend(args, &opts)?,
         };
-        let Backend { runner, prepared, num_kv_blocks, device, weight_format, weight_bytes, kv_bytes, load_seconds } =
-            built;
+        let Backend {
+            runner,
+            prepared,
+            num_kv_blocks,
+            device,
+            weight_format,
+            weight_bytes,
+            kv_bytes,
+            load_seconds,
+            spec_disable_by_batch_size,
+        } = built;
         let config = prepared.config.clone();
         let max_model_len = prepared.max_model_len;
+        let speculative = args.speculative_config.clone().map(|mut spec| {
+            spec.disable_by_batch_size = Some(spec.resolved_disable_by_batch_size(spec_disable_by_batch_size));
+            spec
+        });
         if num_kv_blocks * args.block_size < max_model_len.min(args.block_size * 2) {
             return Err(LlmError::InvalidArgs(format!(
                 "the KV cache holds only {} blocks of {} tokens; raise --kv-cache-memory-bytes or --gpu-memory-utilization",
@@ -485,6 +502,7 @@ impl Engine {
             enable_chunked_prefill: args.enable_chunked_prefill,
             long_prefill_token_threshold: 0,
             policy: if args.scheduling_policy_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs },
+            speculative: speculative.clone(),
         };
         let info = EngineInfo {
             model_path: model_path.display().to_string(),
@@ -629,15 +647,41 @@ struct Backend {
     weight_bytes: usize,
     kv_bytes: usize,
     load_seconds: f64,
+    /// Running requests from which speculation no longer pays on this backend (the default of
+    /// `disable_by_batch_size`).
+    spec_disable_by_batch_size: usize,
 }
 
 fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, LlmError> {
     let prepared = loader::prepare(opts)?;
     let model = Arc::new(loader::cpu_model(&prepared, opts.dtype)?);
     let kv_bytes_wanted = args.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
-    let bytes_per_block = KvCache::bytes_per_token(&prepared.config) * args.block_size;
+    let draft = match &args.speculative_config {
+        Some(SpeculativeConfig { method: SpeculativeMethod::DraftModel { model: path }, .. }) => {
+            Some(load_cpu_draft_model(path, opts, &prepared)?)
+        }
+        _ => None,
+    };
+    // The draft model's KV shares the target's blocks, so one block costs both.
+    let bytes_per_token =
+        KvCache::bytes_per_token(&prepared.config) + draft.as_ref().map_or(0, |d| KvCache::bytes_per_token(&d.config));
+    let bytes_per_block = bytes_per_token * args.block_size;
     let num_kv_blocks = kv_bytes_wanted / bytes_per_block;
-    let runner = CpuModelRunner::new(model.clone(), num_kv_blocks, args.block_size, args.seed);
+    let mut runner = CpuModelRunner::new(model.clone(), num_kv_blocks, args.block_size, args.seed);
+    if let Some(spec) = &args.speculative_config {
+        let k = spec.num_speculative_tokens;
+        let proposer = match (&spec.method, draft) {
+            (SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max }, _) => Proposer::Ngram(
+                NgramProposer::new(*prompt_lookup_min, *prompt_lookup_max, k).map_err(LlmError::InvalidArgs)?,
+            ),
+            (SpeculativeMethod::DraftModel { .. }, Some(draft)) => {
+                Proposer::DraftModel(Box::new(DraftModel::new(draft, num_kv_blocks, args.block_size, k)))
+            }
+            (SpeculativeMethod::DraftModel { .. }, None) => unreachable!("loaded above"),
+        };
+        tracing::info!("speculative decoding: {} with up to {k} draft tokens per step", spec.method.name());
+        runner.set_proposer(proposer);
+    }
     Ok(Backend {
         runner: Box::new(runner),
         num_kv_blocks,
@@ -646,8 +690,42 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
         weight_bytes: model.weight_bytes(),
         kv_bytes: num_kv_blocks * bytes_per_block,
         load_seconds: prepared.started.elapsed().as_secs_f64(),
+        spec_disable_by_batch_size: CPU_SPEC_DISABLE_BY_BATCH_SIZE,
         prepared,
     })
+}
+
+/// Loads the draft model of `--speculative-config` for the CPU and checks it can draft for the target.
+fn load_cpu_draft_model(path: &str, opts: &LoadOptions, target: &PreparedModel) -> Result<Arc<LlamaModel>, LlmError> {
+    let draft_opts = LoadOptions {
+        model: PathBuf::from(path),
+        tokenizer: None,
+        load_format: LoadFormat::Auto,
+        max_model_len: Some(target.max_model_len),
+        skip_tokenizer_init: true,
+        ..opts.clone()
+    };
+    let prepared = loader::prepare(&draft_opts)
+        .map_err(|e| LlmError::InvalidArgs(format!("speculative config `model` ({path}): {e}")))?;
+    if prepared.config.vocab_size > target.config.vocab_size {
+        return Err(LlmError::InvalidArgs(format!(
+            "the draft model's vocabulary ({}) is larger than the target's ({}); it must share the target's tokenizer",
+            prepared.config.vocab_size, target.config.vocab_size
+        )));
+    }
+    if prepared.max_model_len < target.max_model_len {
+        return Err(LlmError::InvalidArgs(format!(
+            "the draft model's context ({}) is shorter than --max-model-len ({}); lower --max-model-len",
+            prepared.max_model_len, target.max_model_len
+        )));
+    }
+    let model = loader::cpu_model(&prepared, opts.dtype)?;
+    tracing::info!(
+        "draft model {path} ({} layers, {:.1} MiB) loaded",
+        prepared.config.num_hidden_layers,
+        model.weight_bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(Arc::new(model))
 }
 
 fn build_cuda_backend(
@@ -683,7 +761,19 @@ fn build_cuda_backend(
         max_model_len: prepared.max_model_len,
         enforce_eager: args.enforce_eager,
     };
-    let runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
+    let mut runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
+    if let Some(spec) = &args.speculative_config {
+        let SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } = spec.method else {
+            return Err(LlmError::InvalidArgs(
+                "the draft_model speculative method is not supported on the CUDA backend yet; use ngram, or --device cpu"
+                    .into(),
+            ));
+        };
+        let k = spec.num_speculative_tokens;
+        let ngram = NgramProposer::new(prompt_lookup_min, prompt_lookup_max, k).map_err(LlmError::InvalidArgs)?;
+        runner.set_proposer(Proposer::Ngram(ngram)).map_err(cuda_err)?;
+        tracing::info!("speculative decoding: ngram with up to {k} draft tokens per step");
+    }
     let m = runner.memory.clone();
     tracing::info!(
         "GPU memory: {:.2} GiB total, weights {:.2} GiB ({}), peak activations {:.2} GiB, KV cache {:.2} GiB; profiled in {:.2}s",
@@ -712,8 +802,14 @@ fn build_cuda_backend(
         weight_bytes: m.weight_bytes,
         kv_bytes: m.kv_cache_bytes,
         load_seconds,
+        spec_disable_by_batch_size: GPU_SPEC_DISABLE_BY_BATCH_SIZE,
         prepared,
     })
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Defaults of `disable_by_batch_size`: from this many running requests a forward of k + 1 tokens per
+/// request costs clearly more than one of a single token (measured, see BENCHMARKS.md).
+const CPU_SPEC_DISABLE_BY_BATCH_SIZE: usize = 8;
+const GPU_SPEC_DISABLE_BY_BATCH_SIZE: usize = 32;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use ironllm_core::spec_decode::SpeculativeConfig;
 use ironllm_model::loader::{DType, GenerationConfigSource, LoadFormat};
 
 /// `--device`: where the model runs.
@@ -59,6 +60,8 @@ pub struct EngineArgs {
     pub skip_tokenizer_init: bool,
     /// `fcfs` or `priority`.
     pub scheduling_policy_priority: bool,
+    /// `--speculative-config` (parsed with [`SpeculativeConfig::from_json`]); `None`: no speculation.
+    pub speculative_config: Option<SpeculativeConfig>,
 }
 
 impl Default for EngineArgs {
@@ -84,6 +87,7 @@ impl Default for EngineArgs {
             max_logprobs: 20,
             skip_tokenizer_init: false,
             scheduling_policy_priority: false,
+            speculative_config: None,
         }
     }
 }
