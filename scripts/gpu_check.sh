@@ -73,6 +73,12 @@ for phase in "$@"; do
     bench)
       step gpu_bench bash bench/gpu_bench.sh "$LOGS"
       ;;
+    spec)
+      step gpu_spec bash bench/gpu_spec.sh "$LOGS/spec"
+      ;;
+    profile)
+      step gpu_profile bash bench/gpu_profile.sh "$LOGS/profile"
+      ;;
     serve)
       step serve_api bash tests/gpu/serve_api.sh "$MODELS" "$LOGS"
       ;;

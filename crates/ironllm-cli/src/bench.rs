@@ -135,16 +135,41 @@ fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     }
     let out_tok = (a.batch_size * a.output_len) as f64;
     println!("Output tokens/s (batch {}): {:.1}", a.batch_size, out_tok / avg);
+    let spec = spec_summary(&llm);
     if let Some(path) = &a.output_json {
         let v = json!({
             "avg_latency": avg,
             "latencies": times,
             "percentiles": {"10": percentile(&sorted, 10.0), "25": percentile(&sorted, 25.0), "50": percentile(&sorted, 50.0),
                             "75": percentile(&sorted, 75.0), "90": percentile(&sorted, 90.0), "99": percentile(&sorted, 99.0)},
+            "spec_decoding": spec,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// Prints and returns speculative decoding's acceptance over the whole run (warm-up included), or
+/// `null` when no draft was verified.
+fn spec_summary(llm: &LLM) -> serde_json::Value {
+    let s = llm.engine().stats().spec_decoding;
+    if s.num_drafts == 0 {
+        return serde_json::Value::Null;
+    }
+    let rate = s.num_accepted_tokens as f64 / s.num_draft_tokens.max(1) as f64;
+    let mean_len = 1.0 + s.num_accepted_tokens as f64 / s.num_drafts as f64;
+    println!(
+        "Speculative decoding: {} drafts, {} draft tokens, {} accepted ({:.1}%), mean acceptance length {mean_len:.2}",
+        s.num_drafts,
+        s.num_draft_tokens,
+        s.num_accepted_tokens,
+        100.0 * rate
+    );
+    json!({
+        "num_drafts": s.num_drafts, "num_draft_tokens": s.num_draft_tokens,
+        "num_accepted_tokens": s.num_accepted_tokens, "acceptance_rate": rate, "mean_acceptance_length": mean_len,
+        "num_accepted_tokens_per_pos": s.num_accepted_tokens_per_pos,
+    })
 }
 
 fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
@@ -187,11 +212,13 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
     println!("Total num prompt tokens:  {n_in}");
     println!("Total num output tokens:  {produced}");
     println!("Elapsed: {dt:.2}s");
+    let spec = spec_summary(&llm);
     if let Some(path) = &a.output_json {
         let v = json!({
             "elapsed_time": dt, "num_requests": a.num_prompts, "total_num_tokens": n_in + produced,
             "requests_per_second": a.num_prompts as f64 / dt, "tokens_per_second": (n_in + produced) as f64 / dt,
             "output_tokens_per_second": produced as f64 / dt,
+            "spec_decoding": spec,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }

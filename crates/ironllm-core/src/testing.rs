@@ -102,6 +102,17 @@ struct FakeSequence {
     block_ids: Vec<BlockId>,
     num_computed_tokens: usize,
     params: Arc<SamplingParams>,
+    /// Draft tokens at the end of `token_ids` this step.
+    num_drafts: usize,
+}
+
+/// Speculative drafting by the fake model: up to `k` drafts per request, each the true next token with
+/// probability `accuracy` (else a random one), so both acceptance and rejection happen.
+#[derive(Debug, Clone)]
+pub struct FakeSpeculation {
+    pub k: usize,
+    pub accuracy: f64,
+    pub rng: SplitMix64,
 }
 
 /// One request's share of a fake step's output.
@@ -124,6 +135,8 @@ pub struct FakeModel {
     pub num_steps: usize,
     /// When set, the step with this index (0-based) fails, to test error handling.
     pub fail_at_step: Option<usize>,
+    /// When set, the model proposes drafts and verifies scheduled ones like a real runner.
+    pub speculation: Option<FakeSpeculation>,
 }
 
 impl FakeModel {
@@ -135,6 +148,7 @@ impl FakeModel {
             sequences: HashMap::new(),
             num_steps: 0,
             fail_at_step: None,
+            speculation: None,
         }
     }
 
@@ -188,8 +202,22 @@ impl FakeModel {
                 .collect::<Vec<_>>()
         });
         let prompt_logprobs = prompt_logprobs.filter(|entries| !entries.is_empty());
-        let sampled =
-            if end == seq.token_ids.len() { vec![fake_token_from_kv(kv, self.vocab_size)] } else { Vec::new() };
+        // With k drafts the last k + 1 positions each sample; the drafts the samples agree with are
+        // kept, then one sample (a real runner's verification).
+        let num_drafts = seq.num_drafts;
+        let base = seq.token_ids.len() - num_drafts;
+        let mut sampled = Vec::new();
+        if end == seq.token_ids.len() {
+            for j in 0..=num_drafts {
+                let kv_at = writes.get(writes.len() - 1 - num_drafts + j).map_or(kv, |w| w.1);
+                let token = fake_token_from_kv(kv_at, self.vocab_size);
+                sampled.push(token);
+                if j == num_drafts || seq.token_ids[base + j] != token {
+                    break;
+                }
+            }
+        }
+        let num_rejected = if sampled.is_empty() { 0 } else { num_drafts + 1 - sampled.len() };
         let logprobs = seq
             .params
             .logprobs
@@ -199,7 +227,11 @@ impl FakeModel {
             self.kv_slots[slot] = Some(value);
         }
         let seq = self.sequences.get_mut(req_id).ok_or_else(unknown)?;
-        seq.num_computed_tokens = end;
+        seq.num_computed_tokens = end - num_rejected;
+        if !sampled.is_empty() {
+            seq.token_ids.truncate(base);
+            seq.num_drafts = 0;
+        }
         seq.token_ids.extend_from_slice(&sampled);
         Ok(ComputedRow { sampled, logprobs, prompt_logprobs })
     }
@@ -228,6 +260,7 @@ impl ModelExecutor for FakeModel {
                 block_ids: new.block_ids.clone(),
                 num_computed_tokens: new.num_computed_tokens,
                 params: new.sampling_params.clone(),
+                num_drafts: 0,
             };
             self.sequences.insert(new.req_id.clone(), seq);
         }
@@ -244,6 +277,14 @@ impl ModelExecutor for FakeModel {
             }
             seq.block_ids.extend_from_slice(&cached.new_block_ids);
         }
+        for (req_id, drafts) in &plan.scheduled_spec_decode_tokens {
+            let seq = self
+                .sequences
+                .get_mut(req_id)
+                .ok_or_else(|| CoreError::Execution(format!("drafts for `{req_id}`, which is not held")))?;
+            seq.token_ids.extend_from_slice(drafts);
+            seq.num_drafts = drafts.len();
+        }
         let mut output = ModelRunnerOutput::default();
         for (req_id, num_tokens) in &plan.num_scheduled_tokens {
             let row = self.compute(req_id, *num_tokens)?;
@@ -251,6 +292,27 @@ impl ModelExecutor for FakeModel {
             output.sampled_token_ids.push(row.sampled);
             output.logprobs.push(row.logprobs);
             output.prompt_logprobs.push(row.prompt_logprobs);
+        }
+        if let Some(spec) = self.speculation.as_mut() {
+            for (row, req_id) in output.req_ids.iter().enumerate() {
+                let mut drafts = Vec::new();
+                let seq = self.sequences.get(req_id);
+                if let Some(seq) = seq.filter(|_| !output.sampled_token_ids[row].is_empty()) {
+                    if plan.spec_propose_req_ids.contains(req_id) {
+                        let mut tokens = seq.token_ids.clone();
+                        for _ in 0..spec.rng.range(0, spec.k + 1) {
+                            let t = if spec.rng.chance(spec.accuracy) {
+                                fake_next_token(&tokens, self.vocab_size)
+                            } else {
+                                spec.rng.below(self.vocab_size as usize) as u32
+                            };
+                            tokens.push(t);
+                            drafts.push(t);
+                        }
+                    }
+                }
+                output.spec_token_ids.push(drafts);
+            }
         }
         Ok(output)
     }

@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{FinishReason, ModelRunnerOutput};
+use ironllm_core::spec_decode::{SpeculativeConfig, SpeculativeMethod};
 use ironllm_core::testing::{
-    check_plan, check_scheduler_invariants, generate_alone, CollectedOutput, FakeModel, SplitMix64,
+    check_plan, check_scheduler_invariants, generate_alone, CollectedOutput, FakeModel, FakeSpeculation, SplitMix64,
 };
 use ironllm_core::{CoreError, Request, SamplingParams, Scheduler, SchedulerConfig, SchedulingPolicy};
 
@@ -43,6 +44,8 @@ struct Coverage {
     aborted_while_running: usize,
     finished_by_stop: usize,
     finished_by_length: usize,
+    draft_tokens: u64,
+    accepted_tokens: u64,
 }
 
 impl Coverage {
@@ -54,6 +57,8 @@ impl Coverage {
         self.aborted_while_running += other.aborted_while_running;
         self.finished_by_stop += other.finished_by_stop;
         self.finished_by_length += other.finished_by_length;
+        self.draft_tokens += other.draft_tokens;
+        self.accepted_tokens += other.accepted_tokens;
     }
 }
 
@@ -81,6 +86,17 @@ fn random_config(rng: &mut SplitMix64) -> SchedulerConfig {
         enable_chunked_prefill,
         long_prefill_token_threshold,
         policy: if rng.chance(0.5) { SchedulingPolicy::Fcfs } else { SchedulingPolicy::Priority },
+        // A third of the scenarios speculate: n-gram style (no lookahead) or draft-model style (k
+        // lookahead slots), turned off from a random batch size.
+        speculative: rng.chance(0.35).then(|| {
+            let k = rng.range(1, 5);
+            let method = if rng.chance(0.5) {
+                SpeculativeMethod::Ngram { prompt_lookup_min: 1, prompt_lookup_max: 3 }
+            } else {
+                SpeculativeMethod::DraftModel { model: "fake".into() }
+            };
+            SpeculativeConfig { method, num_speculative_tokens: k, disable_by_batch_size: Some(rng.range(2, 16)) }
+        }),
     }
 }
 
@@ -143,6 +159,13 @@ fn random_workload(rng: &mut SplitMix64, config: &SchedulerConfig) -> Vec<Planne
 fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> Coverage {
     let mut scheduler = Scheduler::new(config.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let mut model = FakeModel::for_config(&config, VOCAB);
+    if let Some(spec) = &config.speculative {
+        model.speculation = Some(FakeSpeculation {
+            k: spec.num_speculative_tokens,
+            accuracy: 0.7,
+            rng: SplitMix64::new(label.len() as u64),
+        });
+    }
     let mut collected: HashMap<String, CollectedOutput> = HashMap::new();
     let mut coverage = Coverage::default();
     let last_arrival = workload.iter().map(|p| p.arrival_step).max().unwrap_or(0);
@@ -190,6 +213,9 @@ fn run_scenario(label: &str, config: SchedulerConfig, workload: &[Planned]) -> C
     coverage.steps = step;
     coverage.preemptions = scheduler.num_preemptions_total();
     coverage.prefix_hit_tokens = scheduler.prefix_cache_hits();
+    let spec = scheduler.make_stats().spec_decoding;
+    coverage.draft_tokens = spec.num_draft_tokens;
+    coverage.accepted_tokens = spec.num_accepted_tokens;
 
     let kv = scheduler.kv_cache_manager();
     assert_eq!(kv.num_free_blocks(), config.num_blocks, "{label}: blocks leaked");
@@ -244,6 +270,7 @@ fn random_workloads_keep_invariants_and_outputs() {
     eprintln!("coverage over 300 seeds: {total:?}");
     // The generator must actually reach the paths under test.
     assert!(total.preemptions > 1000, "{total:?}");
+    assert!(total.accepted_tokens > 1000 && total.accepted_tokens < total.draft_tokens, "{total:?}");
     assert!(total.prefix_hit_tokens > 10_000, "{total:?}");
     assert!(total.partial_prefill_chunks > 5000, "{total:?}");
     assert!(total.aborted_while_running > 30, "{total:?}");

@@ -482,7 +482,7 @@ impl CudaModelRunner {
             None
         } else {
             let all_sample = order.iter().all(|(id, n)| {
-                self.reqs.get(*id).is_some_and(|st| {
+                self.reqs.get(id).is_some_and(|st| {
                     st.num_computed_tokens + n == st.token_ids.len() && st.params.prompt_logprobs.is_none()
                 })
             });

@@ -26,6 +26,10 @@ use crate::proposer::Proposer;
 use crate::runner_state::{RunnerRequest, RunnerRequests};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
 
+/// A constrained request that samples this step: its first sample row, its index in the plan, its
+/// matcher (taken out of the state while the masks are filled) and its drafts.
+type GrammarRow = (usize, usize, Box<dyn GrammarMatcher>, Vec<u32>);
+
 /// A request's place in this step's batch.
 struct Planned {
     req_idx: usize,
@@ -182,7 +186,7 @@ impl CpuModelRunner {
         }
         // Constrained requests that sample this step: (first sample row, request, its matcher taken out
         // so the masks can be filled while the forward runs, drafts).
-        let mut grammar_rows: Vec<(usize, usize, Box<dyn GrammarMatcher>, Vec<u32>)> = Vec::new();
+        let mut grammar_rows: Vec<GrammarRow> = Vec::new();
         let mut sample_row = 0;
         for (p, st) in planned.iter().zip(states.iter_mut()) {
             if p.samples {
@@ -197,7 +201,7 @@ impl CpuModelRunner {
         let mask_rows: Vec<usize> = grammar_rows.iter().map(|(_, _, _, d)| d.len() + 1).collect();
         self.bitmask.clear();
         self.bitmask.resize(mask_rows.iter().sum::<usize>() * words, 0);
-        let fill_masks = |bitmask: &mut [u32], rows: &mut [(usize, usize, Box<dyn GrammarMatcher>, Vec<u32>)]| {
+        let fill_masks = |bitmask: &mut [u32], rows: &mut [GrammarRow]| {
             let mut chunks = Vec::with_capacity(rows.len());
             let mut rest = bitmask;
             for n in &mask_rows {

@@ -272,6 +272,52 @@ mod tests {
         assert_eq!(st.num_computed_tokens, 3);
     }
 
+    /// A grammar that accepts exactly one token sequence.
+    struct Sequence {
+        tokens: Vec<u32>,
+        pos: usize,
+    }
+
+    impl GrammarMatcher for Sequence {
+        fn fill_next_token_bitmask(&mut self, bitmask: &mut [u32]) {
+            bitmask.fill(0);
+            if let Some(&t) = self.tokens.get(self.pos) {
+                bitmask[t as usize / 32] |= 1 << (t % 32);
+            }
+        }
+        fn accept_token(&mut self, token_id: u32) -> bool {
+            let ok = self.tokens.get(self.pos) == Some(&token_id);
+            self.pos += usize::from(ok);
+            ok
+        }
+        fn is_terminated(&self) -> bool {
+            self.pos == self.tokens.len()
+        }
+        fn rollback(&mut self, num_tokens: usize) -> bool {
+            self.pos -= num_tokens;
+            true
+        }
+    }
+
+    #[test]
+    fn spec_masks_follow_the_drafts_and_roll_back() {
+        let allowed = |row: &[u32]| -> Vec<u32> {
+            (0..64u32).filter(|&t| row[t as usize / 32] & (1 << (t % 32)) != 0).collect()
+        };
+        let mut m = Sequence { tokens: vec![1, 2, 3, 4], pos: 0 };
+        let mut out = vec![0u32; 3 * 2];
+        // The second draft (5) is refused: its row and the rows after it keep the mask that refused it.
+        RunnerRequest::<()>::fill_spec_masks(&mut m, &[1, 5], &mut out, 2);
+        assert_eq!(allowed(&out[0..2]), vec![1]);
+        assert_eq!(allowed(&out[2..4]), vec![2]);
+        assert_eq!(allowed(&out[4..6]), vec![2]);
+        assert_eq!(m.pos, 0, "the matcher is rolled back");
+        let mut out = vec![0u32; 3 * 2];
+        RunnerRequest::<()>::fill_spec_masks(&mut m, &[1, 2], &mut out, 2);
+        assert_eq!(allowed(&out[4..6]), vec![3]);
+        assert_eq!(m.pos, 0);
+    }
+
     #[test]
     fn apply_plan_appends_drafts_and_tracks_blocks() {
         let mut reqs: RunnerRequests<u32> = RunnerRequests::default();
