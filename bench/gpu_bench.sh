@@ -32,3 +32,28 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
+# Split-KV decode attention on and off, same run (issue 8): the 8B shape's decode rows at batch 1 and 32.
+if [ "${IRONLLM_BENCH_SPLIT_AB:-1}" = 1 ]; then
+  for b in 1 32; do
+    IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
+  done
+  for b in 1 32; do
+    for v in "" _nosplit; do
+      python3 - "$LOGS" "$b" "$v" <<'PY'
+import json, sys
+logs, b, v = sys.argv[1:]
+try:
+    a = json.load(open(f"{logs}/l8_b{b}_o1{v}.json"))["avg_latency"]
+    c = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
+    print(f"8B decode step, batch {b}, 1k context, split-KV {'off' if v else 'on'}: {(c - a) / 64 * 1e3:.2f} ms")
+except Exception as e:
+    print(f"batch {b}{v}: {e}")
+PY
+    done
+  done
+fi
+# GPU-only time of a decode step (graph replays with padding rows), to set against the end-to-end step.
+IRONLLM_TIME_GRAPHS=1 "$BIN" bench latency $L8 --load-format dummy --device cuda --batch-size 1 --input-len 16 \
+  --output-len 2 --num-iters-warmup 0 --num-iters 1 --dtype bfloat16 --max-model-len 8192 --max-num-seqs 32 2>&1 \
+  | sed 's/\x1b\[[0-9;]*m//g' | grep "per replay" | sed 's/.*INFO //' | tee "$LOGS/graph_replay_times.txt"

@@ -519,6 +519,22 @@ class AttnCase:
                 i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale)))
         return host(out, self.dt).view(T, H * hd)
 
+    def run_split(self, mod, sfx, num_splits, scale=None):
+        """Split-KV decode attention (every row a decode row): split kernel, then the reduce."""
+        T = self.qkv.shape[0]
+        H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
+        part_o = poisoned((T * H * num_splits, hd), torch.float32)
+        part_lse = poisoned((T * H * num_splits,), torch.float32)
+        launch(mod, f"paged_attention_split_{sfx}", (T, KV, num_splits), (128,),
+               (dev(self.qkv), dev(self.k_cache), dev(self.v_cache), dev(self.batch_tables),
+                dev(self.query_start_loc), dev(self.context_lens), dev(self.token_to_seq), i32(T), i32(H), i32(KV),
+                i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale), part_o, part_lse, i32(num_splits)))
+        out = poisoned((T, H * hd), self.dt)
+        launch(mod, f"paged_attention_reduce_{sfx}", (T, H), (128,),
+               (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
+        return host(out, self.dt).view(T, H * hd)
+
     def reference(self, scale=None):
         H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
         G = H // KV
@@ -577,6 +593,32 @@ def test_paged_attention(mods):
         scale = 4.0 / math.sqrt(128)
         check_close(f"paged_attention_{sfx} sharp softmax scale*4 seed={seed}", case.run(mod, sfx, scale=scale),
                     case.reference(scale=scale), atol, rtol, why="f32 softmax, output rounded once")
+
+
+def test_paged_attention_split(mods):
+    """Split-KV decode attention against the float64 reference: decode-only batches, GQA 1-8, contexts
+    shorter than the split count (empty shares), long contexts, odd head sizes, sharp softmax."""
+    mod = mods["attention.cu"]
+    configs = [(32, 8, 128, 16), (8, 8, 64, 16), (12, 4, 128, 1), (6, 2, 34, 7), (16, 2, 256, 32)]
+    for sfx in ("bf16", "f16", "f32"):
+        dt = DTYPES[sfx]
+        atol, rtol = attn_tol(dt)
+        for H, KV, hd, bs in configs:
+            for splits in (2, 3, 16):
+                seed = next_seed()
+                case = AttnCase(dt, H, KV, hd, bs, [(1000, 1), (5, 1), (1, 1), (129, 1)])
+                check_close(f"paged_attention_split_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} seed={seed}",
+                            case.run_split(mod, sfx, splits), case.reference(), atol, rtol,
+                            why="f32 softmax per share, shares merged in f32, output rounded once")
+        seed = next_seed()
+        case = AttnCase(dt, 32, 8, 128, 16, [(8192, 1)])
+        check_close(f"paged_attention_split_{sfx} 8192-token context splits=16 seed={seed}",
+                    case.run_split(mod, sfx, 16), case.reference(), atol, rtol, why="as above")
+        seed = next_seed()
+        case = AttnCase(dt, 8, 2, 128, 16, [(600, 1), (70, 1)])
+        scale = 4.0 / math.sqrt(128)
+        check_close(f"paged_attention_split_{sfx} sharp softmax scale*4 seed={seed}",
+                    case.run_split(mod, sfx, 5, scale=scale), case.reference(scale=scale), atol, rtol, why="as above")
 
 
 def test_paged_attention_batch_invariance(mods):
@@ -671,6 +713,7 @@ CHECKS = [
     ("gemm_f32", test_gemm_f32, ("gemm_f32.cu",)),
     ("gemm_f32_batch_invariance", test_gemm_f32_batch_invariance, ("gemm_f32.cu",)),
     ("paged_attention", test_paged_attention, ("attention.cu",)),
+    ("paged_attention_split", test_paged_attention_split, ("attention.cu",)),
     ("paged_attention_batch_invariance", test_paged_attention_batch_invariance, ("attention.cu",)),
     ("rope_then_attention", test_rope_then_attention, ("layers.cu", "attention.cu")),
 ]

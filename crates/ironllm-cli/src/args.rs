@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{ArgAction, Args};
 use ironllm::engine_args::parse_bytes;
 use ironllm::{Device, EngineArgs};
+use ironllm_core::spec_decode::SpeculativeConfig;
 use ironllm_model::loader::GenerationConfigSource;
 
 /// Flags that shape the engine (vLLM's `EngineArgs`).
@@ -71,6 +73,13 @@ pub struct EngineFlags {
     /// fcfs or priority.
     #[arg(long, default_value = "fcfs")]
     pub scheduling_policy: String,
+    /// Speculative decoding, as a JSON object with vLLM's keys, e.g.
+    /// '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}' or
+    /// '{"method": "draft_model", "model": "/path/to/draft", "num_speculative_tokens": 3}'.
+    /// Methods: ngram (prompt lookup; prompt_lookup_min/max, default 5) and draft_model.
+    /// Off when absent.
+    #[arg(long, value_name = "JSON")]
+    pub speculative_config: Option<String>,
 }
 
 impl EngineFlags {
@@ -90,6 +99,13 @@ impl EngineFlags {
             "vllm" => GenerationConfigSource::Vllm,
             dir => GenerationConfigSource::Dir(PathBuf::from(dir)),
         };
+        // Parsed here, before any model loads, so a bad config fails the command at once.
+        let speculative_config = self
+            .speculative_config
+            .as_deref()
+            .map(SpeculativeConfig::from_json)
+            .transpose()
+            .context("invalid --speculative-config")?;
         Ok(EngineArgs {
             model,
             tokenizer: self.tokenizer.clone(),
@@ -123,6 +139,60 @@ impl EngineFlags {
             max_logprobs: self.max_logprobs,
             skip_tokenizer_init: false,
             scheduling_policy_priority: policy_priority,
+            speculative_config,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use ironllm_core::spec_decode::SpeculativeMethod;
+
+    use super::*;
+
+    /// The flags as a command line would give them.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineFlags,
+    }
+
+    fn engine_args(argv: &[&str]) -> anyhow::Result<EngineArgs> {
+        let cli = Cli::try_parse_from(std::iter::once("ironllm").chain(argv.iter().copied()))?;
+        cli.engine.to_engine_args(None)
+    }
+
+    #[test]
+    fn speculative_config_is_off_by_default() {
+        let args = engine_args(&[]).expect("default flags resolve");
+        assert_eq!(args.speculative_config, None);
+    }
+
+    #[test]
+    fn speculative_config_parses_vllm_json() {
+        let args = engine_args(&[
+            "--speculative-config",
+            r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}"#,
+        ])
+        .expect("a valid ngram config resolves");
+        let config = args.speculative_config.expect("speculation is on");
+        assert_eq!(config.num_speculative_tokens, 4);
+        assert_eq!(config.method, SpeculativeMethod::Ngram { prompt_lookup_min: 4, prompt_lookup_max: 4 });
+    }
+
+    #[test]
+    fn bad_speculative_config_names_the_flag_and_the_reason() {
+        for (json, reason) in [
+            (r#"{"method": "eagle", "num_speculative_tokens": 2}"#, "eagle"),
+            ("{not json", "not valid JSON"),
+            (r#"{"method": "ngram"}"#, "num_speculative_tokens"),
+        ] {
+            let err = engine_args(&["--speculative-config", json]).expect_err(json);
+            // `{:#}` is how `main` prints errors: the context, then the cause.
+            let message = format!("{err:#}");
+            assert!(message.contains("--speculative-config"), "{message}");
+            assert!(message.contains(reason), "{message}");
+        }
     }
 }

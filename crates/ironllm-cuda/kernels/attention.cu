@@ -25,8 +25,15 @@
 // whether it is computed as a decode row or inside a prefill chunk, alone or in any batch.
 //
 // Query heads are processed in passes of up to 8 (group <= 8, the usual case, is one pass); a larger
-// group re-reads K/V once per pass. There is no split of one row's keys across blocks, so a batch with
-// few (token, kv head) pairs and a very long context leaves SMs idle.
+// group re-reads K/V once per pass.
+//
+// Split-KV (FlashDecoding, vLLM's paged attention v2), for bf16/f16 decode rows when the batch has too
+// few (token, kv head) pairs to fill the card: paged_attention_split_T runs grid = (num_tokens,
+// num_kv_heads, num_splits); split s of a row with n keys takes keys [s c, (s + 1) c) with c = ceil(n /
+// num_splits) and writes its normalized output and log2-sum-exp to part_o [num_tokens, num_heads,
+// num_splits, head_dim] and part_lse [num_tokens, num_heads, num_splits] (an empty share writes -inf);
+// paged_attention_reduce_T (grid = (num_tokens, num_heads)) merges them. The split depends on the batch,
+// so it is not used in float32 mode, whose rows must not depend on the batch.
 
 #define ATTN_WARPS 4
 #define ATTN_THREADS (ATTN_WARPS * 32)
@@ -106,9 +113,10 @@ template <> __device__ __forceinline__ void attn_chunk_to_float<f16>(const attn_
 // 2 * KU independent 16-32 byte loads in flight per lane.
 template <typename T, int GM, int KU>
 __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ k_cache,
-                           const T* __restrict__ v_cache, const int* __restrict__ bt_row, int t, int kvh, int p,
-                           int num_heads, int num_kv_heads, int head_dim, int block_size, int group, int log2_lanes,
-                           float scale_log2, bool vec) {
+                           const T* __restrict__ v_cache, const int* __restrict__ bt_row, int t, int kvh,
+                           int k_begin, int k_end, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                           int group, int log2_lanes, float scale_log2, bool vec, float* __restrict__ part_o,
+                           float* __restrict__ part_lse, int split, int num_splits) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int lanes = 1 << log2_lanes;                 // L
     const int subgroups = 32 >> log2_lanes;            // per warp
@@ -117,7 +125,6 @@ __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict
     const int my = warp * subgroups + (lane >> log2_lanes);
     const int d0 = li * 8;
     const int hdp = lanes * 8;  // padded head_dim of the q tile and the partial accumulators
-    const int n_keys = p + 1;
     const int key_block = num_partials * KU;  // keys per iteration of the whole block
     const long long qkv_stride = (long long)(num_heads + 2 * num_kv_heads) * head_dim;
     const T* q_row = qkv + (long long)t * qkv_stride + (long long)kvh * group * head_dim;
@@ -150,16 +157,16 @@ __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict
         int page[KU];
 #pragma unroll
         for (int u = 0; u < KU; ++u) {
-            const int key = u * num_partials + my;
-            page[u] = key < n_keys ? bt_row[key / block_size] : 0;
+            const int key = k_begin + u * num_partials + my;
+            page[u] = key < k_end ? bt_row[key / block_size] : 0;
         }
 
-        for (int kb = 0; kb < n_keys; kb += key_block) {
+        for (int kb = k_begin; kb < k_end; kb += key_block) {
             attn_chunk<T> kc[KU], vc[KU];
 #pragma unroll
             for (int u = 0; u < KU; ++u) {
                 const int key = kb + u * num_partials + my;
-                if (key < n_keys) {
+                if (key < k_end) {
                     const int off = key % block_size;
                     const long long row = (((long long)page[u] * num_kv_heads + kvh) * block_size + off) * head_dim;
                     attn_load_chunk<T>(kc[u], k_cache + row, d0, head_dim, vec);
@@ -173,7 +180,7 @@ __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict
 #pragma unroll
             for (int u = 0; u < KU; ++u) {
                 const int key = kb + key_block + u * num_partials + my;
-                page[u] = key < n_keys ? bt_row[key / block_size] : 0;
+                page[u] = key < k_end ? bt_row[key / block_size] : 0;
             }
 
             // Scores: this lane's 8-element slice of q . k, then a butterfly sum over the sub-group's lanes
@@ -210,7 +217,7 @@ __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict
                 float mx = m[g];
 #pragma unroll
                 for (int u = 0; u < KU; ++u) {
-                    const bool valid = kb + u * num_partials + my < n_keys;
+                    const bool valid = kb + u * num_partials + my < k_end;
                     s[u][g] = valid ? s[u][g] * scale_log2 : neg_inf;
                     mx = fmaxf(mx, s[u][g]);
                 }
@@ -266,7 +273,14 @@ __device__ void attn_heads(float* smem, T* __restrict__ out, const T* __restrict
                 sum = fmaf(l_s[q * GM + g], f, sum);
                 val = fmaf(red[(q * GM + g) * hdp + d], f, val);
             }
-            store_f(out_row + (long long)(g0 + g) * head_dim + d, val / sum);
+            if (part_o == nullptr) {
+                store_f(out_row + (long long)(g0 + g) * head_dim + d, val / sum);
+            } else {
+                // A split's share: its normalized output and log2-sum-exp, merged by the reduce kernel.
+                const long long row = ((long long)t * num_heads + (long long)kvh * group + g0 + g) * num_splits + split;
+                part_o[row * head_dim + d] = val / sum;
+                if (d == 0) part_lse[row] = mx + log2f(sum);
+            }
         }
     }
 }
@@ -277,16 +291,22 @@ __device__ void paged_attention_impl(float* smem, T* __restrict__ out, const T* 
                                      const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
                                      const int* __restrict__ context_lens, const int* __restrict__ token_to_seq,
                                      int num_tokens, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                                     int max_blocks_per_seq, float scale) {
-    const int t = blockIdx.x, kvh = blockIdx.y;
+                                     int max_blocks_per_seq, float scale, float* __restrict__ part_o,
+                                     float* __restrict__ part_lse, int num_splits) {
+    const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     if (t >= num_tokens || kvh >= num_kv_heads) return;
     const int seq = token_to_seq[t];
     const int q_start = query_start_loc[seq], q_len = query_start_loc[seq + 1] - q_start;
     const int p = context_lens[seq] - q_len + (t - q_start);  // position of this query token
     const int group = num_heads / num_kv_heads;
     if (p < 0) {  // inconsistent metadata: no key to attend to; write zeros rather than garbage
-        T* o = out + (long long)t * num_heads * head_dim + (long long)kvh * group * head_dim;
-        for (int i = threadIdx.x; i < group * head_dim; i += ATTN_THREADS) store_f(o + i, 0.0f);
+        if (out != nullptr) {
+            T* o = out + (long long)t * num_heads * head_dim + (long long)kvh * group * head_dim;
+            for (int i = threadIdx.x; i < group * head_dim; i += ATTN_THREADS) store_f(o + i, 0.0f);
+        } else {
+            for (int g = threadIdx.x; g < group; g += ATTN_THREADS)
+                part_lse[((long long)t * num_heads + (long long)kvh * group + g) * num_splits + split] = -IRONLLM_INF;
+        }
         return;
     }
     int log2_lanes = 2;
@@ -294,16 +314,52 @@ __device__ void paged_attention_impl(float* smem, T* __restrict__ out, const T* 
     const bool vec = (head_dim & 7) == 0 && ((((unsigned long long)k_cache) | ((unsigned long long)v_cache)) & 15ull) == 0;
     const float scale_log2 = scale * ATTN_LOG2E;
     const int* bt_row = block_tables + (long long)seq * max_blocks_per_seq;
+    // Split-KV: this block takes one contiguous share of the keys, sized from the row's own context.
+    int k_begin = 0, k_end = p + 1;
+    if (part_o != nullptr) {
+        const int chunk = (p + num_splits) / num_splits;  // ceil((p + 1) / num_splits)
+        k_begin = min(split * chunk, p + 1);
+        k_end = min(k_begin + chunk, p + 1);
+        if (k_begin >= k_end) {  // nothing left for this split: a share of weight zero
+            for (int g = threadIdx.x; g < group; g += ATTN_THREADS)
+                part_lse[((long long)t * num_heads + (long long)kvh * group + g) * num_splits + split] = -IRONLLM_INF;
+            return;
+        }
+    }
     // Keys per sub-group per iteration: fewer where more registers go to accumulators (f32, 8 heads).
     constexpr int KU = sizeof(T) == 4 ? 2 : 4;
 #define ATTN_CALL(GM)                                                                                     \
-    attn_heads<T, GM, (GM >= 8 ? 2 : KU)>(smem, out, qkv, k_cache, v_cache, bt_row, t, kvh, p, num_heads, num_kv_heads,   \
-                          head_dim, block_size, group, log2_lanes, scale_log2, vec)
+    attn_heads<T, GM, (GM >= 8 ? 2 : KU)>(smem, out, qkv, k_cache, v_cache, bt_row, t, kvh, k_begin, k_end, num_heads, \
+                          num_kv_heads, head_dim, block_size, group, log2_lanes, scale_log2, vec, part_o, part_lse,   \
+                          split, num_splits)
     if (group == 1) ATTN_CALL(1);
     else if (group == 2) ATTN_CALL(2);
     else if (group <= 4) ATTN_CALL(4);
     else ATTN_CALL(8);
 #undef ATTN_CALL
+}
+
+// Merges the split shares of one (token, head): weights exp2(lse_s - max), in split order.
+template <typename T>
+__device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __restrict__ part_o,
+                                            const float* __restrict__ part_lse, int num_tokens, int num_heads,
+                                            int head_dim, int num_splits) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    if (t >= num_tokens || h >= num_heads) return;
+    const long long row0 = ((long long)t * num_heads + h) * num_splits;
+    float mx = -IRONLLM_INF;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[row0 + s]);
+    for (int d = threadIdx.x; d < head_dim; d += ATTN_THREADS) {
+        float sum = 0.0f, val = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float lse = part_lse[row0 + s];
+            if (lse == -IRONLLM_INF) continue;
+            const float w = exp2f(lse - mx);
+            sum += w;
+            val = fmaf(w, part_o[(row0 + s) * head_dim + d], val);
+        }
+        store_f(out + ((long long)t * num_heads + h) * head_dim + d, sum > 0.0f ? val / sum : 0.0f);
+    }
 }
 
 #define PAGED_ATTENTION(T, S)                                                                             \
@@ -316,6 +372,22 @@ __device__ void paged_attention_impl(float* smem, T* __restrict__ out, const T* 
         __shared__ __align__(16) float smem[ATTN_RED_FLOATS + ATTN_ML_FLOATS];                            \
         paged_attention_impl<T>(smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,          \
                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
-                                block_size, max_blocks_per_seq, scale);                                   \
+                                block_size, max_blocks_per_seq, scale, nullptr, nullptr, 1);              \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_split_##S(                 \
+        const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,          \
+        const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,                    \
+        const int* __restrict__ context_lens, const int* __restrict__ token_to_seq, int num_tokens,       \
+        int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq, float scale, \
+        float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits) {                       \
+        __shared__ __align__(16) float smem[ATTN_RED_FLOATS + ATTN_ML_FLOATS];                            \
+        paged_attention_impl<T>(smem, nullptr, qkv, k_cache, v_cache, block_tables, query_start_loc,      \
+                                context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
+                                block_size, max_blocks_per_seq, scale, part_o, part_lse, num_splits);     \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_reduce_##S(                \
+        T* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_lse,        \
+        int num_tokens, int num_heads, int head_dim, int num_splits) {                                    \
+        paged_attention_reduce_impl<T>(out, part_o, part_lse, num_tokens, num_heads, head_dim, num_splits); \
     }
 IRONLLM_FOR_EACH_DTYPE(PAGED_ATTENTION)

@@ -54,6 +54,9 @@ pub struct CudaLlama {
     weight_bytes: usize,
     /// The tensor-core prefill kernel for this dtype and head size, if any (resolved once).
     flash_prefill: Option<String>,
+    /// Split-KV decode attention allowed (bf16/f16 only; `IRONLLM_DISABLE_SPLIT_KV` turns it off for
+    /// side-by-side measurements).
+    split_kv: bool,
 }
 
 /// The paged KV cache on the GPU: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size,
@@ -94,6 +97,9 @@ pub struct Workspace {
     rows_normed: DevBuf,
     /// [rows, vocab] f32
     pub logits: DevBuf,
+    /// Split-KV decode attention scratch (see `ops::decode_splits`).
+    part_o: CudaSlice<f32>,
+    part_lse: CudaSlice<f32>,
     max_tokens: usize,
     max_rows: usize,
 }
@@ -105,6 +111,8 @@ impl Workspace {
         let d = model.dtype;
         let (t, r, h) = (max_tokens.max(1), max_rows.max(1), c.hidden_size);
         let qkv_w = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+        let group = c.num_attention_heads / c.num_key_value_heads.max(1);
+        let split_rows = ops::decode_split_rows(gpu.info.multiprocessors.max(1), group.max(1));
         Ok(Workspace {
             residual: DevBuf::zeros(gpu, d, t * h)?,
             normed: DevBuf::zeros(gpu, d, t * h)?,
@@ -117,6 +125,8 @@ impl Workspace {
             rows_b: DevBuf::zeros(gpu, d, r * h)?,
             rows_normed: DevBuf::zeros(gpu, d, r * h)?,
             logits: DevBuf::zeros(gpu, GpuDType::F32, r * c.vocab_size)?,
+            part_o: gpu.alloc_zeros::<f32>(split_rows * c.head_dim)?,
+            part_lse: gpu.alloc_zeros::<f32>(split_rows)?,
             max_tokens: t,
             max_rows: r,
         })
@@ -317,6 +327,7 @@ impl CudaLlama {
             rope_sin,
             max_positions,
             weight_bytes,
+            split_kv: flash_prefill.is_some() && std::env::var_os("IRONLLM_DISABLE_SPLIT_KV").is_none(),
             flash_prefill,
         })
     }
@@ -363,7 +374,34 @@ impl CudaLlama {
         let qw = c.num_attention_heads * hd;
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (hd as f32).sqrt();
-        let Workspace { residual, normed, qkv, attn, proj, gate_up, act, rows_a, rows_b, rows_normed, logits, .. } = ws;
+        // Split-KV only with the tensor-core prefill kernel (bf16/f16): float32 rows must not depend on
+        // the batch.
+        let num_splits = if self.split_kv {
+            ops::decode_splits(
+                meta.num_decode_tokens,
+                c.num_key_value_heads,
+                gpu.info.multiprocessors,
+                meta.max_context_len,
+            )
+        } else {
+            1
+        };
+        let Workspace {
+            residual,
+            normed,
+            qkv,
+            attn,
+            proj,
+            gate_up,
+            act,
+            rows_a,
+            rows_b,
+            rows_normed,
+            logits,
+            part_o,
+            part_lse,
+            ..
+        } = ws;
         ops::embedding(gpu, residual, &self.embed, token_ids, t, h)?;
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
@@ -375,7 +413,8 @@ impl CudaLlama {
             let (kc, vc) = &mut kv.layers[li];
             let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
             ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
-            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, self.flash_prefill.as_deref())?;
+            let split = ops::DecodeSplit { num_splits, part_o: &mut *part_o, part_lse: &mut *part_lse };
+            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, self.flash_prefill.as_deref(), Some(split))?;
             ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
             ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
             ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;

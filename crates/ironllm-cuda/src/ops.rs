@@ -186,6 +186,38 @@ pub struct BatchMeta<'a> {
     /// [num_tiles * 2] (sequence, first query token) per prefill tile of `FLASH_BLOCK_M` tokens.
     pub prefill_tiles: &'a CudaSlice<i32>,
     pub num_prefill_tiles: usize,
+    /// An upper bound of every sequence's context length this step (`max_model_len` for a captured
+    /// graph, which must serve any context); it caps the split-KV factor.
+    pub max_context_len: usize,
+}
+
+/// Split-KV scratch of the decode rows (see `attention.cu`): the split count and the per-split outputs
+/// and log2-sum-exps.
+pub struct DecodeSplit<'a> {
+    pub num_splits: usize,
+    pub part_o: &'a mut CudaSlice<f32>,
+    pub part_lse: &'a mut CudaSlice<f32>,
+}
+
+/// Most splits of one row's keys.
+pub const MAX_DECODE_SPLITS: usize = 16;
+/// Fewest keys worth a split of their own (a few iterations of the kernel's key loop).
+const MIN_KEYS_PER_SPLIT: usize = 128;
+
+/// How many shares the decode rows' keys are split into: enough blocks for about two per SM when the
+/// (token, kv head) pairs alone do not fill the card, never more than the longest context can use.
+/// While splitting, pairs x splits < 3 x `num_sms`, which bounds the scratch.
+pub fn decode_splits(num_decode_tokens: usize, num_kv_heads: usize, num_sms: usize, max_context_len: usize) -> usize {
+    let pairs = num_decode_tokens * num_kv_heads;
+    if pairs == 0 || pairs >= num_sms {
+        return 1;
+    }
+    (2 * num_sms).div_ceil(pairs).min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+}
+
+/// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
+pub fn decode_split_rows(num_sms: usize, group: usize) -> usize {
+    3 * num_sms * group
 }
 
 /// Optional per-head q/k RMSNorm, then rotary embedding of q and k in place in `qkv`, then K and V
@@ -266,6 +298,7 @@ pub fn attention(
     meta: &BatchMeta<'_>,
     scale: f32,
     flash: Option<&str>,
+    split: Option<DecodeSplit<'_>>,
 ) -> Result<(), CudaError> {
     let d = same_dtype(&[out, qkv, k_cache, v_cache], "attention")?;
     let t = meta.num_tokens;
@@ -286,32 +319,52 @@ pub fn attention(
         i32_of(shape.block_size, "block_size")?,
         i32_of(meta.max_blocks_per_seq, "blocks per sequence")?,
     );
-    if paged_tokens > 0 {
-        let name = format!("paged_attention_{}", d.suffix());
+    let ints = [i32_of(paged_tokens, "tokens")?, nh, nkv, hd, bs, mb];
+    let split = split.filter(|s| s.num_splits > 1 && flash.is_some());
+    if let (true, Some(split)) = (paged_tokens > 0, split) {
+        let n = ints[0];
+        let ns = i32_of(split.num_splits, "splits")?;
+        let rows = paged_tokens * shape.num_heads * split.num_splits;
+        if split.part_lse.len() < rows || split.part_o.len() < rows * shape.head_dim {
+            return Err(CudaError::Invalid(format!("split-KV scratch holds fewer than {rows} rows")));
+        }
+        let name = format!("paged_attention_split_{}", d.suffix());
         let f = gpu.function(&name)?;
-        let n = i32_of(paged_tokens, "tokens")?;
-        // SAFETY: sizes checked above; block tables hold valid block ids for every context position.
+        let mut launch = gpu.stream().launch_builder(f);
+        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
+        // SAFETY: sizes checked above; the scratch holds every (token, head, split) row.
+        unsafe {
+            launch.arg(&mut *split.part_o).arg(&mut *split.part_lse).arg(&ns).launch(cfg(
+                (paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32),
+                128,
+                0,
+            ))
+        }
+        .at(|| name)?;
+        let name = format!("paged_attention_reduce_{}", d.suffix());
+        let f = gpu.function(&name)?;
+        // SAFETY: the split kernel wrote every row the reduce reads.
         unsafe {
             gpu.stream()
                 .launch_builder(f)
                 .arg(&mut out.data)
-                .arg(&qkv.data)
-                .arg(&k_cache.data)
-                .arg(&v_cache.data)
-                .arg(meta.block_tables)
-                .arg(meta.query_start_loc)
-                .arg(meta.context_lens)
-                .arg(meta.token_to_seq)
+                .arg(&*split.part_o)
+                .arg(&*split.part_lse)
                 .arg(&n)
                 .arg(&nh)
-                .arg(&nkv)
                 .arg(&hd)
-                .arg(&bs)
-                .arg(&mb)
-                .arg(&scale)
-                .launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, 0))
+                .arg(&ns)
+                .launch(cfg((paged_tokens as u32, shape.num_heads as u32, 1), 128, 0))
         }
         .at(|| name)?;
+    } else if paged_tokens > 0 {
+        let name = format!("paged_attention_{}", d.suffix());
+        let f = gpu.function(&name)?;
+        let mut launch = gpu.stream().launch_builder(f);
+        launch.arg(&mut out.data);
+        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
+        // SAFETY: sizes checked above; block tables hold valid block ids for every context position.
+        unsafe { launch.launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, 0)) }.at(|| name)?;
     }
     if let Some(name) = flash {
         if meta.num_prefill_tiles > 0 {
@@ -342,6 +395,25 @@ pub fn attention(
         }
     }
     Ok(())
+}
+
+/// The inputs every paged-attention kernel takes after its output: qkv, the caches, the batch metadata,
+/// then (tokens, heads, kv heads, head_dim, block size, blocks per sequence) and the scale.
+fn push_attention_inputs<'a>(
+    launch: &mut cudarc::driver::LaunchArgs<'a>,
+    qkv: &'a DevBuf,
+    k_cache: &'a DevBuf,
+    v_cache: &'a DevBuf,
+    meta: &'a BatchMeta<'_>,
+    ints: &'a [i32; 6],
+    scale: &'a f32,
+) {
+    launch.arg(&qkv.data).arg(&k_cache.data).arg(&v_cache.data);
+    launch.arg(meta.block_tables).arg(meta.query_start_loc).arg(meta.context_lens).arg(meta.token_to_seq);
+    for v in ints {
+        launch.arg(v);
+    }
+    launch.arg(scale);
 }
 
 /// The tensor-core prefill kernel for this dtype and head size, if there is one.
@@ -536,4 +608,33 @@ pub fn gemm(
         add_bias(gpu, y, bias, m, n)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_fill_the_card_only_where_needed_and_stay_within_the_scratch() {
+        // Batch 1 of an 8-KV-head model on 132 SMs with a long context: the most splits.
+        assert_eq!(decode_splits(1, 8, 132, 8192), MAX_DECODE_SPLITS);
+        // A 1k context allows 8 shares of 128 keys.
+        assert_eq!(decode_splits(1, 8, 132, 1024), 8);
+        // Short contexts and batches that already fill the card are not split.
+        assert_eq!(decode_splits(1, 8, 132, 100), 1);
+        assert_eq!(decode_splits(32, 8, 132, 8192), 1);
+        assert_eq!(decode_splits(0, 8, 132, 8192), 1);
+        for tokens in 1..64 {
+            for kv in [1, 2, 4, 8, 16] {
+                for sms in [16, 78, 114, 132] {
+                    let s = decode_splits(tokens, kv, sms, 1 << 20);
+                    assert!((1..=MAX_DECODE_SPLITS).contains(&s));
+                    if s > 1 {
+                        // Rows of the scratch: tokens x heads x splits, heads = kv x group.
+                        assert!(tokens * kv * s <= decode_split_rows(sms, 1), "{tokens} {kv} {sms} -> {s}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
 use ironllm_core::{CoreError, SamplingParams};
 use ironllm_model::proposer::Proposer;
-use ironllm_model::runner_state::{RunnerRequest, RunnerRequests};
+use ironllm_model::runner_state::{RunnerRequest, RunnerRequests, StepSamples};
 use ironllm_model::sampler::Rng;
 
 use crate::device::Gpu;
@@ -289,6 +289,20 @@ impl CudaModelRunner {
             captured?;
             let graph = graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
             graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
+            if std::env::var_os("IRONLLM_TIME_GRAPHS").is_some() {
+                // Measurement aid: the GPU time of one decode step (padding rows, context 1), without any
+                // host work, to set against the end-to-end step time.
+                const REPLAYS: u32 = 20;
+                graph.launch().at(|| "warming up a decode graph".into())?;
+                gpu.synchronize()?;
+                let t0 = Instant::now();
+                for _ in 0..REPLAYS {
+                    graph.launch().at(|| "timing a decode graph".into())?;
+                }
+                gpu.synchronize()?;
+                let ms = t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPLAYS);
+                tracing::info!("decode graph batch {b}: {ms:.3} ms per replay (GPU only, context 1)");
+            }
             self.graphs.push((b, DecodeGraph(graph)));
         }
         gpu.synchronize()
@@ -414,6 +428,7 @@ impl CudaModelRunner {
             num_decode_tokens: b,
             prefill_tiles: &self.dev.tiles,
             num_prefill_tiles: 0,
+            max_context_len: self.graph_table_stride * self.kv.block_size,
         };
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws)
     }
@@ -614,6 +629,7 @@ impl CudaModelRunner {
                     num_decode_tokens,
                     prefill_tiles: &self.dev.tiles,
                     num_prefill_tiles: num_tiles,
+                    max_context_len: max_blocks * block_size,
                 };
                 self.model.forward(
                     &self.dev.token_ids,
@@ -668,12 +684,7 @@ impl CudaModelRunner {
         };
         drop(rows);
         let n = order.len();
-        let mut row_tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut row_logprobs: Vec<Vec<Option<PositionLogprobs>>> = vec![Vec::new(); n];
-        for (tok, &(ri, _)) in sampled.into_iter().zip(&sample_rows) {
-            row_tokens[ri].push(tok.token_id);
-            row_logprobs[ri].push(tok.logprobs);
-        }
+        let mut step_samples = StepSamples::group(sampled, &sample_rows, n);
         let mut out = ModelRunnerOutput {
             req_ids: order.iter().map(|(id, _)| (*id).clone()).collect(),
             sampled_token_ids: vec![Vec::new(); n],
@@ -687,12 +698,8 @@ impl CudaModelRunner {
                 st.num_computed_tokens += num_scheduled;
                 continue;
             }
-            let emitted = st.finish_step(*num_scheduled, &row_tokens[ri]);
-            let lps = &mut row_logprobs[ri];
-            lps.truncate(emitted.len());
-            if !lps.is_empty() && lps.iter().all(Option::is_some) {
-                out.logprobs[ri] = Some(lps.drain(..).flatten().collect());
-            }
+            let emitted = st.finish_step(*num_scheduled, &step_samples.tokens[ri]);
+            out.logprobs[ri] = step_samples.emitted_logprobs(ri, emitted.len());
             out.sampled_token_ids[ri] = emitted;
         }
         if let Some(proposer) = self.spec.as_mut() {

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
 use crate::proposer::Proposer;
-use crate::runner_state::{RunnerRequest, RunnerRequests};
+use crate::runner_state::{RunnerRequest, RunnerRequests, StepSamples};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
 
 /// A constrained request that samples this step: its first sample row, its index in the plan, its
@@ -311,12 +311,7 @@ impl CpuModelRunner {
         drop(rows);
 
         let n = planned.len();
-        let mut row_tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut row_logprobs: Vec<Vec<Option<PositionLogprobs>>> = vec![Vec::new(); n];
-        for (tok, &(ri, _)) in sampled.into_iter().zip(&sample_rows) {
-            row_tokens[ri].push(tok.token_id);
-            row_logprobs[ri].push(tok.logprobs);
-        }
+        let mut samples = StepSamples::group(sampled, &sample_rows, n);
         for (_, req_idx, matcher, _) in grammar_rows {
             states[req_idx].grammar = Some(matcher);
         }
@@ -332,15 +327,11 @@ impl CpuModelRunner {
                 st.num_computed_tokens += p.query_len;
                 continue;
             }
-            let emitted = st.finish_step(p.query_len, &row_tokens[p.req_idx]);
+            let emitted = st.finish_step(p.query_len, &samples.tokens[p.req_idx]);
             if emitted.len() > 1 {
                 st.sampling = std::mem::take(&mut draft_states[p.req_idx][emitted.len() - 2]);
             }
-            let lps = &mut row_logprobs[p.req_idx];
-            lps.truncate(emitted.len());
-            if lps.iter().all(Option::is_some) && !lps.is_empty() {
-                out.logprobs[p.req_idx] = Some(lps.drain(..).flatten().collect());
-            }
+            out.logprobs[p.req_idx] = samples.emitted_logprobs(p.req_idx, emitted.len());
             out.sampled_token_ids[p.req_idx] = emitted;
         }
         drop(states);

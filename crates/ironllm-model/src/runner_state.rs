@@ -16,9 +16,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ironllm_core::outputs::{NewRequestData, SchedulerOutput};
+use ironllm_core::outputs::{NewRequestData, PositionLogprobs, SchedulerOutput};
 use ironllm_core::structured::GrammarMatcher;
 use ironllm_core::SamplingParams;
+
+use crate::sampler::SampledToken;
 
 /// One request as the runner sees it; `S` is the backend's sampling state (the CPU sampler's
 /// generator and counts, or the GPU sampler's seed).
@@ -113,6 +115,33 @@ impl<S> RunnerRequest<S> {
         if advanced > 0 && !matcher.rollback(advanced) {
             tracing::warn!("structured output: the grammar could not roll back {advanced} draft tokens");
         }
+    }
+}
+
+/// A step's samples grouped by request (a request with k drafts has k + 1).
+pub struct StepSamples {
+    /// Per request (plan order), its sampled tokens in row order.
+    pub tokens: Vec<Vec<u32>>,
+    logprobs: Vec<Vec<Option<PositionLogprobs>>>,
+}
+
+impl StepSamples {
+    /// Groups `sampled` (one per sample row) by request; `rows[i]` names sample `i`'s request.
+    pub fn group(sampled: Vec<SampledToken>, rows: &[(usize, usize)], num_requests: usize) -> StepSamples {
+        let mut tokens = vec![Vec::new(); num_requests];
+        let mut logprobs = vec![Vec::new(); num_requests];
+        for (tok, &(ri, _)) in sampled.into_iter().zip(rows) {
+            tokens[ri].push(tok.token_id);
+            logprobs[ri].push(tok.logprobs);
+        }
+        StepSamples { tokens, logprobs }
+    }
+
+    /// The logprobs of request `ri`'s first `num_emitted` samples, when it asked for logprobs.
+    pub fn emitted_logprobs(&mut self, ri: usize, num_emitted: usize) -> Option<Vec<PositionLogprobs>> {
+        let lps = self.logprobs.get_mut(ri)?;
+        lps.truncate(num_emitted);
+        (!lps.is_empty() && lps.iter().all(Option::is_some)).then(|| lps.drain(..).flatten().collect())
     }
 }
 
@@ -301,9 +330,8 @@ mod tests {
 
     #[test]
     fn spec_masks_follow_the_drafts_and_roll_back() {
-        let allowed = |row: &[u32]| -> Vec<u32> {
-            (0..64u32).filter(|&t| row[t as usize / 32] & (1 << (t % 32)) != 0).collect()
-        };
+        let allowed =
+            |row: &[u32]| -> Vec<u32> { (0..64u32).filter(|&t| row[t as usize / 32] & (1 << (t % 32)) != 0).collect() };
         let mut m = Sequence { tokens: vec![1, 2, 3, 4], pos: 0 };
         let mut out = vec![0u32; 3 * 2];
         // The second draft (5) is refused: its row and the rows after it keep the mask that refused it.
