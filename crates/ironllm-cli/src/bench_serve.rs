@@ -14,14 +14,21 @@
 //!   chunks.
 //! - throughputs divide by the benchmark's wall time (first dispatch to last completion).
 //!
-//! Datasets (`--dataset-name`): `random` and `prefix_repetition`. Prompts are text, since not every
-//! server accepts token-id prompts. They are made of common English words; when the server has a
-//! `/tokenize` endpoint (ironllm's, vLLM's `{"prompt"}` form or llama.cpp's `{"content"}` form) the word
-//! pool is first narrowed to words that are exactly one token after a space, and every prompt is then
-//! fitted by tokenizing it and adding or dropping words until it has the requested number of tokens (at
-//! most 10 rounds, as vLLM's decode/re-encode loop). Without `/tokenize` (or with
+//! Datasets (`--dataset-name`): `random`, `prefix_repetition` and `custom`. Prompts are text, since not
+//! every server accepts token-id prompts. The synthetic ones are made of common English words; when the
+//! server has a `/tokenize` endpoint (ironllm's, vLLM's `{"prompt"}` form or llama.cpp's `{"content"}`
+//! form) the word pool is first narrowed to words that are exactly one token after a space, and every
+//! prompt is then fitted by tokenizing it and adding or dropping words until it has the requested number
+//! of tokens (at most 10 rounds, as vLLM's decode/re-encode loop). Without `/tokenize` (or with
 //! `--skip-tokenizer-init`) one word is taken as one token, which is close for common words in English
 //! BPE vocabularies but not exact.
+//!
+//! `custom` is vLLM's: `--dataset-path FILE.jsonl` with one `{"prompt": ...}` per line (optionally
+//! `"output_tokens"`, used when `--custom-output-len` is -1), shuffled with `--seed` unless
+//! `--disable-shuffle`, the first `--num-prompts` taken (repeated at random when the file has fewer).
+//! As vLLM, each prompt is wrapped in the model's chat template as one user message unless
+//! `--custom-skip-chat-template`; vLLM does that with a local tokenizer, this client has none and asks the
+//! server instead (`/tokenize` with `messages`, then `/detokenize`; llama.cpp's `/apply-template`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -61,15 +68,19 @@ pub struct ServeBenchArgs {
     #[arg(long, num_args = 0..)]
     pub header: Vec<String>,
 
-    /// random or prefix_repetition.
-    #[arg(long, default_value = "random", value_parser = ["random", "prefix_repetition"])]
+    /// random, prefix_repetition or custom.
+    #[arg(long, default_value = "random", value_parser = ["random", "prefix_repetition", "custom"])]
     pub dataset_name: String,
+    /// The custom dataset's JSONL file.
+    #[arg(long)]
+    pub dataset_path: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     /// General input length (maps to --random-input-len).
     #[arg(long)]
     pub input_len: Option<usize>,
-    /// General output length (maps to --random-output-len and --prefix-repetition-output-len).
+    /// General output length (maps to --random-output-len, --prefix-repetition-output-len and
+    /// --custom-output-len).
     #[arg(long)]
     pub output_len: Option<usize>,
     #[arg(long, default_value_t = 1024)]
@@ -90,7 +101,13 @@ pub struct ServeBenchArgs {
     pub prefix_repetition_num_prefixes: usize,
     #[arg(long, default_value_t = 128)]
     pub prefix_repetition_output_len: usize,
-    /// Keep prefix_repetition prompts grouped by prefix instead of shuffling them.
+    /// Output tokens (`max_tokens`) of every custom-dataset request; -1: each line's `output_tokens`.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    pub custom_output_len: i64,
+    /// Send the custom prompts as they are, without the chat template.
+    #[arg(long)]
+    pub custom_skip_chat_template: bool,
+    /// Keep prefix_repetition prompts grouped by prefix, and custom prompts in file order.
     #[arg(long)]
     pub disable_shuffle: bool,
     #[arg(long, default_value_t = 0)]
@@ -639,6 +656,36 @@ impl<'a> Tokenizer<'a> {
         let v: Value = resp.error_for_status()?.json().await?;
         v.get("tokens").and_then(Value::as_array).map(Vec::len).context("no `tokens` in /tokenize response")
     }
+
+    /// `content` as one user message in the server's chat template, with the generation prompt, and its
+    /// number of tokens.
+    async fn apply_chat_template(&mut self, content: &str) -> anyhow::Result<(String, usize)> {
+        let c = self.client;
+        let messages = json!([{"role": "user", "content": content}]);
+        let post = |path: &str, body: Value| {
+            let url = format!("{}{path}", c.base_url);
+            async move {
+                let resp = c.http.post(&url).headers(c.headers.clone()).json(&body).send().await?;
+                anyhow::Ok(resp.error_for_status()?.json::<Value>().await?)
+            }
+        };
+        let prompt = match self.style {
+            TokenizeStyle::Vllm => {
+                let v =
+                    post("/tokenize", json!({"model": c.model, "messages": messages, "add_generation_prompt": true}))
+                        .await?;
+                let tokens = v.get("tokens").cloned().context("no `tokens` in /tokenize response")?;
+                let v = post("/detokenize", json!({"model": c.model, "tokens": tokens})).await?;
+                v.get("prompt").and_then(Value::as_str).context("no `prompt` in /detokenize response")?.to_string()
+            }
+            TokenizeStyle::LlamaCpp => {
+                let v = post("/apply-template", json!({"messages": messages})).await?;
+                v.get("prompt").and_then(Value::as_str).context("no `prompt` in /apply-template response")?.to_string()
+            }
+        };
+        let n = self.count(&prompt).await?;
+        Ok((prompt, n))
+    }
 }
 
 fn join_words(prefix: &str, words: &[&str]) -> String {
@@ -768,6 +815,111 @@ async fn prefix_repetition_dataset(
     Ok(reqs)
 }
 
+/// One line of a custom dataset file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomEntry {
+    pub prompt: String,
+    /// Requested output tokens of this prompt (used with `--custom-output-len -1`).
+    pub output_tokens: Option<usize>,
+}
+
+/// Reads vLLM's custom-dataset JSONL: one object per line with a string `prompt` and an optional
+/// non-negative integer `output_tokens`; blank lines are skipped, other keys ignored.
+pub fn parse_custom_jsonl(text: &str) -> anyhow::Result<Vec<CustomEntry>> {
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_no = i + 1;
+        let v: Value = serde_json::from_str(line).with_context(|| format!("line {line_no}: not JSON"))?;
+        let prompt = match v.get("prompt") {
+            Some(Value::String(p)) => p.clone(),
+            Some(other) => bail!("line {line_no}: `prompt` must be a string, got {other}"),
+            None => bail!("line {line_no}: JSONL file must contain a 'prompt' column."),
+        };
+        let output_tokens =
+            match v.get("output_tokens") {
+                None | Some(Value::Null) => None,
+                Some(n) => Some(n.as_u64().with_context(|| {
+                    format!("line {line_no}: `output_tokens` must be a non-negative integer, got {n}")
+                })? as usize),
+            };
+        entries.push(CustomEntry { prompt, output_tokens });
+    }
+    if entries.is_empty() {
+        bail!("the custom dataset has no prompts");
+    }
+    Ok(entries)
+}
+
+/// vLLM's sampling of a custom dataset: shuffled unless `shuffle` is off, the first `n` entries, then
+/// entries picked at random until there are `n` when the file has fewer.
+pub fn select_custom(mut entries: Vec<CustomEntry>, n: usize, shuffle: bool, rng: &mut Rng) -> Vec<CustomEntry> {
+    if shuffle {
+        rng.shuffle(&mut entries);
+    }
+    entries.truncate(n);
+    let available = entries.len();
+    if available < n {
+        eprintln!("Oversampled requests to reach {n} total samples ({available} in the file).");
+        for _ in available..n {
+            entries.push(entries[rng.below(available)].clone());
+        }
+    }
+    entries
+}
+
+/// `max_tokens` of a custom prompt: `--custom-output-len`, or, when it is -1, the line's `output_tokens`.
+fn custom_output_len(flag: i64, entry: &CustomEntry) -> anyhow::Result<usize> {
+    match flag {
+        n if n > 0 => Ok(n as usize),
+        -1 => entry
+            .output_tokens
+            .filter(|&n| n > 0)
+            .context("--custom-output-len -1 takes each prompt's `output_tokens`, but a prompt has none (or 0)"),
+        n => bail!("--custom-output-len must be positive, or -1 for each prompt's `output_tokens`; got {n}"),
+    }
+}
+
+async fn custom_dataset(
+    a: &ServeBenchArgs,
+    tok: Option<&mut Tokenizer<'_>>,
+    rng: &mut Rng,
+) -> anyhow::Result<Vec<SampleRequest>> {
+    let path = a.dataset_path.as_ref().context("--dataset-name custom needs --dataset-path FILE.jsonl")?;
+    if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+        bail!("Only JSONL format is supported for CustomDataset (got {}).", path.display());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let entries = parse_custom_jsonl(&text).with_context(|| format!("in {}", path.display()))?;
+    let entries = select_custom(entries, a.num_prompts, !a.disable_shuffle, rng);
+    let mut tok = tok;
+    if !a.custom_skip_chat_template && tok.is_none() {
+        bail!(
+            "the custom dataset's chat template is applied through the server's /tokenize and /detokenize (or \
+             /apply-template), which this server does not answer; pass --custom-skip-chat-template to send the \
+             prompts as they are"
+        );
+    }
+    let mut reqs = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let out_len = custom_output_len(a.custom_output_len, e)?;
+        let (prompt, prompt_len) = match tok.as_deref_mut() {
+            Some(t) if !a.custom_skip_chat_template => {
+                t.apply_chat_template(&e.prompt).await.context("applying the chat template through the server")?
+            }
+            Some(t) => {
+                let n = t.count(&e.prompt).await?;
+                (e.prompt.clone(), n)
+            }
+            None => (e.prompt.clone(), e.prompt.split_whitespace().count()),
+        };
+        reqs.push(SampleRequest { prompt, prompt_len, expected_output_len: out_len, structured: false });
+    }
+    Ok(reqs)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run.
 
@@ -862,6 +1014,7 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
     if let Some(l) = a.output_len {
         a.random_output_len = l;
         a.prefix_repetition_output_len = l;
+        a.custom_output_len = l as i64;
     }
     if !(0.0..1.0).contains(&a.random_range_ratio) {
         bail!("--random-range-ratio must be in [0, 1)");
@@ -983,7 +1136,13 @@ async fn run_async(mut a: ServeBenchArgs) -> anyhow::Result<()> {
     // Dataset.
     let t_ds = Instant::now();
     let mut rng = Rng::new(a.seed);
-    let (mut requests, tokenizer_id, mismatch, calls) = {
+    let (mut requests, tokenizer_id, mismatch, calls) = if a.dataset_name == "custom" {
+        // No word pool to narrow: the prompts are given.
+        let mut tok = if a.skip_tokenizer_init { None } else { Tokenizer::probe(&client).await };
+        let reqs = custom_dataset(&a, tok.as_mut(), &mut rng).await?;
+        let tid = tok.as_ref().map(|t| format!("{base_url}/tokenize ({:?})", t.style));
+        (reqs, tid, 0, tok.as_ref().map_or(0, |t| t.calls))
+    } else {
         let mut pm = make_prompt_maker(&client, a.skip_tokenizer_init).await;
         let reqs = match a.dataset_name.as_str() {
             "random" => random_dataset(&a, &mut pm, &mut rng).await,
@@ -1426,6 +1585,52 @@ mod tests {
         let (full, n) = rt.block_on(pm.fit(&mut rng, &prefix, 16, 40));
         assert!(full.starts_with(&format!("{prefix} ")));
         assert_eq!((full.split(' ').count(), n), (40, 40));
+    }
+
+    #[test]
+    fn custom_jsonl_takes_prompts_and_optional_output_tokens() {
+        let text =
+            "{\"prompt\": \"What is the capital of India?\"}\n\n{\"prompt\": \"Hi\", \"output_tokens\": 7, \"x\": 1}\n";
+        let e = parse_custom_jsonl(text).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                CustomEntry { prompt: "What is the capital of India?".into(), output_tokens: None },
+                CustomEntry { prompt: "Hi".into(), output_tokens: Some(7) },
+            ]
+        );
+        // The flag wins; -1 takes the line's count and needs one.
+        assert_eq!(custom_output_len(256, &e[0]).unwrap(), 256);
+        assert_eq!(custom_output_len(-1, &e[1]).unwrap(), 7);
+        assert!(custom_output_len(-1, &e[0]).unwrap_err().to_string().contains("output_tokens"));
+        assert!(custom_output_len(0, &e[1]).is_err());
+        // Errors name the line.
+        let err = parse_custom_jsonl("{\"prompt\": \"a\"}\n{\"text\": \"b\"}\n").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("'prompt'"), "{err}");
+        let err = parse_custom_jsonl("{\"prompt\": \"a\", \"output_tokens\": -3}").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("output_tokens"), "{err}");
+        assert!(parse_custom_jsonl("\n").is_err());
+    }
+
+    #[test]
+    fn custom_selection_keeps_order_without_shuffle_and_oversamples() {
+        let entries: Vec<CustomEntry> =
+            (0..5).map(|i| CustomEntry { prompt: format!("p{i}"), output_tokens: None }).collect();
+        let names = |v: &[CustomEntry]| v.iter().map(|e| e.prompt.clone()).collect::<Vec<_>>();
+        let mut rng = Rng::new(0);
+        assert_eq!(names(&select_custom(entries.clone(), 3, false, &mut rng)), ["p0", "p1", "p2"]);
+        // Shuffled: a permutation, the same for the same seed.
+        let a = select_custom(entries.clone(), 5, true, &mut Rng::new(4));
+        let b = select_custom(entries.clone(), 5, true, &mut Rng::new(4));
+        assert_eq!(a, b);
+        let mut sorted = names(&a);
+        sorted.sort();
+        assert_eq!(sorted, names(&entries));
+        // More prompts than lines: the file first, then repeats of its lines.
+        let c = select_custom(entries.clone(), 8, false, &mut rng);
+        assert_eq!(c.len(), 8);
+        assert_eq!(names(&c[..5]), names(&entries));
+        assert!(c[5..].iter().all(|e| entries.contains(e)));
     }
 
     #[test]

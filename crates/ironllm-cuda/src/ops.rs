@@ -204,20 +204,25 @@ pub const MAX_DECODE_SPLITS: usize = 16;
 /// Fewest keys worth a split of their own (a few iterations of the kernel's key loop).
 const MIN_KEYS_PER_SPLIT: usize = 128;
 
-/// How many shares the decode rows' keys are split into: enough blocks for about two per SM when the
-/// (token, kv head) pairs alone do not fill the card, never more than the longest context can use.
-/// While splitting, pairs x splits < 3 x `num_sms`, which bounds the scratch.
+/// Blocks per SM the split aims for: one block per (token, kv head) walks its keys one dependent load
+/// after another, so an SM needs several resident blocks to keep enough loads in flight.
+const SPLIT_BLOCKS_PER_SM: usize = 4;
+
+/// How many shares the decode rows' keys are split into: enough blocks for about four per SM when the
+/// (token, kv head) pairs alone give fewer, never more than the longest context can use.
+/// While splitting, pairs x splits < 8 x `num_sms`, which bounds the scratch.
 pub fn decode_splits(num_decode_tokens: usize, num_kv_heads: usize, num_sms: usize, max_context_len: usize) -> usize {
     let pairs = num_decode_tokens * num_kv_heads;
-    if pairs == 0 || pairs >= num_sms {
+    let target = SPLIT_BLOCKS_PER_SM * num_sms;
+    if pairs == 0 || pairs >= target {
         return 1;
     }
-    (2 * num_sms).div_ceil(pairs).min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+    target.div_ceil(pairs).min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
 }
 
 /// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
 pub fn decode_split_rows(num_sms: usize, group: usize) -> usize {
-    3 * num_sms * group
+    2 * SPLIT_BLOCKS_PER_SM * num_sms * group
 }
 
 /// Optional per-head q/k RMSNorm, then rotary embedding of q and k in place in `qkv`, then K and V
@@ -622,7 +627,9 @@ mod tests {
         assert_eq!(decode_splits(1, 8, 132, 1024), 8);
         // Short contexts and batches that already fill the card are not split.
         assert_eq!(decode_splits(1, 8, 132, 100), 1);
-        assert_eq!(decode_splits(32, 8, 132, 8192), 1);
+        // Batch 32: 256 pairs give fewer than four blocks per SM, so three shares each.
+        assert_eq!(decode_splits(32, 8, 132, 8192), 3);
+        assert_eq!(decode_splits(128, 8, 132, 8192), 1);
         assert_eq!(decode_splits(0, 8, 132, 8192), 1);
         for tokens in 1..64 {
             for kv in [1, 2, 4, 8, 16] {
