@@ -32,26 +32,33 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
-# Split-KV decode attention on and off, same run (issue 8): the 8B shape's decode rows at batch 1 and 32.
-if [ "${IRONLLM_BENCH_SPLIT_AB:-1}" = 1 ]; then
+# Split-KV decode attention and the skinny GEMM on and off, same run (issue 8): the 8B shape's decode step.
+if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
   for b in 1 32; do
     IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
     IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
-  for b in 1 32; do
-    for v in "" _nosplit; do
-      python3 - "$LOGS" "$b" "$v" <<'PY'
-import json, sys
-logs, b, v = sys.argv[1:]
-try:
-    a = json.load(open(f"{logs}/l8_b{b}_o1{v}.json"))["avg_latency"]
-    c = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
-    print(f"8B decode step, batch {b}, 1k context, split-KV {'off' if v else 'on'}: {(c - a) / 64 * 1e3:.2f} ms")
-except Exception as e:
-    print(f"batch {b}{v}: {e}")
-PY
-    done
+  for b in 1 4; do
+    IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o1_nogemv" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o65_nogemv" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
+  lat l8_b4_o1 $L8 4 1024 1 "${COMMON8[@]}"
+  lat l8_b4_o65 $L8 4 1024 65 "${COMMON8[@]}"
+  python3 - "$LOGS" <<'PY'
+import json, sys
+logs = sys.argv[1]
+def step(b, v):
+    try:
+        a = json.load(open(f"{logs}/l8_b{b}_o1{v}.json"))["avg_latency"]
+        c = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
+        return f"{(c - a) / 64 * 1e3:.2f} ms"
+    except Exception as e:
+        return f"n/a ({e})"
+for b, v, what in [(1, "", "all on"), (1, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off"),
+                   (4, "", "all on"), (4, "_nogemv", "skinny GEMM off"),
+                   (32, "", "all on"), (32, "_nosplit", "split-KV off")]:
+    print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
+PY
 fi
 # GPU-only time of a decode step (graph replays with padding rows), to set against the end-to-end step.
 IRONLLM_TIME_GRAPHS=1 "$BIN" bench latency $L8 --load-format dummy --device cuda --batch-size 1 --input-len 16 \

@@ -76,6 +76,9 @@ for phase in "$@"; do
     spec)
       step gpu_spec bash bench/gpu_spec.sh "$LOGS/spec"
       ;;
+    throughput)
+      step gpu_throughput bash bench/gpu_throughput.sh "$LOGS/throughput"
+      ;;
     profile)
       step gpu_profile bash bench/gpu_profile.sh "$LOGS/profile"
       ;;

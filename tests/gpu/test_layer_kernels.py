@@ -450,6 +450,34 @@ def test_gemm_f32(mods):
     check_bits("gemm_f32_nt k=0 gives bias", y, torch.arange(5, dtype=torch.float32).expand(3, 5))
 
 
+def test_gemv(mods):
+    """The skinny GEMM (m <= 4) of bf16/f16 decode steps, T and f32 outputs, against float64: odd n, k from
+    8 to 14336, the Llama-3.1-8B projection shapes."""
+    m = mods["gemv.cu"]
+    shapes = [(1, 8), (7, 64), (33, 4096), (6144, 4096), (4096, 4096), (1001, 14336), (3, 24)]
+    for sfx in ("bf16", "f16"):
+        dt = DTYPES[sfx]
+        for M in (1, 2, 3, 4):
+            for N, K in shapes:
+                seed = next_seed()
+                x = torch.randn(M, K).to(dt)
+                w = (torch.randn(N, K) / math.sqrt(K)).to(dt)
+                ref = x.double() @ w.double().T
+                mag = x.double().abs() @ w.double().abs().T
+                for out_sfx, out_dt in ((sfx, dt), (sfx + "_f32", torch.float32)):
+                    y = poisoned((M, N), out_dt)
+                    launch(m, f"gemv_{out_sfx}", ((N + 15) // 16,), (256,), (y, dev(x), dev(w), i32(M), i32(N), i32(K)))
+                    got = host(y, out_dt).view(M, N)
+                    # f32 accumulation (k terms) plus one rounding of the output to its dtype.
+                    eps_out = 0.0 if out_dt == torch.float32 else EPS[dt]
+                    err = (got.double() - ref).abs()
+                    bound = 1.01 * K * 2.0 ** -24 * mag + eps_out * ref.abs() + 1e-30
+                    bad = int((~(err <= bound)).sum())
+                    report(bad == 0, f"gemv_{out_sfx} m={M} n={N} k={K} seed={seed}",
+                           f"max_abs_err={float(torch.nan_to_num(err, nan=float('inf')).max()):.3g} "
+                           f"(bound k*2^-24*|x||w| + output rounding, {bad} over)")
+
+
 def test_gemm_f32_batch_invariance(mods):
     m = mods["gemm_f32.cu"]
     for K in (1000, 333):
@@ -712,6 +740,7 @@ CHECKS = [
     ("qk_norm_rope_kv", test_qk_norm_rope_kv, ("layers.cu",)),
     ("gemm_f32", test_gemm_f32, ("gemm_f32.cu",)),
     ("gemm_f32_batch_invariance", test_gemm_f32_batch_invariance, ("gemm_f32.cu",)),
+    ("gemv", test_gemv, ("gemv.cu",)),
     ("paged_attention", test_paged_attention, ("attention.cu",)),
     ("paged_attention_split", test_paged_attention_split, ("attention.cu",)),
     ("paged_attention_batch_invariance", test_paged_attention_batch_invariance, ("attention.cu",)),

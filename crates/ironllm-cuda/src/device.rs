@@ -47,6 +47,9 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     functions: HashMap<String, CudaFunction>,
     pub info: GpuInfo,
+    /// Our skinny GEMM serves bf16/f16 GEMMs of up to `ops::GEMV_MAX_M` rows instead of cuBLAS
+    /// (`IRONLLM_DISABLE_GEMV` turns it off, for side-by-side measurements).
+    pub skinny_gemm: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -142,7 +145,8 @@ impl Gpu {
             if all_cached { "loaded from the cache" } else { "compiled" },
             info.kernel_compile_seconds
         );
-        Ok(Arc::new(Gpu { ctx, stream, blas, _blas_workspace: workspace, functions, info }))
+        let skinny_gemm = std::env::var_os("IRONLLM_DISABLE_GEMV").is_none();
+        Ok(Arc::new(Gpu { ctx, stream, blas, _blas_workspace: workspace, functions, info, skinny_gemm }))
     }
 
     /// The stream every operation of this backend is ordered on.

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Offline throughput of the Llama-3.1-8B shape (issue 8): 1000 random prompts of about 200 tokens in and
+# 180 out, and of 1024 in / 128 out, ignore_eos, dummy bf16 weights, through `ironllm bench throughput`
+# (vLLM's `bench throughput` with its random dataset). Runs on the GPU host from the repository root.
+# usage: bash bench/gpu_throughput.sh LOGDIR
+set -uo pipefail
+LOGS=${1:-/tmp/ironllm-throughput}
+mkdir -p "$LOGS"
+BIN=${IRONLLM_BIN:-.gpu/ironllm}
+L8=bench/configs/llama-3.1-8b
+run() { # name input output extra...
+  local name=$1 inp=$2 outl=$3; shift 3
+  "$BIN" bench throughput $L8 --load-format dummy --device cuda --dtype bfloat16 --max-model-len 4096 \
+    --num-prompts 1000 --input-len "$inp" --output-len "$outl" --output-json "$LOGS/$name.json" "$@" \
+    >"$LOGS/$name.log" 2>&1 || echo "FAILED $name (see $name.log)"
+  grep -h "Throughput:\|Elapsed" "$LOGS/$name.log" | sed "s/^/$name: /"
+}
+run tp_200_180 200 180 --random-range-ratio 0.5 --max-num-seqs 256
+run tp_200_180_seqs512 200 180 --random-range-ratio 0.5 --max-num-seqs 512 --max-num-batched-tokens 16384
+run tp_1024_128 1024 128 --max-num-seqs 256

@@ -1,0 +1,104 @@
+// Skinny GEMM for decode steps of a few sequences (bf16/f16): y[m, n] = sum_k x[m, k] * w[n, k] for
+// m < M <= GEMV_MAX_M, with w row-major [n, k] (a linear layer's weight) and x, y row-major.
+//
+// extern "C" gemv_T(T* y, const T* x, const T* w, int m, int n, int k), and gemv_T_f32 with a float y
+// (the LM head's logits)
+//   grid = (ceil(n / (GEMV_WARPS * GEMV_ROWS))), block = GEMV_WARPS * 32; k % 8 == 0, rows 16-byte aligned.
+//
+// A decode step at batch 1-4 is a pass over the weights, and cuBLAS's kernels for these shapes stream
+// them at about 70% of the card's copy rate. Here each warp owns GEMV_ROWS output columns and walks their
+// weight rows with 16-byte loads, several in flight per lane (the unrolled loop), multiplying each 8-element
+// chunk with the same chunk of every x row (x is small and stays in L1/L2); partial sums stay in f32 per
+// lane and are reduced across the warp at the end, then rounded once to T. The summation order depends only
+// on k, never on m or n, but differs from cuBLAS's, so bf16/f16 outputs of this path and cuBLAS's may
+// differ in the last bit (bf16/f16 are not batch-invariant on the GPU in any case).
+// The host uses it for m <= 2 only (see ops::GEMV_MAX_M for the measurement); m = 3, 4 are tested too.
+
+#define GEMV_WARPS 8
+#define GEMV_ROWS 2
+#define GEMV_MAX_M 4
+
+__device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const bf16*) {
+    const unsigned int w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const f16*) {
+    const unsigned int w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = f16_to_float((f16_t)(w[i] & 0xffffu));
+        f[2 * i + 1] = f16_to_float((f16_t)(w[i] >> 16));
+    }
+}
+
+template <typename T, typename Y, int M>
+__device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (row0 >= n) return;
+    const int chunks = k >> 3;  // 16-byte chunks per row
+    const uint4* __restrict__ xr = reinterpret_cast<const uint4*>(x);
+    const uint4* __restrict__ wr[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        // A missing last row (odd n) re-reads row0 and is not stored.
+        const int row = row0 + r < n ? row0 + r : row0;
+        wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
+    }
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+        for (int j = 0; j < M; ++j) acc[r][j] = 0.0f;
+
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wv[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) wv[r] = wr[r][c];
+        float xf[M][8];
+#pragma unroll
+        for (int j = 0; j < M; ++j) gemv_unpack(xr[(long long)j * chunks + c], xf[j], (const T*)nullptr);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            float wf[8];
+            gemv_unpack(wv[r], wf, (const T*)nullptr);
+#pragma unroll
+            for (int j = 0; j < M; ++j)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[r][j] = fmaf(wf[i], xf[j][i], acc[r][j]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+        for (int j = 0; j < M; ++j) acc[r][j] = warp_sum(acc[r][j]);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (row0 + r >= n) break;
+#pragma unroll
+            for (int j = 0; j < M; ++j) store_f(y + (long long)j * n + row0 + r, acc[r][j]);
+        }
+    }
+}
+
+#define GEMV(T, Y, S)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                         \
+        gemv_##S(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int n, int k) { \
+        switch (m) {                                                                                      \
+            case 1: gemv_impl<T, Y, 1>(y, x, w, n, k); break;                                             \
+            case 2: gemv_impl<T, Y, 2>(y, x, w, n, k); break;                                             \
+            case 3: gemv_impl<T, Y, 3>(y, x, w, n, k); break;                                             \
+            case 4: gemv_impl<T, Y, 4>(y, x, w, n, k); break;                                             \
+            default: break;                                                                               \
+        }                                                                                                 \
+    }
+GEMV(bf16, bf16, bf16)
+GEMV(f16, f16, f16)
+GEMV(bf16, float, bf16_f32)
+GEMV(f16, float, f16_f32)
