@@ -13,6 +13,7 @@
 
 pub mod compile;
 pub mod device;
+pub mod draft;
 pub mod error;
 pub mod model;
 pub mod ops;

@@ -22,6 +22,7 @@ use ironllm_model::runner_state::{RunnerRequest, RunnerRequests, StepSamples};
 use ironllm_model::sampler::Rng;
 
 use crate::device::Gpu;
+use crate::draft::CudaDraftModel;
 use crate::error::{CudaError, DriverContext};
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::ops::{BatchMeta, FLASH_BLOCK_M};
@@ -38,7 +39,7 @@ pub enum KvCacheSize {
 }
 
 /// Settings of the runner.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CudaRunnerConfig {
     pub block_size: usize,
     pub max_num_batched_tokens: usize,
@@ -48,6 +49,8 @@ pub struct CudaRunnerConfig {
     pub max_model_len: usize,
     /// `--enforce-eager`: no CUDA graphs.
     pub enforce_eager: bool,
+    /// Speculative decoding's draft model and its `num_speculative_tokens` (`"method": "draft_model"`).
+    pub draft: Option<(Arc<CudaLlama>, usize)>,
 }
 
 /// What start-up measured, for the log line and `EngineInfo`.
@@ -65,22 +68,22 @@ pub struct CudaMemoryReport {
 }
 
 /// Reused device buffers for the batch metadata; they only grow.
-struct DeviceBatch {
-    token_ids: CudaSlice<u32>,
-    positions: CudaSlice<i32>,
-    slots: CudaSlice<i64>,
-    block_tables: CudaSlice<i32>,
-    query_start_loc: CudaSlice<i32>,
-    context_lens: CudaSlice<i32>,
-    token_to_seq: CudaSlice<i32>,
-    logits_rows: CudaSlice<i32>,
-    tiles: CudaSlice<i32>,
+pub(crate) struct DeviceBatch {
+    pub(crate) token_ids: CudaSlice<u32>,
+    pub(crate) positions: CudaSlice<i32>,
+    pub(crate) slots: CudaSlice<i64>,
+    pub(crate) block_tables: CudaSlice<i32>,
+    pub(crate) query_start_loc: CudaSlice<i32>,
+    pub(crate) context_lens: CudaSlice<i32>,
+    pub(crate) token_to_seq: CudaSlice<i32>,
+    pub(crate) logits_rows: CudaSlice<i32>,
+    pub(crate) tiles: CudaSlice<i32>,
     /// Structured-output bitmasks of this step and the logits row each applies to.
-    masks: CudaSlice<u32>,
-    mask_rows: CudaSlice<i32>,
+    pub(crate) masks: CudaSlice<u32>,
+    pub(crate) mask_rows: CudaSlice<i32>,
 }
 
-fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+pub(crate) fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     gpu: &Gpu,
     dst: &mut CudaSlice<T>,
     host: &[T],
@@ -97,16 +100,70 @@ fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 
 /// Host-side batch arrays, reused across steps.
 #[derive(Default)]
-struct HostBatch {
-    token_ids: Vec<u32>,
-    positions: Vec<i32>,
-    slots: Vec<i64>,
-    block_tables: Vec<i32>,
-    query_start_loc: Vec<i32>,
-    context_lens: Vec<i32>,
-    token_to_seq: Vec<i32>,
-    logits_rows: Vec<i32>,
-    tiles: Vec<i32>,
+pub(crate) struct HostBatch {
+    pub(crate) token_ids: Vec<u32>,
+    pub(crate) positions: Vec<i32>,
+    pub(crate) slots: Vec<i64>,
+    pub(crate) block_tables: Vec<i32>,
+    pub(crate) query_start_loc: Vec<i32>,
+    pub(crate) context_lens: Vec<i32>,
+    pub(crate) token_to_seq: Vec<i32>,
+    pub(crate) logits_rows: Vec<i32>,
+    pub(crate) tiles: Vec<i32>,
+}
+
+impl DeviceBatch {
+    /// Copies the step's host arrays into the device buffers (growing any that are too small).
+    pub(crate) fn upload(&mut self, gpu: &Gpu, h: &HostBatch) -> Result<(), CudaError> {
+        upload_into(gpu, &mut self.token_ids, &h.token_ids)?;
+        upload_into(gpu, &mut self.positions, &h.positions)?;
+        upload_into(gpu, &mut self.slots, &h.slots)?;
+        upload_into(gpu, &mut self.block_tables, &h.block_tables)?;
+        upload_into(gpu, &mut self.query_start_loc, &h.query_start_loc)?;
+        upload_into(gpu, &mut self.context_lens, &h.context_lens)?;
+        upload_into(gpu, &mut self.token_to_seq, &h.token_to_seq)?;
+        upload_into(gpu, &mut self.logits_rows, &h.logits_rows)?;
+        upload_into(gpu, &mut self.tiles, &h.tiles)
+    }
+
+    /// Buffers sized for steps of `max_tokens` tokens, `max_seqs` sequences with block-table rows of
+    /// `table_stride`, `max_rows` logits rows and a `vocab`-token bitmask.
+    pub(crate) fn new(
+        gpu: &Gpu,
+        max_tokens: usize,
+        max_seqs: usize,
+        table_stride: usize,
+        max_rows: usize,
+        vocab: usize,
+    ) -> Result<DeviceBatch, CudaError> {
+        Ok(DeviceBatch {
+            token_ids: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            positions: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            slots: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            block_tables: gpu.alloc_zeros(max_seqs * table_stride)?,
+            query_start_loc: gpu.alloc_zeros(max_seqs + 1)?,
+            context_lens: gpu.alloc_zeros(max_seqs)?,
+            token_to_seq: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
+            logits_rows: gpu.alloc_zeros(max_rows)?,
+            tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
+            masks: gpu.alloc_zeros(vocab.div_ceil(32))?,
+            mask_rows: gpu.alloc_zeros(1)?,
+        })
+    }
+}
+
+impl HostBatch {
+    pub(crate) fn clear(&mut self) {
+        self.token_ids.clear();
+        self.positions.clear();
+        self.slots.clear();
+        self.block_tables.clear();
+        self.query_start_loc.clear();
+        self.context_lens.clear();
+        self.token_to_seq.clear();
+        self.logits_rows.clear();
+        self.tiles.clear();
+    }
 }
 
 /// Executes planned steps on the GPU.
@@ -121,6 +178,8 @@ pub struct CudaModelRunner {
     reqs: RunnerRequests<u64>,
     /// Speculative decoding's proposer (`None`: off).
     spec: Option<Proposer>,
+    /// Speculative decoding's draft model, when that is the method.
+    draft: Option<CudaDraftModel>,
     host: HostBatch,
     dev: DeviceBatch,
     /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
@@ -172,18 +231,11 @@ impl CudaModelRunner {
         // Metadata buffers at their largest, so they never move: captured graphs read them by address.
         let graph_table_stride = cfg.max_model_len.div_ceil(cfg.block_size).max(1);
         let max_seqs = cfg.max_num_seqs.max(1);
-        let dev = DeviceBatch {
-            token_ids: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
-            positions: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
-            slots: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
-            block_tables: gpu.alloc_zeros(max_seqs * graph_table_stride)?,
-            query_start_loc: gpu.alloc_zeros(max_seqs + 1)?,
-            context_lens: gpu.alloc_zeros(max_seqs)?,
-            token_to_seq: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
-            logits_rows: gpu.alloc_zeros(max_rows)?,
-            tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
-            masks: gpu.alloc_zeros(c.vocab_size.div_ceil(32))?,
-            mask_rows: gpu.alloc_zeros(1)?,
+        let dev = DeviceBatch::new(&gpu, max_tokens, max_seqs, graph_table_stride, max_rows, c.vocab_size)?;
+        // The draft's first forward of a round may hold every scheduled token plus one per sequence.
+        let mut draft = match &cfg.draft {
+            Some((m, k)) => Some(CudaDraftModel::new(m.clone(), *k, max_tokens + max_seqs, max_seqs, cfg.block_size)?),
+            None => None,
         };
         // Profile: one sequence of max_tokens tokens in a throwaway cache just big enough for it.
         let profile_blocks = max_tokens.div_ceil(cfg.block_size) + 1;
@@ -197,6 +249,7 @@ impl CudaModelRunner {
             engine_rng: Rng::seeded(cfg.seed),
             reqs: RunnerRequests::default(),
             spec: None,
+            draft: None,
             host: HostBatch::default(),
             dev,
             graph_table_stride,
@@ -223,7 +276,9 @@ impl CudaModelRunner {
         runner.kv = CudaKvCache::new(&gpu, &model, 1, cfg.block_size)?; // free the profile cache
         gpu.synchronize()?;
         let (free_now, _) = gpu.mem_info()?;
-        let bytes_per_block = CudaKvCache::bytes_per_block(c, model.dtype, cfg.block_size);
+        // A draft model's KV shares the target's blocks, so one block costs both.
+        let bytes_per_block = CudaKvCache::bytes_per_block(c, model.dtype, cfg.block_size)
+            + draft.as_ref().map_or(0, |d| d.bytes_per_block(cfg.block_size));
         let kv_bytes = match cfg.kv_cache {
             KvCacheSize::Bytes(b) => b,
             KvCacheSize::Utilization(u) => {
@@ -249,6 +304,10 @@ impl CudaModelRunner {
             )));
         }
         runner.kv = CudaKvCache::new(&gpu, &model, num_blocks, cfg.block_size)?;
+        if let Some(d) = draft.as_mut() {
+            d.set_num_blocks(num_blocks, cfg.block_size)?;
+        }
+        runner.draft = draft;
         gpu.synchronize()?;
         runner.memory.peak_activation_bytes = free_before.saturating_sub(free_after).saturating_sub(profile_kv_bytes);
         runner.memory.kv_cache_bytes = num_blocks * bytes_per_block;
@@ -328,16 +387,7 @@ impl CudaModelRunner {
     }
 
     fn upload_host(&mut self) -> Result<(), CudaError> {
-        let (gpu, h) = (&*self.gpu, &self.host);
-        upload_into(gpu, &mut self.dev.token_ids, &h.token_ids)?;
-        upload_into(gpu, &mut self.dev.positions, &h.positions)?;
-        upload_into(gpu, &mut self.dev.slots, &h.slots)?;
-        upload_into(gpu, &mut self.dev.block_tables, &h.block_tables)?;
-        upload_into(gpu, &mut self.dev.query_start_loc, &h.query_start_loc)?;
-        upload_into(gpu, &mut self.dev.context_lens, &h.context_lens)?;
-        upload_into(gpu, &mut self.dev.token_to_seq, &h.token_to_seq)?;
-        upload_into(gpu, &mut self.dev.logits_rows, &h.logits_rows)?;
-        upload_into(gpu, &mut self.dev.tiles, &h.tiles)
+        self.dev.upload(&self.gpu, &self.host)
     }
 
     /// Structured output: fills the bitmask of every constrained row that samples this step (on the host,
@@ -480,15 +530,7 @@ impl CudaModelRunner {
         let block_size = self.kv.block_size;
         let max_pos = self.model.max_positions;
         let h = &mut self.host;
-        h.token_ids.clear();
-        h.positions.clear();
-        h.slots.clear();
-        h.block_tables.clear();
-        h.query_start_loc.clear();
-        h.context_lens.clear();
-        h.token_to_seq.clear();
-        h.logits_rows.clear();
-        h.tiles.clear();
+        h.clear();
 
         let order: Vec<(&String, usize)> = plan.num_scheduled_tokens.iter().map(|(id, n)| (id, *n)).collect();
         // A decode-only step (every sequence one token, all sampling, no prompt logprobs) replays the
@@ -704,6 +746,8 @@ impl CudaModelRunner {
         }
         if let Some(proposer) = self.spec.as_mut() {
             out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, block_size);
+        } else if let Some(draft) = self.draft.as_mut() {
+            out.spec_token_ids = draft.propose(plan, &out, &self.reqs, block_size)?;
         }
         Ok(out)
     }

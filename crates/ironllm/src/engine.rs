@@ -697,6 +697,20 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
 
 /// Loads the draft model of `--speculative-config` for the CPU and checks it can draft for the target.
 fn load_cpu_draft_model(path: &str, opts: &LoadOptions, target: &PreparedModel) -> Result<Arc<LlamaModel>, LlmError> {
+    let prepared = prepare_draft_model(path, opts, target)?;
+    let model = loader::cpu_model(&prepared, opts.dtype)?;
+    tracing::info!(
+        "draft model {path} ({} layers, {:.1} MiB) loaded",
+        prepared.config.num_hidden_layers,
+        model.weight_bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(Arc::new(model))
+}
+
+/// Resolves the draft model of `--speculative-config` and checks it can draft for the target: a
+/// vocabulary no larger than the target's (its tokens must be valid target tokens) and a context at
+/// least `--max-model-len`.
+fn prepare_draft_model(path: &str, opts: &LoadOptions, target: &PreparedModel) -> Result<PreparedModel, LlmError> {
     let draft_opts = LoadOptions {
         model: PathBuf::from(path),
         tokenizer: None,
@@ -719,13 +733,7 @@ fn load_cpu_draft_model(path: &str, opts: &LoadOptions, target: &PreparedModel) 
             prepared.max_model_len, target.max_model_len
         )));
     }
-    let model = loader::cpu_model(&prepared, opts.dtype)?;
-    tracing::info!(
-        "draft model {path} ({} layers, {:.1} MiB) loaded",
-        prepared.config.num_hidden_layers,
-        model.weight_bytes() as f64 / (1 << 20) as f64
-    );
-    Ok(Arc::new(model))
+    Ok(prepared)
 }
 
 fn build_cuda_backend(
@@ -748,6 +756,31 @@ fn build_cuda_backend(
     )
     .map_err(cuda_err)?;
     let model = Arc::new(model);
+    let draft = match &args.speculative_config {
+        Some(SpeculativeConfig {
+            method: SpeculativeMethod::DraftModel { model: path },
+            num_speculative_tokens,
+            ..
+        }) => {
+            let draft_prepared = prepare_draft_model(path, opts, &prepared)?;
+            let draft_model = ironllm_cuda::model::CudaLlama::load(
+                gpu.clone(),
+                draft_prepared.config.clone(),
+                &draft_prepared.source,
+                dtype,
+                prepared.max_model_len,
+                args.seed,
+            )
+            .map_err(cuda_err)?;
+            tracing::info!(
+                "draft model {path} ({} layers, {:.1} MiB) loaded on the GPU",
+                draft_prepared.config.num_hidden_layers,
+                draft_model.weight_bytes() as f64 / (1 << 20) as f64
+            );
+            Some((Arc::new(draft_model), *num_speculative_tokens))
+        }
+        _ => None,
+    };
     let load_seconds = prepared.started.elapsed().as_secs_f64();
     let cfg = CudaRunnerConfig {
         block_size: args.block_size,
@@ -760,19 +793,16 @@ fn build_cuda_backend(
         seed: args.seed,
         max_model_len: prepared.max_model_len,
         enforce_eager: args.enforce_eager,
+        draft,
     };
     let mut runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
     if let Some(spec) = &args.speculative_config {
-        let SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } = spec.method else {
-            return Err(LlmError::InvalidArgs(
-                "the draft_model speculative method is not supported on the CUDA backend yet; use ngram, or --device cpu"
-                    .into(),
-            ));
-        };
         let k = spec.num_speculative_tokens;
-        let ngram = NgramProposer::new(prompt_lookup_min, prompt_lookup_max, k).map_err(LlmError::InvalidArgs)?;
-        runner.set_proposer(Proposer::Ngram(ngram)).map_err(cuda_err)?;
-        tracing::info!("speculative decoding: ngram with up to {k} draft tokens per step");
+        if let SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } = spec.method {
+            let ngram = NgramProposer::new(prompt_lookup_min, prompt_lookup_max, k).map_err(LlmError::InvalidArgs)?;
+            runner.set_proposer(Proposer::Ngram(ngram)).map_err(cuda_err)?;
+        }
+        tracing::info!("speculative decoding: {} with up to {k} draft tokens per step", spec.method.name());
     }
     let m = runner.memory.clone();
     tracing::info!(

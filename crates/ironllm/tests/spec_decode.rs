@@ -1,6 +1,6 @@
 //! Speculative decoding must be lossless: with n-gram or draft-model drafts, greedy output is the same
 //! token for token as without speculation (alone, batched, chunked, with prefix-cache hits, under
-//! preemption), seeded sampling gives the same tokens (draws are tied to output positions), and the
+//! preemption, a long prompt in chunks), seeded sampling gives the same tokens (draws are tied to output positions), and the
 //! distribution of sampled tokens at drafted positions matches the one without drafts (chi-square).
 //! Runs the default model from its GGUF; drafts are checked to have been proposed, accepted and rejected,
 //! so the tests cannot pass by never speculating.
@@ -100,6 +100,15 @@ fn ngram_greedy_output_is_identical_alone_batched_chunked_cached_and_preempted()
         assert_eq!(&b.outputs[0].token_ids, w, "prefix caching, cache hits");
     }
 
+    // A long prompt (~800 tokens) prefilled in chunks of 64 tokens, then decoded with drafts.
+    let code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n";
+    let long = vec![Prompt::Text(format!("{}Rewrite the last function with type hints:\n", code.repeat(22)))];
+    let small_budget = EngineArgs { max_num_batched_tokens: Some(64), max_num_seqs: 4, ..plain.clone() };
+    let (want_long, _) = run(small_budget.clone(), &long, &greedy());
+    let (got_long, stats) = run(spec(small_budget), &long, &greedy());
+    assert_eq!(got_long, want_long, "long prompt, chunked prefill");
+    assert!(stats.0 > 0, "the long prompt was never drafted for");
+
     // 20 blocks of 16 tokens cannot hold 12 requests at once: preemption and recompute.
     let tight = EngineArgs { kv_cache_memory_bytes: Some(46_080 * 16 * 20), max_model_len: Some(256), ..plain.clone() };
     let mut llm = common::llm(spec(tight));
@@ -111,17 +120,13 @@ fn ngram_greedy_output_is_identical_alone_batched_chunked_cached_and_preempted()
 
 #[test]
 fn draft_model_greedy_output_is_identical_and_a_perfect_draft_is_always_accepted() {
-    if common::test_device() == ironllm::Device::Cuda {
-        eprintln!("skipped: the draft_model method runs on the CPU backend only");
-        return;
-    }
     let prompts = prompts();
     let model = common::default_gguf();
     let plain = EngineArgs { enable_prefix_caching: false, ..base() };
     let (want, _) = run(plain.clone(), &prompts, &greedy());
 
-    // The target drafting for itself: its greedy drafts are exactly its own next tokens (the CPU kernels
-    // are batch-invariant), so every draft is accepted.
+    // The target drafting for itself: its greedy drafts are exactly its own next tokens (the kernels are
+    // batch-invariant: the CPU's, and the GPU's in float32), so every draft is accepted.
     let (out, (drafts, drafted, accepted)) =
         run(EngineArgs { speculative_config: Some(draft_model(&model, 4)), ..plain.clone() }, &prompts, &greedy());
     assert_eq!(out, want, "self-draft");

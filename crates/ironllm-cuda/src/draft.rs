@@ -1,0 +1,229 @@
+//! The draft model of speculative decoding on the GPU (`"method": "draft_model"`): a smaller model of the
+//! same tokenizer that drafts greedily, as the CPU's `ironllm_model::proposer::DraftModel` does.
+//!
+//! Its KV cache has the target's block geometry and is read and written through the target's block tables,
+//! so the scheduler's one block allocation covers both models (the runner sizes the cache with both
+//! models' bytes per block). After a step has sampled, each request the plan names is drafted for: one
+//! forward over the tokens the draft has not seen (a whole prompt the first time), then one single-token
+//! forward per further draft, each feeding the previous draft at the position it would take; the argmax
+//! comes from the GPU sampler with greedy rows. Drafted tokens' KV lands in the lookahead slots the
+//! scheduler reserved; the next round restarts from the last real token, so rejected drafts are
+//! overwritten. Greedy drafting makes the proposal a deterministic function of the context, which is what
+//! makes the runner's compare-with-own-samples verification exact.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ironllm_core::outputs::{ModelRunnerOutput, SchedulerOutput};
+use ironllm_core::SamplingParams;
+use ironllm_model::runner_state::RunnerRequests;
+
+use crate::device::Gpu;
+use crate::error::CudaError;
+use crate::model::{CudaKvCache, CudaLlama, Workspace};
+use crate::ops::{BatchMeta, FLASH_BLOCK_M};
+use crate::runner::{DeviceBatch, HostBatch};
+use crate::sampler::{GpuSampler, GpuSamplingRow};
+
+/// One sequence of a draft forward: tokens fed from `first_pos` on, against `table`.
+struct DraftSeq<'a> {
+    /// Index into the round's requests.
+    item: usize,
+    tokens: Vec<u32>,
+    first_pos: usize,
+    table: &'a [u32],
+}
+
+/// A greedy draft model with its own KV cache over the target's blocks.
+pub struct CudaDraftModel {
+    gpu: Arc<Gpu>,
+    model: Arc<CudaLlama>,
+    kv: CudaKvCache,
+    ws: Workspace,
+    sampler: GpuSampler,
+    host: HostBatch,
+    dev: DeviceBatch,
+    num_speculative_tokens: usize,
+    greedy: SamplingParams,
+    /// Tokens of each request whose KV the draft has computed from real (non-draft) tokens.
+    computed: HashMap<String, usize>,
+}
+
+impl CudaDraftModel {
+    /// Buffers for forwards of up to `max_tokens` tokens and `max_seqs` sequences; the KV cache comes
+    /// later ([`set_num_blocks`](Self::set_num_blocks)), once the runner has sized it.
+    pub fn new(
+        model: Arc<CudaLlama>,
+        num_speculative_tokens: usize,
+        max_tokens: usize,
+        max_seqs: usize,
+        block_size: usize,
+    ) -> Result<CudaDraftModel, CudaError> {
+        let gpu = model.gpu().clone();
+        let vocab = model.config.vocab_size;
+        Ok(CudaDraftModel {
+            ws: Workspace::new(&gpu, &model, max_tokens, max_seqs)?,
+            sampler: GpuSampler::new(gpu.clone(), vocab)?,
+            host: HostBatch::default(),
+            dev: DeviceBatch::new(&gpu, max_tokens, max_seqs, 1, max_seqs, vocab)?,
+            kv: CudaKvCache::new(&gpu, &model, 1, block_size)?,
+            gpu,
+            model,
+            num_speculative_tokens,
+            greedy: SamplingParams::greedy(1),
+            computed: HashMap::new(),
+        })
+    }
+
+    /// Bytes one KV block of the draft model takes.
+    pub fn bytes_per_block(&self, block_size: usize) -> usize {
+        CudaKvCache::bytes_per_block(&self.model.config, self.model.dtype, block_size)
+    }
+
+    /// Allocates the draft's KV cache with the target's block count.
+    pub fn set_num_blocks(&mut self, num_blocks: usize, block_size: usize) -> Result<(), CudaError> {
+        self.kv = CudaKvCache::new(&self.gpu, &self.model, 1, block_size)?;
+        self.kv = CudaKvCache::new(&self.gpu, &self.model, num_blocks, block_size)?;
+        Ok(())
+    }
+
+    /// Draft tokens for every request of `out` that sampled this step and that `plan` asks drafts for.
+    pub fn propose(
+        &mut self,
+        plan: &SchedulerOutput,
+        out: &ModelRunnerOutput,
+        reqs: &RunnerRequests<u64>,
+        block_size: usize,
+    ) -> Result<Vec<Vec<u32>>, CudaError> {
+        for id in plan.finished_req_ids.iter().chain(&plan.preempted_req_ids) {
+            self.computed.remove(id);
+        }
+        for new in &plan.scheduled_new_reqs {
+            // Fresh blocks, or prefix-cache blocks whose draft KV may never have been written.
+            self.computed.remove(&new.req_id);
+        }
+        let wanted: HashSet<&str> = plan.spec_propose_req_ids.iter().map(String::as_str).collect();
+        let mut drafts = vec![Vec::new(); out.req_ids.len()];
+        let vocab = self.model.config.vocab_size;
+        let max_pos = self.model.max_positions.max(1);
+        let capacity = |table: &[u32]| (table.len() * block_size).min(max_pos);
+        // (row of `out`, request id, real tokens, block table)
+        let mut items: Vec<(usize, &str, &[u32], &[u32])> = Vec::new();
+        for (ri, id) in out.req_ids.iter().enumerate() {
+            if out.sampled_token_ids[ri].is_empty() || !wanted.contains(id.as_str()) {
+                continue;
+            }
+            if let Some(st) = reqs.get(id) {
+                items.push((ri, id.as_str(), st.token_ids.as_slice(), st.block_table.as_slice()));
+            }
+        }
+        let mut seqs: Vec<DraftSeq<'_>> = Vec::new();
+        let mut budget = self.ws.max_tokens();
+        for (item, &(_, id, tokens, table)) in items.iter().enumerate() {
+            let len = tokens.len();
+            if len == 0 || len > capacity(table) || seqs.len() == self.ws.max_rows() {
+                continue;
+            }
+            let start = self.computed.get(id).copied().unwrap_or(0).min(len - 1);
+            if len - start > budget {
+                continue; // catches up in a later round
+            }
+            budget -= len - start;
+            // A draft vocabulary may be shorter than the target's (padding rows): ids past it are never
+            // real text, so any in-range id keeps the draft running.
+            let fed = tokens[start..].iter().map(|&t| if (t as usize) < vocab { t } else { 0 }).collect();
+            seqs.push(DraftSeq { item, tokens: fed, first_pos: start, table });
+            self.computed.insert(id.to_owned(), len);
+        }
+        let mut step = 0;
+        while !seqs.is_empty() {
+            let next = self.forward_argmax(&seqs, block_size)?;
+            for (seq, &tok) in seqs.iter().zip(&next) {
+                drafts[items[seq.item].0].push(tok);
+            }
+            step += 1;
+            if step == self.num_speculative_tokens {
+                break;
+            }
+            // Feed each draft at the position it would take, where a slot was reserved for it.
+            seqs = seqs
+                .into_iter()
+                .zip(next)
+                .filter_map(|(seq, tok)| {
+                    let pos = items[seq.item].2.len() + step - 1;
+                    (pos < capacity(seq.table)).then_some(DraftSeq { tokens: vec![tok], first_pos: pos, ..seq })
+                })
+                .collect();
+        }
+        Ok(drafts)
+    }
+
+    /// One forward of `seqs` (single-token sequences first, as the attention kernels expect) and the
+    /// argmax after each sequence's last token.
+    fn forward_argmax(&mut self, seqs: &[DraftSeq<'_>], block_size: usize) -> Result<Vec<u32>, CudaError> {
+        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].tokens.len() == 1).collect();
+        let num_decode = order.len();
+        order.extend((0..seqs.len()).filter(|&i| seqs[i].tokens.len() != 1));
+        let max_blocks =
+            seqs.iter().map(|s| (s.first_pos + s.tokens.len()).div_ceil(block_size)).max().unwrap_or(1).max(1);
+        let h = &mut self.host;
+        h.clear();
+        h.query_start_loc.push(0);
+        for (b, &i) in order.iter().enumerate() {
+            let s = &seqs[i];
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let pos = s.first_pos + j;
+                h.token_ids.push(t);
+                h.positions.push(pos as i32);
+                h.slots.push(s.table[pos / block_size] as i64 * block_size as i64 + (pos % block_size) as i64);
+                h.token_to_seq.push(b as i32);
+            }
+            h.query_start_loc.push(h.token_ids.len() as i32);
+            h.context_lens.push((s.first_pos + s.tokens.len()) as i32);
+            let row = h.block_tables.len();
+            h.block_tables.extend(s.table.iter().take(max_blocks).map(|&x| x as i32));
+            h.block_tables.resize(row + max_blocks, 0);
+            h.logits_rows.push(h.token_ids.len() as i32 - 1);
+            if b >= num_decode {
+                for tile in (0..s.tokens.len()).step_by(FLASH_BLOCK_M) {
+                    h.tiles.push(b as i32);
+                    h.tiles.push(tile as i32);
+                }
+            }
+        }
+        self.dev.upload(&self.gpu, &self.host)?;
+        let h = &self.host;
+        let meta = BatchMeta {
+            num_tokens: h.token_ids.len(),
+            num_seqs: order.len(),
+            positions: &self.dev.positions,
+            slot_mapping: &self.dev.slots,
+            block_tables: &self.dev.block_tables,
+            max_blocks_per_seq: max_blocks,
+            query_start_loc: &self.dev.query_start_loc,
+            context_lens: &self.dev.context_lens,
+            token_to_seq: &self.dev.token_to_seq,
+            num_decode_tokens: num_decode,
+            prefill_tiles: &self.dev.tiles,
+            num_prefill_tiles: h.tiles.len() / 2,
+            max_context_len: max_blocks * block_size,
+        };
+        let rows = order.len();
+        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, rows, &mut self.kv, &mut self.ws)?;
+        let vocab = self.model.config.vocab_size;
+        let sample_rows: Vec<GpuSamplingRow<'_>> = (0..rows)
+            .map(|_| GpuSamplingRow { params: &self.greedy, prompt_token_ids: &[], output_token_ids: &[], seed: 0 })
+            .collect();
+        let mut view = self.ws.logits.data.slice_mut(0..rows * vocab * 4);
+        // SAFETY: the bytes are f32 logits written by the LM head GEMM.
+        let mut view = unsafe { view.transmute_mut::<f32>(rows * vocab) }
+            .ok_or_else(|| CudaError::Invalid("draft logits view".into()))?;
+        let sampled = self.sampler.sample(&mut view, &sample_rows)?;
+        // Back from batch order to `seqs` order.
+        let mut next = vec![0u32; seqs.len()];
+        for (b, &i) in order.iter().enumerate() {
+            next[i] = sampled.get(b).map_or(0, |t| t.token_id);
+        }
+        Ok(next)
+    }
+}
