@@ -21,7 +21,7 @@ use ironllm_model::runner_state::RunnerRequests;
 use crate::device::Gpu;
 use crate::error::CudaError;
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
-use crate::ops::{BatchMeta, FLASH_BLOCK_M};
+use crate::ops::FLASH_BLOCK_M;
 use crate::runner::{DeviceBatch, HostBatch};
 use crate::sampler::{GpuSampler, GpuSamplingRow};
 
@@ -193,21 +193,14 @@ impl CudaDraftModel {
         }
         self.dev.upload(&self.gpu, &self.host)?;
         let h = &self.host;
-        let meta = BatchMeta {
-            num_tokens: h.token_ids.len(),
-            num_seqs: order.len(),
-            positions: &self.dev.positions,
-            slot_mapping: &self.dev.slots,
-            block_tables: &self.dev.block_tables,
-            max_blocks_per_seq: max_blocks,
-            query_start_loc: &self.dev.query_start_loc,
-            context_lens: &self.dev.context_lens,
-            token_to_seq: &self.dev.token_to_seq,
-            num_decode_tokens: num_decode,
-            prefill_tiles: &self.dev.tiles,
-            num_prefill_tiles: h.tiles.len() / 2,
-            max_context_len: max_blocks * block_size,
-        };
+        let meta = self.dev.meta(
+            h.token_ids.len(),
+            order.len(),
+            max_blocks,
+            num_decode,
+            h.tiles.len() / 2,
+            max_blocks * block_size,
+        );
         let rows = order.len();
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, rows, &mut self.kv, &mut self.ws)?;
         let vocab = self.model.config.vocab_size;

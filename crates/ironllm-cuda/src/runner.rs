@@ -113,6 +113,35 @@ pub(crate) struct HostBatch {
 }
 
 impl DeviceBatch {
+    /// The forward's view of these buffers for a step of `num_tokens` tokens in `num_seqs` sequences (the
+    /// first `num_decode_tokens` of them single-token), block-table rows of `max_blocks_per_seq`,
+    /// `num_prefill_tiles` tensor-core prefill tiles, and no context longer than `max_context_len`.
+    pub(crate) fn meta(
+        &self,
+        num_tokens: usize,
+        num_seqs: usize,
+        max_blocks_per_seq: usize,
+        num_decode_tokens: usize,
+        num_prefill_tiles: usize,
+        max_context_len: usize,
+    ) -> BatchMeta<'_> {
+        BatchMeta {
+            num_tokens,
+            num_seqs,
+            positions: &self.positions,
+            slot_mapping: &self.slots,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq,
+            query_start_loc: &self.query_start_loc,
+            context_lens: &self.context_lens,
+            token_to_seq: &self.token_to_seq,
+            num_decode_tokens,
+            prefill_tiles: &self.tiles,
+            num_prefill_tiles,
+            max_context_len,
+        }
+    }
+
     /// Copies the step's host arrays into the device buffers (growing any that are too small).
     pub(crate) fn upload(&mut self, gpu: &Gpu, h: &HostBatch) -> Result<(), CudaError> {
         upload_into(gpu, &mut self.token_ids, &h.token_ids)?;
@@ -465,21 +494,8 @@ impl CudaModelRunner {
 
     /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it.
     fn forward_decode(&mut self, b: usize) -> Result<(), CudaError> {
-        let meta = BatchMeta {
-            num_tokens: b,
-            num_seqs: b,
-            positions: &self.dev.positions,
-            slot_mapping: &self.dev.slots,
-            block_tables: &self.dev.block_tables,
-            max_blocks_per_seq: self.graph_table_stride,
-            query_start_loc: &self.dev.query_start_loc,
-            context_lens: &self.dev.context_lens,
-            token_to_seq: &self.dev.token_to_seq,
-            num_decode_tokens: b,
-            prefill_tiles: &self.dev.tiles,
-            num_prefill_tiles: 0,
-            max_context_len: self.graph_table_stride * self.kv.block_size,
-        };
+        let stride = self.graph_table_stride;
+        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size);
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws)
     }
 
@@ -658,21 +674,8 @@ impl CudaModelRunner {
                 }
             }
             None => {
-                let meta = BatchMeta {
-                    num_tokens: t,
-                    num_seqs,
-                    positions: &self.dev.positions,
-                    slot_mapping: &self.dev.slots,
-                    block_tables: &self.dev.block_tables,
-                    max_blocks_per_seq: max_blocks,
-                    query_start_loc: &self.dev.query_start_loc,
-                    context_lens: &self.dev.context_lens,
-                    token_to_seq: &self.dev.token_to_seq,
-                    num_decode_tokens,
-                    prefill_tiles: &self.dev.tiles,
-                    num_prefill_tiles: num_tiles,
-                    max_context_len: max_blocks * block_size,
-                };
+                let meta =
+                    self.dev.meta(t, num_seqs, max_blocks, num_decode_tokens, num_tiles, max_blocks * block_size);
                 self.model.forward(
                     &self.dev.token_ids,
                     &meta,
