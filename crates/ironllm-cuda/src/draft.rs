@@ -11,11 +11,11 @@
 //! overwritten. Greedy drafting makes the proposal a deterministic function of the context, which is what
 //! makes the runner's compare-with-own-samples verification exact.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ironllm_core::outputs::{ModelRunnerOutput, SchedulerOutput};
 use ironllm_core::SamplingParams;
+use ironllm_model::proposer::{DraftLimits, DraftRounds, DraftSeq};
 use ironllm_model::runner_state::RunnerRequests;
 
 use crate::device::Gpu;
@@ -24,15 +24,6 @@ use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::ops::FLASH_BLOCK_M;
 use crate::runner::{DeviceBatch, HostBatch};
 use crate::sampler::{GpuSampler, GpuSamplingRow};
-
-/// One sequence of a draft forward: tokens fed from `first_pos` on, against `table`.
-struct DraftSeq<'a> {
-    /// Index into the round's requests.
-    item: usize,
-    tokens: Vec<u32>,
-    first_pos: usize,
-    table: &'a [u32],
-}
 
 /// A greedy draft model with its own KV cache over the target's blocks.
 pub struct CudaDraftModel {
@@ -45,8 +36,7 @@ pub struct CudaDraftModel {
     dev: DeviceBatch,
     num_speculative_tokens: usize,
     greedy: SamplingParams,
-    /// Tokens of each request whose KV the draft has computed from real (non-draft) tokens.
-    computed: HashMap<String, usize>,
+    rounds: DraftRounds,
 }
 
 impl CudaDraftModel {
@@ -71,7 +61,7 @@ impl CudaDraftModel {
             model,
             num_speculative_tokens,
             greedy: SamplingParams::greedy(1),
-            computed: HashMap::new(),
+            rounds: DraftRounds::default(),
         })
     }
 
@@ -82,7 +72,6 @@ impl CudaDraftModel {
 
     /// Allocates the draft's KV cache with the target's block count.
     pub fn set_num_blocks(&mut self, num_blocks: usize, block_size: usize) -> Result<(), CudaError> {
-        self.kv = CudaKvCache::new(&self.gpu, &self.model, 1, block_size)?;
         self.kv = CudaKvCache::new(&self.gpu, &self.model, num_blocks, block_size)?;
         Ok(())
     }
@@ -95,67 +84,17 @@ impl CudaDraftModel {
         reqs: &RunnerRequests<u64>,
         block_size: usize,
     ) -> Result<Vec<Vec<u32>>, CudaError> {
-        for id in plan.finished_req_ids.iter().chain(&plan.preempted_req_ids) {
-            self.computed.remove(id);
-        }
-        for new in &plan.scheduled_new_reqs {
-            // Fresh blocks, or prefix-cache blocks whose draft KV may never have been written.
-            self.computed.remove(&new.req_id);
-        }
-        let wanted: HashSet<&str> = plan.spec_propose_req_ids.iter().map(String::as_str).collect();
-        let mut drafts = vec![Vec::new(); out.req_ids.len()];
-        let vocab = self.model.config.vocab_size;
-        let max_pos = self.model.max_positions.max(1);
-        let capacity = |table: &[u32]| (table.len() * block_size).min(max_pos);
-        // (row of `out`, request id, real tokens, block table)
-        let mut items: Vec<(usize, &str, &[u32], &[u32])> = Vec::new();
-        for (ri, id) in out.req_ids.iter().enumerate() {
-            if out.sampled_token_ids[ri].is_empty() || !wanted.contains(id.as_str()) {
-                continue;
-            }
-            if let Some(st) = reqs.get(id) {
-                items.push((ri, id.as_str(), st.token_ids.as_slice(), st.block_table.as_slice()));
-            }
-        }
-        let mut seqs: Vec<DraftSeq<'_>> = Vec::new();
-        let mut budget = self.ws.max_tokens();
-        for (item, &(_, id, tokens, table)) in items.iter().enumerate() {
-            let len = tokens.len();
-            if len == 0 || len > capacity(table) || seqs.len() == self.ws.max_rows() {
-                continue;
-            }
-            let start = self.computed.get(id).copied().unwrap_or(0).min(len - 1);
-            if len - start > budget {
-                continue; // catches up in a later round
-            }
-            budget -= len - start;
-            // A draft vocabulary may be shorter than the target's (padding rows): ids past it are never
-            // real text, so any in-range id keeps the draft running.
-            let fed = tokens[start..].iter().map(|&t| if (t as usize) < vocab { t } else { 0 }).collect();
-            seqs.push(DraftSeq { item, tokens: fed, first_pos: start, table });
-            self.computed.insert(id.to_owned(), len);
-        }
-        let mut step = 0;
-        while !seqs.is_empty() {
-            let next = self.forward_argmax(&seqs, block_size)?;
-            for (seq, &tok) in seqs.iter().zip(&next) {
-                drafts[items[seq.item].0].push(tok);
-            }
-            step += 1;
-            if step == self.num_speculative_tokens {
-                break;
-            }
-            // Feed each draft at the position it would take, where a slot was reserved for it.
-            seqs = seqs
-                .into_iter()
-                .zip(next)
-                .filter_map(|(seq, tok)| {
-                    let pos = items[seq.item].2.len() + step - 1;
-                    (pos < capacity(seq.table)).then_some(DraftSeq { tokens: vec![tok], first_pos: pos, ..seq })
-                })
-                .collect();
-        }
-        Ok(drafts)
+        let limits = DraftLimits {
+            max_positions: self.model.max_positions,
+            vocab_size: self.model.config.vocab_size,
+            max_tokens: self.ws.max_tokens(),
+            max_seqs: self.ws.max_rows(),
+            num_speculative_tokens: self.num_speculative_tokens,
+        };
+        let mut rounds = std::mem::take(&mut self.rounds);
+        let drafts = rounds.propose(plan, out, reqs, block_size, &limits, |seqs| self.forward_argmax(seqs, block_size));
+        self.rounds = rounds;
+        drafts
     }
 
     /// One forward of `seqs` (single-token sequences first, as the attention kernels expect) and the

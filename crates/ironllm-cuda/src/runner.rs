@@ -18,7 +18,7 @@ use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
 use ironllm_core::{CoreError, SamplingParams};
 use ironllm_model::proposer::Proposer;
-use ironllm_model::runner_state::{RunnerRequest, RunnerRequests, StepSamples};
+use ironllm_model::runner_state::{fill_spec_masks, RunnerRequest, RunnerRequests, StepSamples};
 use ironllm_model::sampler::Rng;
 
 use crate::device::Gpu;
@@ -443,7 +443,7 @@ impl CudaModelRunner {
             let Some(m) = st.grammar.as_mut() else { continue };
             let start = masks.len();
             masks.resize(start + (drafts.len() + 1) * words, 0);
-            RunnerRequest::<u64>::fill_spec_masks(m.as_mut(), &drafts, &mut masks[start..], words);
+            fill_spec_masks(m.as_mut(), &drafts, &mut masks[start..], words);
             rows.extend((0..=drafts.len()).map(|j| (row + j) as i32));
         }
         if rows.is_empty() {

@@ -9,8 +9,13 @@
 //! positions they would take, into slots the scheduler reserved ahead (`num_lookahead_tokens`); the next
 //! step starts again from the last token the draft has seen for real, so rejected drafts are simply
 //! overwritten.
+//!
+//! [`DraftRounds`] is the part every draft model shares (which tokens each request's draft has seen, the
+//! catch-up forward, feeding drafts back, the limits); a backend supplies only its forward-and-argmax
+//! (the CPU's here, the GPU's in `ironllm-cuda::draft`).
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use ironllm_core::ngram_proposer::NgramProposer;
@@ -36,10 +41,10 @@ impl Proposer {
         reqs: &RunnerRequests<S>,
         block_size: usize,
     ) -> Vec<Vec<u32>> {
-        let wanted: HashSet<&str> = plan.spec_propose_req_ids.iter().map(String::as_str).collect();
-        let mut drafts = vec![Vec::new(); out.req_ids.len()];
         match self {
             Proposer::Ngram(ngram) => {
+                let wanted: HashSet<&str> = plan.spec_propose_req_ids.iter().map(String::as_str).collect();
+                let mut drafts = vec![Vec::new(); out.req_ids.len()];
                 for (ri, id) in out.req_ids.iter().enumerate() {
                     if out.sampled_token_ids[ri].is_empty() || !wanted.contains(id.as_str()) {
                         continue;
@@ -48,138 +53,189 @@ impl Proposer {
                         drafts[ri] = ngram.propose(&st.token_ids);
                     }
                 }
+                drafts
             }
-            Proposer::DraftModel(draft) => {
-                draft.apply_plan(plan);
-                let mut batch = Vec::new();
-                for (ri, id) in out.req_ids.iter().enumerate() {
-                    if out.sampled_token_ids[ri].is_empty() || !wanted.contains(id.as_str()) {
-                        continue;
-                    }
-                    if let Some(st) = reqs.get(id) {
-                        batch.push((ri, id.as_str(), st.token_ids.as_slice(), st.block_table.as_slice()));
-                    }
-                }
-                for (ri, tokens) in draft.propose(&batch, block_size) {
-                    drafts[ri] = tokens;
-                }
-            }
+            Proposer::DraftModel(draft) => draft.propose(plan, out, reqs, block_size),
         }
-        drafts
     }
 }
 
-/// A small model drafting greedily, with a KV cache laid out like the target's.
+/// One sequence of a draft forward: `tokens` fed from position `first_pos` on, against `table`.
+pub struct DraftSeq<'a> {
+    /// Index into the round's requests.
+    pub item: usize,
+    pub tokens: Vec<u32>,
+    pub first_pos: usize,
+    pub table: &'a [u32],
+}
+
+/// A drafting round's limits: the draft model's positions and vocabulary, the tokens and sequences one
+/// of its forwards may hold, and the number of drafts per request.
+pub struct DraftLimits {
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub max_tokens: usize,
+    pub max_seqs: usize,
+    pub num_speculative_tokens: usize,
+}
+
+/// What a draft model keeps between rounds, whatever it runs on: how many tokens of each request it has
+/// computed KV for from real (non-draft) tokens.
+#[derive(Default)]
+pub struct DraftRounds {
+    computed: HashMap<String, usize>,
+}
+
+impl DraftRounds {
+    /// One drafting round after a step (see the module docs): picks the requests of `out` that sampled and
+    /// that `plan` asks drafts for, feeds each the tokens the draft has not seen through `forward` (which
+    /// returns the argmax after each sequence's last token), then feeds back each draft until there are
+    /// `num_speculative_tokens`. A request stops drafting where its block table or the model's positions
+    /// end; one that would overflow a forward's limits waits for a later round.
+    pub fn propose<S, E>(
+        &mut self,
+        plan: &SchedulerOutput,
+        out: &ModelRunnerOutput,
+        reqs: &RunnerRequests<S>,
+        block_size: usize,
+        limits: &DraftLimits,
+        mut forward: impl FnMut(&[DraftSeq<'_>]) -> Result<Vec<u32>, E>,
+    ) -> Result<Vec<Vec<u32>>, E> {
+        for id in plan.finished_req_ids.iter().chain(&plan.preempted_req_ids) {
+            self.computed.remove(id);
+        }
+        for new in &plan.scheduled_new_reqs {
+            // Fresh blocks, or prefix-cache blocks whose draft KV may never have been written.
+            self.computed.remove(&new.req_id);
+        }
+        let wanted: HashSet<&str> = plan.spec_propose_req_ids.iter().map(String::as_str).collect();
+        let mut drafts = vec![Vec::new(); out.req_ids.len()];
+        let capacity = |table: &[u32]| (table.len() * block_size).min(limits.max_positions.max(1));
+        // (row of `out`, real tokens)
+        let mut items: Vec<(usize, &[u32])> = Vec::new();
+        let mut seqs: Vec<DraftSeq<'_>> = Vec::new();
+        let mut budget = limits.max_tokens;
+        for (ri, id) in out.req_ids.iter().enumerate() {
+            if out.sampled_token_ids[ri].is_empty() || !wanted.contains(id.as_str()) {
+                continue;
+            }
+            let Some(st) = reqs.get(id) else { continue };
+            let (tokens, table) = (st.token_ids.as_slice(), st.block_table.as_slice());
+            let len = tokens.len();
+            if len == 0 || len > capacity(table) || seqs.len() == limits.max_seqs {
+                continue;
+            }
+            let start = self.computed.get(id.as_str()).copied().unwrap_or(0).min(len - 1);
+            if len - start > budget {
+                continue;
+            }
+            budget -= len - start;
+            // A draft vocabulary may be shorter than the target's (padding rows): ids past it are never
+            // real text, so any in-range id keeps the draft running.
+            let fed = tokens[start..].iter().map(|&t| if (t as usize) < limits.vocab_size { t } else { 0 }).collect();
+            seqs.push(DraftSeq { item: items.len(), tokens: fed, first_pos: start, table });
+            items.push((ri, tokens));
+            self.computed.insert(id.clone(), len);
+        }
+        let mut step = 0;
+        while !seqs.is_empty() {
+            let next = forward(&seqs)?;
+            for (seq, &tok) in seqs.iter().zip(&next) {
+                drafts[items[seq.item].0].push(tok);
+            }
+            step += 1;
+            if step == limits.num_speculative_tokens {
+                break;
+            }
+            // Feed each draft at the position it would take, where a slot was reserved for it.
+            seqs = seqs
+                .into_iter()
+                .zip(next)
+                .filter_map(|(seq, tok)| {
+                    let pos = items[seq.item].1.len() + step - 1;
+                    (pos < capacity(seq.table)).then_some(DraftSeq { tokens: vec![tok], first_pos: pos, ..seq })
+                })
+                .collect();
+        }
+        Ok(drafts)
+    }
+}
+
+/// A small model drafting greedily on the CPU, with a KV cache laid out like the target's.
 pub struct DraftModel {
     model: Arc<LlamaModel>,
     kv: KvCache,
     ws: Workspace,
     num_speculative_tokens: usize,
-    /// Tokens of each request whose KV the draft has computed from real (non-draft) tokens.
-    computed: HashMap<String, usize>,
+    rounds: DraftRounds,
 }
 
 impl DraftModel {
     /// A draft model over `num_blocks` blocks of `block_size` tokens (the target's cache geometry).
     pub fn new(model: Arc<LlamaModel>, num_blocks: usize, block_size: usize, num_speculative_tokens: usize) -> Self {
         let kv = KvCache::new(&model.config, num_blocks, block_size);
-        DraftModel { model, kv, ws: Workspace::default(), num_speculative_tokens, computed: HashMap::new() }
+        DraftModel { model, kv, ws: Workspace::default(), num_speculative_tokens, rounds: DraftRounds::default() }
     }
 
-    /// Forgets finished requests; a new or resumed request (fresh blocks, or prefix-cache blocks whose
-    /// draft KV may never have been written) is drafted from its first token again.
-    fn apply_plan(&mut self, plan: &SchedulerOutput) {
-        for id in plan.finished_req_ids.iter().chain(&plan.preempted_req_ids) {
-            self.computed.remove(id);
-        }
-        for new in &plan.scheduled_new_reqs {
-            self.computed.remove(&new.req_id);
+    fn propose<S>(
+        &mut self,
+        plan: &SchedulerOutput,
+        out: &ModelRunnerOutput,
+        reqs: &RunnerRequests<S>,
+        block_size: usize,
+    ) -> Vec<Vec<u32>> {
+        let DraftModel { model, kv, ws, num_speculative_tokens, rounds } = self;
+        let limits = DraftLimits {
+            max_positions: model.config.max_position_embeddings,
+            vocab_size: model.config.vocab_size,
+            max_tokens: usize::MAX,
+            max_seqs: usize::MAX,
+            num_speculative_tokens: *num_speculative_tokens,
+        };
+        let forward = |seqs: &[DraftSeq<'_>]| Ok::<_, Infallible>(forward_argmax(model, kv, ws, seqs, block_size));
+        match rounds.propose(plan, out, reqs, block_size, &limits, forward) {
+            Ok(drafts) => drafts,
+            Err(never) => match never {},
         }
     }
+}
 
-    /// Drafts up to `num_speculative_tokens` tokens for each `(row, id, tokens, block table)`: one
-    /// forward over every token the draft has not seen yet, then one single-token forward per further
-    /// draft. A request stops drafting where its block table or the model's positions end.
-    fn propose(&mut self, reqs: &[(usize, &str, &[u32], &[u32])], block_size: usize) -> Vec<(usize, Vec<u32>)> {
-        let max_pos = self.model.config.max_position_embeddings.max(1);
-        let vocab = self.model.config.vocab_size;
-        let capacity = |table: &[u32]| (table.len() * block_size).min(max_pos);
-        let slot = |table: &[u32], pos: usize| table[pos / block_size] as usize * block_size + pos % block_size;
-        let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
-        // Requests still drafting, by index into `reqs`.
-        let mut live: Vec<usize> = Vec::new();
-        let (mut token_ids, mut positions, mut slots, mut rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut spans_src: Vec<(usize, usize, usize)> = Vec::new(); // (query start, query len, context len)
-        for (i, &(_, id, tokens, table)) in reqs.iter().enumerate() {
-            let len = tokens.len();
-            let start = self.computed.get(id).copied().unwrap_or(0).min(len.saturating_sub(1));
-            if len == 0 || len > capacity(table) {
-                continue;
-            }
-            let query_start = token_ids.len();
-            for (pos, &t) in tokens.iter().enumerate().skip(start) {
-                // A draft vocabulary may be shorter than the target's (padding rows): ids past it are
-                // never real text, so any in-range id keeps the draft running.
-                token_ids.push(if (t as usize) < vocab { t } else { 0 });
-                positions.push(pos);
-                slots.push(slot(table, pos));
-            }
-            spans_src.push((query_start, len - start, len));
-            rows.push(token_ids.len() - 1);
-            live.push(i);
-            self.computed.insert(id.to_owned(), len);
+/// One forward of `seqs` and the argmax after each sequence's last token.
+fn forward_argmax(
+    model: &LlamaModel,
+    kv: &mut KvCache,
+    ws: &mut Workspace,
+    seqs: &[DraftSeq<'_>],
+    block_size: usize,
+) -> Vec<u32> {
+    let (mut token_ids, mut positions, mut slots, mut rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut spans = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        let query_start = token_ids.len();
+        for (j, &t) in seq.tokens.iter().enumerate() {
+            let pos = seq.first_pos + j;
+            token_ids.push(t);
+            positions.push(pos);
+            slots.push(seq.table[pos / block_size] as usize * block_size + pos % block_size);
         }
-        let mut step = 0;
-        while !live.is_empty() {
-            let spans: Vec<SeqSpan<'_>> = live
-                .iter()
-                .zip(&spans_src)
-                .map(|(&i, &(query_start, query_len, context_len))| SeqSpan {
-                    query_start,
-                    query_len,
-                    context_len,
-                    block_table: reqs[i].3,
-                })
-                .collect();
-            let batch = ForwardBatch {
-                token_ids: &token_ids,
-                positions: &positions,
-                slot_mapping: &slots,
-                seqs: &spans,
-                logits_rows: &rows,
-            };
-            self.model.forward(&batch, &mut self.kv, &mut self.ws);
-            for (r, &i) in live.iter().enumerate() {
-                drafts[i].push(argmax(&self.ws.logits[r * vocab..(r + 1) * vocab]));
-            }
-            step += 1;
-            if step == self.num_speculative_tokens {
-                break;
-            }
-            // Feed each draft at the position it would take, where a slot was reserved for it.
-            let prev = std::mem::take(&mut live);
-            token_ids.clear();
-            positions.clear();
-            slots.clear();
-            rows.clear();
-            spans_src.clear();
-            for i in prev {
-                let table = reqs[i].3;
-                let pos = reqs[i].2.len() + step - 1;
-                if pos >= capacity(table) {
-                    continue;
-                }
-                let query_start = token_ids.len();
-                token_ids.push(*drafts[i].last().unwrap_or(&0));
-                positions.push(pos);
-                slots.push(slot(table, pos));
-                rows.push(query_start);
-                spans_src.push((query_start, 1, pos + 1));
-                live.push(i);
-            }
-        }
-        reqs.iter().zip(drafts).map(|(r, d)| (r.0, d)).collect()
+        rows.push(token_ids.len() - 1);
+        spans.push(SeqSpan {
+            query_start,
+            query_len: seq.tokens.len(),
+            context_len: seq.first_pos + seq.tokens.len(),
+            block_table: seq.table,
+        });
     }
+    let batch = ForwardBatch {
+        token_ids: &token_ids,
+        positions: &positions,
+        slot_mapping: &slots,
+        seqs: &spans,
+        logits_rows: &rows,
+    };
+    model.forward(&batch, kv, ws);
+    let vocab = model.config.vocab_size;
+    (0..seqs.len()).map(|r| argmax(&ws.logits[r * vocab..(r + 1) * vocab])).collect()
 }
 
 /// The index of the largest value (the first on ties), as a token id.

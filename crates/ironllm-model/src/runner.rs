@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
 use crate::proposer::Proposer;
-use crate::runner_state::{RunnerRequest, RunnerRequests, StepSamples};
+use crate::runner_state::{fill_spec_masks, RunnerRequest, RunnerRequests, StepSamples};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
 
 /// A constrained request that samples this step: its first sample row, its index in the plan, its
@@ -210,7 +210,7 @@ impl CpuModelRunner {
                 rest = tail;
             }
             chunks.into_par_iter().zip(rows.par_iter_mut()).for_each(|(out, (_, _, m, drafts))| {
-                RunnerRequest::<SamplerState>::fill_spec_masks(m.as_mut(), drafts, out, words);
+                fill_spec_masks(m.as_mut(), drafts, out, words);
             });
         };
         let spans: Vec<SeqSpan<'_>> = planned

@@ -87,34 +87,34 @@ impl<S> RunnerRequest<S> {
         }
         emitted
     }
+}
 
-    /// Fills this request's bitmasks for its sample rows (`out`: `num_sample_rows` rows of `words`
-    /// words): row `i` is the grammar's state after the first `i` drafts. A draft the grammar refuses
-    /// cannot be accepted (its row forbids it), so the rows after it just repeat its mask. The matcher
-    /// is rolled back to where it was.
-    pub fn fill_spec_masks(matcher: &mut dyn GrammarMatcher, drafts: &[u32], out: &mut [u32], words: usize) {
-        let mut advanced = 0;
-        let mut rows = out.chunks_mut(words);
-        let mut last: Option<Vec<u32>> = None;
-        for i in 0..=drafts.len() {
-            let Some(row) = rows.next() else { break };
-            match &last {
-                Some(mask) => row.copy_from_slice(mask),
-                None => {
-                    matcher.fill_next_token_bitmask(row);
-                    if i < drafts.len() {
-                        if !matcher.is_terminated() && matcher.accept_token(drafts[i]) {
-                            advanced += 1;
-                        } else {
-                            last = Some(row.to_vec());
-                        }
+/// Fills a constrained request's bitmasks for its sample rows (`out`: `drafts.len() + 1` rows of `words`
+/// words): row `i` is the grammar's state after the first `i` drafts. A draft the grammar refuses cannot be
+/// accepted (its row forbids it), so the rows after it just repeat its mask. The matcher is rolled back to
+/// where it was.
+pub fn fill_spec_masks(matcher: &mut dyn GrammarMatcher, drafts: &[u32], out: &mut [u32], words: usize) {
+    let mut advanced = 0;
+    let mut rows = out.chunks_mut(words);
+    let mut last: Option<Vec<u32>> = None;
+    for i in 0..=drafts.len() {
+        let Some(row) = rows.next() else { break };
+        match &last {
+            Some(mask) => row.copy_from_slice(mask),
+            None => {
+                matcher.fill_next_token_bitmask(row);
+                if i < drafts.len() {
+                    if !matcher.is_terminated() && matcher.accept_token(drafts[i]) {
+                        advanced += 1;
+                    } else {
+                        last = Some(row.to_vec());
                     }
                 }
             }
         }
-        if advanced > 0 && !matcher.rollback(advanced) {
-            tracing::warn!("structured output: the grammar could not roll back {advanced} draft tokens");
-        }
+    }
+    if advanced > 0 && !matcher.rollback(advanced) {
+        tracing::warn!("structured output: the grammar could not roll back {advanced} draft tokens");
     }
 }
 
@@ -335,13 +335,13 @@ mod tests {
         let mut m = Sequence { tokens: vec![1, 2, 3, 4], pos: 0 };
         let mut out = vec![0u32; 3 * 2];
         // The second draft (5) is refused: its row and the rows after it keep the mask that refused it.
-        RunnerRequest::<()>::fill_spec_masks(&mut m, &[1, 5], &mut out, 2);
+        fill_spec_masks(&mut m, &[1, 5], &mut out, 2);
         assert_eq!(allowed(&out[0..2]), vec![1]);
         assert_eq!(allowed(&out[2..4]), vec![2]);
         assert_eq!(allowed(&out[4..6]), vec![2]);
         assert_eq!(m.pos, 0, "the matcher is rolled back");
         let mut out = vec![0u32; 3 * 2];
-        RunnerRequest::<()>::fill_spec_masks(&mut m, &[1, 2], &mut out, 2);
+        fill_spec_masks(&mut m, &[1, 2], &mut out, 2);
         assert_eq!(allowed(&out[4..6]), vec![3]);
         assert_eq!(m.pos, 0);
     }
