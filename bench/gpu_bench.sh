@@ -32,20 +32,26 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
-# Split-KV decode attention and the skinny GEMM on and off, same run (issue 8): the 8B shape's decode step.
+# The tensor-core decode attention (flash_decode.cu) on and off, same run (issue 8): the 8B shape's decode
+# step. (The split-KV and skinny-GEMM A/B rows of earlier runs are in BENCHMARKS.md; set
+# IRONLLM_BENCH_AB_OLD=1 to measure them again.)
 if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
-  for b in 1 32; do
-    IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
+  for b in 1 32 128; do
+    IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o1_nofd" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o65_nofd" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
-  for b in 1 4; do
-    IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o1_nogemv" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o65_nogemv" $L8 "$b" 1024 65 "${COMMON8[@]}"
-  done
-  lat l8_b4_o1 $L8 4 1024 1 "${COMMON8[@]}"
-  lat l8_b4_o65 $L8 4 1024 65 "${COMMON8[@]}"
+  if [ "${IRONLLM_BENCH_AB_OLD:-0}" = 1 ]; then
+    for b in 1 32; do
+      IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
+      IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    done
+    for b in 1; do
+      IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o1_nogemv" $L8 "$b" 1024 1 "${COMMON8[@]}"
+      IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o65_nogemv" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    done
+  fi
   python3 - "$LOGS" <<'PY'
-import json, sys
+import json, os, sys
 logs = sys.argv[1]
 def step(b, v):
     try:
@@ -54,9 +60,12 @@ def step(b, v):
         return f"{(c - a) / 64 * 1e3:.2f} ms"
     except Exception as e:
         return f"n/a ({e})"
-for b, v, what in [(1, "", "all on"), (1, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off"),
-                   (4, "", "all on"), (4, "_nogemv", "skinny GEMM off"),
-                   (32, "", "all on"), (32, "_nosplit", "split-KV off")]:
+for b, v, what in [(1, "", "all on"), (1, "_nofd", "tensor-core decode attention off"),
+                   (32, "", "all on"), (32, "_nofd", "tensor-core decode attention off"),
+                   (128, "", "all on"), (128, "_nofd", "tensor-core decode attention off"),
+                   (1, "_nosplit", "split-KV off"), (32, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off")]:
+    if v and not os.path.exists(f"{logs}/l8_b{b}_o1{v}.json"):
+        continue
     print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
 PY
 fi

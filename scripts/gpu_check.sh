@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU run: executes on the device machine (no Rust toolchain there) what scripts/gpu_stage.sh staged
 # in .gpu/, in phases, and prints a summary table last. Usage, from the repository root:
-#   bash scripts/gpu_check.sh [kernels] [smoke] [models] [rust] [e2e] [bench] [serve]
+#   bash scripts/gpu_check.sh [kernels] [smoke] [models] [rust] [e2e] [bench] [serve] [hf] [startup]
+# hf: Hugging Face transformers on the throughput workload (bench/hf_throughput.py, 8-9 min with its
+# defaults: run it alone; extra flags through HF_ARGS, e.g. HF_ARGS="--workloads 200:180:0.5 --total-budget-s 240");
+# startup: start-up time of the 8B shape from a real checkpoint (bench/gpu_startup.sh, ~2 min).
 # Logs go to $OUT (the device tool's folder of files to bring back) as one tarball plus summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +87,16 @@ for phase in "$@"; do
       ;;
     serve)
       step serve_api bash tests/gpu/serve_api.sh "$MODELS" "$LOGS"
+      ;;
+    hf)
+      # shellcheck disable=SC2086 # HF_ARGS is a list of flags
+      STEP_TIMEOUT=${HF_STEP_TIMEOUT:-570} step hf_throughput python3 bench/hf_throughput.py --out "$LOGS/hf" ${HF_ARGS:-}
+      cp "$LOGS/hf/hf_throughput.json" "$OUT/" 2>/dev/null
+      [ -f "$LOGS/hf/table.txt" ] && tee -a "$SUMMARY" <"$LOGS/hf/table.txt"
+      ;;
+    startup)
+      STEP_TIMEOUT=${STARTUP_STEP_TIMEOUT:-420} step gpu_startup bash bench/gpu_startup.sh "$LOGS/startup"
+      [ -f "$LOGS/startup/startup_table.txt" ] && tee -a "$SUMMARY" <"$LOGS/startup/startup_table.txt"
       ;;
     *) echo "unknown phase $phase" ;;
   esac

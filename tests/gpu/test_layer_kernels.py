@@ -95,11 +95,13 @@ def f32(v):
 NULL = np.uint64(0)  # a null pointer argument
 
 
-def launch(mod, name, grid, block, args):
+def launch(mod, name, grid, block, args, shared_mem=0):
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
     fn = mod.get_function(name)
-    fn(grid, block, tuple(args))
+    if shared_mem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = shared_mem  # as the runtime does at load (ops::dynamic_smem_of)
+    fn(grid, block, tuple(args), shared_mem=shared_mem)
     cp.cuda.Device().synchronize()
 
 
@@ -563,6 +565,29 @@ class AttnCase:
                (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
         return host(out, self.dt).view(T, H * hd)
 
+    def run_flash_decode(self, mod, sfx, num_splits, scale=None):
+        """Tensor-core decode attention (flash_decode.cu): the plain kernel when num_splits == 1, else the
+        split kernel followed by attention.cu's reduce (`reduce_mod`)."""
+        T = self.qkv.shape[0]
+        H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
+        smem = flash_decode_smem(hd)
+        inputs = (dev(self.qkv), dev(self.k_cache), dev(self.v_cache), dev(self.batch_tables),
+                  dev(self.query_start_loc), dev(self.context_lens), dev(self.token_to_seq), i32(T), i32(H),
+                  i32(KV), i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale))
+        out = poisoned((T, H * hd), self.dt)
+        if num_splits == 1:
+            launch(mod["flash_decode.cu"], f"flash_decode_{sfx}_hd{hd}", (T, KV), (128,), (out,) + inputs,
+                   shared_mem=smem)
+        else:
+            part_o = poisoned((T * H * num_splits, hd), torch.float32)
+            part_lse = poisoned((T * H * num_splits,), torch.float32)
+            launch(mod["flash_decode.cu"], f"flash_decode_split_{sfx}_hd{hd}", (T, KV, num_splits), (128,),
+                   inputs + (part_o, part_lse, i32(num_splits)), shared_mem=smem)
+            launch(mod["attention.cu"], f"paged_attention_reduce_{sfx}", (T, H), (128,),
+                   (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
+        return host(out, self.dt).view(T, H * hd)
+
     def reference(self, scale=None):
         H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
         G = H // KV
@@ -647,6 +672,48 @@ def test_paged_attention_split(mods):
         scale = 4.0 / math.sqrt(128)
         check_close(f"paged_attention_split_{sfx} sharp softmax scale*4 seed={seed}",
                     case.run_split(mod, sfx, 5, scale=scale), case.reference(scale=scale), atol, rtol, why="as above")
+
+
+def flash_decode_smem(hd):
+    """FD_SMEM_BYTES of flash_decode.cu (and ops::flash_decode_smem)."""
+    stages = 3 if hd == 64 else 2
+    return stages * 2 * 64 * hd * 2 + 16 * hd * 2
+
+
+def test_flash_decode(mods):
+    """Tensor-core grouped-query decode attention against the float64 reference: GQA groups 1-16 (7 and 5
+    too), head sizes 64 and 128, block sizes 1/7/16/32, contexts shorter than one warp's 16 keys, than a
+    64-key tile and than the split count (empty shares), tile-boundary lengths, an 8192-token context, a
+    sharp softmax; plain and split-KV (merged by attention.cu's reduce)."""
+    configs = [(32, 8, 128, 16), (8, 8, 64, 16), (28, 4, 128, 16), (16, 1, 128, 32), (64, 4, 64, 7),
+               (10, 2, 128, 1), (12, 12, 64, 16)]
+    seqs = [(1000, 1), (5, 1), (1, 1), (129, 1), (64, 1), (65, 1), (16, 1), (17, 1)]
+    for sfx in ("bf16", "f16"):
+        dt = DTYPES[sfx]
+        atol, rtol = FLASH_TOL[dt]
+        for H, KV, hd, bs in configs:
+            for splits in (1, 3, 16):
+                seed = next_seed()
+                case = AttnCase(dt, H, KV, hd, bs, seqs)
+                check_close(f"flash_decode_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} seed={seed}",
+                            case.run_flash_decode(mods, sfx, splits), case.reference(), atol, rtol,
+                            why="P rounded to the input type for the PV tensor-core product, as flash_prefill")
+        for splits in (1, 16):
+            seed = next_seed()
+            case = AttnCase(dt, 32, 8, 128, 16, [(8192, 1), (4097, 1)])
+            check_close(f"flash_decode_{sfx} 8192-token context splits={splits} seed={seed}",
+                        case.run_flash_decode(mods, sfx, splits), case.reference(), atol, rtol, why="as above")
+        seed = next_seed()
+        case = AttnCase(dt, 8, 2, 128, 16, [(600, 1), (70, 1)])
+        scale = 4.0 / math.sqrt(128)
+        check_close(f"flash_decode_{sfx} sharp softmax scale*4 seed={seed}",
+                    case.run_flash_decode(mods, sfx, 5, scale=scale), case.reference(scale=scale), atol, rtol,
+                    why="as above")
+
+
+# bf16 / f16 tolerances of the tensor-core attention kernels (tests/gpu/test_flash_prefill.py's): P is
+# rounded to the input type before the PV product, so errors are a few ulps of the output type.
+FLASH_TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 
 
 def test_paged_attention_batch_invariance(mods):
@@ -744,6 +811,7 @@ CHECKS = [
     ("paged_attention", test_paged_attention, ("attention.cu",)),
     ("paged_attention_split", test_paged_attention_split, ("attention.cu",)),
     ("paged_attention_batch_invariance", test_paged_attention_batch_invariance, ("attention.cu",)),
+    ("flash_decode", test_flash_decode, ("flash_decode.cu", "attention.cu")),
     ("rope_then_attention", test_rope_then_attention, ("layers.cu", "attention.cu")),
 ]
 

@@ -121,6 +121,16 @@ impl Gpu {
                 .at(|| format!("loading the compiled module {file}"))?;
             for kernel in compiled.kernel_names {
                 let f = module.load_function(&kernel).at(|| format!("loading kernel {kernel} of {file}"))?;
+                if let Some(bytes) = crate::ops::dynamic_smem_of(&kernel) {
+                    // A card that cannot grant the shared memory does without the kernel (callers check
+                    // `has_function` and fall back) rather than failing at the first launch.
+                    let attr =
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    if let Err(e) = f.set_attribute(attr, bytes as i32) {
+                        tracing::warn!("kernel {kernel} left out: {bytes} bytes of shared memory refused ({e:?})");
+                        continue;
+                    }
+                }
                 functions.insert(kernel, f);
             }
         }

@@ -52,8 +52,8 @@ pub struct CudaLlama {
     rope_sin: CudaSlice<f32>,
     pub max_positions: usize,
     weight_bytes: usize,
-    /// The tensor-core prefill kernel for this dtype and head size, if any (resolved once).
-    flash_prefill: Option<String>,
+    /// The tensor-core attention kernels for this dtype and head size, if any (resolved once).
+    attn_kernels: ops::AttnKernels,
     /// Split-KV decode attention allowed (bf16/f16 only; `IRONLLM_DISABLE_SPLIT_KV` turns it off for
     /// side-by-side measurements).
     split_kv: bool,
@@ -313,7 +313,8 @@ impl CudaLlama {
         let rope_cos = gpu.upload(cos)?;
         let rope_sin = gpu.upload(sin)?;
         let weight_bytes = ld.bytes;
-        let flash_prefill = ops::flash_kernel(&gpu, dtype, c.head_dim);
+        let attn_kernels =
+            ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_attention_heads / c.num_key_value_heads.max(1));
         gpu.synchronize()?;
         Ok(CudaLlama {
             config,
@@ -327,8 +328,8 @@ impl CudaLlama {
             rope_sin,
             max_positions,
             weight_bytes,
-            split_kv: flash_prefill.is_some() && std::env::var_os("IRONLLM_DISABLE_SPLIT_KV").is_none(),
-            flash_prefill,
+            split_kv: attn_kernels.prefill.is_some() && std::env::var_os("IRONLLM_DISABLE_SPLIT_KV").is_none(),
+            attn_kernels,
         })
     }
 
@@ -414,7 +415,7 @@ impl CudaLlama {
             let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
             ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
             let split = ops::DecodeSplit { num_splits, part_o: &mut *part_o, part_lse: &mut *part_lse };
-            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, self.flash_prefill.as_deref(), Some(split))?;
+            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, &self.attn_kernels, Some(split))?;
             ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
             ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
             ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;

@@ -4,6 +4,8 @@
 //!
 //! Launch shapes are the ones documented at the top of each kernel.
 
+use std::borrow::Cow;
+
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
@@ -289,10 +291,63 @@ pub fn qk_norm_rope_kv(
 /// Tokens per tile of the tensor-core prefill kernel.
 pub const FLASH_BLOCK_M: usize = 64;
 
+/// The tensor-core attention kernels resolved once at load for the model's dtype and head size: the
+/// prefill kernel (`flash_prefill.cu`) and the grouped-query decode kernel (`flash_decode.cu`, plain and
+/// split-KV). `None` where the kernel is missing or disabled; float32 has neither.
+#[derive(Debug, Clone, Default)]
+pub struct AttnKernels {
+    pub prefill: Option<String>,
+    /// (plain, split) names.
+    pub decode: Option<(String, String)>,
+}
+
+/// Most query heads per KV head the tensor-core decode kernel takes (the rows of one mma tile).
+pub const FLASH_DECODE_MAX_GROUP: usize = 16;
+
+impl AttnKernels {
+    /// `IRONLLM_DISABLE_FLASH_PREFILL` / `IRONLLM_DISABLE_FLASH_DECODE` turn either off (A/B runs). The
+    /// decode kernel is used only beside the prefill kernel: without it every row goes through the general
+    /// kernel, whose results do not depend on the batch (float32's guarantee).
+    pub fn resolve(gpu: &Gpu, d: GpuDType, head_dim: usize, group: usize) -> AttnKernels {
+        if d == GpuDType::F32 || std::env::var_os("IRONLLM_DISABLE_FLASH_PREFILL").is_some() {
+            return AttnKernels::default();
+        }
+        let prefill = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
+        let prefill = gpu.has_function(&prefill).then_some(prefill);
+        let plain = format!("flash_decode_{}_hd{head_dim}", d.suffix());
+        let split = format!("flash_decode_split_{}_hd{head_dim}", d.suffix());
+        let decode = (prefill.is_some()
+            && (1..=FLASH_DECODE_MAX_GROUP).contains(&group)
+            && gpu.has_function(&plain)
+            && gpu.has_function(&split)
+            && std::env::var_os("IRONLLM_DISABLE_FLASH_DECODE").is_none())
+        .then_some((plain, split));
+        AttnKernels { prefill, decode }
+    }
+}
+
+/// Dynamic shared memory of the tensor-core decode kernel for `head_dim` (`FD_SMEM_BYTES` in
+/// `flash_decode.cu`: key-tile stages of K and V, 64 rows each, plus the 16-row Q tile).
+pub fn flash_decode_smem(head_dim: usize) -> usize {
+    let stages = if head_dim == 64 { 3 } else { 2 };
+    stages * 2 * 64 * head_dim * 2 + 16 * head_dim * 2
+}
+
+/// Dynamic shared memory a kernel needs beyond the default 48 KiB limit, by name, so the loader can raise
+/// the function's limit once.
+pub fn dynamic_smem_of(kernel: &str) -> Option<usize> {
+    if !kernel.starts_with("flash_decode_") {
+        return None;
+    }
+    let hd = kernel.rsplit_once("_hd")?.1.parse().ok()?;
+    Some(flash_decode_smem(hd))
+}
+
 #[allow(clippy::too_many_arguments)]
-/// Attention for every token of the batch: decode rows (and everything when `flash` is `None`: f32, or
-/// head sizes the tensor-core kernel lacks) through the general paged kernel, prefill rows through the
-/// tensor-core kernel `flash` ([`flash_kernel`], resolved once at load).
+/// Attention for every token of the batch: prefill rows through the tensor-core prefill kernel, decode
+/// rows through the tensor-core decode kernel where `kernels` has them (else the general paged kernel),
+/// and everything through the general kernel when there is no prefill kernel (f32, or head sizes the
+/// tensor-core kernels lack).
 pub fn attention(
     gpu: &Gpu,
     out: &mut DevBuf,
@@ -302,9 +357,10 @@ pub fn attention(
     shape: &AttnShape,
     meta: &BatchMeta<'_>,
     scale: f32,
-    flash: Option<&str>,
+    kernels: &AttnKernels,
     split: Option<DecodeSplit<'_>>,
 ) -> Result<(), CudaError> {
+    let flash = kernels.prefill.as_deref();
     let d = same_dtype(&[out, qkv, k_cache, v_cache], "attention")?;
     let t = meta.num_tokens;
     need(out, t * shape.num_heads * shape.head_dim, "attention out")?;
@@ -325,6 +381,16 @@ pub fn attention(
         i32_of(meta.max_blocks_per_seq, "blocks per sequence")?,
     );
     let ints = [i32_of(paged_tokens, "tokens")?, nh, nkv, hd, bs, mb];
+    // The tensor-core decode kernel takes the general kernel's arguments; only its name and shared memory
+    // differ.
+    let (plain_name, split_name, smem): (Cow<'_, str>, Cow<'_, str>, u32) = match &kernels.decode {
+        Some((plain, split)) => (plain.into(), split.into(), flash_decode_smem(shape.head_dim) as u32),
+        None => (
+            format!("paged_attention_{}", d.suffix()).into(),
+            format!("paged_attention_split_{}", d.suffix()).into(),
+            0,
+        ),
+    };
     let split = split.filter(|s| s.num_splits > 1 && flash.is_some());
     if let (true, Some(split)) = (paged_tokens > 0, split) {
         let n = ints[0];
@@ -333,7 +399,7 @@ pub fn attention(
         if split.part_lse.len() < rows || split.part_o.len() < rows * shape.head_dim {
             return Err(CudaError::Invalid(format!("split-KV scratch holds fewer than {rows} rows")));
         }
-        let name = format!("paged_attention_split_{}", d.suffix());
+        let name = split_name;
         let f = gpu.function(&name)?;
         let mut launch = gpu.stream().launch_builder(f);
         push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
@@ -342,10 +408,10 @@ pub fn attention(
             launch.arg(&mut *split.part_o).arg(&mut *split.part_lse).arg(&ns).launch(cfg(
                 (paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32),
                 128,
-                0,
+                smem,
             ))
         }
-        .at(|| name)?;
+        .at(|| name.into_owned())?;
         let name = format!("paged_attention_reduce_{}", d.suffix());
         let f = gpu.function(&name)?;
         // SAFETY: the split kernel wrote every row the reduce reads.
@@ -363,13 +429,14 @@ pub fn attention(
         }
         .at(|| name)?;
     } else if paged_tokens > 0 {
-        let name = format!("paged_attention_{}", d.suffix());
+        let name = plain_name;
         let f = gpu.function(&name)?;
         let mut launch = gpu.stream().launch_builder(f);
         launch.arg(&mut out.data);
         push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
         // SAFETY: sizes checked above; block tables hold valid block ids for every context position.
-        unsafe { launch.launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, 0)) }.at(|| name)?;
+        unsafe { launch.launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, smem)) }
+            .at(|| name.into_owned())?;
     }
     if let Some(name) = flash {
         if meta.num_prefill_tiles > 0 {
@@ -419,15 +486,6 @@ fn push_attention_inputs<'a>(
         launch.arg(v);
     }
     launch.arg(scale);
-}
-
-/// The tensor-core prefill kernel for this dtype and head size, if there is one.
-pub fn flash_kernel(gpu: &Gpu, d: GpuDType, head_dim: usize) -> Option<String> {
-    if d == GpuDType::F32 || std::env::var_os("IRONLLM_DISABLE_FLASH_PREFILL").is_some() {
-        return None;
-    }
-    let name = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
-    gpu.has_function(&name).then_some(name)
 }
 
 /// `out[r, :inter] = silu(gate) * up` for `gate_up` rows `[gate | up]`.
@@ -652,6 +710,19 @@ fn cublas_gemm(gpu: &Gpu, y: &mut DevBuf, x: &DevBuf, w: &DevBuf, mi: i32, ni: i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flash_decode_shared_memory_follows_the_kernels_stages_and_fits_an_sm() {
+        // FD_SMEM_BYTES in flash_decode.cu: 3 stages at head_dim 64, 2 at 128, plus the Q tile.
+        assert_eq!(flash_decode_smem(64), 3 * 2 * 64 * 64 * 2 + 16 * 64 * 2);
+        assert_eq!(flash_decode_smem(128), 2 * 2 * 64 * 128 * 2 + 16 * 128 * 2);
+        assert_eq!(dynamic_smem_of("flash_decode_bf16_hd128"), Some(69632));
+        assert_eq!(dynamic_smem_of("flash_decode_split_f16_hd64"), Some(51200));
+        assert_eq!(dynamic_smem_of("flash_prefill_bf16_hd128"), None);
+        assert_eq!(dynamic_smem_of("paged_attention_bf16"), None);
+        // Three CTAs of the head_dim-128 kernel fit Hopper's 227 KiB of shared memory per SM.
+        assert!(3 * flash_decode_smem(128) <= 227 * 1024);
+    }
 
     #[test]
     fn decode_splits_fill_the_card_only_where_needed_and_stay_within_the_scratch() {
