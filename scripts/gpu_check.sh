@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: executes on the device machine (no Rust toolchain there) what scripts/gpu_stage.sh staged
 # in .gpu/, in phases, and prints a summary table last. Usage, from the repository root:
-#   bash scripts/gpu_check.sh [kernels] [smoke] [models] [rust] [e2e] [bench] [serve] [hf] [startup]
+#   bash scripts/gpu_check.sh [kernels] [smoke] [models] [rust] [e2e] [bench] [serve] [hf] [startup] [async] [throughput] [spec] [profile]
 # hf: Hugging Face transformers on the throughput workload (bench/hf_throughput.py, 8-9 min with its
 # defaults: run it alone; extra flags through HF_ARGS, e.g. HF_ARGS="--workloads 200:180:0.5 --total-budget-s 240");
 # startup: start-up time of the 8B shape from a real checkpoint (bench/gpu_startup.sh, ~2 min).
@@ -59,7 +59,7 @@ for phase in "$@"; do
     rust)
       export IRONLLM_TEST_DEVICE=cuda IRONLLM_TEST_RANDOM_WEIGHTS=1 IRONLLM_TEST_DTYPE=float32
       export IRONLLM_TEST_GGUF=${IRONLLM_TEST_MODEL:-$MODELS/smollm2-135m-float32}
-      for t in .gpu/test_ironllm_cuda_unit .gpu/test_gpu_sampler .gpu/test_batch_invariance .gpu/test_offline_api .gpu/test_spec_decode; do
+      for t in .gpu/test_ironllm_cuda_unit .gpu/test_gpu_sampler .gpu/test_batch_invariance .gpu/test_offline_api .gpu/test_spec_decode .gpu/test_async_scheduling; do
         [ -x "$t" ] && step "$(basename "$t")" "$t" --test-threads 1
       done
       unset IRONLLM_TEST_DEVICE IRONLLM_TEST_GGUF IRONLLM_TEST_RANDOM_WEIGHTS IRONLLM_TEST_DTYPE
@@ -81,6 +81,9 @@ for phase in "$@"; do
       ;;
     throughput)
       step gpu_throughput bash bench/gpu_throughput.sh "$LOGS/throughput"
+      ;;
+    async)
+      step gpu_async bash bench/gpu_async.sh "$LOGS/async"
       ;;
     profile)
       step gpu_profile bash bench/gpu_profile.sh "$LOGS/profile"

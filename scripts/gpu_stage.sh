@@ -9,7 +9,7 @@ rm -f .gpu/*.gz
 cargo build --release -p ironllm-cli
 cp target/release/ironllm .gpu/ironllm
 msgs=$(mktemp)
-cargo test --release --no-run -p ironllm --test batch_invariance --test offline_api --test spec_decode --message-format=json >"$msgs" 2>/dev/null
+cargo test --release --no-run -p ironllm --test batch_invariance --test offline_api --test spec_decode --test async_scheduling --message-format=json >"$msgs" 2>/dev/null
 cargo test --release --no-run -p ironllm-cuda --message-format=json >>"$msgs" 2>/dev/null
 python3 - "$msgs" <<'PY'
 import json, shutil, sys, os

@@ -80,6 +80,10 @@ pub struct EngineFlags {
     /// Off when absent.
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
+    /// Plan the next step while the current one runs, hiding host work behind the device (vLLM's
+    /// `--async-scheduling`). Not with --speculative-config.
+    #[arg(long)]
+    pub async_scheduling: bool,
 }
 
 impl EngineFlags {
@@ -140,6 +144,7 @@ impl EngineFlags {
             skip_tokenizer_init: false,
             scheduling_policy_priority: policy_priority,
             speculative_config,
+            async_scheduling: self.async_scheduling,
         })
     }
 }

@@ -170,13 +170,22 @@ impl KvCacheManager {
     /// Offers `request`'s newly full, computed blocks (up to `request.num_computed_tokens`) to the prefix
     /// cache. Call after the step that computed them.
     pub fn cache_blocks(&mut self, request: &mut Request) {
+        let num_computed_tokens = request.num_computed_tokens;
+        self.cache_blocks_through(request, num_computed_tokens);
+    }
+
+    /// Like [`KvCacheManager::cache_blocks`], up to `num_computed_tokens` (at most the request's known
+    /// tokens): with async scheduling `request.num_computed_tokens` already counts a step still in
+    /// flight, whose KV must not be offered before that step has succeeded.
+    pub fn cache_blocks_through(&mut self, request: &mut Request, num_computed_tokens: usize) {
         if !self.block_pool.enable_caching() {
             return;
         }
         let Some(entry) = self.requests.get_mut(&request.request_id) else {
             return;
         };
-        let num_full_blocks = (request.num_computed_tokens / self.block_size).min(entry.block_ids.len());
+        let num_computed_tokens = num_computed_tokens.min(request.num_tokens());
+        let num_full_blocks = (num_computed_tokens / self.block_size).min(entry.block_ids.len());
         if num_full_blocks <= entry.num_cached_blocks {
             return;
         }

@@ -87,6 +87,13 @@ pub struct SchedulerOutput {
     /// Requests the runner proposes draft tokens for once this step has sampled (empty when speculation
     /// is off or turned down for the whole batch).
     pub spec_propose_req_ids: Vec<String>,
+    /// Async scheduling only (empty otherwise): requests this step samples a token for that the
+    /// scheduler will learn only from this step's output. The next plan may already schedule that token
+    /// as an input (a placeholder); the runner fills it from this step's sample.
+    pub async_sampling_req_ids: Vec<String>,
+    /// This plan's sequence number; with async scheduling it tells an in-flight plan's entry for a
+    /// request apart from a later request that reuses the id.
+    pub step_id: u64,
 }
 
 /// One candidate token with its log-probability.

@@ -1,7 +1,8 @@
 //! One sequence's state inside the engine core: its tokens, how many of them have KV in the cache, its
 //! status, and the hashes of its full blocks (the keys of the prefix cache).
 //!
-//! Invariant: `num_computed_tokens <= num_tokens()`; tokens are only ever appended, so a full block's
+//! Invariant: `num_computed_tokens <= num_tokens() + num_output_placeholders()` (the placeholders are
+//! tokens in-flight steps will sample, async scheduling only); tokens are only ever appended, so a full block's
 //! hash, once computed, never changes and is cached here for the life of the request.
 //!
 //! The shape follows vLLM V1's `Request` (`vllm/v1/request.py`) and nano-vllm's `Sequence`: there is no
@@ -70,6 +71,11 @@ pub struct Request {
     pub spec_token_ids: Vec<u32>,
     /// Whether this request's drafts are currently worth verifying.
     pub(crate) draft_gate: DraftGate,
+    /// Async scheduling: tokens that scheduled, not yet collected steps will sample for this request.
+    /// They already count in `num_computed_tokens` once a later step schedules them as input.
+    pub(crate) num_output_placeholders: usize,
+    /// The plan (`SchedulerOutput::step_id`) that first scheduled this request; `None` before.
+    pub(crate) first_step_id: Option<u64>,
 }
 
 impl Request {
@@ -99,6 +105,8 @@ impl Request {
             num_prompt_logprobs_sent: 0,
             spec_token_ids: Vec::new(),
             draft_gate: DraftGate::default(),
+            num_output_placeholders: 0,
+            first_step_id: None,
         }
     }
 
@@ -147,9 +155,16 @@ impl Request {
         self.token_ids.len()
     }
 
-    /// Tokens whose KV still has to be computed before the next token can be sampled.
+    /// Tokens whose KV still has to be computed before the next token can be sampled, counting the
+    /// tokens in-flight steps will sample (async scheduling) as known.
     pub fn num_tokens_to_compute(&self) -> usize {
-        self.token_ids.len().saturating_sub(self.num_computed_tokens)
+        (self.token_ids.len() + self.num_output_placeholders).saturating_sub(self.num_computed_tokens)
+    }
+
+    /// Async scheduling: tokens that scheduled steps will sample for this request and that have not
+    /// come back yet (always 0 in synchronous mode).
+    pub fn num_output_placeholders(&self) -> usize {
+        self.num_output_placeholders
     }
 
     pub fn is_finished(&self) -> bool {

@@ -13,7 +13,22 @@
 //! Invariants: a request is in exactly one of `waiting` and `running` until it finishes, and then it is
 //! gone; exactly the running requests hold block tables; the tokens of one plan never exceed the
 //! budget. Between [`Scheduler::schedule`] and [`Scheduler::update_from_output`] the plan is in flight:
-//! `num_computed_tokens` advances only when its output comes back (no asynchronous scheduling yet).
+//! in synchronous mode `num_computed_tokens` advances only when its output comes back.
+//!
+//! Async scheduling (`--async-scheduling`, vLLM's `AsyncScheduler`): the engine plans step N+1 before
+//! step N's output is back, so the host work hides behind the device. `schedule` then advances
+//! `num_computed_tokens` at once and, for every request whose step samples, counts one output
+//! placeholder: a token the scheduler does not know yet but may already schedule as the next step's
+//! input (the runner feeds it from its own sample). `update_from_output` turns placeholders into real
+//! tokens. A request that finishes at step N (EOS, stop token, abort) may still be in step N+1: it is
+//! gone by then, so that entry is ignored and its blocks were freed once, when it finished. A request
+//! whose in-flight steps already reach `max_tokens` or the context is not scheduled again, so neither
+//! is ever exceeded. A request preempted while its step is in flight keeps that step's token (it was
+//! sampled from a complete context), as in vLLM. Speculative decoding is refused with async scheduling
+//! (drafts are proposed from the previous step's tokens, which are not known when the next step is
+//! planned); everything else (chunked prefill, prefix caching, preemption, penalties, logprobs,
+//! structured output on runners that execute in `submit`) works, because the runner, not the
+//! scheduler, holds the sampled tokens the next step needs.
 //!
 //! Contract with the runner: it applies `finished_req_ids` and `preempted_req_ids` (dropping its state)
 //! before `scheduled_new_reqs`, since an id can leave and come back as new in one plan. Those id lists
@@ -69,6 +84,8 @@ pub struct SchedulerConfig {
     pub policy: SchedulingPolicy,
     /// `--speculative-config`, with `disable_by_batch_size` already resolved for the backend.
     pub speculative: Option<SpeculativeConfig>,
+    /// `--async-scheduling`: plan the next step while the current one runs (off by default, as in vLLM).
+    pub async_scheduling: bool,
 }
 
 impl SchedulerConfig {
@@ -85,6 +102,7 @@ impl SchedulerConfig {
             long_prefill_token_threshold: 0,
             policy: SchedulingPolicy::Fcfs,
             speculative: None,
+            async_scheduling: false,
         }
     }
 
@@ -104,6 +122,11 @@ impl SchedulerConfig {
         }
         if self.num_blocks >= u32::MAX as usize {
             return bad(format!("num_blocks must be below {}, got {}.", u32::MAX, self.num_blocks));
+        }
+        if self.async_scheduling && self.speculative.is_some() {
+            return bad("--async-scheduling does not support speculative decoding yet; drop one of \
+                 --async-scheduling and --speculative-config."
+                .to_string());
         }
         if self.max_num_batched_tokens < self.max_num_seqs {
             return bad(format!(
@@ -245,6 +268,8 @@ pub struct Scheduler {
     pending_outputs: Vec<EngineCoreOutput>,
     num_preemptions_total: u64,
     next_arrival_index: u64,
+    /// `step_id` of the next plan.
+    next_step_id: u64,
     spec_stats: SpecDecodingStats,
 }
 
@@ -261,6 +286,7 @@ impl Scheduler {
             pending_outputs: Vec::new(),
             num_preemptions_total: 0,
             next_arrival_index: 0,
+            next_step_id: 0,
             spec_stats: SpecDecodingStats::default(),
             config,
         })
@@ -383,6 +409,7 @@ impl Scheduler {
             self.waiting.pop_front();
             request.num_computed_tokens = num_computed_tokens;
             request.num_cached_tokens.get_or_insert(num_computed_tokens);
+            request.first_step_id.get_or_insert(self.next_step_id);
             request.status = RequestStatus::Running;
             token_budget -= num_new_tokens;
             self.running.push(req_id.clone());
@@ -431,6 +458,22 @@ impl Scheduler {
         }
         plan.total_num_scheduled_tokens = plan.num_scheduled_tokens.iter().map(|(_, n)| n).sum();
         plan.spec_propose_req_ids = self.spec_propose_req_ids(&plan);
+        plan.step_id = self.next_step_id;
+        self.next_step_id += 1;
+        if self.config.async_scheduling {
+            // The plan holds each request's count before this step; from now on the step counts as
+            // computed, and a step that reaches the end of the known tokens owes one sampled token.
+            for (req_id, num_tokens) in &plan.num_scheduled_tokens {
+                let Some(request) = self.requests.get_mut(req_id) else {
+                    continue;
+                };
+                request.num_computed_tokens += num_tokens;
+                if request.num_computed_tokens == request.num_tokens() + request.num_output_placeholders {
+                    request.num_output_placeholders += 1;
+                    plan.async_sampling_req_ids.push(req_id.clone());
+                }
+            }
+        }
         if plan.total_num_scheduled_tokens == 0 {
             // This plan may never reach the runner: keep its news for the next one.
             self.unsent_preempted_req_ids.append(&mut preempted_req_ids);
@@ -445,6 +488,15 @@ impl Scheduler {
     /// Tokens `request` computes this step: all it has left, capped by the long-prefill threshold and
     /// the remaining budget.
     fn num_tokens_to_schedule(&self, request: &Request, token_budget: usize) -> usize {
+        // Async scheduling: when the steps in flight already bring the request to `max_tokens` or to the
+        // end of the context, another step could only compute a token past its end.
+        let num_placeholders = request.num_output_placeholders;
+        if num_placeholders > 0
+            && (request.num_output_tokens() + num_placeholders >= request.max_tokens
+                || request.num_tokens() + num_placeholders >= self.config.max_model_len)
+        {
+            return 0;
+        }
         let mut num_tokens = request.num_tokens_to_compute();
         let threshold = self.config.long_prefill_token_threshold;
         if self.config.enable_chunked_prefill && threshold > 0 {
@@ -509,6 +561,9 @@ impl Scheduler {
         };
         request.status = RequestStatus::Preempted;
         request.num_computed_tokens = 0;
+        // A step in flight still brings its token (kept by `update_from_output`), but nothing is
+        // computed on top of it any more.
+        request.num_output_placeholders = 0;
         request.spec_token_ids.clear();
         request.num_preemptions += 1;
         self.num_preemptions_total += 1;
@@ -531,19 +586,47 @@ impl Scheduler {
         let drafts_of: HashMap<&str, usize> =
             plan.scheduled_spec_decode_tokens.iter().map(|(id, drafts)| (id.as_str(), drafts.len())).collect();
         let mut finished: Vec<String> = Vec::new();
+        // Requests preempted while this step was in flight (async scheduling) that finish with its token:
+        // they sit in the waiting queue, not in `running`.
+        let mut finished_waiting: Vec<String> = Vec::new();
+        let async_mode = self.config.async_scheduling;
+        let async_sampling: HashSet<&str> = plan.async_sampling_req_ids.iter().map(String::as_str).collect();
+        let computed_before_of: HashMap<&str, usize> = if async_mode {
+            let new = plan.scheduled_new_reqs.iter().map(|r| (r.req_id.as_str(), r.num_computed_tokens));
+            new.chain(plan.scheduled_cached_reqs.iter().map(|r| (r.req_id.as_str(), r.num_computed_tokens))).collect()
+        } else {
+            HashMap::new()
+        };
 
         for (req_id, num_scheduled_tokens) in &plan.num_scheduled_tokens {
-            // A request aborted while its step was in flight is already gone.
+            // A request finished or aborted while its step was in flight is already gone.
             let Some(request) = self.requests.get_mut(req_id) else {
                 continue;
             };
-            if request.status != RequestStatus::Running {
+            // A later request that reuses the id has nothing to do with this plan.
+            if request.first_step_id.is_none_or(|first| first > plan.step_id) {
                 continue;
             }
-            let num_computed_before = request.num_computed_tokens;
-            // Scheduled drafts are not tokens yet: this stops at the last real token, and the accepted
-            // drafts are added below once known.
-            request.num_computed_tokens = (num_computed_before + num_scheduled_tokens).min(request.num_tokens());
+            // Only async scheduling can preempt a request whose step is in flight; its token stands.
+            let preempted_in_flight = async_mode && request.status == RequestStatus::Preempted;
+            if request.status != RequestStatus::Running && !preempted_in_flight {
+                continue;
+            }
+            let (num_computed_before, samples) = if async_mode {
+                // `schedule` already advanced the count; this step samples iff it took a placeholder.
+                let before = computed_before_of.get(req_id.as_str()).copied().unwrap_or(0);
+                let samples = async_sampling.contains(req_id.as_str());
+                if samples {
+                    request.num_output_placeholders = request.num_output_placeholders.saturating_sub(1);
+                }
+                (before, samples)
+            } else {
+                let before = request.num_computed_tokens;
+                // Scheduled drafts are not tokens yet: this stops at the last real token, and the
+                // accepted drafts are added below once known.
+                request.num_computed_tokens = (before + num_scheduled_tokens).min(request.num_tokens());
+                (before, request.num_computed_tokens == request.num_tokens())
+            };
             let num_drafts = drafts_of.get(req_id.as_str()).copied().unwrap_or(0);
 
             let row = row_of.get(req_id.as_str()).copied();
@@ -558,7 +641,7 @@ impl Scheduler {
             let mut finish = None;
             // Tokens sampled after a partial prefill are meaningless; only a request that has computed
             // all its tokens takes them.
-            if request.num_computed_tokens == request.num_tokens() {
+            if samples {
                 let sampled = sampled.unwrap_or_default();
                 if sampled.is_empty() {
                     tracing::error!(%req_id, "the model runner sampled no token; aborting the request");
@@ -580,13 +663,21 @@ impl Scheduler {
                     }
                 }
                 // A stop inside the accepted drafts drops the tokens after it.
-                request.num_computed_tokens = request.num_computed_tokens.min(request.num_tokens());
+                if !async_mode {
+                    request.num_computed_tokens = request.num_computed_tokens.min(request.num_tokens());
+                }
                 if finish.is_none() {
                     request.spec_token_ids =
                         row.and_then(|r| spec_token_ids.get_mut(r)).map(std::mem::take).unwrap_or_default();
                 }
             }
-            self.kv_cache_manager.cache_blocks(request);
+            if async_mode {
+                // Only up to this step's end: a later step in flight has not succeeded yet.
+                let num_done = num_computed_before + num_scheduled_tokens;
+                self.kv_cache_manager.cache_blocks_through(request, num_done);
+            } else {
+                self.kv_cache_manager.cache_blocks(request);
+            }
             let new_logprobs = new_logprobs.map(|mut entries| {
                 entries.truncate(new_token_ids.len());
                 entries
@@ -596,8 +687,13 @@ impl Scheduler {
             }
             let (finish_reason, stop_reason) = finish.map_or((None, None), |(f, s)| (Some(f), s));
             if let Some(reason) = finish_reason {
+                if preempted_in_flight {
+                    self.waiting.remove(request);
+                    finished_waiting.push(req_id.clone());
+                } else {
+                    finished.push(req_id.clone());
+                }
                 request.status = RequestStatus::Finished(reason);
-                finished.push(req_id.clone());
             }
             outputs.push(EngineCoreOutput {
                 req_id: req_id.clone(),
@@ -618,6 +714,12 @@ impl Scheduler {
                 self.requests.remove(req_id);
             }
             self.finished_req_ids.append(&mut finished);
+        }
+        for req_id in finished_waiting {
+            // It holds no blocks (preemption freed them); the runner keeps a preempted request's
+            // sampling state, so it is told it finished.
+            self.requests.remove(&req_id);
+            self.finished_req_ids.push(req_id);
         }
         outputs
     }

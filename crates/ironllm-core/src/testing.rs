@@ -10,11 +10,11 @@
 //! while still held, a table that lost a block across preemption. Tests can therefore check that
 //! chunking, prefix hits and preemption never change outputs by comparing against a request run alone.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::engine::EngineCore;
-use crate::executor::ModelExecutor;
+use crate::executor::{ModelExecutor, Submitted};
 use crate::outputs::{
     BlockId, EngineCoreOutput, FinishReason, ModelRunnerOutput, PositionLogprobs, SchedulerOutput, StopReason,
     TokenLogprob,
@@ -137,6 +137,15 @@ pub struct FakeModel {
     pub fail_at_step: Option<usize>,
     /// When set, the model proposes drafts and verifies scheduled ones like a real runner.
     pub speculation: Option<FakeSpeculation>,
+    /// When set, `submit_model` computes the step but hands its output out only from `collect_model`,
+    /// like a runner whose device is still busy (async scheduling).
+    pub deferred: bool,
+    /// When set, the collect with this index (0-based) fails, to test errors in the second phase.
+    pub fail_at_collect: Option<usize>,
+    /// Collects so far.
+    pub num_collects: usize,
+    /// Outputs of submitted steps not collected yet, oldest first.
+    completed: VecDeque<ModelRunnerOutput>,
 }
 
 impl FakeModel {
@@ -149,12 +158,21 @@ impl FakeModel {
             num_steps: 0,
             fail_at_step: None,
             speculation: None,
+            deferred: false,
+            fail_at_collect: None,
+            num_collects: 0,
+            completed: VecDeque::new(),
         }
     }
 
     /// A fake model sized for `config`'s KV cache.
     pub fn for_config(config: &SchedulerConfig, vocab_size: u32) -> FakeModel {
         FakeModel::new(config.num_blocks, config.block_size, vocab_size)
+    }
+
+    /// Steps submitted and not collected yet.
+    pub fn num_in_flight(&self) -> usize {
+        self.completed.len()
     }
 
     /// Requests the runner currently holds state for.
@@ -316,6 +334,25 @@ impl ModelExecutor for FakeModel {
         }
         Ok(output)
     }
+
+    fn submit_model(&mut self, plan: &SchedulerOutput) -> Result<Submitted, CoreError> {
+        let output = self.execute_model(plan)?;
+        if !self.deferred {
+            return Ok(Submitted::Done(output));
+        }
+        self.completed.push_back(output);
+        Ok(Submitted::InFlight)
+    }
+
+    fn collect_model(&mut self) -> Result<ModelRunnerOutput, CoreError> {
+        let collect = self.num_collects;
+        self.num_collects += 1;
+        let output = self.completed.pop_front().ok_or_else(|| CoreError::Execution("nothing in flight".into()))?;
+        if self.fail_at_collect == Some(collect) {
+            return Err(CoreError::Execution(format!("injected failure at collect {collect}")));
+        }
+        Ok(output)
+    }
 }
 
 /// Everything the engine reported for one request.
@@ -425,7 +462,7 @@ pub fn check_scheduler_invariants(scheduler: &Scheduler) -> Result<(), String> {
             return Err(format!("running `{req_id}` has status {:?}", request.status));
         }
         let table = kv.block_table(req_id).ok_or(format!("running `{req_id}` has no table"))?;
-        if request.num_computed_tokens > request.num_tokens()
+        if request.num_computed_tokens > request.num_tokens() + request.num_output_placeholders()
             || request.num_computed_tokens > table.len() * config.block_size
         {
             return Err(format!("`{req_id}` computed tokens exceed its tokens or table"));

@@ -9,12 +9,21 @@
 //! Start-up sizes the KV cache like vLLM: load the weights, allocate the activation workspace for the
 //! largest step, run one forward pass of `max_num_batched_tokens` tokens, then give the cache
 //! `gpu_memory_utilization` of the card's memory minus everything in use.
+//!
+//!
+//! A step is launched (inputs uploaded, forward and sampler queued, the sampled ids' copy to pinned
+//! memory queued) and then finished (wait, read the ids, advance the requests). With async scheduling
+//! (`submit_model` / `collect_model`) the runner returns right after the launch, so the engine's
+//! scheduling of the next step and its output processing of the previous one run while the GPU computes;
+//! step N is finished at the start of step N + 1's submit, before N + 1's inputs are built from the
+//! requests' tokens, so every feature (penalties, grammars, seeds) sees exactly what it sees without
+//! async scheduling. What stays on the critical path is the finish of N and the input upload of N + 1.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaSlice};
-use ironllm_core::executor::ModelExecutor;
+use ironllm_core::executor::{ModelExecutor, Submitted};
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
 use ironllm_core::{CoreError, SamplingParams};
 use ironllm_model::proposer::Proposer;
@@ -26,7 +35,7 @@ use crate::draft::CudaDraftModel;
 use crate::error::{CudaError, DriverContext};
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::ops::{BatchMeta, FLASH_BLOCK_M};
-use crate::sampler::{GpuSampler, GpuSamplingRow};
+use crate::sampler::{GpuSampler, GpuSamplingRow, PendingSample};
 use crate::tensor::GpuDType;
 
 /// How the KV cache is sized.
@@ -211,6 +220,10 @@ pub struct CudaModelRunner {
     draft: Option<CudaDraftModel>,
     host: HostBatch,
     dev: DeviceBatch,
+    /// Async scheduling: the launched step not finished yet, and finished outputs not collected yet
+    /// (oldest first).
+    in_flight: Option<PendingStep>,
+    finished: std::collections::VecDeque<ModelRunnerOutput>,
     /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
     graph_table_stride: usize,
     /// Captured decode graphs by padded batch size (ascending).
@@ -281,6 +294,8 @@ impl CudaModelRunner {
             draft: None,
             host: HostBatch::default(),
             dev,
+            in_flight: None,
+            finished: std::collections::VecDeque::new(),
             graph_table_stride,
             graphs: Vec::new(),
             check_graphs: std::env::var_os("IRONLLM_GRAPH_CHECK").is_some(),
@@ -538,7 +553,21 @@ impl CudaModelRunner {
         Ok(())
     }
 
+    /// Runs one step to completion (launch, then finish), with speculative proposals.
     fn step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CudaError> {
+        let pending = self.launch_step(plan)?;
+        let mut out = self.finish_step(pending)?;
+        if let Some(proposer) = self.spec.as_mut() {
+            out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, self.kv.block_size);
+        } else if let Some(draft) = self.draft.as_mut() {
+            out.spec_token_ids = draft.propose(plan, &out, &self.reqs, self.kv.block_size)?;
+        }
+        Ok(out)
+    }
+
+    /// Everything of a step up to the sampled ids' copy to the host, without waiting for the GPU (a step
+    /// that wants prompt logprobs or long logprob lists waits for those inside).
+    fn launch_step(&mut self, plan: &SchedulerOutput) -> Result<PendingStep, CudaError> {
         let engine_rng = &mut self.engine_rng;
         self.reqs
             .apply_plan(plan, |new| new.sampling_params.seed.unwrap_or_else(|| engine_rng.next_u64()))
@@ -718,23 +747,36 @@ impl CudaModelRunner {
                 seed: st.sampling,
             });
         }
-        let sampled = if rows.is_empty() {
-            Vec::new()
+        let sample = if rows.is_empty() {
+            PendingSample::default()
         } else {
             let mut view = self.ws.logits.data.slice_mut(0..num_sample_rows * vocab * 4);
             // SAFETY: as above.
             let mut view = unsafe { view.transmute_mut::<f32>(num_sample_rows * vocab) }
                 .ok_or_else(|| CudaError::Invalid("logits view".into()))?;
-            self.sampler.sample(&mut view, &rows)?
+            self.sampler.launch(&mut view, &rows)?
         };
         drop(rows);
+        Ok(PendingStep {
+            order: order.iter().map(|(id, n)| ((*id).clone(), *n)).collect(),
+            samples,
+            sample_rows,
+            prompt_logprobs: prompt_lps,
+            sample,
+        })
+    }
+
+    /// Waits for a launched step's sampled ids and advances its requests (accepting drafts).
+    fn finish_step(&mut self, pending: PendingStep) -> Result<ModelRunnerOutput, CudaError> {
+        let PendingStep { order, samples, sample_rows, prompt_logprobs, sample } = pending;
+        let sampled = self.sampler.finish(sample)?;
         let n = order.len();
         let mut step_samples = StepSamples::group(sampled, &sample_rows, n);
         let mut out = ModelRunnerOutput {
-            req_ids: order.iter().map(|(id, _)| (*id).clone()).collect(),
+            req_ids: order.iter().map(|(id, _)| id.clone()).collect(),
             sampled_token_ids: vec![Vec::new(); n],
             logprobs: vec![None; n],
-            prompt_logprobs: prompt_lps,
+            prompt_logprobs,
             spec_token_ids: Vec::new(),
         };
         for (ri, (id, num_scheduled)) in order.iter().enumerate() {
@@ -747,20 +789,59 @@ impl CudaModelRunner {
             out.logprobs[ri] = step_samples.emitted_logprobs(ri, emitted.len());
             out.sampled_token_ids[ri] = emitted;
         }
-        if let Some(proposer) = self.spec.as_mut() {
-            out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, block_size);
-        } else if let Some(draft) = self.draft.as_mut() {
-            out.spec_token_ids = draft.propose(plan, &out, &self.reqs, block_size)?;
-        }
         Ok(out)
     }
+}
+
+/// A step launched on the GPU and not finished yet: what its finish needs to build the output.
+struct PendingStep {
+    /// Scheduled requests in plan order with their token counts.
+    order: Vec<(String, usize)>,
+    /// Per request: whether it samples this step.
+    samples: Vec<bool>,
+    /// Sample rows as (request index, row within the request).
+    sample_rows: Vec<(usize, usize)>,
+    prompt_logprobs: Vec<Option<Vec<PositionLogprobs>>>,
+    sample: PendingSample,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl ModelExecutor for CudaModelRunner {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
+        if let Some(pending) = self.in_flight.take() {
+            // A sync step after async ones (not done by the engine, but keep the order right).
+            let out = self.finish_step(pending).map_err(|e| CoreError::Execution(e.to_string()))?;
+            self.finished.push_back(out);
+        }
         self.step(plan).map_err(|e| CoreError::Execution(e.to_string()))
+    }
+
+    /// Finishes the step in flight (its output waits for `collect_model`), then launches this one and
+    /// returns without waiting for the GPU. Speculative decoding is refused with async scheduling (the
+    /// engine checks), so there is nothing to propose here.
+    fn submit_model(&mut self, plan: &SchedulerOutput) -> Result<Submitted, CoreError> {
+        let run = |runner: &mut CudaModelRunner| -> Result<(), CudaError> {
+            if let Some(pending) = runner.in_flight.take() {
+                let out = runner.finish_step(pending)?;
+                runner.finished.push_back(out);
+            }
+            runner.in_flight = Some(runner.launch_step(plan)?);
+            Ok(())
+        };
+        run(self).map_err(|e| CoreError::Execution(e.to_string()))?;
+        Ok(Submitted::InFlight)
+    }
+
+    fn collect_model(&mut self) -> Result<ModelRunnerOutput, CoreError> {
+        if let Some(out) = self.finished.pop_front() {
+            return Ok(out);
+        }
+        let pending = self
+            .in_flight
+            .take()
+            .ok_or_else(|| CoreError::Execution("collect_model called with no step in flight".to_string()))?;
+        self.finish_step(pending).map_err(|e| CoreError::Execution(e.to_string()))
     }
 
     fn supports_structured_output(&self) -> bool {

@@ -9,7 +9,9 @@
 //! - `sampler_sample_f32` runs one CTA per row (`kernels/sampler.cu`): raw logprobs, the processors in
 //!   place, then the argmax or the random path (temperature, min-p, top-k, top-p by radix selection,
 //!   never a sort) and the draw;
-//! - the sampled ids and the requested logprobs come back in one small `[rows, 4 + 2 * k]` array.
+//! - the sampled ids and the requested logprobs come back in one small `[rows, 4 + 2 * k]` array, copied
+//!   into pinned host memory without waiting: [`GpuSampler::launch`] returns once the copy is queued and
+//!   [`GpuSampler::finish`] waits for it (async scheduling does host work in between).
 //!
 //! The draw is the exponential race `argmax_i (v_i - log E_i)` with `E_i ~ Exp(1)` from Philox4x32-10
 //! keyed by the request's seed and counted by (output position, token index), so a request's `n`-th
@@ -23,7 +25,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
+};
 use ironllm_core::outputs::{PositionLogprobs, TokenLogprob};
 use ironllm_core::SamplingParams;
 use ironllm_model::sampler::{SampledToken, Sampler};
@@ -139,6 +143,18 @@ impl TokenTally {
     }
 }
 
+/// A sampling step launched by [`GpuSampler::launch`], to be finished by [`GpuSampler::finish`].
+#[derive(Debug, Default)]
+pub struct PendingSample {
+    /// Words per row of the output.
+    out_stride: usize,
+    /// Per row: whether its logprobs come from the device.
+    device_logprobs: Vec<bool>,
+    /// Rows whose logprob lists the host computes, `(row, k)`, with their raw logits.
+    host_logprobs: Vec<(usize, usize)>,
+    host_raw: Vec<Vec<f32>>,
+}
+
 /// The batch sampler on the GPU. Holds its device buffers, grown to the largest step seen.
 pub struct GpuSampler {
     gpu: Arc<Gpu>,
@@ -152,6 +168,8 @@ pub struct GpuSampler {
     raw_dev: CudaSlice<f32>,
     out_dev: CudaSlice<u32>,
     out_host: Vec<u32>,
+    /// Where the sampled ids land without a blocking copy (grown like the device buffers).
+    out_pinned: Option<PinnedHostSlice<u32>>,
     targets_dev: CudaSlice<u32>,
     tally: TokenTally,
     /// The CPU sampler, for logprob lists longer than [`DEVICE_MAX_LOGPROBS`].
@@ -228,6 +246,7 @@ impl GpuSampler {
             vocab_size,
             meta_host: Vec::new(),
             out_host: Vec::new(),
+            out_pinned: None,
             tally: TokenTally::default(),
             cpu: Sampler::new(vocab_size),
         })
@@ -244,6 +263,18 @@ impl GpuSampler {
         logits: &mut CudaViewMut<'_, f32>,
         rows: &[GpuSamplingRow<'_>],
     ) -> Result<Vec<SampledToken>, CudaError> {
+        let pending = self.launch(logits, rows)?;
+        self.finish(pending)
+    }
+
+    /// Uploads the rows' parameters, launches the sampling kernel and queues the copy of its results to
+    /// pinned host memory, without waiting for any of it. [`GpuSampler::finish`] (before the next launch
+    /// or prompt-logprobs call, which reuse the buffers) waits and parses.
+    pub fn launch(
+        &mut self,
+        logits: &mut CudaViewMut<'_, f32>,
+        rows: &[GpuSamplingRow<'_>],
+    ) -> Result<PendingSample, CudaError> {
         let vocab = self.vocab_size;
         if logits.len() != rows.len() * vocab {
             return Err(CudaError::Invalid(format!(
@@ -253,7 +284,7 @@ impl GpuSampler {
             )));
         }
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PendingSample::default());
         }
         let cfg = launch_config(rows.len())?;
 
@@ -351,7 +382,17 @@ impl GpuSampler {
         grow(gpu, &mut self.raw_dev, raw_slots as usize * vocab)?;
         let out_stride = OUT_HEAD + 2 * device_k;
         let out_len = rows.len() * out_stride;
-        grow(gpu, &mut self.out_dev, out_len)?;
+        if self.out_pinned.as_ref().is_none_or(|p| p.len() < out_len) {
+            // SAFETY: page-locked host memory that only the device writes (the copy below) before the host
+            // reads it in `finish`; no write-combining, since the host reads it.
+            let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u32>(out_len.next_power_of_two(), 0) }
+                .at(|| "allocating pinned memory for the sampled tokens".into())?;
+            self.out_pinned = Some(pinned);
+        }
+        // A copy into pinned memory moves the whole pinned buffer, so the device side is at least as long
+        // (the words past `out_len` are stale and never read).
+        let copy_len = self.out_pinned.as_ref().map_or(out_len, |p| p.len());
+        grow(gpu, &mut self.out_dev, copy_len)?;
         stream.memcpy_htod(meta.as_slice(), &mut self.meta_dev).at(|| "uploading the sampler metadata".into())?;
 
         // Raw rows for the host's long logprob lists, before the kernel processes them in place.
@@ -388,22 +429,39 @@ impl GpuSampler {
         }
         .at(|| "sampler_sample_f32".into())?;
 
-        self.out_host.resize(out_len, 0);
+        let pinned = self.out_pinned.as_mut().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
         stream
-            .memcpy_dtoh(&self.out_dev.slice(..out_len), &mut self.out_host[..out_len])
+            .memcpy_dtoh(&self.out_dev.slice(..copy_len), pinned)
             .at(|| "copying the sampled tokens from the GPU".into())?;
-        stream.synchronize().at(|| "waiting for the sampler".into())?;
+        Ok(PendingSample {
+            out_stride,
+            device_logprobs: rows.iter().map(|r| r.params.logprobs.is_some_and(|k| k <= DEVICE_MAX_LOGPROBS)).collect(),
+            host_logprobs,
+            host_raw,
+        })
+    }
 
-        let mut sampled: Vec<SampledToken> = rows
-            .iter()
-            .zip(self.out_host.chunks_exact(out_stride))
-            .map(|(row, out)| {
+    /// Waits for a launched sampling step and returns one token (and its logprobs, if asked) per row.
+    pub fn finish(&mut self, pending: PendingSample) -> Result<Vec<SampledToken>, CudaError> {
+        let rows = pending.device_logprobs.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.gpu.stream().synchronize().at(|| "waiting for the sampler".into())?;
+        let pinned = self.out_pinned.as_ref().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
+        let out = pinned.as_slice().at(|| "reading the sampled tokens".into())?;
+        let out = out
+            .get(..rows * pending.out_stride)
+            .ok_or_else(|| CudaError::Invalid("sampler output shorter than its rows".into()))?;
+        let mut sampled: Vec<SampledToken> = out
+            .chunks_exact(pending.out_stride)
+            .zip(&pending.device_logprobs)
+            .map(|(out, &device_lp)| {
                 let token_id = out[0];
-                let device_lp = row.params.logprobs.is_some_and(|k| k <= DEVICE_MAX_LOGPROBS);
                 SampledToken { token_id, logprobs: device_lp.then(|| parse_logprobs(out, token_id)) }
             })
             .collect();
-        for (&(r, k), raw) in host_logprobs.iter().zip(&host_raw) {
+        for (&(r, k), raw) in pending.host_logprobs.iter().zip(&pending.host_raw) {
             let token_id = sampled[r].token_id;
             sampled[r].logprobs = self.cpu.prompt_logprobs(raw, &[token_id], k).pop();
         }

@@ -448,6 +448,14 @@ impl Engine {
         if args.max_num_seqs == 0 {
             return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
         }
+        // Refused before the model loads; the scheduler checks the same when it is built.
+        if args.async_scheduling && args.speculative_config.is_some() {
+            return Err(LlmError::InvalidArgs(
+                "--async-scheduling does not support speculative decoding yet; drop one of --async-scheduling \
+                 and --speculative-config."
+                    .into(),
+            ));
+        }
         let gpu = match args.device {
             Device::Cpu => None,
             Device::Cuda => Some(ironllm_cuda::Gpu::open(0).map_err(|e| LlmError::Device(e.to_string()))?),
@@ -503,6 +511,7 @@ impl Engine {
             long_prefill_token_threshold: 0,
             policy: if args.scheduling_policy_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs },
             speculative: speculative.clone(),
+            async_scheduling: args.async_scheduling,
         };
         let info = EngineInfo {
             model_path: model_path.display().to_string(),
@@ -539,6 +548,16 @@ impl Engine {
         );
         let loaded = prepared;
         let core = Core::new(sched, runner)?;
+        if args.async_scheduling {
+            // The CUDA runner returns from `submit_model` once the step is queued on the GPU; the CPU
+            // runner computes the step inside it (outputs are exact either way).
+            let how = if args.device == Device::Cuda {
+                "planning and output processing overlap the GPU's step"
+            } else {
+                "the CPU runner computes each step inside its submit, so nothing overlaps"
+            };
+            tracing::info!("async scheduling on: {how}");
+        }
         let mut input = InputProcessor::new(
             loaded.tokenizer.clone(),
             loaded.eos_token_ids.clone(),

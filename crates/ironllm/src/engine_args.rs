@@ -62,6 +62,8 @@ pub struct EngineArgs {
     pub scheduling_policy_priority: bool,
     /// `--speculative-config` (parsed with [`SpeculativeConfig::from_json`]); `None`: no speculation.
     pub speculative_config: Option<SpeculativeConfig>,
+    /// `--async-scheduling`: plan step N+1 while step N runs (off by default, as in vLLM).
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineArgs {
@@ -88,6 +90,7 @@ impl Default for EngineArgs {
             skip_tokenizer_init: false,
             scheduling_policy_priority: false,
             speculative_config: None,
+            async_scheduling: false,
         }
     }
 }

@@ -420,3 +420,35 @@ fn stats_snapshot_reflects_state() {
     assert_eq!(stats.kv_cache_usage, 2.0 / 16.0);
     assert_eq!(stats.prefix_cache_queries, 8);
 }
+
+#[test]
+fn async_plans_schedule_the_next_decode_before_the_output_is_back() {
+    let mut scheduler = Scheduler::new(SchedulerConfig { async_scheduling: true, ..config(64, 4, 16) }).unwrap();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(2) };
+    scheduler.add_request(Request::new("a", (0..6).collect(), Arc::new(params))).unwrap();
+    let mut model = FakeModel::new(16, 4, VOCAB);
+    let plan0 = scheduler.schedule();
+    assert_eq!(plan0.async_sampling_req_ids, vec!["a".to_string()]);
+    let out0 = model.execute_model(&plan0).unwrap();
+    // Planned before step 0's token is known: its input is that token, a placeholder the runner fills.
+    let plan1 = scheduler.schedule();
+    assert_eq!(plan1.num_scheduled_tokens, vec![("a".to_string(), 1)]);
+    assert_eq!(plan1.scheduled_cached_reqs[0].num_computed_tokens, 6);
+    assert_eq!(plan1.async_sampling_req_ids, vec!["a".to_string()]);
+    let request = scheduler.request("a").unwrap();
+    assert_eq!((request.num_output_placeholders(), request.num_computed_tokens), (2, 7));
+    let out1 = model.execute_model(&plan1).unwrap();
+    // The two steps in flight reach max_tokens = 2: nothing more is planned for it.
+    assert_eq!(scheduler.schedule().total_num_scheduled_tokens, 0);
+    let first = scheduler.update_from_output(&plan0, out0);
+    assert_eq!((first[0].new_token_ids.len(), first[0].finish_reason), (1, None));
+    let second = scheduler.update_from_output(&plan1, out1);
+    assert_eq!(second[0].finish_reason, Some(FinishReason::Length));
+    let mut tokens: Vec<u32> = (0..6).collect();
+    for output in first.iter().chain(&second) {
+        assert_eq!(output.new_token_ids, vec![fake_next_token(&tokens, VOCAB)]);
+        tokens.extend_from_slice(&output.new_token_ids);
+    }
+    assert_eq!(scheduler.kv_cache_usage(), 0.0);
+    assert!(!scheduler.has_unfinished_requests());
+}
