@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+mod profile;
 pub mod proposer;
 pub mod runner;
 pub mod runner_state;

@@ -14,6 +14,7 @@ use ironllm_kernels::cpu::rope::{Llama3Scaling, RopeTable};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::linear::{Linear, Matrix};
+use crate::profile::{Clock, Op};
 use crate::weights::WeightSource;
 use crate::ModelError;
 
@@ -240,20 +241,24 @@ impl LlamaModel {
 
         let Workspace { residual, normed, qkv, q, k, v, attn, proj, gate_up, act, rows, rows_normed, scratch, logits } =
             ws;
+        let mut clock = Clock::start();
         let residual = grow(residual, t * h);
         for (row, &tok) in residual.chunks_mut(h).zip(batch.token_ids) {
             self.embed.row(tok as usize, row);
         }
         let normed = grow(normed, t * h);
         let proj = grow(proj, t * h);
+        clock.lap(Op::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
                 rms_norm(residual, &layer.input_norm, c.rms_norm_eps, normed);
             } else {
                 add_rms_norm(proj, residual, &layer.input_norm, c.rms_norm_eps, normed);
             }
+            clock.lap(Op::Norms);
             let qkv = grow(qkv, t * qkv_w);
             layer.qkv.forward(normed, t, qkv, scratch);
+            clock.lap(Op::QkvProj);
             let (q, k, v) = (grow(q, t * qw), grow(k, t * kvw), grow(v, t * kvw));
             for (i, row) in qkv.chunks(qkv_w).enumerate() {
                 q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
@@ -268,15 +273,22 @@ impl LlamaModel {
             self.rope.apply(k, nkv, batch.positions);
             let (kc, vc) = &mut kv.layers[li];
             write_kv(&kv.layout, k, v, batch.slot_mapping, kc, vc);
+            clock.lap(Op::RopeKvWrite);
             let attn = grow(attn, t * qw);
             paged_attention(&kv.layout, q, nh, kc, vc, batch.seqs, scale, attn);
+            clock.lap(Op::Attention);
             layer.o_proj.forward(attn, t, proj, scratch);
+            clock.lap(Op::OProj);
             add_rms_norm(proj, residual, &layer.post_norm, c.rms_norm_eps, normed);
+            clock.lap(Op::Norms);
             let gate_up = grow(gate_up, t * 2 * inter);
             layer.gate_up.forward(normed, t, gate_up, scratch);
+            clock.lap(Op::GateUpProj);
             let act = grow(act, t * inter);
             silu_and_mul(gate_up, inter, act);
+            clock.lap(Op::SiluMul);
             layer.down.forward(act, t, proj, scratch);
+            clock.lap(Op::DownProj);
         }
         // Only the rows that produce logits need the last residual add, the final norm and the LM head.
         let r = batch.logits_rows.len();
@@ -288,9 +300,11 @@ impl LlamaModel {
         }
         let rows_normed = grow(rows_normed, r * h);
         rms_norm(rows, &self.final_norm, c.rms_norm_eps, rows_normed);
+        clock.lap(Op::Norms);
         if logits.len() != r * c.vocab_size {
             logits.resize(r * c.vocab_size, 0.0);
         }
         self.lm_head.forward(rows_normed, r, logits, scratch);
+        clock.lap(Op::LmHead);
     }
 }

@@ -22,6 +22,7 @@ use ironllm_kernels::cpu::attention::SeqSpan;
 use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
+use crate::profile::{self, Clock, Op};
 use crate::proposer::Proposer;
 use crate::runner_state::{fill_spec_masks, RunnerRequest, RunnerRequests, StepSamples};
 use crate::sampler::{Rng, Sampler, SamplerState, SamplingRow};
@@ -104,10 +105,22 @@ impl CpuModelRunner {
     }
 }
 
+impl Drop for CpuModelRunner {
+    fn drop(&mut self) {
+        profile::report();
+    }
+}
+
 impl ModelExecutor for CpuModelRunner {
     fn execute_model(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CoreError> {
         let pool = Arc::clone(&self.pool);
-        pool.install(|| self.execute_step(plan))
+        let mut clock = Clock::start();
+        let out = pool.install(|| self.execute_step(plan));
+        clock.lap(Op::Step);
+        let num_tokens: usize = plan.num_scheduled_tokens.iter().map(|(_, n)| n).sum();
+        let num_reqs = plan.num_scheduled_tokens.len();
+        profile::end_step(num_tokens == num_reqs, num_reqs);
+        out
     }
 
     fn supports_structured_output(&self) -> bool {
@@ -307,7 +320,9 @@ impl CpuModelRunner {
                 offset += n;
             }
         }
+        let mut clock = Clock::start();
         let sampled = self.sampler.sample_with_masks(sample_logits, &mut rows, &masks, &mut self.engine_rng);
+        clock.lap(Op::Sampling);
         drop(rows);
 
         let n = planned.len();
