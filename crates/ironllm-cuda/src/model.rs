@@ -111,8 +111,7 @@ impl Workspace {
         let d = model.dtype;
         let (t, r, h) = (max_tokens.max(1), max_rows.max(1), c.hidden_size);
         let qkv_w = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
-        let group = c.num_attention_heads / c.num_key_value_heads.max(1);
-        let split_rows = ops::decode_split_rows(gpu.info.multiprocessors.max(1), group.max(1));
+        let split_rows = ops::decode_split_rows(gpu.info.multiprocessors.max(1), c.num_queries_per_kv());
         Ok(Workspace {
             residual: DevBuf::zeros(gpu, d, t * h)?,
             normed: DevBuf::zeros(gpu, d, t * h)?,
@@ -313,8 +312,7 @@ impl CudaLlama {
         let rope_cos = gpu.upload(cos)?;
         let rope_sin = gpu.upload(sin)?;
         let weight_bytes = ld.bytes;
-        let attn_kernels =
-            ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_attention_heads / c.num_key_value_heads.max(1));
+        let attn_kernels = ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_queries_per_kv());
         gpu.synchronize()?;
         Ok(CudaLlama {
             config,

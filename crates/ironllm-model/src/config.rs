@@ -85,6 +85,11 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
+    /// Query heads per KV head (the GQA group size; at least 1).
+    pub fn num_queries_per_kv(&self) -> usize {
+        (self.num_attention_heads / self.num_key_value_heads.max(1)).max(1)
+    }
+
     /// Reads `config.json` from a Hugging Face model directory.
     pub fn from_hf_dir(dir: &Path) -> Result<ModelConfig, ModelError> {
         let path = dir.join("config.json");
