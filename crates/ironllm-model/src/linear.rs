@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ironllm_kernels::cpu::matmul::matmul_f32;
-use ironllm_kernels::cpu::quant::{self, GgmlType, QuantMatrix};
+use ironllm_kernels::cpu::quant::{self, GgmlType, PackedMatrix, QuantMatrix};
 
 use crate::weights::{StoredTensor, StoredType};
 use crate::ModelError;
@@ -18,6 +18,8 @@ pub enum WeightData {
         ty: GgmlType,
         data: Vec<u8>,
     },
+    /// GGUF blocks repacked into interleaved row groups for the AVX-512 VNNI kernel.
+    Packed(PackedMatrix),
 }
 
 /// A weight matrix `[rows, cols]`.
@@ -49,6 +51,19 @@ impl Matrix {
         Ok(Matrix { rows, cols, data })
     }
 
+    /// The same matrix in the packed layout when this CPU has the packed kernel for its type
+    /// (Q4_0, Q4_1, Q8_0 with AVX-512 VNNI); otherwise unchanged. Done once at load, after any
+    /// stacking (`concat` needs the file layout).
+    pub fn packed(self) -> Matrix {
+        if let WeightData::Quant { ty, data } = &self.data {
+            let w = QuantMatrix { ty: *ty, data, rows: self.rows, cols: self.cols };
+            if let Some(p) = PackedMatrix::pack(&w) {
+                return Matrix { rows: self.rows, cols: self.cols, data: WeightData::Packed(p) };
+            }
+        }
+        self
+    }
+
     /// `out[m, rows] = x[m, cols] · selfᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         match &self.data {
@@ -58,6 +73,11 @@ impl Matrix {
                 // Shapes were validated at load, so a failure here is a bug, not bad input.
                 if let Err(e) = quant::quant_matmul(x, m, &w, out) {
                     panic!("quantized matmul on validated shapes failed: {e}");
+                }
+            }
+            WeightData::Packed(p) => {
+                if let Err(e) = quant::packed_matmul(x, m, p, out) {
+                    panic!("packed matmul on validated shapes failed: {e}");
                 }
             }
         }
@@ -71,6 +91,11 @@ impl Matrix {
                 let rb = ty.row_bytes(self.cols).unwrap_or(0);
                 if let Err(e) = quant::dequantize(*ty, &data[r * rb..(r + 1) * rb], out) {
                     panic!("dequantizing a validated row failed: {e}");
+                }
+            }
+            WeightData::Packed(p) => {
+                if let Err(e) = p.dequantize_row(r, out) {
+                    panic!("dequantizing a validated packed row failed: {e}");
                 }
             }
         }
@@ -93,6 +118,7 @@ impl Matrix {
                 }
                 WeightData::F32(all)
             }
+            WeightData::Packed(_) => return None,
             WeightData::Quant { ty, .. } => {
                 let mut all = Vec::new();
                 for p in parts {
@@ -112,6 +138,7 @@ impl Matrix {
         match &self.data {
             WeightData::F32(_) => "f32",
             WeightData::Quant { ty, .. } => ty.name(),
+            WeightData::Packed(p) => p.ty().name(),
         }
     }
 
@@ -120,6 +147,7 @@ impl Matrix {
         match &self.data {
             WeightData::F32(w) => w.len() * 4,
             WeightData::Quant { data, .. } => data.len(),
+            WeightData::Packed(p) => p.nbytes(),
         }
     }
 }
@@ -163,7 +191,7 @@ impl Linear {
                 parts = vec![m];
             }
         }
-        Ok(Linear { parts: parts.into_iter().map(Arc::new).collect(), bias, out_features, in_features })
+        Ok(Linear { parts: parts.into_iter().map(|p| Arc::new(p.packed())).collect(), bias, out_features, in_features })
     }
 
     /// A linear layer that shares an existing matrix (tied embeddings).

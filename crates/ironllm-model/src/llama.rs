@@ -148,7 +148,9 @@ impl LlamaModel {
         };
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let (q_width, kv_width) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let embed = Arc::new(mat("model.embed_tokens.weight", c.vocab_size, h)?);
+        // Packed when possible: tied models use it as the LM head too, and the row lookups of the
+        // embedding read the packed layout just as well.
+        let embed = Arc::new(mat("model.embed_tokens.weight", c.vocab_size, h)?.packed());
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}.");

@@ -117,8 +117,12 @@ impl ActBlock for BlockQ8 {
     const ELEMS: usize = QK;
     const ZERO: Self = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK] };
 
-    /// Only the scalar kernels read `BlockQ8`, so there is no SIMD version.
-    fn quantize_row(_kernel: Kernel, x: &[f32], out: &mut [Self]) {
+    fn quantize_row(kernel: Kernel, x: &[f32], out: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Avx2(token) = kernel {
+            return super::avx2::quantize_q8(token, x, out);
+        }
+        let _ = kernel;
         for (xb, b) in x.chunks_exact(QK).zip(out) {
             let (d, id) = block_scale(abs_max(xb));
             let sum = quantize_values(xb, id, &mut b.qs);

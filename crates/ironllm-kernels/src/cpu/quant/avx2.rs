@@ -24,7 +24,7 @@
 
 use std::arch::x86_64::*;
 
-use super::act::{block_scale, fill_bsums, BlockQ8K, BlockQ8x2};
+use super::act::{block_scale, fill_bsums, BlockQ8, BlockQ8K, BlockQ8x2};
 use super::blocks::{
     arr, k4_scales_mins, q3k_scales, u32_at, Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES,
     Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES,
@@ -65,6 +65,11 @@ impl Avx2 {
     /// Whether the AVX-512 VNNI paths run.
     #[cfg(test)]
     pub(crate) fn vnni(self) -> bool {
+        self.vnni
+    }
+
+    /// Whether this CPU runs AVX-512 F/VL/BW/VNNI (and they are not turned off).
+    pub(crate) fn has_vnni(self) -> bool {
         self.vnni
     }
 }
@@ -582,6 +587,12 @@ pub(crate) fn quantize_q8x2(_token: Avx2, x: &[f32], out: &mut [BlockQ8x2]) {
     unsafe { quantize_q8x2_impl(x, out) }
 }
 
+/// Quantizes a row to `BlockQ8`s, with the same results as the scalar quantizer in `act`.
+pub(crate) fn quantize_q8(_token: Avx2, x: &[f32], out: &mut [BlockQ8]) {
+    // SAFETY: the `Avx2` token exists only on CPUs with AVX2, FMA and F16C.
+    unsafe { quantize_q8_impl(x, out) }
+}
+
 /// Quantizes a row to `BlockQ8K`s, with the same results as the scalar quantizer in `act`.
 pub(crate) fn quantize_q8k(_token: Avx2, x: &[f32], out: &mut [BlockQ8K]) {
     // SAFETY: the `Avx2` token exists only on CPUs with AVX2, FMA and F16C.
@@ -605,6 +616,18 @@ fn quantize_q8x2_impl(x: &[f32], out: &mut [BlockQ8x2]) {
         pair.ds = [d0, d0 * sum0 as f32, d1, d1 * sum1 as f32];
         store_i8x32(&mut pair.lo, _mm256_permute2x128_si256::<0x20>(q0, q1));
         store_i8x32(&mut pair.hi, _mm256_permute2x128_si256::<0x31>(q0, q1));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_impl(x: &[f32], out: &mut [BlockQ8]) {
+    for (xb, b) in x.chunks_exact(32).zip(out) {
+        let x32: &[f32; 32] = arr(xb, 0);
+        let (d, id) = block_scale(abs_max(x32));
+        let (q, sum) = quantize32(x32, id);
+        store_i8x32(&mut b.qs, q);
+        b.d = d;
+        b.s = d * sum as f32;
     }
 }
 

@@ -14,6 +14,9 @@
 //!   are quantized into.
 //! - `scalar`, `avx2`: one dot kernel per weight type and instruction set, each dotting one weight
 //!   row with up to four activation rows so that a decoded weight block is reused across the batch.
+//! - `packed`, `packed_avx512`: Q4_0/Q4_1/Q8_0 weights repacked at load into groups of 16
+//!   interleaved rows ([`PackedMatrix`]) and their AVX-512 VNNI matmul ([`packed_matmul`]), which
+//!   the CPU backend prefers where the CPU has VNNI.
 //! - this file: public types, shape checks, runtime dispatch and the parallel driver.
 //!
 //! Invariants: a row's result depends only on that row's activations and the weights, never on `m`,
@@ -27,6 +30,9 @@ mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod blocks;
+mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_avx512;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -37,6 +43,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use act::ActBlock;
+pub use packed::{packed_matmul, packing_supported, PackedMatrix};
 
 /// A GGML tensor type, as stored in GGUF tensor infos. Variant names follow GGML's spelling.
 #[allow(non_camel_case_types)] // the names are the format's own (`Q4_K`), which readers grep for

@@ -360,6 +360,136 @@ fn avx2_kernels_agree_with_scalar() {
     }
 }
 
+const PACKED_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+#[test]
+fn packing_round_trips_to_the_file_layout() {
+    let mut rng = Rng(21);
+    // 37 rows: two full groups and a padded one; 5 blocks per row.
+    for ty in PACKED_TYPES {
+        let (n, k) = (37, 5 * blocks::QK);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let p = PackedMatrix::pack_layout(&w).expect("packable type");
+        assert_eq!((p.ty(), p.rows(), p.cols()), (ty, n, k));
+        assert_eq!(p.nbytes() % 64, 0);
+        let rb = ty.row_bytes(k).unwrap();
+        let mut row = vec![0u8; rb];
+        let mut deq = vec![0f32; k];
+        let mut want = vec![0f32; k];
+        for r in 0..n {
+            p.unpack_row(r, &mut row).unwrap();
+            assert_eq!(row, data[r * rb..(r + 1) * rb], "{ty} row {r}");
+            p.dequantize_row(r, &mut deq).unwrap();
+            dequantize(ty, &data[r * rb..(r + 1) * rb], &mut want).unwrap();
+            assert!(deq.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{ty} row {r}");
+        }
+        assert!(p.unpack_row(n, &mut row).is_err());
+        assert!(p.unpack_row(0, &mut row[1..]).is_err());
+        assert!(p.dequantize_row(0, &mut deq[1..]).is_err());
+    }
+    // Types without a packed kernel stay in the file layout.
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_0, GgmlType::F16, GgmlType::F32] {
+        let (n, k) = (16, blocks::QK_K);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        assert!(PackedMatrix::pack_layout(&w).is_none(), "{ty}");
+    }
+}
+
+/// Packs `w`, or `None` (with a note) when this CPU has no packed kernel.
+fn pack_here(w: &QuantMatrix) -> Option<PackedMatrix> {
+    let p = PackedMatrix::pack(w);
+    if p.is_none() {
+        eprintln!("note: no AVX-512 VNNI here; the packed kernel is not exercised");
+    }
+    p
+}
+
+fn run_packed(x: &[f32], m: usize, p: &PackedMatrix) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * p.rows()];
+    packed_matmul(x, m, p, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn packed_matmul_matches_f64_reference_within_activation_quantization_error() {
+    let mut rng = Rng(22);
+    for ty in PACKED_TYPES {
+        // Row counts with full and padded groups; one and many blocks; m over full and partial
+        // tiles of 8 (and large enough for the parallel driver at the bigger shapes).
+        for (n, k) in [(16, blocks::QK), (37, 7 * blocks::QK), (300, 18 * blocks::QK)] {
+            let data = random_weights(&mut rng, ty, n, k);
+            let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+            let Some(p) = pack_here(&w) else { return };
+            let w_f32 = dequant_vec(ty, &data, n * k);
+            for m in [1, 2, 5, 8, 9, 17] {
+                let x = random_x(&mut rng, m, k);
+                let (want, tol) = reference(ty, &w_f32, &x, m, n, k);
+                let got = run_packed(&x, m, &p);
+                for (idx, (&g, (&wv, &t))) in got.iter().zip(want.iter().zip(&tol)).enumerate() {
+                    assert!(
+                        (g as f64 - wv).abs() <= t,
+                        "{ty} n={n} k={k} m={m} out[{idx}]: got {g}, want {wv} (tol {t})"
+                    );
+                }
+                // The row kernels quantize activations the same way, so the two differ only by
+                // f32 summation order.
+                let rows = run(Kernel::best(), &x, m, &w);
+                for (idx, (&g, &r)) in got.iter().zip(&rows).enumerate() {
+                    let (i, j) = (idx / n, idx % n);
+                    let abs: f64 = (0..k).map(|c| (w_f32[j * k + c] as f64 * x[i * k + c] as f64).abs()).sum::<f64>();
+                    assert!(
+                        (g as f64 - r as f64).abs() <= 1e-5 * abs + 1e-12,
+                        "{ty} m={m} out[{idx}]: packed {g}, row kernel {r}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_rows_do_not_depend_on_the_batch() {
+    let mut rng = Rng(23);
+    for ty in PACKED_TYPES {
+        let (n, k) = (300, 18 * blocks::QK);
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let Some(p) = pack_here(&w) else { return };
+        let m = 19;
+        let x = random_x(&mut rng, m, k);
+        let batched = run_packed(&x, m, &p);
+        for i in 0..m {
+            let alone = run_packed(&x[i * k..(i + 1) * k], 1, &p);
+            assert!(
+                alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{ty}: row {i} differs between m=1 and m={m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_checks_shapes() {
+    let mut rng = Rng(24);
+    let (n, k) = (20, 2 * blocks::QK);
+    let data = random_weights(&mut rng, GgmlType::Q4_1, n, k);
+    let w = QuantMatrix::new(GgmlType::Q4_1, &data, n, k).unwrap();
+    // The layout-only packing exists everywhere, so shape errors are checked on every CPU.
+    let p = PackedMatrix::pack_layout(&w).unwrap();
+    let x = vec![0.5f32; 3 * k];
+    let mut out = vec![0f32; 3 * n];
+    assert!(packed_matmul(&x, 3, &p, &mut out).is_ok());
+    assert!(matches!(packed_matmul(&x, 2, &p, &mut out), Err(QuantError::LengthMismatch { .. })));
+    assert!(matches!(packed_matmul(&x, 3, &p, &mut out[1..]), Err(QuantError::LengthMismatch { .. })));
+    assert!(packed_matmul(&[], 0, &p, &mut []).is_ok());
+    // And the result, on whichever path this CPU takes, matches the file-layout matmul closely.
+    let mut want = vec![0f32; 3 * n];
+    quant_matmul(&x, 3, &w, &mut want).unwrap();
+    assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())));
+}
+
 #[test]
 fn row_results_do_not_depend_on_the_batch() {
     // Large enough for the parallel driver, with m spanning full and partial tiles of 8 and 4 rows.
@@ -625,10 +755,23 @@ fn quant_matmul_throughput() {
         let w = QuantMatrix::new(ty, &data, n, k).unwrap();
         let x = random_x(&mut rng, m, k);
         let mut out = vec![0f32; m * n];
-        let runs =
-            [("pool", Kernel::best(), true), ("outside", Kernel::best(), false), ("scalar", Kernel::Scalar, true)];
+        let packed = PackedMatrix::pack(&w);
+        let runs = [
+            ("packed", Kernel::best(), true),
+            ("pool", Kernel::best(), true),
+            ("outside", Kernel::best(), false),
+            ("scalar", Kernel::Scalar, true),
+        ];
         for (label, kernel, in_pool) in runs {
-            let mut time = || best_time(|| matmul_with(kernel, &x, m, &w, &mut out));
+            if label == "packed" && packed.is_none() {
+                continue;
+            }
+            let mut time = || {
+                best_time(|| match (&packed, label) {
+                    (Some(p), "packed") => packed_matmul(&x, m, p, &mut out).unwrap(),
+                    _ => matmul_with(kernel, &x, m, &w, &mut out),
+                })
+            };
             let best = if in_pool { rayon::scope(|_| time()) } else { time() };
             let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
             let gbs = data.len() as f64 / best / 1e9;
@@ -667,17 +810,29 @@ fn smollm2_135m_step_matmul_time() {
     let total_bytes: usize = mats.iter().map(|m| m.3.len()).sum();
     let total_macs: usize = mats.iter().map(|m| m.1 * m.2).sum();
     println!("rayon threads: {}, weights {:.1} MB", rayon::current_num_threads(), total_bytes as f64 / 1e6);
-    for m in [1, 4, 16] {
+    let packed: Vec<Option<PackedMatrix>> = mats
+        .iter()
+        .map(|(ty, n, k, data)| PackedMatrix::pack(&QuantMatrix { ty: *ty, data, rows: *n, cols: *k }))
+        .collect();
+    for m in [1, 4, 16, 64] {
         let x = random_x(&mut rng, m, inter);
         let mut out = vec![0f32; m * vocab];
-        for in_pool in [true, false] {
+        for (in_pool, use_packed) in [(true, true), (true, false), (false, false)] {
+            if use_packed && packed.iter().any(Option::is_none) {
+                continue;
+            }
             let mut step = || {
                 let mut best = f64::INFINITY;
                 for _ in 0..8 {
                     let t = std::time::Instant::now();
-                    for (ty, n, k, data) in &mats {
-                        let w = QuantMatrix { ty: *ty, data, rows: *n, cols: *k };
-                        quant_matmul(&x[..m * k], m, &w, &mut out[..m * n]).unwrap();
+                    for ((ty, n, k, data), p) in mats.iter().zip(&packed) {
+                        match p {
+                            Some(p) if use_packed => packed_matmul(&x[..m * k], m, p, &mut out[..m * n]).unwrap(),
+                            _ => {
+                                let w = QuantMatrix { ty: *ty, data, rows: *n, cols: *k };
+                                quant_matmul(&x[..m * k], m, &w, &mut out[..m * n]).unwrap()
+                            }
+                        }
                     }
                     best = best.min(t.elapsed().as_secs_f64());
                 }
@@ -686,12 +841,42 @@ fn smollm2_135m_step_matmul_time() {
             let best = if in_pool { rayon::scope(|_| step()) } else { step() };
             println!(
                 "m={m:<3} {:<7}: {:>7.2} ms per step ({} matmuls), {:>6.1} GFLOP/s, {:>5.1} GB/s of weights",
-                if in_pool { "pool" } else { "outside" },
+                if use_packed {
+                    "packed"
+                } else if in_pool {
+                    "pool"
+                } else {
+                    "outside"
+                },
                 best * 1e3,
                 mats.len(),
                 2.0 * (m * total_macs) as f64 / best / 1e9,
                 total_bytes as f64 / best / 1e9
             );
+        }
+    }
+}
+
+/// The tied Q8_0 LM head of the default model (30 MB, streamed from memory) at m = 1, packed and
+/// in the file layout, in alternating rounds: `cargo test -p ironllm-kernels --release --
+/// --ignored --nocapture lm_head_packed_ab`.
+#[test]
+#[ignore]
+fn lm_head_packed_ab() {
+    let mut rng = Rng(12);
+    let (n, k) = (49152, 576);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let data = random_weights(&mut rng, ty, n, k);
+        let w = QuantMatrix::new(ty, &data, n, k).unwrap();
+        let Some(p) = PackedMatrix::pack(&w) else { return };
+        for m in [1, 16] {
+            let x = random_x(&mut rng, m, k);
+            let mut out = vec![0f32; m * n];
+            for round in 0..3 {
+                let a = rayon::scope(|_| best_time(|| packed_matmul(&x, m, &p, &mut out).unwrap()));
+                let b = rayon::scope(|_| best_time(|| quant_matmul(&x, m, &w, &mut out).unwrap()));
+                println!("{ty} m={m} round {round}: packed {:.0} us, rows {:.0} us", a * 1e6, b * 1e6);
+            }
         }
     }
 }
