@@ -8,3 +8,4 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod simd;
+pub mod vexp;
