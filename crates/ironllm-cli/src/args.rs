@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgAction, Args};
 use ironllm::engine_args::parse_bytes;
 use ironllm::{Device, EngineArgs};
 use ironllm_core::spec_decode::SpeculativeConfig;
-use ironllm_model::loader::GenerationConfigSource;
+use ironllm_model::loader::{GenerationConfigSource, KvCacheDType};
 
 /// Flags that shape the engine (vLLM's `EngineArgs`).
 #[derive(Debug, Clone, Args)]
@@ -52,6 +53,11 @@ pub struct EngineFlags {
     /// leaves after the weights and the profiled activations.
     #[arg(long, alias = "kv-cache-memory", env = "IRONLLM_KV_CACHE_MEMORY")]
     pub kv_cache_memory_bytes: Option<String>,
+    /// KV cache element type: auto (float32 on the CPU, the model's dtype on the GPU), float16 (half),
+    /// bfloat16, float32 (float). vLLM's fp8 names are accepted but not supported yet. A 2-byte type
+    /// fits twice the tokens in the same --kv-cache-memory-bytes.
+    #[arg(long, default_value = "auto", value_parser = kv_cache_dtype_parser())]
+    pub kv_cache_dtype: KvCacheDType,
     /// Fraction of GPU memory the engine may use in all (GPU backend; accepted on the CPU).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
@@ -84,6 +90,12 @@ pub struct EngineFlags {
     /// `--async-scheduling`). Not with --speculative-config.
     #[arg(long)]
     pub async_scheduling: bool,
+}
+
+/// `--kv-cache-dtype`: one of [`KvCacheDType::NAMES`], so an unknown value is a clap error that lists
+/// them (and `--help` does too).
+fn kv_cache_dtype_parser() -> impl TypedValueParser<Value = KvCacheDType> {
+    PossibleValuesParser::new(KvCacheDType::NAMES).try_map(|name| name.parse::<KvCacheDType>())
 }
 
 impl EngineFlags {
@@ -127,6 +139,7 @@ impl EngineFlags {
                 .map(parse_bytes)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--kv-cache-memory-bytes: {e}"))?,
+            kv_cache_dtype: self.kv_cache_dtype,
             device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             enforce_eager: self.enforce_eager,
@@ -184,6 +197,24 @@ mod tests {
         let config = args.speculative_config.expect("speculation is on");
         assert_eq!(config.num_speculative_tokens, 4);
         assert_eq!(config.method, SpeculativeMethod::Ngram { prompt_lookup_min: 4, prompt_lookup_max: 4 });
+    }
+
+    #[test]
+    fn kv_cache_dtype_takes_vllm_names_and_aliases() {
+        assert_eq!(engine_args(&[]).expect("defaults").kv_cache_dtype, KvCacheDType::Auto);
+        for (flag, want) in [
+            ("float16", KvCacheDType::Float16),
+            ("half", KvCacheDType::Float16),
+            ("bfloat16", KvCacheDType::BFloat16),
+            ("float", KvCacheDType::Float32),
+            ("fp8_e4m3", KvCacheDType::Fp8("fp8_e4m3")),
+        ] {
+            let args = engine_args(&["--kv-cache-dtype", flag]).expect(flag);
+            assert_eq!(args.kv_cache_dtype, want, "{flag}");
+        }
+        let message = engine_args(&["--kv-cache-dtype", "int4"]).expect_err("not a dtype").to_string();
+        assert!(message.contains("--kv-cache-dtype") && message.contains("int4"), "{message}");
+        assert!(message.contains("bfloat16") && message.contains("fp8_e5m2"), "{message}");
     }
 
     #[test]

@@ -61,6 +61,53 @@ fn bad_flags_fail_clearly() {
 }
 
 #[test]
+fn kv_cache_dtype_fp8_is_refused_and_bad_values_list_the_choices() {
+    let model = fixtures().join("reference/tiny_qwen2");
+    for name in ["fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"] {
+        let out =
+            ironllm().arg("generate").arg(&model).args(["--kv-cache-dtype", name, "--prompt", "x"]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("--kv-cache-dtype {name} is not supported yet")), "{err}");
+        assert!(err.contains("float16, bfloat16"), "{err}");
+    }
+    for sub in [&["generate"][..], &["serve"], &["bench", "latency"]] {
+        let out = ironllm().args(sub).args(["--kv-cache-dtype", "int8"]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid value 'int8' for '--kv-cache-dtype"), "{sub:?}: {err}");
+        assert!(err.contains("float16") && err.contains("fp8_e4m3"), "{sub:?}: {err}");
+    }
+}
+
+#[test]
+fn a_16_bit_kv_cache_runs() {
+    let model = fixtures().join("reference/tiny_qwen2");
+    for kv in ["half", "bfloat16"] {
+        let out = ironllm()
+            .arg("generate")
+            .arg(&model)
+            .args(["--kv-cache-dtype", kv, "--kv-cache-memory-bytes", "64MiB", "--input", "/dev/stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(b"{\"prompt_token_ids\": [5, 6, 7], \"max_tokens\": 4}\n")?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(line["outputs"][0]["token_ids"].as_array().unwrap().len(), 4);
+        // The start-up log names the cache's element type.
+        let want = if kv == "half" { "KV cache (float16)" } else { "KV cache (bfloat16)" };
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
 fn dummy_weights_run_any_config() {
     let model = fixtures().join("reference/tiny_llama3");
     let out = ironllm()

@@ -859,3 +859,56 @@ pub fn resolve_dtype(requested: ironllm_model::loader::DType) -> GpuDType {
         DType::BFloat16 | DType::Auto => GpuDType::BF16,
     }
 }
+
+/// The KV cache's element type for `--kv-cache-dtype` on the GPU, whose cache holds K/V in the compute
+/// dtype: `auto` or the compute dtype's own name; anything else is refused with the values that work.
+pub fn resolve_kv_cache_dtype(
+    requested: ironllm_model::loader::KvCacheDType,
+    compute: GpuDType,
+) -> Result<GpuDType, String> {
+    use ironllm_model::loader::KvCacheDType;
+    let wanted = match requested {
+        KvCacheDType::Auto => return Ok(compute),
+        KvCacheDType::Float32 => GpuDType::F32,
+        KvCacheDType::Float16 => GpuDType::F16,
+        KvCacheDType::BFloat16 => GpuDType::BF16,
+        KvCacheDType::Fp8(name) => {
+            return Err(format!(
+                "--kv-cache-dtype {name} is not supported yet on the GPU; with --dtype {} choose from auto, {}",
+                compute.name(),
+                compute.name()
+            ))
+        }
+    };
+    if wanted == compute {
+        Ok(compute)
+    } else {
+        Err(format!(
+            "--kv-cache-dtype {} is not supported on the GPU with compute dtype {}: the GPU keeps K/V in the \
+             model's dtype; choose from auto, {} (or change --dtype)",
+            requested.name(),
+            compute.name(),
+            compute.name()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ironllm_model::loader::KvCacheDType;
+
+    use super::*;
+
+    #[test]
+    fn kv_cache_dtype_is_the_compute_dtype() {
+        for compute in [GpuDType::BF16, GpuDType::F16, GpuDType::F32] {
+            assert_eq!(resolve_kv_cache_dtype(KvCacheDType::Auto, compute), Ok(compute));
+            let own: KvCacheDType = compute.name().parse().expect("a GPU dtype name is a cache dtype");
+            assert_eq!(resolve_kv_cache_dtype(own, compute), Ok(compute));
+        }
+        let err = resolve_kv_cache_dtype(KvCacheDType::Float16, GpuDType::BF16).expect_err("f16 cache, bf16 model");
+        assert!(err.contains("--kv-cache-dtype float16") && err.contains("choose from auto, bfloat16"), "{err}");
+        let err = resolve_kv_cache_dtype(KvCacheDType::Fp8("fp8_e4m3"), GpuDType::F16).expect_err("fp8");
+        assert!(err.contains("fp8_e4m3") && err.contains("not supported yet"), "{err}");
+    }
+}

@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
+use half::{bf16, f16};
 use ironllm_kernels::cpu::activation::silu_and_mul;
-use ironllm_kernels::cpu::attention::{paged_attention, write_kv, KvLayout, SeqSpan};
+use ironllm_kernels::cpu::attention::{paged_attention, write_kv, KvDType, KvElement, KvLayout, SeqSpan};
 use ironllm_kernels::cpu::norm::{add_rms_norm, rms_norm, rms_norm_inplace};
 use ironllm_kernels::cpu::rope::{Llama3Scaling, RopeTable};
 
@@ -39,26 +40,79 @@ pub struct LlamaModel {
     rope: RopeTable,
 }
 
-/// The paged KV cache: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size, head_dim]`.
+/// The paged KV cache: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size, head_dim]`,
+/// in the element type `--kv-cache-dtype` chose (f32, f16 or bf16).
 pub struct KvCache {
     pub layout: KvLayout,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: KvLayers,
+}
+
+/// Per layer (K, V), in the cache's element type.
+enum KvLayers {
+    F32(Vec<(Vec<f32>, Vec<f32>)>),
+    F16(Vec<(Vec<f16>, Vec<f16>)>),
+    BF16(Vec<(Vec<bf16>, Vec<bf16>)>),
+}
+
+fn alloc_layers<T: KvElement>(num_layers: usize, layout: &KvLayout) -> Vec<(Vec<T>, Vec<T>)> {
+    (0..num_layers).map(|_| (T::zeroed(layout.layer_len()), T::zeroed(layout.layer_len()))).collect()
 }
 
 impl KvCache {
-    /// Allocates `num_blocks` blocks for every layer of `config`.
-    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCache {
+    /// Allocates `num_blocks` blocks of `dtype` elements for every layer of `config`.
+    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDType) -> KvCache {
         let layout =
             KvLayout { num_blocks, num_kv_heads: config.num_key_value_heads, block_size, head_dim: config.head_dim };
-        let layers = (0..config.num_hidden_layers)
-            .map(|_| (vec![0f32; layout.layer_len()], vec![0f32; layout.layer_len()]))
-            .collect();
+        let n = config.num_hidden_layers;
+        let layers = match dtype {
+            KvDType::F32 => KvLayers::F32(alloc_layers(n, &layout)),
+            KvDType::F16 => KvLayers::F16(alloc_layers(n, &layout)),
+            KvDType::BF16 => KvLayers::BF16(alloc_layers(n, &layout)),
+        };
         KvCache { layout, layers }
     }
 
-    /// Bytes one token's K and V take over all layers.
-    pub fn bytes_per_token(config: &ModelConfig) -> usize {
-        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * std::mem::size_of::<f32>()
+    /// The element type the cache holds.
+    pub fn dtype(&self) -> KvDType {
+        match self.layers {
+            KvLayers::F32(_) => KvDType::F32,
+            KvLayers::F16(_) => KvDType::F16,
+            KvLayers::BF16(_) => KvDType::BF16,
+        }
+    }
+
+    /// Bytes one token's K and V take over all layers in a cache of `dtype`.
+    pub fn bytes_per_token(config: &ModelConfig, dtype: KvDType) -> usize {
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.size_bytes()
+    }
+
+    /// Stores this step's K and V (`[tokens, num_kv_heads * head_dim]`, f32) of layer `li` in their slots.
+    fn write(&mut self, li: usize, k: &[f32], v: &[f32], slots: &[usize]) {
+        let layout = &self.layout;
+        match &mut self.layers {
+            KvLayers::F32(l) => {
+                let (kc, vc) = &mut l[li];
+                write_kv(layout, k, v, slots, kc, vc)
+            }
+            KvLayers::F16(l) => {
+                let (kc, vc) = &mut l[li];
+                write_kv(layout, k, v, slots, kc, vc)
+            }
+            KvLayers::BF16(l) => {
+                let (kc, vc) = &mut l[li];
+                write_kv(layout, k, v, slots, kc, vc)
+            }
+        }
+    }
+
+    /// Paged attention of `q` over layer `li`'s cache (see [`paged_attention`]).
+    fn attend(&self, li: usize, q: &[f32], num_heads: usize, seqs: &[SeqSpan<'_>], scale: f32, out: &mut [f32]) {
+        let layout = &self.layout;
+        match &self.layers {
+            KvLayers::F32(l) => paged_attention(layout, q, num_heads, &l[li].0, &l[li].1, seqs, scale, out),
+            KvLayers::F16(l) => paged_attention(layout, q, num_heads, &l[li].0, &l[li].1, seqs, scale, out),
+            KvLayers::BF16(l) => paged_attention(layout, q, num_heads, &l[li].0, &l[li].1, seqs, scale, out),
+        }
     }
 }
 
@@ -273,11 +327,10 @@ impl LlamaModel {
             }
             self.rope.apply(q, nh, batch.positions);
             self.rope.apply(k, nkv, batch.positions);
-            let (kc, vc) = &mut kv.layers[li];
-            write_kv(&kv.layout, k, v, batch.slot_mapping, kc, vc);
+            kv.write(li, k, v, batch.slot_mapping);
             clock.lap(Op::RopeKvWrite);
             let attn = grow(attn, t * qw);
-            paged_attention(&kv.layout, q, nh, kc, vc, batch.seqs, scale, attn);
+            kv.attend(li, q, nh, batch.seqs, scale, attn);
             clock.lap(Op::Attention);
             layer.o_proj.forward(attn, t, proj, scratch);
             clock.lap(Op::OProj);

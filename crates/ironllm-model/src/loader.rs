@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ironllm_kernels::cpu::attention::KvDType;
+
 use crate::config::ModelConfig;
 use crate::generation_config::GenerationDefaults;
 use crate::gguf::GgufFile;
@@ -35,6 +37,65 @@ impl std::str::FromStr for DType {
             other => {
                 Err(format!("invalid dtype `{other}` (choose from auto, half, float16, bfloat16, float, float32)"))
             }
+        }
+    }
+}
+
+/// `--kv-cache-dtype`: the element type of the KV cache. vLLM's values (`auto`, `bfloat16`, and the fp8
+/// formats, which ironllm accepts on the command line as vLLM does and refuses at start-up) plus
+/// `float16` (alias `half`) and `float32` (alias `float`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDType {
+    /// float32 on the CPU; the model's compute dtype on the GPU.
+    #[default]
+    Auto,
+    Float32,
+    Float16,
+    BFloat16,
+    /// An fp8 format, by vLLM's name: `fp8`, `fp8_e4m3`, `fp8_e5m2` or `fp8_inc`. Not supported yet.
+    Fp8(&'static str),
+}
+
+impl KvCacheDType {
+    /// Every value `--kv-cache-dtype` accepts.
+    pub const NAMES: [&'static str; 10] =
+        ["auto", "float16", "half", "bfloat16", "float32", "float", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"];
+
+    /// The canonical name (aliases resolved).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDType::Auto => "auto",
+            KvCacheDType::Float32 => "float32",
+            KvCacheDType::Float16 => "float16",
+            KvCacheDType::BFloat16 => "bfloat16",
+            KvCacheDType::Fp8(name) => name,
+        }
+    }
+
+    /// The CPU cache's element type: `auto` is float32, as before the flag existed; `None` for fp8.
+    pub fn cpu_element(self) -> Option<KvDType> {
+        match self {
+            KvCacheDType::Auto | KvCacheDType::Float32 => Some(KvDType::F32),
+            KvCacheDType::Float16 => Some(KvDType::F16),
+            KvCacheDType::BFloat16 => Some(KvDType::BF16),
+            KvCacheDType::Fp8(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KvCacheDType::Auto),
+            "float32" | "float" => Ok(KvCacheDType::Float32),
+            "float16" | "half" => Ok(KvCacheDType::Float16),
+            "bfloat16" => Ok(KvCacheDType::BFloat16),
+            "fp8" => Ok(KvCacheDType::Fp8("fp8")),
+            "fp8_e4m3" => Ok(KvCacheDType::Fp8("fp8_e4m3")),
+            "fp8_e5m2" => Ok(KvCacheDType::Fp8("fp8_e5m2")),
+            "fp8_inc" => Ok(KvCacheDType::Fp8("fp8_inc")),
+            other => Err(format!("invalid kv cache dtype `{other}` (choose from {})", KvCacheDType::NAMES.join(", "))),
         }
     }
 }
@@ -240,4 +301,24 @@ pub fn prepare(opts: &LoadOptions) -> Result<PreparedModel, ModelError> {
         eos_token_ids,
         started,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_dtype_names_and_aliases() {
+        for name in KvCacheDType::NAMES {
+            let parsed: KvCacheDType = name.parse().expect("every listed name parses");
+            assert_eq!(parsed.name().parse::<KvCacheDType>(), Ok(parsed), "{name}");
+        }
+        assert_eq!("half".parse(), Ok(KvCacheDType::Float16));
+        assert_eq!("float".parse(), Ok(KvCacheDType::Float32));
+        assert_eq!(KvCacheDType::default().cpu_element(), Some(KvDType::F32));
+        assert_eq!(KvCacheDType::BFloat16.cpu_element(), Some(KvDType::BF16));
+        assert_eq!("fp8_e5m2".parse::<KvCacheDType>().map(KvCacheDType::cpu_element), Ok(None));
+        let err = "int8".parse::<KvCacheDType>().expect_err("not a cache dtype");
+        assert!(err.contains("int8") && err.contains("bfloat16"), "{err}");
+    }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use ironllm_core::ngram_proposer::NgramProposer;
 use ironllm_core::outputs::{ModelRunnerOutput, SchedulerOutput};
-use ironllm_kernels::cpu::attention::SeqSpan;
+use ironllm_kernels::cpu::attention::{KvDType, SeqSpan};
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
 use crate::runner_state::RunnerRequests;
@@ -171,9 +171,16 @@ pub struct DraftModel {
 }
 
 impl DraftModel {
-    /// A draft model over `num_blocks` blocks of `block_size` tokens (the target's cache geometry).
-    pub fn new(model: Arc<LlamaModel>, num_blocks: usize, block_size: usize, num_speculative_tokens: usize) -> Self {
-        let kv = KvCache::new(&model.config, num_blocks, block_size);
+    /// A draft model over `num_blocks` blocks of `block_size` tokens of `kv_dtype` (the target's cache
+    /// geometry and element type).
+    pub fn new(
+        model: Arc<LlamaModel>,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: KvDType,
+        num_speculative_tokens: usize,
+    ) -> Self {
+        let kv = KvCache::new(&model.config, num_blocks, block_size, kv_dtype);
         DraftModel { model, kv, ws: Workspace::default(), num_speculative_tokens, rounds: DraftRounds::default() }
     }
 

@@ -18,7 +18,7 @@ use ironllm_core::executor::ModelExecutor;
 use ironllm_core::outputs::{ModelRunnerOutput, PositionLogprobs, SchedulerOutput};
 use ironllm_core::structured::GrammarMatcher;
 use ironllm_core::{CoreError, SamplingParams};
-use ironllm_kernels::cpu::attention::SeqSpan;
+use ironllm_kernels::cpu::attention::{KvDType, SeqSpan};
 use rayon::prelude::*;
 
 use crate::llama::{ForwardBatch, KvCache, LlamaModel, Workspace};
@@ -65,10 +65,21 @@ pub struct CpuModelRunner {
 }
 
 impl CpuModelRunner {
-    /// A runner with a KV cache of `num_blocks` blocks of `block_size` tokens. `seed` seeds the
+    /// A runner with an f32 KV cache of `num_blocks` blocks of `block_size` tokens. `seed` seeds the
     /// generators of requests that do not bring their own.
     pub fn new(model: Arc<LlamaModel>, num_blocks: usize, block_size: usize, seed: u64) -> CpuModelRunner {
-        let kv = KvCache::new(&model.config, num_blocks, block_size);
+        Self::with_kv_dtype(model, num_blocks, block_size, KvDType::F32, seed)
+    }
+
+    /// A runner whose KV cache holds `kv_dtype` elements (`--kv-cache-dtype`).
+    pub fn with_kv_dtype(
+        model: Arc<LlamaModel>,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: KvDType,
+        seed: u64,
+    ) -> CpuModelRunner {
+        let kv = KvCache::new(&model.config, num_blocks, block_size, kv_dtype);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -265,11 +265,13 @@ async fn access_log(req: Request, next: Next) -> Response {
 /// One line with what is served where, after the engine's own load and KV-capacity lines.
 fn log_startup_summary(state: &AppState, engine_info: &ironllm::engine::EngineInfo) {
     tracing::info!(
-        "Serving model {} ({}) on device cpu: max_model_len {}, KV cache {} tokens, maximum concurrency for {} tokens per request: {:.2}x",
+        "Serving model {} ({}) on device {}: max_model_len {}, KV cache {} tokens ({}), maximum concurrency for {} tokens per request: {:.2}x",
         state.model_name(),
         engine_info.model_path,
+        engine_info.device,
         engine_info.max_model_len,
         engine_info.kv_capacity_tokens,
+        engine_info.kv_cache_dtype,
         engine_info.max_model_len,
         engine_info.max_concurrency()
     );

@@ -27,7 +27,7 @@ use ironllm_core::{SamplingParams, SchedulerStats};
 use ironllm_model::config::ModelConfig;
 use ironllm_model::generation_config::GenerationDefaults;
 use ironllm_model::llama::{KvCache, LlamaModel};
-use ironllm_model::loader::{self, LoadFormat, LoadOptions, PreparedModel};
+use ironllm_model::loader::{self, KvCacheDType, LoadFormat, LoadOptions, PreparedModel};
 use ironllm_model::proposer::{DraftModel, Proposer};
 use ironllm_model::runner::CpuModelRunner;
 use ironllm_model::structured::{StructuredOutputCompiler, DEFAULT_COMPILE_TIMEOUT};
@@ -81,6 +81,8 @@ pub struct EngineInfo {
     pub max_model_len: usize,
     pub num_kv_blocks: usize,
     pub block_size: usize,
+    /// What the KV cache holds: `float32`, `float16` or `bfloat16`.
+    pub kv_cache_dtype: &'static str,
     pub kv_capacity_tokens: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
@@ -424,6 +426,13 @@ pub struct Engine {
 impl Engine {
     /// Loads the model and sizes the KV cache.
     pub fn new(args: &EngineArgs, usage: Usage) -> Result<Engine, LlmError> {
+        // Refused before anything loads (vLLM accepts these names, so the flag parser does too).
+        if let KvCacheDType::Fp8(name) = args.kv_cache_dtype {
+            return Err(LlmError::InvalidArgs(format!(
+                "--kv-cache-dtype {name} is not supported yet: ironllm has no fp8 KV cache; choose from auto, \
+                 float16, bfloat16, float32"
+            )));
+        }
         let model_path = match &args.model {
             Some(p) => p.clone(),
             None => ensure_default_model()?,
@@ -479,6 +488,7 @@ impl Engine {
             device,
             weight_format,
             weight_bytes,
+            kv_cache_dtype,
             kv_bytes,
             load_seconds,
             spec_disable_by_batch_size,
@@ -522,6 +532,7 @@ impl Engine {
             max_model_len,
             num_kv_blocks,
             block_size: args.block_size,
+            kv_cache_dtype,
             kv_capacity_tokens: num_kv_blocks * args.block_size,
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens,
@@ -537,8 +548,9 @@ impl Engine {
             info.load_seconds
         );
         tracing::info!(
-            "device {}: KV cache {} blocks x {} tokens = {} tokens ({:.1} MiB); maximum concurrency for {} tokens per request: {:.2}x",
+            "device {}: KV cache ({}) {} blocks x {} tokens = {} tokens ({:.1} MiB); maximum concurrency for {} tokens per request: {:.2}x",
             info.device,
+            info.kv_cache_dtype,
             num_kv_blocks,
             args.block_size,
             info.kv_capacity_tokens,
@@ -664,6 +676,8 @@ struct Backend {
     device: String,
     weight_format: &'static str,
     weight_bytes: usize,
+    /// The KV cache's element type, by name.
+    kv_cache_dtype: &'static str,
     kv_bytes: usize,
     load_seconds: f64,
     /// Running requests from which speculation no longer pays on this backend (the default of
@@ -675,18 +689,21 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
     let prepared = loader::prepare(opts)?;
     let model = Arc::new(loader::cpu_model(&prepared, opts.dtype)?);
     let kv_bytes_wanted = args.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
+    let kv_dtype = args.kv_cache_dtype.cpu_element().ok_or_else(|| {
+        LlmError::InvalidArgs(format!("--kv-cache-dtype {} is not supported on the CPU", args.kv_cache_dtype.name()))
+    })?;
     let draft = match &args.speculative_config {
         Some(SpeculativeConfig { method: SpeculativeMethod::DraftModel { model: path }, .. }) => {
             Some(load_cpu_draft_model(path, opts, &prepared)?)
         }
         _ => None,
     };
-    // The draft model's KV shares the target's blocks, so one block costs both.
-    let bytes_per_token =
-        KvCache::bytes_per_token(&prepared.config) + draft.as_ref().map_or(0, |d| KvCache::bytes_per_token(&d.config));
+    // The draft model's KV shares the target's blocks (and their element type), so one block costs both.
+    let bytes_per_token = KvCache::bytes_per_token(&prepared.config, kv_dtype)
+        + draft.as_ref().map_or(0, |d| KvCache::bytes_per_token(&d.config, kv_dtype));
     let bytes_per_block = bytes_per_token * args.block_size;
     let num_kv_blocks = kv_bytes_wanted / bytes_per_block;
-    let mut runner = CpuModelRunner::new(model.clone(), num_kv_blocks, args.block_size, args.seed);
+    let mut runner = CpuModelRunner::with_kv_dtype(model.clone(), num_kv_blocks, args.block_size, kv_dtype, args.seed);
     if let Some(spec) = &args.speculative_config {
         let k = spec.num_speculative_tokens;
         let proposer = match (&spec.method, draft) {
@@ -694,7 +711,7 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
                 NgramProposer::new(*prompt_lookup_min, *prompt_lookup_max, k).map_err(LlmError::InvalidArgs)?,
             ),
             (SpeculativeMethod::DraftModel { .. }, Some(draft)) => {
-                Proposer::DraftModel(Box::new(DraftModel::new(draft, num_kv_blocks, args.block_size, k)))
+                Proposer::DraftModel(Box::new(DraftModel::new(draft, num_kv_blocks, args.block_size, kv_dtype, k)))
             }
             (SpeculativeMethod::DraftModel { .. }, None) => unreachable!("loaded above"),
         };
@@ -707,6 +724,7 @@ fn build_cpu_backend(args: &EngineArgs, opts: &LoadOptions) -> Result<Backend, L
         device: "cpu".into(),
         weight_format: model.weight_format(),
         weight_bytes: model.weight_bytes(),
+        kv_cache_dtype: kv_dtype.name(),
         kv_bytes: num_kv_blocks * bytes_per_block,
         load_seconds: prepared.started.elapsed().as_secs_f64(),
         spec_disable_by_batch_size: CPU_SPEC_DISABLE_BY_BATCH_SIZE,
@@ -761,10 +779,11 @@ fn build_cuda_backend(
     opts: &LoadOptions,
     max_num_batched_tokens: usize,
 ) -> Result<Backend, LlmError> {
-    use ironllm_cuda::runner::{resolve_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
+    use ironllm_cuda::runner::{resolve_dtype, resolve_kv_cache_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
     let cuda_err = |e: ironllm_cuda::CudaError| LlmError::Device(e.to_string());
     let prepared = loader::prepare(opts)?;
     let dtype = resolve_dtype(opts.dtype);
+    let kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype).map_err(LlmError::InvalidArgs)?;
     let model = ironllm_cuda::model::CudaLlama::load(
         gpu.clone(),
         prepared.config.clone(),
@@ -849,6 +868,7 @@ fn build_cuda_backend(
         device: format!("cuda ({})", gpu.info.name),
         weight_format: dtype.name(),
         weight_bytes: m.weight_bytes,
+        kv_cache_dtype: kv_dtype.name(),
         kv_bytes: m.kv_cache_bytes,
         load_seconds,
         spec_disable_by_batch_size: GPU_SPEC_DISABLE_BY_BATCH_SIZE,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use ironllm_core::spec_decode::SpeculativeConfig;
-use ironllm_model::loader::{DType, GenerationConfigSource, LoadFormat};
+use ironllm_model::loader::{DType, GenerationConfigSource, KvCacheDType, LoadFormat};
 
 /// `--device`: where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,6 +46,8 @@ pub struct EngineArgs {
     /// KV cache size in bytes (vLLM's `--kv-cache-memory-bytes`); `None`: 4 GiB on the CPU, and on the
     /// GPU what `gpu_memory_utilization` leaves after weights and activations.
     pub kv_cache_memory_bytes: Option<usize>,
+    /// `--kv-cache-dtype`: `auto` is float32 on the CPU and the model's dtype on the GPU.
+    pub kv_cache_dtype: KvCacheDType,
     /// `--device`.
     pub device: Device,
     /// Fraction of the GPU's memory the engine may use in all (vLLM's `--gpu-memory-utilization`).
@@ -80,6 +82,7 @@ impl Default for EngineArgs {
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             kv_cache_memory_bytes: None,
+            kv_cache_dtype: KvCacheDType::Auto,
             device: Device::Auto,
             gpu_memory_utilization: 0.9,
             enforce_eager: false,
