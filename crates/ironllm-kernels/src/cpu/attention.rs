@@ -322,6 +322,28 @@ pub fn paged_attention<T: KvElement>(
     }
 }
 
+/// Asks for KV head `kvh`'s rows of the block after `blocks[b]` (if any). Cache blocks are scattered
+/// over memory, so the hardware prefetchers lose the stream at every block boundary; at 16
+/// sequences the K/V reads come from memory, and announcing the next block keeps them flowing.
+#[inline]
+fn prefetch_next<T>(layout: &KvLayout, cache: &[T], blocks: &[u32], b: usize, kvh: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(&next) = blocks.get(b + 1) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = layout.offset(next as usize, kvh, 0);
+        let rows = &cache[start..start + layout.block_size * layout.head_dim];
+        let bytes = std::mem::size_of_val(rows);
+        let base = rows.as_ptr().cast::<i8>();
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of x86_64's baseline; a prefetch never faults and reads nothing
+            // into the program.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (layout, cache, blocks, b, kvh);
+}
+
 /// Attention of query rows `ts` of sequence `s` for the query heads of KV head `kvh`.
 ///
 /// # Safety
@@ -353,24 +375,31 @@ unsafe fn attend_group<T: KvElement>(
             let h = kvh * group + g;
             let qv = &q[row * width + h * hd..row * width + (h + 1) * hd];
             // Scores block by block: within a block one KV head's keys are contiguous rows.
-            for (b, &block) in s.block_table[..visible.div_ceil(bs)].iter().enumerate() {
+            let blocks = &s.block_table[..visible.div_ceil(bs)];
+            for (b, &block) in blocks.iter().enumerate() {
                 let n = bs.min(visible - b * bs);
                 let off = layout.offset(block as usize, kvh, 0);
+                if g == 0 {
+                    prefetch_next(layout, k_cache, blocks, b, kvh);
+                }
                 T::dot_rows(qv, &k_cache[off..off + n * hd], scale, &mut scores[b * bs..b * bs + n]);
             }
             let scores = &mut scores[..visible];
             // A maximum is exact in any grouping, so the SIMD one equals the sequential fold (a zero
             // maximum's sign aside, which no `exp(s - max)` below can see).
             let max = simd::max(scores);
-            simd::exp_shifted_in_place(scores, max);
+            super::vexp::exp_shifted(scores, max);
             let mut sum = 0f32;
             for sc in scores.iter() {
                 sum += *sc;
             }
             acc.fill(0.0);
-            for (b, &block) in s.block_table[..visible.div_ceil(bs)].iter().enumerate() {
+            for (b, &block) in blocks.iter().enumerate() {
                 let n = bs.min(visible - b * bs);
                 let off = layout.offset(block as usize, kvh, 0);
+                if g == 0 {
+                    prefetch_next(layout, v_cache, blocks, b, kvh);
+                }
                 T::axpy_rows(&scores[b * bs..b * bs + n], &v_cache[off..off + n * hd], acc);
             }
             let inv = 1.0 / sum;
@@ -464,7 +493,7 @@ mod tests {
                 let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mut sum = 0f32;
                 for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
+                    *x = crate::cpu::vexp::exp(*x - max);
                     sum += *x;
                 }
                 let mut acc = vec![0f32; hd];

@@ -162,31 +162,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `x[i] = exp(x[i] - shift)` for every element: the softmax numerators.
-///
-/// Scalar `f32::exp` on purpose: a vectorized exp of our own is a possible speed-up, but it must stay
-/// bit-identical between code paths (batch invariance) and be written by us, not transcribed from a
-/// libm; until then the platform's `expf` is the one definition every path shares.
-pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
-    for v in x.iter_mut() {
-        *v = (*v - shift).exp();
-    }
-}
-
-/// `out[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`, evaluated exactly as written in f32.
-pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
-    assert!(g.len() == out.len() && u.len() == out.len(), "silu_mul: length mismatch");
-    for ((o, &x), &v) in out.iter_mut().zip(g).zip(u) {
-        *o = silu_scalar(x) * v;
-    }
-}
-
-/// `x / (1 + exp(-x))` in f32, the definition the SIMD path reproduces.
-#[inline]
-pub fn silu_scalar(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 /// The largest element (`NEG_INFINITY` for an empty slice). Taking a maximum is exact, so any
 /// grouping gives the same value for NaN-free input, up to the sign of a zero maximum.
 pub fn max(x: &[f32]) -> f32 {
@@ -604,18 +579,6 @@ mod tests {
         axpy(2.0, &x, &mut y);
         for (i, v) in y.iter().enumerate() {
             assert_eq!(*v, 1.0 + 2.0 * i as f32);
-        }
-    }
-
-    #[test]
-    fn silu_mul_matches_scalar_bitwise() {
-        let g: Vec<f32> = (0..20011).map(|i| (i as f32 - 10000.0) / 83.0).chain([f32::NAN, -0.0, 0.0]).collect();
-        let u: Vec<f32> = (0..g.len()).map(|i| 0.5 + (i % 7) as f32 / 3.0).collect();
-        let mut got = vec![0f32; g.len()];
-        silu_mul(&g, &u, &mut got);
-        for ((&x, &v), &y) in g.iter().zip(&u).zip(&got) {
-            let want = silu_scalar(x) * v;
-            assert!(y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()), "silu({x})");
         }
     }
 
