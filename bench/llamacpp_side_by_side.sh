@@ -206,9 +206,11 @@ start_llama() {
   wait_health "$PORT_LLAMA"
 }
 
+# llama.cpp keeps its KV cache in f16 by default (-ctk/-ctv f16), so ironllm gets --kv-cache-dtype
+# float16 here (and in the offline runs below): both engines then keep the same cache precision.
 start_ironllm() {
   "$BIN" serve "$MODEL" --host 127.0.0.1 --port "$PORT_IRON" --max-model-len "$CTX" \
-    --kv-cache-memory-bytes 1GiB --log-level warn >"$OUT/ironllm-serve.log" 2>&1 &
+    --kv-cache-memory-bytes 1GiB --kv-cache-dtype float16 --log-level warn >"$OUT/ironllm-serve.log" 2>&1 &
   SERVER_PID=$!
   wait_health "$PORT_IRON"
 }
@@ -291,9 +293,9 @@ if [[ -n "${LLAMA_BENCH:-}" ]]; then
   offline llama-bench "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -o json
 fi
 offline ironllm-pp512 "$BIN" bench latency "$MODEL" --max-model-len "$CTX" --kv-cache-memory-bytes 1GiB \
-  --log-level warn --input-len 512 --output-len 1 --batch-size 1 --num-iters-warmup 1 --num-iters 5
+  --kv-cache-dtype float16 --log-level warn --input-len 512 --output-len 1 --batch-size 1 --num-iters-warmup 1 --num-iters 5
 offline ironllm-tg128 "$BIN" bench latency "$MODEL" --max-model-len "$CTX" --kv-cache-memory-bytes 1GiB \
-  --log-level warn --input-len 1 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 5
+  --kv-cache-dtype float16 --log-level warn --input-len 1 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 5
 
 print_table
 echo >&2
