@@ -874,7 +874,7 @@ pub fn resolve_kv_cache_dtype(
         KvCacheDType::BFloat16 => GpuDType::BF16,
         KvCacheDType::Fp8(name) => {
             return Err(format!(
-                "--kv-cache-dtype {name} is not supported yet on the GPU; with --dtype {} choose from auto, {}",
+                "--kv-cache-dtype {name} is not supported yet on the GPU; with compute dtype {} choose from auto, {}",
                 compute.name(),
                 compute.name()
             ))

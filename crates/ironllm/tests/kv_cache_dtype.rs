@@ -6,7 +6,8 @@
 //! auto` (what users run) the quantized matmuls also round every activation to 8 bits, which turns the
 //! cache's tiny perturbation into occasional flips of an 8-bit step, so the bounds there are wider.
 //! Teacher-forced prompt logprobs compare every position on identical inputs; greedy continuations must
-//! agree token for token up to the first near-tie of the float32 run.
+//! agree token for token up to the first near-tie of the float32 run. A 16-bit cache must also keep
+//! outputs independent of the batch.
 
 mod common;
 
@@ -32,12 +33,17 @@ fn prompts() -> Vec<Prompt> {
 }
 
 fn run(dtype: DType, kv_cache_dtype: KvCacheDType) -> Vec<RequestOutput> {
+    run_with(dtype, kv_cache_dtype, EngineArgs::default().max_num_seqs)
+}
+
+fn run_with(dtype: DType, kv_cache_dtype: KvCacheDType, max_num_seqs: usize) -> Vec<RequestOutput> {
     let args = EngineArgs {
         model: Some(common::default_gguf()),
         dtype,
         kv_cache_dtype,
         kv_cache_memory_bytes: Some(256 << 20),
         max_model_len: Some(2048),
+        max_num_seqs,
         // The CPU cache is what is under test (the GPU keeps K/V in its compute dtype).
         device: Device::Cpu,
         ..EngineArgs::default()
@@ -133,7 +139,11 @@ fn f16_and_bf16_caches_stay_close_to_f32() {
     let own = compare(&exact, &quant);
     let b = 2.0 * own.max_prompt_diff.max(own.max_generated_diff);
     for kv in [KvCacheDType::Float16, KvCacheDType::BFloat16] {
-        let c = compare(&quant, &run(DType::Auto, kv));
+        let batched = run(DType::Auto, kv);
+        let c = compare(&quant, &batched);
         check(&format!("--dtype auto --kv-cache-dtype {}", kv.name()), &c, b);
+        // A 16-bit cache keeps a request's output independent of its batch: one request at a time
+        // gives the same tokens and logprobs, bit for bit.
+        assert_eq!(run_with(DType::Auto, kv, 1), batched, "--kv-cache-dtype {}: alone vs batched", kv.name());
     }
 }
