@@ -100,6 +100,25 @@ fn prefetch_ahead(q: *const u8, qbytes: usize) {
     }
 }
 
+/// The 16 rows' integer dots of one block with activation block `a`, as f32: `w[c]` holds chunk `c`
+/// (elements `4c .. 4c + 4`) of every row. Two chains of four `vpdpbusd`, so that a lone activation
+/// row still keeps two multiplies in flight.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn block_sums(w: &[__m512i; 8], a: *const BlockQ8) -> __m512 {
+    let zero = _mm512_setzero_si512();
+    // SAFETY (caller): `a` points to a readable block.
+    unsafe {
+        let mut s0 = _mm512_dpbusd_epi32(zero, w[0], act4(a, 0));
+        let mut s1 = _mm512_dpbusd_epi32(zero, w[4], act4(a, 4));
+        for c in 1..4 {
+            s0 = _mm512_dpbusd_epi32(s0, w[c], act4(a, c));
+            s1 = _mm512_dpbusd_epi32(s1, w[c + 4], act4(a, c + 4));
+        }
+        _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1))
+    }
+}
+
 /// The 16 rows' f16 values at `p` as f32.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
 #[inline]
@@ -118,7 +137,6 @@ unsafe fn q4<const R: usize, const HAS_MIN: bool>(
     let mut acc = [_mm512_setzero_ps(); R];
     let nibble = _mm512_set1_epi8(0x0F);
     let eight = _mm512_set1_ps(8.0);
-    let zero = _mm512_setzero_si512();
     for b in 0..l.nb {
         // SAFETY (caller): the group holds the `nb` blocks where `l.block` and `l.min_of` say
         // (256 quant bytes, 32 of scales and of minimums each); activation rows hold `nb` blocks.
@@ -127,21 +145,19 @@ unsafe fn q4<const R: usize, const HAS_MIN: bool>(
             let q = g.add(q_at);
             prefetch_ahead(q, l.qbytes);
             let v: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(q.add(64 * j).cast()));
-            let lo: [__m512i; 4] = std::array::from_fn(|j| _mm512_and_si512(v[j], nibble));
-            let hi: [__m512i; 4] = std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16::<4>(v[j]), nibble));
+            // Chunks 0..4 are the low nibbles of the four vectors, chunks 4..8 the high ones.
+            let w: [__m512i; 8] = std::array::from_fn(|c| {
+                if c < 4 {
+                    _mm512_and_si512(v[c], nibble)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v[c - 4]), nibble)
+                }
+            });
             let dw = f16x16(g.add(d_at));
             let mw = if HAS_MIN { f16x16(g.add(l.min_of(b))) } else { _mm512_setzero_ps() };
             for (acc, &row) in acc.iter_mut().zip(&acts) {
                 let a = row.add(b);
-                let mut s0 = _mm512_dpbusd_epi32(zero, lo[0], act4(a, 0));
-                let mut s1 = _mm512_dpbusd_epi32(zero, hi[0], act4(a, 4));
-                s0 = _mm512_dpbusd_epi32(s0, lo[1], act4(a, 1));
-                s1 = _mm512_dpbusd_epi32(s1, hi[1], act4(a, 5));
-                s0 = _mm512_dpbusd_epi32(s0, lo[2], act4(a, 2));
-                s1 = _mm512_dpbusd_epi32(s1, hi[2], act4(a, 6));
-                s0 = _mm512_dpbusd_epi32(s0, lo[3], act4(a, 3));
-                s1 = _mm512_dpbusd_epi32(s1, hi[3], act4(a, 7));
-                let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let f = block_sums(&w, a);
                 let (da, sa) = (_mm512_set1_ps((*a).d), _mm512_set1_ps((*a).s));
                 if HAS_MIN {
                     *acc = _mm512_fmadd_ps(_mm512_mul_ps(f, da), dw, *acc);
@@ -161,7 +177,6 @@ unsafe fn q4<const R: usize, const HAS_MIN: bool>(
 unsafe fn q8<const R: usize>(g: *const u8, l: GroupLayout, acts: [*const BlockQ8; R]) -> [__m512; R] {
     let mut acc = [_mm512_setzero_ps(); R];
     let bias = _mm512_set1_ps(128.0);
-    let zero = _mm512_setzero_si512();
     for b in 0..l.nb {
         // SAFETY (caller): the group holds the `nb` blocks where `l.block` says (512 quant bytes
         // and 32 of scales each); activation rows hold `nb` blocks.
@@ -173,15 +188,7 @@ unsafe fn q8<const R: usize>(g: *const u8, l: GroupLayout, acts: [*const BlockQ8
             let dw = f16x16(g.add(d_at));
             for (acc, &row) in acc.iter_mut().zip(&acts) {
                 let a = row.add(b);
-                let mut s0 = _mm512_dpbusd_epi32(zero, v[0], act4(a, 0));
-                let mut s1 = _mm512_dpbusd_epi32(zero, v[4], act4(a, 4));
-                s0 = _mm512_dpbusd_epi32(s0, v[1], act4(a, 1));
-                s1 = _mm512_dpbusd_epi32(s1, v[5], act4(a, 5));
-                s0 = _mm512_dpbusd_epi32(s0, v[2], act4(a, 2));
-                s1 = _mm512_dpbusd_epi32(s1, v[6], act4(a, 6));
-                s0 = _mm512_dpbusd_epi32(s0, v[3], act4(a, 3));
-                s1 = _mm512_dpbusd_epi32(s1, v[7], act4(a, 7));
-                let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let f = block_sums(&v, a);
                 let (da, sa) = (_mm512_set1_ps((*a).d), _mm512_set1_ps((*a).s));
                 let t = _mm512_fnmadd_ps(sa, bias, _mm512_mul_ps(f, da));
                 *acc = _mm512_fmadd_ps(t, dw, *acc);
