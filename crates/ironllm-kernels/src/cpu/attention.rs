@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::par::OutPtr;
 use super::simd;
 
 /// The element type of a KV cache.
@@ -205,20 +206,6 @@ pub struct SeqSpan<'a> {
     pub block_table: &'a [u32],
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint rows/heads of the output buffer, which outlives the parallel scope.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 thread_local! {
     /// Per-thread scores and accumulator, reused across calls so a task allocates nothing.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -281,7 +268,7 @@ pub fn paged_attention<T: KvElement>(
             }
         }
     }
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(out);
     let run = |&(si, kvh, t0): &(usize, usize, usize)| {
         let s = &seqs[si];
         let t1 = (t0 + QUERY_CHUNK).min(s.query_len);

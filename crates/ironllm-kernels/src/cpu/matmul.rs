@@ -9,22 +9,8 @@
 
 use rayon::prelude::*;
 
+use super::par::OutPtr;
 use super::simd;
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, column) elements of one buffer that outlives the parallel scope.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; no element is read or written by two tasks.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (+ `bias[n]` when given).
 pub fn matmul_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
@@ -40,7 +26,7 @@ pub fn matmul_f32(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Opti
     let threads = rayon::current_num_threads().max(1);
     // Enough chunks to balance two to four threads, each a multiple of the 4-row tile.
     let chunk = (n.div_ceil(threads * 4)).div_ceil(4).max(1) * 4;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(out);
     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let n0 = c * chunk;
         let n1 = (n0 + chunk).min(n);

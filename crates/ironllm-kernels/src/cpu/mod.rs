@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 pub mod matmul;
 pub mod norm;
+mod par;
 pub mod quant;
 pub mod rope;
 pub mod simd;

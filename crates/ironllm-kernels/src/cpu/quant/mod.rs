@@ -42,6 +42,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::par::OutPtr;
 use act::ActBlock;
 pub use packed::{packed_matmul, packing_supported, PackedMatrix};
 
@@ -373,15 +374,6 @@ const TILE_M: usize = 8;
 /// Weight bytes a task keeps hot while it sweeps its rows over all activation tiles (L1-sized).
 const TASK_WEIGHT_BYTES: usize = 32 * 1024;
 
-/// Raw output pointer for tasks that write disjoint columns of `out`.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the pointer is only dereferenced for in-bounds, task-disjoint elements (see `drive`), so
-// sharing it across rayon tasks cannot create overlapping writes.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; tasks never read through it.
-unsafe impl Sync for OutPtr {}
-
 /// Runs `dot` for every (activation row, weight row) pair, in parallel over weight rows.
 /// `acts` is `m` rows of `act_stride` items; `out` is `[m, w.rows]`.
 fn drive<D: RowDot>(dot: &D, acts: &[D::Act], act_stride: usize, m: usize, w: &QuantMatrix, out: &mut [f32]) {
@@ -389,7 +381,7 @@ fn drive<D: RowDot>(dot: &D, acts: &[D::Act], act_stride: usize, m: usize, w: &Q
     let row_bytes = w.data.len() / n;
     assert_eq!(acts.len(), m * act_stride, "quant_matmul: activation buffer has the wrong length");
     assert_eq!(out.len(), m * n, "quant_matmul: out has the wrong length");
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(out);
 
     // Each task owns a contiguous range of weight rows, i.e. output columns; for every tile of up
     // to four activation rows it sweeps its weight rows, which stay in L1/L2 between tiles, so each
@@ -454,7 +446,7 @@ fn dot_tile<D: RowDot, const R: usize>(
             // SAFETY: i0 + r < m and j < n, so idx < m * n = out.len() (asserted in `drive`); only
             // the task that owns weight row j writes column j, so writes never overlap, and
             // `out` stays mutably borrowed by `drive` until every task has finished.
-            unsafe { *out.0.add(idx) = s };
+            unsafe { *out.get().add(idx) = s };
         }
     }
 }

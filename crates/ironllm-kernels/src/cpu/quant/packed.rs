@@ -31,6 +31,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::super::par::OutPtr;
 use super::act::{self, BlockQ8};
 use super::blocks::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, QK};
 use super::{check_len, GgmlType, Kernel, QuantError, QuantMatrix};
@@ -299,21 +300,6 @@ const TILE_M: usize = 8;
 /// Weight bytes a task keeps hot while it sweeps its groups over all activation tiles.
 const TASK_WEIGHT_BYTES: usize = 32 * 1024;
 
-/// Raw output pointer for tasks that write disjoint columns of `out`.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only dereferenced for in-bounds, task-disjoint elements (see `drive`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; tasks never read through it.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 fn drive(token: super::avx2::Avx2, acts: &[BlockQ8], m: usize, w: &PackedMatrix, out: &mut [f32]) {
     let n = w.rows;
@@ -323,7 +309,7 @@ fn drive(token: super::avx2::Avx2, acts: &[BlockQ8], m: usize, w: &PackedMatrix,
     assert_eq!(out.len(), m * n, "packed_matmul: out has the wrong length");
     let groups = n.div_ceil(GROUP);
     let bytes = w.bytes();
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(out);
     let ty = w.ty;
     let group_bytes = w.group_bytes;
 
