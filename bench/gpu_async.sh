@@ -18,7 +18,7 @@ lat() { # name model batch input output extra...
 }
 COMMON8=(--dtype bfloat16 --max-model-len 8192 --max-num-seqs 256)
 for mode in sync async; do
-  extra=()
+  extra=(--no-async-scheduling)
   [ "$mode" = async ] && extra=(--async-scheduling)
   for b in 1 32 128; do
     lat "l8_b${b}_o1_$mode" $L8 "$b" 1024 1 "${COMMON8[@]}" "${extra[@]}"

@@ -32,23 +32,30 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
-# The tensor-core decode attention (flash_decode.cu) on and off, same run (issue 8): the 8B shape's decode
-# step. (The split-KV and skinny-GEMM A/B rows of earlier runs are in BENCHMARKS.md; set
-# IRONLLM_BENCH_AB_OLD=1 to measure them again.)
+# Same run, each off in turn (issue 8): async scheduling (on by default on CUDA; off, step N+1 is
+# launched only after step N's tokens are read) at batch 1/32/128, and the programmatic dependent launch
+# of the decode step's kernels (src/launch.rs) at batch 1 and 32. IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows
+# (tensor-core decode attention, split-KV, skinny GEMM) whose figures are in BENCHMARKS.md.
 if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
   for b in 1 32 128; do
-    IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o1_nofd" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o65_nofd" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    lat "l8_b${b}_o1_sync" $L8 "$b" 1024 1 "${COMMON8[@]}" --no-async-scheduling
+    lat "l8_b${b}_o65_sync" $L8 "$b" 1024 65 "${COMMON8[@]}" --no-async-scheduling
+  done
+  for b in 1 32; do
+    IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o1_nopdl" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o65_nopdl" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
   if [ "${IRONLLM_BENCH_AB_OLD:-0}" = 1 ]; then
+    for b in 1 32 128; do
+      IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o1_nofd" $L8 "$b" 1024 1 "${COMMON8[@]}"
+      IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o65_nofd" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    done
     for b in 1 32; do
       IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
       IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
     done
-    for b in 1; do
-      IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o1_nogemv" $L8 "$b" 1024 1 "${COMMON8[@]}"
-      IRONLLM_DISABLE_GEMV=1 lat "l8_b${b}_o65_nogemv" $L8 "$b" 1024 65 "${COMMON8[@]}"
-    done
+    IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o1_nogemv" $L8 1 1024 1 "${COMMON8[@]}"
+    IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o65_nogemv" $L8 1 1024 65 "${COMMON8[@]}"
   fi
   python3 - "$LOGS" <<'PY'
 import json, os, sys
@@ -57,19 +64,29 @@ def step(b, v):
     try:
         a = json.load(open(f"{logs}/l8_b{b}_o1{v}.json"))["avg_latency"]
         c = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
-        return f"{(c - a) / 64 * 1e3:.2f} ms"
+        return f"{(c - a) / 64 * 1e3:.3f} ms"
     except Exception as e:
         return f"n/a ({e})"
-for b, v, what in [(1, "", "all on"), (1, "_nofd", "tensor-core decode attention off"),
-                   (32, "", "all on"), (32, "_nofd", "tensor-core decode attention off"),
-                   (128, "", "all on"), (128, "_nofd", "tensor-core decode attention off"),
-                   (1, "_nosplit", "split-KV off"), (32, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off")]:
+rows = [(1, "", "all on"), (1, "_sync", "async scheduling off"), (1, "_nopdl", "programmatic launch off"),
+        (32, "", "all on"), (32, "_sync", "async scheduling off"), (32, "_nopdl", "programmatic launch off"),
+        (128, "", "all on"), (128, "_sync", "async scheduling off"),
+        (1, "_nofd", "tensor-core decode attention off"), (32, "_nofd", "tensor-core decode attention off"),
+        (128, "_nofd", "tensor-core decode attention off"), (1, "_nosplit", "split-KV off"),
+        (32, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off")]
+for b, v, what in rows:
     if v and not os.path.exists(f"{logs}/l8_b{b}_o1{v}.json"):
         continue
     print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
 PY
 fi
-# GPU-only time of a decode step (graph replays with padding rows), to set against the end-to-end step.
-IRONLLM_TIME_GRAPHS=1 "$BIN" bench latency $L8 --load-format dummy --device cuda --batch-size 1 --input-len 16 \
-  --output-len 2 --num-iters-warmup 0 --num-iters 1 --dtype bfloat16 --max-model-len 8192 --max-num-seqs 32 2>&1 \
-  | sed 's/\x1b\[[0-9;]*m//g' | grep "per replay" | sed 's/.*INFO //' | tee "$LOGS/graph_replay_times.txt"
+# GPU-only time of a decode step (graph replays, no host work), to set against the end-to-end step: at
+# context 1 (the weights alone) and 1024 (as the steps above), with programmatic launch on and off.
+for ctx in 1 1024; do
+  for pdl in on off; do
+    env $([ $pdl = off ] && echo IRONLLM_DISABLE_PDL=1) IRONLLM_TIME_GRAPHS=$ctx "$BIN" bench latency $L8 \
+      --load-format dummy --device cuda --batch-size 1 --input-len 16 --output-len 2 --num-iters-warmup 0 \
+      --num-iters 1 --dtype bfloat16 --max-model-len 8192 --max-num-seqs 32 2>&1 \
+      | sed 's/\x1b\[[0-9;]*m//g' | grep "per replay" | sed "s/.*INFO /programmatic launch $pdl: /" \
+      | tee -a "$LOGS/graph_replay_times.txt"
+  done
+done

@@ -87,9 +87,12 @@ pub struct EngineFlags {
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
     /// Plan the next step while the current one runs, hiding host work behind the device (vLLM's
-    /// `--async-scheduling`). Not with --speculative-config.
-    #[arg(long)]
+    /// `--async-scheduling`). Default: on with --device cuda unless --speculative-config is given, off
+    /// on the CPU. Not with --speculative-config.
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_async_scheduling")]
     pub async_scheduling: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub no_async_scheduling: bool,
 }
 
 /// `--kv-cache-dtype`: one of [`KvCacheDType::NAMES`], so an unknown value is a clap error that lists
@@ -157,7 +160,11 @@ impl EngineFlags {
             skip_tokenizer_init: false,
             scheduling_policy_priority: policy_priority,
             speculative_config,
-            async_scheduling: self.async_scheduling,
+            async_scheduling: match (self.async_scheduling, self.no_async_scheduling) {
+                (true, _) => Some(true),
+                (false, true) => Some(false),
+                (false, false) => None,
+            },
         })
     }
 }
@@ -197,6 +204,17 @@ mod tests {
         let config = args.speculative_config.expect("speculation is on");
         assert_eq!(config.num_speculative_tokens, 4);
         assert_eq!(config.method, SpeculativeMethod::Ngram { prompt_lookup_min: 4, prompt_lookup_max: 4 });
+    }
+
+    #[test]
+    fn async_scheduling_is_auto_unless_a_flag_says_otherwise() {
+        let flag = |argv: &[&str]| engine_args(argv).expect("valid flags").async_scheduling;
+        assert_eq!(flag(&[]), None);
+        assert_eq!(flag(&["--async-scheduling"]), Some(true));
+        assert_eq!(flag(&["--no-async-scheduling"]), Some(false));
+        // The last of the pair wins, as with vLLM's boolean flags.
+        assert_eq!(flag(&["--async-scheduling", "--no-async-scheduling"]), Some(false));
+        assert_eq!(flag(&["--no-async-scheduling", "--async-scheduling"]), Some(true));
     }
 
     #[test]

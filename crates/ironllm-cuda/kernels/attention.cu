@@ -370,6 +370,7 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
         const int* __restrict__ token_to_seq, int num_tokens, int num_heads, int num_kv_heads, int head_dim, \
         int block_size, int max_blocks_per_seq, float scale) {                                            \
         __shared__ __align__(16) float smem[ATTN_RED_FLOATS + ATTN_ML_FLOATS];                            \
+        pdl_enter();                                                                                      \
         paged_attention_impl<T>(smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,          \
                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
                                 block_size, max_blocks_per_seq, scale, nullptr, nullptr, 1);              \
@@ -381,6 +382,7 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
         int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq, float scale, \
         float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits) {                       \
         __shared__ __align__(16) float smem[ATTN_RED_FLOATS + ATTN_ML_FLOATS];                            \
+        pdl_enter();                                                                                      \
         paged_attention_impl<T>(smem, nullptr, qkv, k_cache, v_cache, block_tables, query_start_loc,      \
                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
                                 block_size, max_blocks_per_seq, scale, part_o, part_lse, num_splits);     \
@@ -388,6 +390,7 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_reduce_##S(                \
         T* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_lse,        \
         int num_tokens, int num_heads, int head_dim, int num_splits) {                                    \
+        pdl_enter();                                                                                      \
         paged_attention_reduce_impl<T>(out, part_o, part_lse, num_tokens, num_heads, head_dim, num_splits); \
     }
 IRONLLM_FOR_EACH_DTYPE(PAGED_ATTENTION)

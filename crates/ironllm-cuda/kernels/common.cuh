@@ -15,6 +15,29 @@ typedef unsigned long long uint64_t;
 
 #define IRONLLM_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (Hopper on; no-ops before). A kernel launched with the programmatic
+// stream-serialization attribute (ops.rs's `KernelArgs`, used for the kernels of a decode step) may start
+// while the kernel before it still runs, and must call pdl_wait() before touching memory that earlier
+// work reads or writes; the wait returns once that kernel has completed and its writes are visible.
+// pdl_launch_dependents() then lets the next such kernel start (and wait) while this one runs, instead
+// of after its blocks exit; it changes nothing for a successor launched the ordinary way. Called after
+// the wait, so at most one kernel is ever parked ahead of the running one. pdl_enter() is the pair, for
+// kernels with nothing to do before the wait.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 // Distinct tag types so templates can tell bf16 from f16 although both are 16-bit patterns.
 struct bf16 { bf16_t bits; };
 struct f16 { f16_t bits; };

@@ -81,6 +81,21 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
         k_begin = min(split * chunk, p + 1);
         k_end = min(k_begin + chunk, p + 1);
     }
+    const int* __restrict__ bt = block_tables + (long long)seq * max_blocks_per_seq;
+    // Launched as a programmatic dependent (see common.cuh): the batch metadata was uploaded before the
+    // step, and the keys before this token's position were written by earlier steps, so the first tile's
+    // K and V rows can be pulled into L2 while the kernel before (RoPE + KV write) still runs. The wait
+    // comes before anything reads q or this token's K/V row, or writes.
+    if (p >= 0 && k_begin < k_end) {
+        const int pos = k_begin + tid / 2;
+        if (pos < min(k_end, k_begin + BN)) {
+            const long long row = ((long long)bt[pos / block_size] * num_kv_heads + kvh) * block_size + pos % block_size;
+            const T* base = (tid & 1) ? v_cache : k_cache;
+            for (int off = 0; off < HD; off += 64)  // 128-byte lines
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(base + row * HD + off));
+        }
+    }
+    pdl_enter();
     if (p < 0 || k_begin >= k_end) {  // inconsistent metadata, or an empty share: weight zero / zeros
         for (int i = tid; i < group * HD; i += FD_THREADS) {
             const int r = i / HD, d = i - r * HD;
@@ -93,7 +108,6 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
 
     const uint32_t s_base = fp_smem_addr(smem);                 // stage s: K at +2sTILE, V at +(2s+1)TILE
     const uint32_t q_base = s_base + STAGES * 2 * TILE;          // the 16 x HD Q tile
-    const int* __restrict__ bt = block_tables + (long long)seq * max_blocks_per_seq;
 
     // Loader mapping: thread loads chunk ld_c of rows ld_r + pass * RPP; (ld_r + pass * RPP) & 7 == ld_r & 7
     // since RPP is a multiple of 8, so the swizzled column is fixed per thread.

@@ -13,10 +13,17 @@
 // on k, never on m or n, but differs from cuBLAS's, so bf16/f16 outputs of this path and cuBLAS's may
 // differ in the last bit (bf16/f16 are not batch-invariant on the GPU in any case).
 // The host uses it for m <= 2 only (see ops::GEMV_MAX_M for the measurement); m = 3, 4 are tested too.
+//
+// On Hopper the host launches it as a programmatic dependent (see pdl_wait in common.cuh): the weights
+// never depend on earlier kernels, so each warp first asks L2 for the start of its rows and only then
+// waits for the kernel that writes x; a decode step's small kernels (norms, SiLU, the attention merge)
+// then overlap the weight stream instead of leaving the memory system idle between GEMVs.
 
 #define GEMV_WARPS 8
 #define GEMV_ROWS 2
 #define GEMV_MAX_M 4
+// 16-byte chunks per lane and row prefetched into L2 before the wait (8 KB of weights per warp).
+#define GEMV_PREFETCH 8
 
 __device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const bf16*) {
     const unsigned int w[4] = {c.x, c.y, c.z, c.w};
@@ -49,6 +56,14 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         const int row = row0 + r < n ? row0 + r : row0;
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+        for (int p = 0; p < GEMV_PREFETCH; ++p) {
+            const int c = lane + 32 * p;
+            if (c < chunks) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
+        }
+    pdl_enter();
     float acc[GEMV_ROWS][M];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r)

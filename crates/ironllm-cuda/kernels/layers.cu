@@ -92,6 +92,7 @@ __device__ void embedding_impl(T* out, const T* table, const uint32_t* ids, int 
 #define EMBEDDING(T, S)                                                                                   \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
         embedding_##S(T* out, const T* table, const uint32_t* ids, int num_tokens, int hidden) {          \
+        pdl_enter();                                                                                      \
         embedding_impl<T>(out, table, ids, num_tokens, hidden);                                           \
     }
 IRONLLM_FOR_EACH_DTYPE(EMBEDDING)
@@ -163,11 +164,13 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
 #define RMS_NORM(T, S)                                                                                    \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
         rms_norm_##S(T* out, const T* x, const T* weight, int rows, int hidden, float eps) {              \
+        pdl_enter();                                                                                      \
         if ((int)blockIdx.x >= rows) return;                                                              \
         rms_norm_row<T, false>(out, nullptr, x, weight, hidden, eps);                                     \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) add_rms_norm_##S(                        \
         T* residual, const T* x, const T* weight, T* out, int rows, int hidden, float eps) {              \
+        pdl_enter();                                                                                      \
         if ((int)blockIdx.x >= rows) return;                                                              \
         rms_norm_row<T, true>(out, residual, x, weight, hidden, eps);                                     \
     }
@@ -263,6 +266,7 @@ __device__ void qk_norm_rope_kv_impl(T* qkv, T* k_cache, T* v_cache, const float
         T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table, const int* positions, \
         const int64_t* slot_mapping, const T* q_norm_weight, const T* k_norm_weight, int num_tokens,      \
         int num_heads, int num_kv_heads, int head_dim, int block_size, float eps) {                       \
+        pdl_enter();                                                                                      \
         qk_norm_rope_kv_impl<T>(qkv, k_cache, v_cache, cos_table, sin_table, positions, slot_mapping,     \
                                 q_norm_weight, k_norm_weight, num_tokens, num_heads, num_kv_heads, head_dim, \
                                 block_size, eps);                                                         \
@@ -301,6 +305,7 @@ template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up
 #define SILU_AND_MUL(T, S)                                                                                \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
         silu_and_mul_##S(T* out, const T* gate_up, int rows, int inter) {                                 \
+        pdl_enter();                                                                                      \
         silu_and_mul_impl<T>(out, gate_up, rows, inter);                                                  \
     }
 IRONLLM_FOR_EACH_DTYPE(SILU_AND_MUL)
@@ -330,6 +335,7 @@ template <typename T> __device__ void add_bias_impl(T* x, const T* bias, int row
 }
 #define ADD_BIAS(T, S)                                                                                    \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) add_bias_##S(T* x, const T* bias, int rows, int cols) { \
+        pdl_enter();                                                                                      \
         add_bias_impl<T>(x, bias, rows, cols);                                                            \
     }
 IRONLLM_FOR_EACH_DTYPE(ADD_BIAS)
@@ -340,6 +346,7 @@ IRONLLM_FOR_EACH_DTYPE(ADD_BIAS)
 #define GATHER_ROWS(T, S)                                                                                 \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
         gather_rows_##S(T* out, const T* x, const int* rows, int num_rows, int hidden) {                  \
+        pdl_enter();                                                                                      \
         const int i = blockIdx.x;                                                                         \
         if (i >= num_rows) return;                                                                        \
         layers_copy_row<T>(out + (long long)i * hidden, x + (long long)rows[i] * hidden, hidden);         \

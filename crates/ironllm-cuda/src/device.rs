@@ -50,6 +50,10 @@ pub struct Gpu {
     /// Our skinny GEMM serves bf16/f16 GEMMs of up to `ops::GEMV_MAX_M` rows instead of cuBLAS
     /// (`IRONLLM_DISABLE_GEMV` turns it off, for side-by-side measurements).
     pub skinny_gemm: bool,
+    /// The skinny GEMM is launched as a programmatic dependent (Hopper and later; `IRONLLM_DISABLE_PDL`
+    /// turns it off for side-by-side measurements), so it starts streaming weights before the kernel
+    /// that feeds it ends.
+    pub programmatic_launch: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -156,7 +160,17 @@ impl Gpu {
             info.kernel_compile_seconds
         );
         let skinny_gemm = std::env::var_os("IRONLLM_DISABLE_GEMV").is_none();
-        Ok(Arc::new(Gpu { ctx, stream, blas, _blas_workspace: workspace, functions, info, skinny_gemm }))
+        let programmatic_launch = cc.0 >= 9 && std::env::var_os("IRONLLM_DISABLE_PDL").is_none();
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            blas,
+            _blas_workspace: workspace,
+            functions,
+            info,
+            skinny_gemm,
+            programmatic_launch,
+        }))
     }
 
     /// The stream every operation of this backend is ordered on.

@@ -15,6 +15,7 @@ pub mod compile;
 pub mod device;
 pub mod draft;
 pub mod error;
+mod launch;
 pub mod model;
 pub mod ops;
 pub mod runner;

@@ -11,6 +11,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
+use crate::launch::KernelArgs;
 use crate::tensor::{DevBuf, GpuDType};
 
 fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
@@ -61,11 +62,13 @@ pub fn embedding(
     // SAFETY: sizes checked above; the kernel reads ids[0..t] and table rows named by ids, which the
     // engine validated against the vocabulary.
     unsafe {
-        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&table.data).arg(ids).arg(&ti).arg(&hi).launch(cfg(
-            (t as u32, 1, 1),
-            256,
-            0,
-        ))
+        KernelArgs::new(gpu)
+            .buf(&out.data)
+            .buf(&table.data)
+            .buf(ids)
+            .i32(ti)
+            .i32(hi)
+            .launch(f, cfg((t as u32, 1, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -93,15 +96,14 @@ pub fn rms_norm(
     let (ri, hi) = (i32_of(rows, "rows")?, i32_of(hidden, "hidden")?);
     // SAFETY: sizes checked above.
     unsafe {
-        gpu.stream()
-            .launch_builder(f)
-            .arg(&mut out.data)
-            .arg(&x.data)
-            .arg(&w.data)
-            .arg(&ri)
-            .arg(&hi)
-            .arg(&eps)
-            .launch(cfg((rows as u32, 1, 1), 256, 0))
+        KernelArgs::new(gpu)
+            .buf(&out.data)
+            .buf(&x.data)
+            .buf(&w.data)
+            .i32(ri)
+            .i32(hi)
+            .f32(eps)
+            .launch(f, cfg((rows as u32, 1, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -132,16 +134,15 @@ pub fn add_rms_norm(
     let (ri, hi) = (i32_of(rows, "rows")?, i32_of(hidden, "hidden")?);
     // SAFETY: sizes checked above; residual and out are distinct buffers (two &mut).
     unsafe {
-        gpu.stream()
-            .launch_builder(f)
-            .arg(&mut residual.data)
-            .arg(&x.data)
-            .arg(&w.data)
-            .arg(&mut out.data)
-            .arg(&ri)
-            .arg(&hi)
-            .arg(&eps)
-            .launch(cfg((rows as u32, 1, 1), 256, 0))
+        KernelArgs::new(gpu)
+            .buf(&residual.data)
+            .buf(&x.data)
+            .buf(&w.data)
+            .buf(&out.data)
+            .i32(ri)
+            .i32(hi)
+            .f32(eps)
+            .launch(f, cfg((rows as u32, 1, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -254,7 +255,6 @@ pub fn qk_norm_rope_kv(
     }
     let name = format!("qk_norm_rope_kv_{}", d.suffix());
     let f = gpu.function(&name)?;
-    let null = 0u64;
     let (ti, nh, nkv, hd, bs) = (
         i32_of(t, "tokens")?,
         i32_of(shape.num_heads, "heads")?,
@@ -262,28 +262,22 @@ pub fn qk_norm_rope_kv(
         i32_of(shape.head_dim, "head_dim")?,
         i32_of(shape.block_size, "block_size")?,
     );
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(&mut qkv.data)
-        .arg(&mut k_cache.data)
-        .arg(&mut v_cache.data)
-        .arg(cos)
-        .arg(sin)
-        .arg(meta.positions)
-        .arg(meta.slot_mapping);
+    let mut b = KernelArgs::new(gpu);
+    b.buf(&qkv.data).buf(&k_cache.data).buf(&v_cache.data).buf(cos).buf(sin).buf(meta.positions).buf(meta.slot_mapping);
     match qk_norm {
         Some((qn, kn)) => {
             need(qn, shape.head_dim, "q_norm")?;
             need(kn, shape.head_dim, "k_norm")?;
-            b.arg(&qn.data).arg(&kn.data);
+            b.buf(&qn.data).buf(&kn.data);
         }
         None => {
-            b.arg(&null).arg(&null);
+            b.null().null();
         }
     }
-    b.arg(&ti).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&eps);
+    b.i32(ti).i32(nh).i32(nkv).i32(hd).i32(bs).f32(eps);
     // SAFETY: sizes checked above; positions are < the rope table length (the runner checks positions
     // against max_model_len) and slots are inside the cache (block ids come from the block pool).
-    unsafe { b.launch(cfg((t as u32, (shape.num_heads + shape.num_kv_heads).div_ceil(4) as u32, 1), 128, 0)) }
+    unsafe { b.launch(f, cfg((t as u32, (shape.num_heads + shape.num_kv_heads).div_ceil(4) as u32, 1), 128, 0)) }
         .at(|| name)?;
     Ok(())
 }
@@ -401,41 +395,40 @@ pub fn attention(
         }
         let name = split_name;
         let f = gpu.function(&name)?;
-        let mut launch = gpu.stream().launch_builder(f);
-        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
+        let mut launch = KernelArgs::new(gpu);
+        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, scale);
         // SAFETY: sizes checked above; the scratch holds every (token, head, split) row.
         unsafe {
-            launch.arg(&mut *split.part_o).arg(&mut *split.part_lse).arg(&ns).launch(cfg(
-                (paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32),
-                128,
-                smem,
-            ))
+            launch
+                .buf(split.part_o)
+                .buf(split.part_lse)
+                .i32(ns)
+                .launch(f, cfg((paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32), 128, smem))
         }
         .at(|| name.into_owned())?;
         let name = format!("paged_attention_reduce_{}", d.suffix());
         let f = gpu.function(&name)?;
         // SAFETY: the split kernel wrote every row the reduce reads.
         unsafe {
-            gpu.stream()
-                .launch_builder(f)
-                .arg(&mut out.data)
-                .arg(&*split.part_o)
-                .arg(&*split.part_lse)
-                .arg(&n)
-                .arg(&nh)
-                .arg(&hd)
-                .arg(&ns)
-                .launch(cfg((paged_tokens as u32, shape.num_heads as u32, 1), 128, 0))
+            KernelArgs::new(gpu)
+                .buf(&out.data)
+                .buf(split.part_o)
+                .buf(split.part_lse)
+                .i32(n)
+                .i32(nh)
+                .i32(hd)
+                .i32(ns)
+                .launch(f, cfg((paged_tokens as u32, shape.num_heads as u32, 1), 128, 0))
         }
         .at(|| name)?;
     } else if paged_tokens > 0 {
         let name = plain_name;
         let f = gpu.function(&name)?;
-        let mut launch = gpu.stream().launch_builder(f);
-        launch.arg(&mut out.data);
-        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, &scale);
+        let mut launch = KernelArgs::new(gpu);
+        launch.buf(&out.data);
+        push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, scale);
         // SAFETY: sizes checked above; block tables hold valid block ids for every context position.
-        unsafe { launch.launch(cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, smem)) }
+        unsafe { launch.launch(f, cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, smem)) }
             .at(|| name.into_owned())?;
     }
     if let Some(name) = flash {
@@ -471,21 +464,21 @@ pub fn attention(
 
 /// The inputs every paged-attention kernel takes after its output: qkv, the caches, the batch metadata,
 /// then (tokens, heads, kv heads, head_dim, block size, blocks per sequence) and the scale.
-fn push_attention_inputs<'a>(
-    launch: &mut cudarc::driver::LaunchArgs<'a>,
-    qkv: &'a DevBuf,
-    k_cache: &'a DevBuf,
-    v_cache: &'a DevBuf,
-    meta: &'a BatchMeta<'_>,
-    ints: &'a [i32; 6],
-    scale: &'a f32,
+fn push_attention_inputs(
+    launch: &mut KernelArgs<'_>,
+    qkv: &DevBuf,
+    k_cache: &DevBuf,
+    v_cache: &DevBuf,
+    meta: &BatchMeta<'_>,
+    ints: &[i32; 6],
+    scale: f32,
 ) {
-    launch.arg(&qkv.data).arg(&k_cache.data).arg(&v_cache.data);
-    launch.arg(meta.block_tables).arg(meta.query_start_loc).arg(meta.context_lens).arg(meta.token_to_seq);
-    for v in ints {
-        launch.arg(v);
+    launch.buf(&qkv.data).buf(&k_cache.data).buf(&v_cache.data);
+    launch.buf(meta.block_tables).buf(meta.query_start_loc).buf(meta.context_lens).buf(meta.token_to_seq);
+    for &v in ints {
+        launch.i32(v);
     }
-    launch.arg(scale);
+    launch.f32(scale);
 }
 
 /// `out[r, :inter] = silu(gate) * up` for `gate_up` rows `[gate | up]`.
@@ -501,11 +494,12 @@ pub fn silu_and_mul(gpu: &Gpu, out: &mut DevBuf, gate_up: &DevBuf, rows: usize, 
     let (ri, ii) = (i32_of(rows, "rows")?, i32_of(inter, "intermediate")?);
     // SAFETY: sizes checked above.
     unsafe {
-        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&gate_up.data).arg(&ri).arg(&ii).launch(cfg(
-            (rows as u32, inter.div_ceil(2048) as u32, 1),
-            256,
-            0,
-        ))
+        KernelArgs::new(gpu)
+            .buf(&out.data)
+            .buf(&gate_up.data)
+            .i32(ri)
+            .i32(ii)
+            .launch(f, cfg((rows as u32, inter.div_ceil(2048) as u32, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -524,11 +518,12 @@ pub fn add_bias(gpu: &Gpu, x: &mut DevBuf, bias: &DevBuf, rows: usize, cols: usi
     let (ri, ci) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
     // SAFETY: sizes checked above.
     unsafe {
-        gpu.stream().launch_builder(f).arg(&mut x.data).arg(&bias.data).arg(&ri).arg(&ci).launch(cfg(
-            (rows as u32, cols.div_ceil(2048) as u32, 1),
-            256,
-            0,
-        ))
+        KernelArgs::new(gpu)
+            .buf(&x.data)
+            .buf(&bias.data)
+            .i32(ri)
+            .i32(ci)
+            .launch(f, cfg((rows as u32, cols.div_ceil(2048) as u32, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -554,11 +549,13 @@ pub fn gather_rows(
     let (ni, hi) = (i32_of(n, "rows")?, i32_of(hidden, "hidden")?);
     // SAFETY: sizes checked above; row indices come from the runner and are < the batch's tokens.
     unsafe {
-        gpu.stream().launch_builder(f).arg(&mut out.data).arg(&x.data).arg(rows).arg(&ni).arg(&hi).launch(cfg(
-            (n as u32, 1, 1),
-            256,
-            0,
-        ))
+        KernelArgs::new(gpu)
+            .buf(&out.data)
+            .buf(&x.data)
+            .buf(rows)
+            .i32(ni)
+            .i32(hi)
+            .launch(f, cfg((n as u32, 1, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -638,12 +635,14 @@ pub fn gemm(
             format!("gemv_{}_f32", x.dtype.suffix())
         };
         let f = gpu.function(&name)?;
-        let mut b = gpu.stream().launch_builder(f);
-        b.arg(&mut y.data).arg(&x.data).arg(&w.data).arg(&mi).arg(&ni).arg(&ki);
         let rows_per_block = (GEMV_WARPS * GEMV_ROWS) as u32;
-        // SAFETY: sizes checked above; k % 8 == 0 keeps every row 16-byte aligned in these allocations.
-        unsafe { b.launch(cfg(((n as u32).div_ceil(rows_per_block), 1, 1), (GEMV_WARPS * 32) as u32, 0)) }
-            .at(|| name)?;
+        let launch = cfg(((n as u32).div_ceil(rows_per_block), 1, 1), (GEMV_WARPS * 32) as u32, 0);
+        // SAFETY: sizes checked above; k % 8 == 0 keeps every row 16-byte aligned in these allocations; the
+        // kernel waits (pdl_wait) before reading x or writing y.
+        unsafe {
+            KernelArgs::new(gpu).buf(&y.data).buf(&x.data).buf(&w.data).i32(mi).i32(ni).i32(ki).launch(f, launch)
+        }
+        .at(|| name)?;
     } else {
         cublas_gemm(gpu, y, x, w, mi, ni, ki)?;
     }

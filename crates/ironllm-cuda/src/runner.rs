@@ -12,12 +12,15 @@
 //!
 //!
 //! A step is launched (inputs uploaded, forward and sampler queued, the sampled ids' copy to pinned
-//! memory queued) and then finished (wait, read the ids, advance the requests). With async scheduling
-//! (`submit_model` / `collect_model`) the runner returns right after the launch, so the engine's
-//! scheduling of the next step and its output processing of the previous one run while the GPU computes;
-//! step N is finished at the start of step N + 1's submit, before N + 1's inputs are built from the
-//! requests' tokens, so every feature (penalties, grammars, seeds) sees exactly what it sees without
-//! async scheduling. What stays on the critical path is the finish of N and the input upload of N + 1.
+//! memory queued) and then finished (wait for that copy, read the ids, advance the requests). With async
+//! scheduling (`submit_model` / `collect_model`) the runner returns right after the launch, so the
+//! engine's scheduling of the next step and its output processing of the previous one run while the GPU
+//! computes. Step N + 1 is then launched *before* step N is finished: a request that step N samples for
+//! and step N + 1 computes again gets a placeholder input id, and a small kernel copies step N's sampled
+//! id over it on the device (vLLM's async scheduling does the same), so the GPU goes from step N to
+//! N + 1 without waiting for the host. Where step N + 1's host-side inputs need the token itself
+//! (penalties, bad words, a grammar's bitmask) or the scheduler resumed the request from scratch, step N
+//! is finished first, as without async scheduling; either way the outputs are the same.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -90,6 +93,8 @@ pub(crate) struct DeviceBatch {
     /// Structured-output bitmasks of this step and the logits row each applies to.
     pub(crate) masks: CudaSlice<u32>,
     pub(crate) mask_rows: CudaSlice<i32>,
+    /// Async scheduling: `(token index, sampler output word)` pairs fed from the previous step.
+    pub(crate) fed: CudaSlice<i32>,
 }
 
 pub(crate) fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -119,6 +124,7 @@ pub(crate) struct HostBatch {
     pub(crate) token_to_seq: Vec<i32>,
     pub(crate) logits_rows: Vec<i32>,
     pub(crate) tiles: Vec<i32>,
+    pub(crate) fed: Vec<i32>,
 }
 
 impl DeviceBatch {
@@ -161,7 +167,8 @@ impl DeviceBatch {
         upload_into(gpu, &mut self.context_lens, &h.context_lens)?;
         upload_into(gpu, &mut self.token_to_seq, &h.token_to_seq)?;
         upload_into(gpu, &mut self.logits_rows, &h.logits_rows)?;
-        upload_into(gpu, &mut self.tiles, &h.tiles)
+        upload_into(gpu, &mut self.tiles, &h.tiles)?;
+        upload_into(gpu, &mut self.fed, &h.fed)
     }
 
     /// Buffers sized for steps of `max_tokens` tokens, `max_seqs` sequences with block-table rows of
@@ -186,6 +193,7 @@ impl DeviceBatch {
             tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
             masks: gpu.alloc_zeros(vocab.div_ceil(32))?,
             mask_rows: gpu.alloc_zeros(1)?,
+            fed: gpu.alloc_zeros(2 * max_seqs)?,
         })
     }
 }
@@ -201,6 +209,7 @@ impl HostBatch {
         self.token_to_seq.clear();
         self.logits_rows.clear();
         self.tiles.clear();
+        self.fed.clear();
     }
 }
 
@@ -231,6 +240,12 @@ pub struct CudaModelRunner {
     /// `IRONLLM_GRAPH_CHECK` was set: every replay is compared with an eager run (debugging aid).
     check_graphs: bool,
     pub memory: CudaMemoryReport,
+}
+
+/// `IRONLLM_TIME_GRAPHS`: unset -> no timing; a number -> that context; anything else -> context 1.
+fn time_graphs_context() -> Option<usize> {
+    let v = std::env::var("IRONLLM_TIME_GRAPHS").ok()?;
+    Some(v.trim().parse::<usize>().ok().filter(|&c| c > 1).unwrap_or(1))
 }
 
 /// A captured decode graph. cudarc's `CudaGraph` holds raw driver handles and is not `Send`.
@@ -392,10 +407,12 @@ impl CudaModelRunner {
             captured?;
             let graph = graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
             graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
-            if std::env::var_os("IRONLLM_TIME_GRAPHS").is_some() {
-                // Measurement aid: the GPU time of one decode step (padding rows, context 1), without any
-                // host work, to set against the end-to-end step time.
+            if let Some(context) = time_graphs_context() {
+                // Measurement aid: the GPU time of one decode step (every row at `context` tokens; their
+                // keys are whatever the cache holds), without any host work, to set against the
+                // end-to-end step time.
                 const REPLAYS: u32 = 20;
+                self.fill_timing_batch(b, context)?;
                 graph.launch().at(|| "warming up a decode graph".into())?;
                 gpu.synchronize()?;
                 let t0 = Instant::now();
@@ -404,11 +421,31 @@ impl CudaModelRunner {
                 }
                 gpu.synchronize()?;
                 let ms = t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPLAYS);
-                tracing::info!("decode graph batch {b}: {ms:.3} ms per replay (GPU only, context 1)");
+                tracing::info!("decode graph batch {b}: {ms:.3} ms per replay (GPU only, context {context})");
             }
             self.graphs.push((b, DecodeGraph(graph)));
         }
         gpu.synchronize()
+    }
+
+    /// Metadata of `b` rows that each attend to `context` positions (capped by the cache and the table
+    /// stride) and write no KV: the timing batch of `IRONLLM_TIME_GRAPHS`. Rows get blocks of their own
+    /// while the cache has room (shared blocks would be read from L2 and flatter the attention).
+    fn fill_timing_batch(&mut self, b: usize, context: usize) -> Result<(), CudaError> {
+        let block_size = self.kv.block_size;
+        let blocks = context.div_ceil(block_size).clamp(1, self.graph_table_stride.min(self.kv.num_blocks));
+        let context = context.clamp(1, blocks * block_size);
+        let num_blocks = self.kv.num_blocks;
+        self.fill_padding_batch(b)?;
+        let h = &mut self.host;
+        h.positions = vec![context as i32 - 1; b];
+        h.context_lens = vec![context as i32; b];
+        for (r, row) in h.block_tables.chunks_mut(self.graph_table_stride).enumerate() {
+            for (i, slot) in row.iter_mut().take(blocks).enumerate() {
+                *slot = ((r * blocks + i) % num_blocks) as i32;
+            }
+        }
+        self.upload_host()
     }
 
     fn ws_max_rows(&self) -> usize {
@@ -555,7 +592,7 @@ impl CudaModelRunner {
 
     /// Runs one step to completion (launch, then finish), with speculative proposals.
     fn step(&mut self, plan: &SchedulerOutput) -> Result<ModelRunnerOutput, CudaError> {
-        let pending = self.launch_step(plan)?;
+        let pending = self.launch_step(plan, None)?;
         let mut out = self.finish_step(pending)?;
         if let Some(proposer) = self.spec.as_mut() {
             out.spec_token_ids = proposer.propose(plan, &out, &self.reqs, self.kv.block_size);
@@ -565,13 +602,77 @@ impl CudaModelRunner {
         Ok(out)
     }
 
+    /// Whether step `plan` can be launched before `prev` is finished: every request `prev` samples for
+    /// that `plan` computes again must be one whose inputs to `plan` do not need the sampled token on the
+    /// host (no penalties, bad words or grammar) and that the scheduler continues rather than resumes.
+    fn can_launch_before_finish(&self, plan: &SchedulerOutput, prev: &PendingStep) -> bool {
+        if self.spec.is_some() || self.draft.is_some() || prev.sample.rows() == 0 {
+            return false;
+        }
+        let scheduled: std::collections::HashSet<&str> =
+            plan.num_scheduled_tokens.iter().map(|(id, _)| id.as_str()).collect();
+        let resumed: std::collections::HashSet<&str> =
+            plan.scheduled_new_reqs.iter().map(|r| r.req_id.as_str()).collect();
+        prev.sample_rows.iter().all(|&(ri, r)| {
+            let id = prev.order[ri].0.as_str();
+            if !scheduled.contains(id) {
+                return true;
+            }
+            r == 0
+                && !resumed.contains(id)
+                && self.reqs.get(id).is_some_and(|st| {
+                    st.num_drafts == 0
+                        && st.grammar.is_none()
+                        && !st.params.has_penalties()
+                        && st.params.bad_words_token_ids.is_empty()
+                })
+        })
+    }
+
     /// Everything of a step up to the sampled ids' copy to the host, without waiting for the GPU (a step
-    /// that wants prompt logprobs or long logprob lists waits for those inside).
-    fn launch_step(&mut self, plan: &SchedulerOutput) -> Result<PendingStep, CudaError> {
+    /// that wants prompt logprobs or long logprob lists waits for those inside). With `prev` (a step
+    /// still in flight that [`can_launch_before_finish`](Self::can_launch_before_finish) approved), the
+    /// tokens `prev` samples are fed to this step on the device.
+    fn launch_step(
+        &mut self,
+        plan: &SchedulerOutput,
+        prev: Option<&mut PendingStep>,
+    ) -> Result<PendingStep, CudaError> {
         let engine_rng = &mut self.engine_rng;
         self.reqs
             .apply_plan(plan, |new| new.sampling_params.seed.unwrap_or_else(|| engine_rng.next_u64()))
             .map_err(CudaError::Invalid)?;
+        // Requests of `prev` that this plan continues: (placeholder index, sampler output word) for those
+        // `prev` samples for.
+        let mut fed_src: std::collections::HashMap<String, (usize, i32)> = std::collections::HashMap::new();
+        if let Some(prev) = prev {
+            let replanned: std::collections::HashSet<&str> = plan
+                .num_scheduled_tokens
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .chain(plan.preempted_req_ids.iter().map(String::as_str))
+                .collect();
+            for (ri, (id, _)) in prev.order.iter().enumerate() {
+                prev.replanned[ri] = replanned.contains(id.as_str());
+            }
+            let stride = prev.sample.out_stride();
+            for (row, &(ri, _)) in prev.sample_rows.iter().enumerate() {
+                let id = prev.order[ri].0.as_str();
+                if !plan.num_scheduled_tokens.iter().any(|(s, _)| s == id) {
+                    continue;
+                }
+                let st = self
+                    .reqs
+                    .get_mut(id)
+                    .ok_or_else(|| CudaError::Invalid(format!("request `{id}` scheduled but unknown")))?;
+                let index = st.token_ids.len();
+                st.token_ids.push(0);
+                prev.fed[ri] = Some(index);
+                let word = i32::try_from(row * stride)
+                    .map_err(|_| CudaError::Invalid("sampler output too large to feed from".into()))?;
+                fed_src.insert(id.to_string(), (index, word));
+            }
+        }
         let block_size = self.kv.block_size;
         let max_pos = self.model.max_positions;
         let h = &mut self.host;
@@ -629,7 +730,12 @@ impl CudaModelRunner {
                 return Err(CudaError::Invalid(format!("position {} beyond the model's {max_pos}", end - 1)));
             }
             query_start[ri] = h.token_ids.len();
+            let feed = fed_src.get(id.as_str()).copied();
             for pos in start..end {
+                if let Some((_, word)) = feed.filter(|&(index, _)| index == pos) {
+                    h.fed.push(h.token_ids.len() as i32);
+                    h.fed.push(word);
+                }
                 h.token_ids.push(st.token_ids[pos]);
                 h.positions.push(pos as i32);
                 h.slots.push(st.block_table[pos / block_size] as i64 * block_size as i64 + (pos % block_size) as i64);
@@ -694,6 +800,7 @@ impl CudaModelRunner {
             }
         }
         self.upload_host()?;
+        self.feed_sampled_tokens()?;
         match graph_size {
             Some(b) => {
                 let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
@@ -759,6 +866,8 @@ impl CudaModelRunner {
         drop(rows);
         Ok(PendingStep {
             order: order.iter().map(|(id, n)| ((*id).clone(), *n)).collect(),
+            fed: vec![None; order.len()],
+            replanned: vec![false; order.len()],
             samples,
             sample_rows,
             prompt_logprobs: prompt_lps,
@@ -766,9 +875,43 @@ impl CudaModelRunner {
         })
     }
 
-    /// Waits for a launched step's sampled ids and advances its requests (accepting drafts).
+    /// Async scheduling: copies the previous step's sampled ids over this step's placeholders (the pairs
+    /// in `dev.fed`), after the inputs' upload and before the forward.
+    fn feed_sampled_tokens(&mut self) -> Result<(), CudaError> {
+        let n = self.host.fed.len() / 2;
+        if n == 0 {
+            return Ok(());
+        }
+        let gpu = &*self.gpu;
+        let f = gpu.function("feed_sampled_tokens")?;
+        let n_i = n as i32;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (n.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every pair indexes a token of this step (< the uploaded token count, which `token_ids`
+        // holds) and a word of the previous step's sampler output (row * stride for one of its rows,
+        // which the output buffer holds; stream order puts this after that step's sampler).
+        unsafe {
+            use cudarc::driver::PushKernelArg;
+            gpu.stream()
+                .launch_builder(f)
+                .arg(&mut self.dev.token_ids)
+                .arg(self.sampler.device_output())
+                .arg(&self.dev.fed)
+                .arg(&n_i)
+                .launch(cfg)
+        }
+        .at(|| "feed_sampled_tokens".into())?;
+        Ok(())
+    }
+
+    /// Waits for a launched step's sampled ids and advances its requests (accepting drafts). A request
+    /// the next step already re-planned keeps the computed count that plan gave it; one the next step
+    /// was fed a placeholder for gets the sampled id written over it.
     fn finish_step(&mut self, pending: PendingStep) -> Result<ModelRunnerOutput, CudaError> {
-        let PendingStep { order, samples, sample_rows, prompt_logprobs, sample } = pending;
+        let PendingStep { order, fed, replanned, samples, sample_rows, prompt_logprobs, sample } = pending;
         let sampled = self.sampler.finish(sample)?;
         let n = order.len();
         let mut step_samples = StepSamples::group(sampled, &sample_rows, n);
@@ -782,10 +925,36 @@ impl CudaModelRunner {
         for (ri, (id, num_scheduled)) in order.iter().enumerate() {
             let Some(st) = self.reqs.get_mut(id.as_str()) else { continue };
             if !samples[ri] {
-                st.num_computed_tokens += num_scheduled;
+                if !replanned[ri] {
+                    st.num_computed_tokens += num_scheduled;
+                }
                 continue;
             }
-            let emitted = st.finish_step(*num_scheduled, &step_samples.tokens[ri]);
+            let emitted = match fed[ri] {
+                Some(index) => {
+                    let token = step_samples.tokens[ri].first().copied().ok_or_else(|| {
+                        CudaError::Invalid(format!("no token sampled for `{id}`, whose next step was fed one"))
+                    })?;
+                    let slot = st
+                        .token_ids
+                        .get_mut(index)
+                        .ok_or_else(|| CudaError::Invalid(format!("`{id}` lost the placeholder of its fed token")))?;
+                    *slot = token;
+                    if let Some(m) = st.grammar.as_mut() {
+                        if !m.is_terminated() && !m.accept_token(token) {
+                            tracing::debug!("structured output: token {token} rejected by the grammar");
+                        }
+                    }
+                    vec![token]
+                }
+                None if replanned[ri] => {
+                    let computed = st.num_computed_tokens;
+                    let emitted = st.finish_step(*num_scheduled, &step_samples.tokens[ri]);
+                    st.num_computed_tokens = computed;
+                    emitted
+                }
+                None => st.finish_step(*num_scheduled, &step_samples.tokens[ri]),
+            };
             out.logprobs[ri] = step_samples.emitted_logprobs(ri, emitted.len());
             out.sampled_token_ids[ri] = emitted;
         }
@@ -797,6 +966,11 @@ impl CudaModelRunner {
 struct PendingStep {
     /// Scheduled requests in plan order with their token counts.
     order: Vec<(String, usize)>,
+    /// Per request: the index of the placeholder the next step (launched before this one finished) was
+    /// given for this step's sampled token.
+    fed: Vec<Option<usize>>,
+    /// Per request: whether the next step's plan (applied before this step finished) set its state.
+    replanned: Vec<bool>,
     /// Per request: whether it samples this step.
     samples: Vec<bool>,
     /// Sample rows as (request index, row within the request).
@@ -817,16 +991,28 @@ impl ModelExecutor for CudaModelRunner {
         self.step(plan).map_err(|e| CoreError::Execution(e.to_string()))
     }
 
-    /// Finishes the step in flight (its output waits for `collect_model`), then launches this one and
-    /// returns without waiting for the GPU. Speculative decoding is refused with async scheduling (the
-    /// engine checks), so there is nothing to propose here.
+    /// Launches this step and finishes the one in flight (its output waits for `collect_model`), then
+    /// returns without waiting for the GPU: the new step is queued behind the old one, fed its sampled
+    /// ids on the device, unless its inputs need them on the host (then the old step is finished first).
+    /// Speculative decoding is refused with async scheduling (the engine checks), so there is nothing to
+    /// propose here.
     fn submit_model(&mut self, plan: &SchedulerOutput) -> Result<Submitted, CoreError> {
         let run = |runner: &mut CudaModelRunner| -> Result<(), CudaError> {
-            if let Some(pending) = runner.in_flight.take() {
-                let out = runner.finish_step(pending)?;
-                runner.finished.push_back(out);
+            match runner.in_flight.take() {
+                Some(mut prev) if runner.can_launch_before_finish(plan, &prev) => {
+                    let launched = runner.launch_step(plan, Some(&mut prev));
+                    // Finish the old step whatever happened to the new one, so the states stay whole.
+                    let out = runner.finish_step(prev)?;
+                    runner.finished.push_back(out);
+                    runner.in_flight = Some(launched?);
+                }
+                Some(prev) => {
+                    let out = runner.finish_step(prev)?;
+                    runner.finished.push_back(out);
+                    runner.in_flight = Some(runner.launch_step(plan, None)?);
+                }
+                None => runner.in_flight = Some(runner.launch_step(plan, None)?),
             }
-            runner.in_flight = Some(runner.launch_step(plan)?);
             Ok(())
         };
         run(self).map_err(|e| CoreError::Execution(e.to_string()))?;

@@ -11,7 +11,9 @@
 //!   never a sort) and the draw;
 //! - the sampled ids and the requested logprobs come back in one small `[rows, 4 + 2 * k]` array, copied
 //!   into pinned host memory without waiting: [`GpuSampler::launch`] returns once the copy is queued and
-//!   [`GpuSampler::finish`] waits for it (async scheduling does host work in between).
+//!   [`GpuSampler::finish`] waits for that copy alone (async scheduling does host work in between, and may
+//!   queue the next step first: the pinned buffer alternates between two, so the next step's copy never
+//!   lands in the one being read, and the next step can take the ids from the device output).
 //!
 //! The draw is the exponential race `argmax_i (v_i - log E_i)` with `E_i ~ Exp(1)` from Philox4x32-10
 //! keyed by the request's seed and counted by (output position, token index), so a request's `n`-th
@@ -26,7 +28,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
+    CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    ValidAsZeroBits,
 };
 use ironllm_core::outputs::{PositionLogprobs, TokenLogprob};
 use ironllm_core::SamplingParams;
@@ -148,11 +151,25 @@ impl TokenTally {
 pub struct PendingSample {
     /// Words per row of the output.
     out_stride: usize,
+    /// Which of the two pinned buffers the results are copied into.
+    slot: usize,
     /// Per row: whether its logprobs come from the device.
     device_logprobs: Vec<bool>,
     /// Rows whose logprob lists the host computes, `(row, k)`, with their raw logits.
     host_logprobs: Vec<(usize, usize)>,
     host_raw: Vec<Vec<f32>>,
+}
+
+impl PendingSample {
+    /// Words per row of the device output ([`GpuSampler::device_output`]).
+    pub fn out_stride(&self) -> usize {
+        self.out_stride
+    }
+
+    /// Rows launched (0 when nothing was sampled).
+    pub fn rows(&self) -> usize {
+        self.device_logprobs.len()
+    }
 }
 
 /// The batch sampler on the GPU. Holds its device buffers, grown to the largest step seen.
@@ -168,8 +185,12 @@ pub struct GpuSampler {
     raw_dev: CudaSlice<f32>,
     out_dev: CudaSlice<u32>,
     out_host: Vec<u32>,
-    /// Where the sampled ids land without a blocking copy (grown like the device buffers).
-    out_pinned: Option<PinnedHostSlice<u32>>,
+    /// Where the sampled ids land without a blocking copy (grown like the device buffers): two buffers
+    /// used in turn, so a step's results stay readable while the next step is queued.
+    out_pinned: [Option<PinnedHostSlice<u32>>; 2],
+    /// Recorded after each buffer's copy (cudarc records nothing itself with event tracking off).
+    out_copied: [CudaEvent; 2],
+    next_slot: usize,
     targets_dev: CudaSlice<u32>,
     tally: TokenTally,
     /// The CPU sampler, for logprob lists longer than [`DEVICE_MAX_LOGPROBS`].
@@ -235,6 +256,8 @@ impl GpuSampler {
         }
         // Fail at start-up, not at the first step, when the kernels are missing.
         gpu.function("sampler_sample_f32")?;
+        let new_event = || gpu.ctx.new_event(None).at(|| "creating an event".into());
+        let out_copied = [new_event()?, new_event()?];
         gpu.function("sampler_prompt_logprobs_f32")?;
         Ok(GpuSampler {
             meta_dev: gpu.alloc_zeros(1)?,
@@ -246,7 +269,9 @@ impl GpuSampler {
             vocab_size,
             meta_host: Vec::new(),
             out_host: Vec::new(),
-            out_pinned: None,
+            out_pinned: [None, None],
+            out_copied,
+            next_slot: 0,
             tally: TokenTally::default(),
             cpu: Sampler::new(vocab_size),
         })
@@ -382,16 +407,18 @@ impl GpuSampler {
         grow(gpu, &mut self.raw_dev, raw_slots as usize * vocab)?;
         let out_stride = OUT_HEAD + 2 * device_k;
         let out_len = rows.len() * out_stride;
-        if self.out_pinned.as_ref().is_none_or(|p| p.len() < out_len) {
+        let slot = self.next_slot;
+        self.next_slot ^= 1;
+        if self.out_pinned[slot].as_ref().is_none_or(|p| p.len() < out_len) {
             // SAFETY: page-locked host memory that only the device writes (the copy below) before the host
             // reads it in `finish`; no write-combining, since the host reads it.
             let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u32>(out_len.next_power_of_two(), 0) }
                 .at(|| "allocating pinned memory for the sampled tokens".into())?;
-            self.out_pinned = Some(pinned);
+            self.out_pinned[slot] = Some(pinned);
         }
         // A copy into pinned memory moves the whole pinned buffer, so the device side is at least as long
         // (the words past `out_len` are stale and never read).
-        let copy_len = self.out_pinned.as_ref().map_or(out_len, |p| p.len());
+        let copy_len = self.out_pinned[slot].as_ref().map_or(out_len, |p| p.len());
         grow(gpu, &mut self.out_dev, copy_len)?;
         stream.memcpy_htod(meta.as_slice(), &mut self.meta_dev).at(|| "uploading the sampler metadata".into())?;
 
@@ -429,26 +456,30 @@ impl GpuSampler {
         }
         .at(|| "sampler_sample_f32".into())?;
 
-        let pinned = self.out_pinned.as_mut().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
+        let pinned = self.out_pinned[slot].as_mut().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
         stream
             .memcpy_dtoh(&self.out_dev.slice(..copy_len), pinned)
             .at(|| "copying the sampled tokens from the GPU".into())?;
+        self.out_copied[slot].record(stream).at(|| "recording the sampled tokens' copy".into())?;
         Ok(PendingSample {
             out_stride,
+            slot,
             device_logprobs: rows.iter().map(|r| r.params.logprobs.is_some_and(|k| k <= DEVICE_MAX_LOGPROBS)).collect(),
             host_logprobs,
             host_raw,
         })
     }
 
-    /// Waits for a launched sampling step and returns one token (and its logprobs, if asked) per row.
+    /// Waits for a launched sampling step's results (only for their copy, not for work queued after it)
+    /// and returns one token (and its logprobs, if asked) per row.
     pub fn finish(&mut self, pending: PendingSample) -> Result<Vec<SampledToken>, CudaError> {
         let rows = pending.device_logprobs.len();
         if rows == 0 {
             return Ok(Vec::new());
         }
-        self.gpu.stream().synchronize().at(|| "waiting for the sampler".into())?;
-        let pinned = self.out_pinned.as_ref().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
+        self.out_copied[pending.slot].synchronize().at(|| "waiting for the sampled tokens".into())?;
+        let pinned =
+            self.out_pinned[pending.slot].as_ref().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
         let out = pinned.as_slice().at(|| "reading the sampled tokens".into())?;
         let out = out
             .get(..rows * pending.out_stride)
@@ -466,6 +497,12 @@ impl GpuSampler {
             sampled[r].logprobs = self.cpu.prompt_logprobs(raw, &[token_id], k).pop();
         }
         Ok(sampled)
+    }
+
+    /// The device output of the last launch: row `r`'s sampled id is word `r * stride` (the stride is
+    /// [`PendingSample::out_stride`]). Valid for work queued on the stream before the next launch.
+    pub fn device_output(&self) -> &CudaSlice<u32> {
+        &self.out_dev
     }
 
     /// Prompt logprobs: row `i` of `logits` (`[targets.len(), vocab]`, raw) -> the logprob and rank of

@@ -458,13 +458,19 @@ impl Engine {
             return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
         }
         // Refused before the model loads; the scheduler checks the same when it is built.
-        if args.async_scheduling && args.speculative_config.is_some() {
-            return Err(LlmError::InvalidArgs(
-                "--async-scheduling does not support speculative decoding yet; drop one of --async-scheduling \
-                 and --speculative-config."
-                    .into(),
-            ));
-        }
+        let async_scheduling = match args.async_scheduling {
+            Some(true) if args.speculative_config.is_some() => {
+                return Err(LlmError::InvalidArgs(
+                    "--async-scheduling does not support speculative decoding yet; drop one of --async-scheduling \
+                     and --speculative-config."
+                        .into(),
+                ));
+            }
+            Some(on) => on,
+            // vLLM's default: on where supported. The CPU runner computes each step inside its submit, so
+            // nothing would overlap there.
+            None => args.device == Device::Cuda && args.speculative_config.is_none(),
+        };
         let gpu = match args.device {
             Device::Cpu => None,
             Device::Cuda => Some(ironllm_cuda::Gpu::open(0).map_err(|e| LlmError::Device(e.to_string()))?),
@@ -521,7 +527,7 @@ impl Engine {
             long_prefill_token_threshold: 0,
             policy: if args.scheduling_policy_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs },
             speculative: speculative.clone(),
-            async_scheduling: args.async_scheduling,
+            async_scheduling,
         };
         let info = EngineInfo {
             model_path: model_path.display().to_string(),
@@ -560,7 +566,7 @@ impl Engine {
         );
         let loaded = prepared;
         let core = Core::new(sched, runner)?;
-        if args.async_scheduling {
+        if async_scheduling {
             // The CUDA runner returns from `submit_model` once the step is queued on the GPU; the CPU
             // runner computes the step inside it (outputs are exact either way).
             let how = if args.device == Device::Cuda {

@@ -64,8 +64,10 @@ pub struct EngineArgs {
     pub scheduling_policy_priority: bool,
     /// `--speculative-config` (parsed with [`SpeculativeConfig::from_json`]); `None`: no speculation.
     pub speculative_config: Option<SpeculativeConfig>,
-    /// `--async-scheduling`: plan step N+1 while step N runs (off by default, as in vLLM).
-    pub async_scheduling: bool,
+    /// `--async-scheduling` / `--no-async-scheduling`: plan step N+1 while step N runs. `None` (the
+    /// default, as in vLLM) turns it on where it helps and is supported: the CUDA backend without
+    /// speculative decoding.
+    pub async_scheduling: Option<bool>,
 }
 
 impl Default for EngineArgs {
@@ -93,7 +95,7 @@ impl Default for EngineArgs {
             skip_tokenizer_init: false,
             scheduling_policy_priority: false,
             speculative_config: None,
-            async_scheduling: false,
+            async_scheduling: None,
         }
     }
 }

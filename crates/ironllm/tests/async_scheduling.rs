@@ -24,7 +24,12 @@ fn prompts() -> Vec<Prompt> {
 }
 
 fn base() -> EngineArgs {
-    EngineArgs { max_model_len: Some(512), ..common::test_args(common::default_gguf(), DType::Auto) }
+    // The reference runs without async scheduling (on by default with --device cuda).
+    EngineArgs {
+        max_model_len: Some(512),
+        async_scheduling: Some(false),
+        ..common::test_args(common::default_gguf(), DType::Auto)
+    }
 }
 
 /// (tokens, finish reason, chosen-token logprobs) per prompt.
@@ -46,7 +51,7 @@ fn run(args: EngineArgs, prompts: &[Prompt], params: &SamplingParams) -> Outputs
 }
 
 fn with_async(args: &EngineArgs) -> EngineArgs {
-    EngineArgs { async_scheduling: true, ..args.clone() }
+    EngineArgs { async_scheduling: Some(true), ..args.clone() }
 }
 
 #[test]
@@ -63,12 +68,23 @@ fn async_scheduling_gives_identical_greedy_and_seeded_outputs() {
         logprobs: Some(2),
         ..SamplingParams::greedy(24)
     };
+    // Without penalties the CUDA runner queues step N + 1 before reading step N's tokens and feeds them
+    // on the device (with penalties it reads them first): seeded draws, min-tokens and logprobs must
+    // still line up with the tokens' positions.
+    let sampled_fed = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        seed: Some(11),
+        min_tokens: 4,
+        logprobs: Some(1),
+        ..SamplingParams::greedy(24)
+    };
     for (label, args) in [
         ("batched", base()),
         // A budget of 24 tokens splits every prompt over several steps, beside running decodes.
         ("chunked", EngineArgs { max_num_batched_tokens: Some(24), max_num_seqs: 8, ..base() }),
     ] {
-        for (kind, params) in [("greedy", &greedy), ("seeded", &sampled)] {
+        for (kind, params) in [("greedy", &greedy), ("seeded", &sampled), ("seeded, fed", &sampled_fed)] {
             let want = run(args.clone(), &prompts, params);
             let got = run(with_async(&args), &prompts, params);
             assert_eq!(got, want, "{label} {kind}: async scheduling changed the outputs");
@@ -109,8 +125,11 @@ fn async_scheduling_survives_preemption() {
 
 #[test]
 fn async_scheduling_with_speculative_decoding_is_refused_at_start_up() {
-    let args =
-        EngineArgs { speculative_config: Some(SpeculativeConfig::ngram(3, 1, 3)), async_scheduling: true, ..base() };
+    let args = EngineArgs {
+        speculative_config: Some(SpeculativeConfig::ngram(3, 1, 3)),
+        async_scheduling: Some(true),
+        ..base()
+    };
     let err = LLM::new(args).err().expect("the combination must be refused");
     assert!(err.to_string().contains("--async-scheduling"), "{err}");
 }
