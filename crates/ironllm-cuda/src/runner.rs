@@ -646,19 +646,15 @@ impl CudaModelRunner {
         // `prev` samples for.
         let mut fed_src: std::collections::HashMap<String, (usize, i32)> = std::collections::HashMap::new();
         if let Some(prev) = prev {
-            let replanned: std::collections::HashSet<&str> = plan
-                .num_scheduled_tokens
-                .iter()
-                .map(|(id, _)| id.as_str())
-                .chain(plan.preempted_req_ids.iter().map(String::as_str))
-                .collect();
+            let scheduled: std::collections::HashSet<&str> =
+                plan.num_scheduled_tokens.iter().map(|(id, _)| id.as_str()).collect();
             for (ri, (id, _)) in prev.order.iter().enumerate() {
-                prev.replanned[ri] = replanned.contains(id.as_str());
+                prev.replanned[ri] = scheduled.contains(id.as_str()) || plan.preempted_req_ids.contains(id);
             }
             let stride = prev.sample.out_stride();
             for (row, &(ri, _)) in prev.sample_rows.iter().enumerate() {
                 let id = prev.order[ri].0.as_str();
-                if !plan.num_scheduled_tokens.iter().any(|(s, _)| s == id) {
+                if !scheduled.contains(id) {
                     continue;
                 }
                 let st = self
