@@ -20,6 +20,7 @@ pub mod model;
 pub mod ops;
 pub mod runner;
 pub mod sampler;
+mod step_timer;
 pub mod tensor;
 
 pub use device::{cuda_available, Gpu, GpuInfo};

@@ -39,6 +39,7 @@ use crate::error::{CudaError, DriverContext};
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::ops::{BatchMeta, FLASH_BLOCK_M};
 use crate::sampler::{GpuSampler, GpuSamplingRow, PendingSample};
+use crate::step_timer::{StepEvents, StepTimer};
 use crate::tensor::GpuDType;
 
 /// How the KV cache is sized.
@@ -239,6 +240,8 @@ pub struct CudaModelRunner {
     graphs: Vec<(usize, DecodeGraph)>,
     /// `IRONLLM_GRAPH_CHECK` was set: every replay is compared with an eager run (debugging aid).
     check_graphs: bool,
+    /// `IRONLLM_STEP_TIMING` was set: GPU time of each part of a step, logged (measurement aid).
+    step_timer: Option<StepTimer>,
     pub memory: CudaMemoryReport,
 }
 
@@ -314,6 +317,7 @@ impl CudaModelRunner {
             graph_table_stride,
             graphs: Vec::new(),
             check_graphs: std::env::var_os("IRONLLM_GRAPH_CHECK").is_some(),
+            step_timer: None,
             memory: CudaMemoryReport {
                 total_bytes: gpu.info.total_memory,
                 weight_bytes: model.weight_bytes(),
@@ -373,6 +377,8 @@ impl CudaModelRunner {
         runner.memory.num_blocks = num_blocks;
         runner.memory.profile_seconds = started.elapsed().as_secs_f64();
         runner.reqs.clear();
+        // Timing starts with served steps (not the profile run or the capture).
+        runner.step_timer = StepTimer::from_env();
         if !cfg.enforce_eager {
             let t0 = Instant::now();
             runner.capture_graphs(&graph_batch_sizes(cfg.max_num_seqs))?;
@@ -795,8 +801,15 @@ impl CudaModelRunner {
                 h.logits_rows.push(i as i32);
             }
         }
+        let mut timing = match self.step_timer.is_some() {
+            true => Some(StepTimer::begin(&self.gpu)?),
+            false => None,
+        };
         self.upload_host()?;
         self.feed_sampled_tokens()?;
+        if let Some(t) = timing.as_mut() {
+            t.mark(&self.gpu)?;
+        }
         match graph_size {
             Some(b) => {
                 let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
@@ -819,6 +832,9 @@ impl CudaModelRunner {
             }
         }
 
+        if let Some(t) = timing.as_mut() {
+            t.mark(&self.gpu)?;
+        }
         let vocab = self.model.config.vocab_size;
         let mut prompt_lps: Vec<Option<Vec<PositionLogprobs>>> = vec![None; order.len()];
         if !prompt_targets.is_empty() {
@@ -860,7 +876,11 @@ impl CudaModelRunner {
             self.sampler.launch(&mut view, &rows)?
         };
         drop(rows);
+        if let Some(t) = timing.as_mut() {
+            t.mark(&self.gpu)?;
+        }
         Ok(PendingStep {
+            timing,
             order: order.iter().map(|(id, n)| ((*id).clone(), *n)).collect(),
             fed: vec![None; order.len()],
             replanned: vec![false; order.len()],
@@ -907,8 +927,11 @@ impl CudaModelRunner {
     /// the next step already re-planned keeps the computed count that plan gave it; one the next step
     /// was fed a placeholder for gets the sampled id written over it.
     fn finish_step(&mut self, pending: PendingStep) -> Result<ModelRunnerOutput, CudaError> {
-        let PendingStep { order, fed, replanned, samples, sample_rows, prompt_logprobs, sample } = pending;
+        let PendingStep { order, fed, replanned, samples, sample_rows, prompt_logprobs, sample, timing } = pending;
         let sampled = self.sampler.finish(sample)?;
+        if let (Some(timer), Some(events)) = (self.step_timer.as_mut(), timing) {
+            timer.add(events)?;
+        }
         let n = order.len();
         let mut step_samples = StepSamples::group(sampled, &sample_rows, n);
         let mut out = ModelRunnerOutput {
@@ -973,6 +996,8 @@ struct PendingStep {
     sample_rows: Vec<(usize, usize)>,
     prompt_logprobs: Vec<Option<Vec<PositionLogprobs>>>,
     sample: PendingSample,
+    /// `IRONLLM_STEP_TIMING`: the step's events.
+    timing: Option<StepEvents>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
