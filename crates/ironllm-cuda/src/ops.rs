@@ -53,22 +53,40 @@ pub fn embedding(
     t: usize,
     h: usize,
 ) -> Result<(), CudaError> {
-    let d = same_dtype(&[out, table], "embedding")?;
-    need(out, t * h, "embedding out")?;
-    need_slice(ids, t, "embedding ids")?;
-    let name = format!("embedding_{}", d.suffix());
+    // Ids come from the engine, which validated them against the vocabulary.
+    copy_rows(gpu, "embedding", out, table, ids, t, h)
+}
+
+/// `out[i, :] = src[index[i], :]` for `n` rows of `hidden` through `kernel`_T (the embedding lookup and
+/// the logits rows' gather share this shape; only the index type differs).
+fn copy_rows<I>(
+    gpu: &Gpu,
+    kernel: &str,
+    out: &mut DevBuf,
+    src: &DevBuf,
+    index: &CudaSlice<I>,
+    n: usize,
+    hidden: usize,
+) -> Result<(), CudaError> {
+    let d = same_dtype(&[out, src], kernel)?;
+    need(out, n * hidden, kernel)?;
+    need_slice(index, n, kernel)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = format!("{kernel}_{}", d.suffix());
     let f = gpu.function(&name)?;
-    let (ti, hi) = (i32_of(t, "tokens")?, i32_of(h, "hidden")?);
-    // SAFETY: sizes checked above; the kernel reads ids[0..t] and table rows named by ids, which the
-    // engine validated against the vocabulary.
+    let (ni, hi) = (i32_of(n, "rows")?, i32_of(hidden, "hidden")?);
+    // SAFETY: sizes checked above; every index names a row of `src` (vocabulary ids validated by the
+    // engine, logits rows < the batch's tokens by the runner).
     unsafe {
         KernelArgs::new(gpu)
             .buf(&out.data)
-            .buf(&table.data)
-            .buf(ids)
-            .i32(ti)
+            .buf(&src.data)
+            .buf(index)
+            .i32(ni)
             .i32(hi)
-            .launch(f, cfg((t as u32, 1, 1), 256, 0))
+            .launch(f, cfg((n as u32, 1, 1), 256, 0))
     }
     .at(|| name)?;
     Ok(())
@@ -538,27 +556,7 @@ pub fn gather_rows(
     n: usize,
     hidden: usize,
 ) -> Result<(), CudaError> {
-    let d = same_dtype(&[out, x], "gather_rows")?;
-    need(out, n * hidden, "gather_rows out")?;
-    need_slice(rows, n, "gather_rows rows")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let name = format!("gather_rows_{}", d.suffix());
-    let f = gpu.function(&name)?;
-    let (ni, hi) = (i32_of(n, "rows")?, i32_of(hidden, "hidden")?);
-    // SAFETY: sizes checked above; row indices come from the runner and are < the batch's tokens.
-    unsafe {
-        KernelArgs::new(gpu)
-            .buf(&out.data)
-            .buf(&x.data)
-            .buf(rows)
-            .i32(ni)
-            .i32(hi)
-            .launch(f, cfg((n as u32, 1, 1), 256, 0))
-    }
-    .at(|| name)?;
-    Ok(())
+    copy_rows(gpu, "gather_rows", out, x, rows, n, hidden)
 }
 
 /// Fills `buf` with uniform random values in `[lo, hi)` (dummy weights).

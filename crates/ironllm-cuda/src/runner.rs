@@ -801,10 +801,7 @@ impl CudaModelRunner {
                 h.logits_rows.push(i as i32);
             }
         }
-        let mut timing = match self.step_timer.is_some() {
-            true => Some(StepTimer::begin(&self.gpu)?),
-            false => None,
-        };
+        let mut timing = self.step_timer.as_ref().map(|_| StepTimer::begin(&self.gpu)).transpose()?;
         self.upload_host()?;
         self.feed_sampled_tokens()?;
         if let Some(t) = timing.as_mut() {
