@@ -723,3 +723,130 @@ sampler_prompt_logprobs_f32(const float* logits, int vocab, const uint32_t* targ
     smp_chosen_logprob(x, vocab, target, lse, o, sh);
     if (threadIdx.x == 0) o[0] = target;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The plain rows of a small batch, split over many blocks. A row with no processor, no logprobs and no
+// truncation (greedy, or temperature alone) needs one pass: the argmax, or the race. One block per row
+// leaves most of the card idle at batch 1 (a 128k-token row then costs ~0.13 ms on one SM), so
+// sampler_plain_split_f32 gives each row `splits` blocks, each over a slice of whole 4-token groups, and
+// sampler_plain_merge_f32 merges their (value, index) winners with the same order (larger value, then
+// lower id). Every score is computed exactly as in sampler_sample_f32 (the same division, Philox counter
+// and logarithms), and the merge order is total, so the token is the one sampler_sample_f32 picks.
+//
+// partial: [rows, splits, 4] words: race winner (score bits, id), argmax of the scaled row (value bits,
+// id); id 0xffffffff = none. Grid: (rows, splits), block: SMP_PLAIN_THREADS; then (rows), 32.
+
+#define SMP_PLAIN_THREADS 256
+
+__device__ __forceinline__ void smp_warp_best(float& bv, uint32_t& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi != 0xffffffffu && (bi == 0xffffffffu || ov > bv || (ov == bv && oi < bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SMP_PLAIN_THREADS)
+sampler_plain_split_f32(const float* logits, int vocab, const uint32_t* meta, uint32_t* partial, int splits) {
+    __shared__ float s_v[2][SMP_PLAIN_THREADS / 32];
+    __shared__ uint32_t s_i[2][SMP_PLAIN_THREADS / 32];
+    const size_t row = blockIdx.x;
+    const int split = blockIdx.y;
+    const uint32_t* h = meta + row * SMP_HDR;
+    const float* x = logits + row * (size_t)vocab;
+    const bool greedy = h[SMP_H_FLAGS] & SMP_FLAG_GREEDY;
+    const float temperature = __uint_as_float(h[SMP_H_TEMPERATURE]);
+    const uint32_t seed_lo = h[SMP_H_SEED_LO], seed_hi = h[SMP_H_SEED_HI];
+    const uint32_t pos_lo = h[SMP_H_POS_LO], pos_hi = h[SMP_H_POS_HI];
+    const int groups = (vocab + 3) >> 2;
+    const int per = (groups + splits - 1) / splits;
+    const int g0 = split * per, g1 = min(g0 + per, groups);
+    // Race winner (kept tokens only) and argmax of the scaled values (the fallback of a fully masked row).
+    float rv = -IRONLLM_INF, av = -IRONLLM_INF;
+    uint32_t ri = 0xffffffffu, ai = 0xffffffffu;
+    for (int g = g0 + (int)threadIdx.x; g < g1; g += blockDim.x) {
+        float v[4];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int i = 4 * g + j;
+            v[j] = i < vocab ? (greedy ? x[i] : __fdiv_rn(x[i], temperature)) : SMP_NAN;
+            smp_better(av, ai, v[j], (uint32_t)i);
+            any |= !smp_isnan(v[j]) && v[j] > -IRONLLM_INF;
+        }
+        if (greedy || !any) continue;
+        const uint4 r = smp_philox(make_uint4((uint32_t)g, pos_lo, pos_hi, SMP_PHILOX_TAG), seed_lo, seed_hi);
+        const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (smp_isnan(v[j]) || !(v[j] > -IRONLLM_INF)) continue;
+            const float score = __fsub_rn(v[j], logf(smp_exponential(words[j])));
+            if (ri == 0xffffffffu) {
+                rv = score;
+                ri = (uint32_t)(4 * g + j);
+            } else {
+                smp_better(rv, ri, score, (uint32_t)(4 * g + j));
+            }
+        }
+    }
+    smp_warp_best(rv, ri);
+    smp_warp_best(av, ai);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        s_v[0][warp] = rv;
+        s_i[0][warp] = ri;
+        s_v[1][warp] = av;
+        s_i[1][warp] = ai;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool ok = lane < (int)(blockDim.x >> 5);
+        rv = ok ? s_v[0][lane] : -IRONLLM_INF;
+        ri = ok ? s_i[0][lane] : 0xffffffffu;
+        av = ok ? s_v[1][lane] : -IRONLLM_INF;
+        ai = ok ? s_i[1][lane] : 0xffffffffu;
+        smp_warp_best(rv, ri);
+        smp_warp_best(av, ai);
+        if (lane == 0) {
+            uint32_t* p = partial + (row * (size_t)splits + split) * 4;
+            p[0] = __float_as_uint(rv);
+            p[1] = ri;
+            p[2] = __float_as_uint(av);
+            p[3] = ai;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+sampler_plain_merge_f32(const uint32_t* meta, const uint32_t* partial, int splits, uint32_t* out, int out_stride) {
+    const size_t row = blockIdx.x;
+    const int lane = threadIdx.x;
+    const uint32_t* h = meta + row * SMP_HDR;
+    float rv = -IRONLLM_INF, av = -IRONLLM_INF;
+    uint32_t ri = 0xffffffffu, ai = 0xffffffffu;
+    for (int s = lane; s < splits; s += 32) {
+        const uint32_t* p = partial + (row * (size_t)splits + s) * 4;
+        const float pv = __uint_as_float(p[0]), qv = __uint_as_float(p[2]);
+        if (p[1] != 0xffffffffu && (ri == 0xffffffffu || pv > rv || (pv == rv && p[1] < ri))) {
+            rv = pv;
+            ri = p[1];
+        }
+        if (p[3] != 0xffffffffu && (ai == 0xffffffffu || qv > av || (qv == av && p[3] < ai))) {
+            av = qv;
+            ai = p[3];
+        }
+    }
+    smp_warp_best(rv, ri);
+    smp_warp_best(av, ai);
+    if (lane == 0) {
+        // Greedy: the argmax (0 when every value is NaN). Random: the race winner; a row with no kept token
+        // (every value -inf or NaN) falls back to the argmax, as sampler_sample_f32 does.
+        const bool greedy = h[SMP_H_FLAGS] & SMP_FLAG_GREEDY;
+        const uint32_t arg = ai == 0xffffffffu ? 0u : ai;
+        out[row * (size_t)out_stride] = (greedy || ri == 0xffffffffu) ? arg : ri;
+    }
+}

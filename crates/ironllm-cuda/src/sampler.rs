@@ -42,6 +42,11 @@ use crate::error::{CudaError, DriverContext};
 pub const DEVICE_MAX_LOGPROBS: usize = 1024;
 /// Threads per CTA (`SMP_THREADS` in `sampler.cu`).
 const THREADS: u32 = 1024;
+/// The split path for plain rows (`sampler_plain_split_f32`): its threads per block, the largest batch it
+/// serves (beyond, one block per row already fills the card) and the most blocks per row.
+const PLAIN_THREADS: u32 = 256;
+const PLAIN_SPLIT_MAX_ROWS: usize = 128;
+const PLAIN_MAX_SPLITS: usize = 32;
 /// Words of a row's header (`SMP_HDR` and the `SMP_H_*` indices in `sampler.cu`).
 const HEADER_WORDS: usize = 24;
 /// Words before the top list in a row of the output (`SMP_OUT_HEAD`).
@@ -192,6 +197,10 @@ pub struct GpuSampler {
     out_copied: [CudaEvent; 2],
     next_slot: usize,
     targets_dev: CudaSlice<u32>,
+    /// Per (row, block) winners of the split path for plain rows (`sampler_plain_split_f32`).
+    plain_partial: CudaSlice<u32>,
+    /// Whether plain rows of small batches take the split path (on; off for tests and A/B).
+    split_plain_rows: bool,
     tally: TokenTally,
     /// The CPU sampler, for logprob lists longer than [`DEVICE_MAX_LOGPROBS`].
     cpu: Sampler,
@@ -259,12 +268,16 @@ impl GpuSampler {
         let new_event = || gpu.ctx.new_event(None).at(|| "creating an event".into());
         let out_copied = [new_event()?, new_event()?];
         gpu.function("sampler_prompt_logprobs_f32")?;
+        gpu.function("sampler_plain_split_f32")?;
+        gpu.function("sampler_plain_merge_f32")?;
         Ok(GpuSampler {
             meta_dev: gpu.alloc_zeros(1)?,
             saved_dev: gpu.alloc_zeros(1)?,
             raw_dev: gpu.alloc_zeros(1)?,
             out_dev: gpu.alloc_zeros(1)?,
             targets_dev: gpu.alloc_zeros(1)?,
+            plain_partial: gpu.alloc_zeros(1)?,
+            split_plain_rows: std::env::var_os("IRONLLM_SAMPLER_NO_SPLIT").is_none(),
             gpu,
             vocab_size,
             meta_host: Vec::new(),
@@ -321,10 +334,16 @@ impl GpuSampler {
         let mut raw_slots = 0u32;
         // Rows whose logprob list is too long for the kernel: (row, k).
         let mut host_logprobs: Vec<(usize, usize)> = Vec::new();
+        // Whether every row is plain: no processor, no logprobs, no truncation (greedy, or temperature).
+        let mut all_plain = true;
         for (r, row) in rows.iter().enumerate() {
             let p = row.params;
             let base = r * HEADER_WORDS;
             let active = processors_active(p, row.output_token_ids);
+            all_plain &= !active
+                && p.logprobs.is_none()
+                && (p.is_greedy()
+                    || (p.min_p <= 0.0 && p.top_k_enabled().filter(|&k| k < vocab).is_none() && p.top_p >= 1.0));
             let mut flags = 0;
             if p.is_greedy() {
                 flags |= FLAG_GREEDY;
@@ -432,10 +451,53 @@ impl GpuSampler {
             host_raw.push(raw);
         }
 
-        let f = gpu.function("sampler_sample_f32")?;
         let vocab_i = vocab as i32;
         let stride_i = i32::try_from(out_stride)
             .map_err(|_| CudaError::Invalid(format!("sampler: output stride {out_stride} too large")))?;
+        let splits = match all_plain && self.split_plain_rows && rows.len() <= PLAIN_SPLIT_MAX_ROWS {
+            true => (2 * gpu.info.multiprocessors / rows.len()).clamp(1, PLAIN_MAX_SPLITS),
+            false => 1,
+        };
+        if splits > 1 {
+            grow(gpu, &mut self.plain_partial, rows.len() * splits * 4)?;
+            let splits_i = splits as i32;
+            let split_cfg = LaunchConfig {
+                grid_dim: (rows.len() as u32, splits as u32, 1),
+                block_dim: (PLAIN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let merge_cfg =
+                LaunchConfig { grid_dim: (rows.len() as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            let (split_f, merge_f) =
+                (gpu.function("sampler_plain_split_f32")?, gpu.function("sampler_plain_merge_f32")?);
+            // SAFETY: logits is [rows, vocab]; the headers describe `rows` rows; `plain_partial` holds
+            // rows * splits * 4 words; the merge writes word row * out_stride of `out_dev` for each row,
+            // which holds rows * out_stride words.
+            unsafe {
+                stream
+                    .launch_builder(split_f)
+                    .arg(&mut *logits)
+                    .arg(&vocab_i)
+                    .arg(&self.meta_dev)
+                    .arg(&mut self.plain_partial)
+                    .arg(&splits_i)
+                    .launch(split_cfg)
+            }
+            .at(|| "sampler_plain_split_f32".into())?;
+            unsafe {
+                stream
+                    .launch_builder(merge_f)
+                    .arg(&self.meta_dev)
+                    .arg(&self.plain_partial)
+                    .arg(&splits_i)
+                    .arg(&mut self.out_dev)
+                    .arg(&stride_i)
+                    .launch(merge_cfg)
+            }
+            .at(|| "sampler_plain_merge_f32".into())?;
+            return self.copy_out(slot, copy_len, out_stride, rows, host_logprobs, host_raw);
+        }
+        let f = gpu.function("sampler_sample_f32")?;
         // SAFETY: logits is [rows, vocab] (checked above); the headers describe exactly `rows` rows and
         // every offset and length in them points inside `meta` (built above), which `meta_dev` and
         // `saved_dev` hold in full; every id in the lists is below `vocab`; raw slots are below
@@ -455,7 +517,20 @@ impl GpuSampler {
                 .launch(cfg)
         }
         .at(|| "sampler_sample_f32".into())?;
+        self.copy_out(slot, copy_len, out_stride, rows, host_logprobs, host_raw)
+    }
 
+    /// Queues the copy of the step's results into pinned buffer `slot` and records its event.
+    fn copy_out(
+        &mut self,
+        slot: usize,
+        copy_len: usize,
+        out_stride: usize,
+        rows: &[GpuSamplingRow<'_>],
+        host_logprobs: Vec<(usize, usize)>,
+        host_raw: Vec<Vec<f32>>,
+    ) -> Result<PendingSample, CudaError> {
+        let stream = self.gpu.stream();
         let pinned = self.out_pinned[slot].as_mut().ok_or_else(|| CudaError::Invalid("pinned buffer".into()))?;
         stream
             .memcpy_dtoh(&self.out_dev.slice(..copy_len), pinned)
@@ -497,6 +572,12 @@ impl GpuSampler {
             sampled[r].logprobs = self.cpu.prompt_logprobs(raw, &[token_id], k).pop();
         }
         Ok(sampled)
+    }
+
+    /// Whether plain rows of small batches (no processor, no logprobs, no truncation) are split over many
+    /// blocks (the default; the same tokens either way). Off runs every row through the general kernel.
+    pub fn set_split_plain_rows(&mut self, on: bool) {
+        self.split_plain_rows = on;
     }
 
     /// The device output of the last launch: row `r`'s sampled id is word `r * stride` (the stride is

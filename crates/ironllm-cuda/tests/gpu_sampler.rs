@@ -5,29 +5,17 @@
 //!
 //! Every test passes with a printed SKIP line on a machine without a CUDA device, so CPU CI stays green.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+mod common;
 
+use std::collections::BTreeMap;
+
+use common::open_gpu;
 use cudarc::driver::CudaSlice;
 use ironllm_core::outputs::PositionLogprobs;
 use ironllm_core::SamplingParams;
 use ironllm_cuda::sampler::{GpuSampler, GpuSamplingRow, DEVICE_MAX_LOGPROBS};
-use ironllm_cuda::{cuda_available, Gpu};
+use ironllm_cuda::Gpu;
 use ironllm_model::sampler::{Rng, SampledToken, Sampler, SamplerState, SamplingRow};
-
-fn open_gpu(test: &str) -> Option<Arc<Gpu>> {
-    if !cuda_available() {
-        println!("SKIP {test}: no CUDA device");
-        return None;
-    }
-    match Gpu::open(0) {
-        Ok(gpu) => Some(gpu),
-        Err(e) => {
-            println!("SKIP {test}: cannot open the GPU: {e}");
-            None
-        }
-    }
-}
 
 /// One request of a test batch.
 struct Req {
@@ -470,6 +458,49 @@ fn a_seeded_token_depends_only_on_seed_and_position() {
     }
     // And again later: nothing carries over between steps.
     assert_eq!(gpu_sample(&gpu, &mut sampler, &target_row, &[target()])[0].token_id, alone);
+}
+
+#[test]
+fn plain_rows_split_over_blocks_pick_the_one_block_token() {
+    let Some(gpu) = open_gpu("plain_rows_split_over_blocks_pick_the_one_block_token") else { return };
+    let vocab = 128_257; // Llama 3's vocabulary plus one: the last 4-token group is partial
+    let mut rng = Rng::seeded(21);
+    let mut sampler = GpuSampler::new(gpu.clone(), vocab).expect("sampler");
+    let settings = [
+        SamplingParams::greedy(1),
+        SamplingParams { temperature: 1.0, ..Default::default() },
+        SamplingParams { temperature: 0.3, ..Default::default() },
+        SamplingParams { temperature: 2.5, ..Default::default() },
+    ];
+    for num_rows in [1usize, 3, 32, 128] {
+        let mut logits = random_logits(&mut rng, num_rows * vocab, 6.0);
+        if num_rows >= 3 {
+            // Row 0: a tie for the maximum (lowest id wins); row 1: every value -inf; row 2: NaN and -inf
+            // only. Rows 1 and 2 have no token to draw: both paths fall back to the argmax, which skips NaN
+            // and takes the lowest id among the -inf (id 0 in row 1, id 1 in row 2).
+            logits[1000] = 50.0;
+            logits[90_000] = 50.0;
+            logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+            for (i, v) in logits[2 * vocab..3 * vocab].iter_mut().enumerate() {
+                *v = if i % 3 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+            }
+        }
+        for (si, params) in settings.iter().enumerate() {
+            let reqs: Vec<Req> = (0..num_rows)
+                .map(|r| {
+                    Req::new(params.clone()).with_tokens(vec![1], vec![2; r % 7]).with_seed(r as u64 * 31 + si as u64)
+                })
+                .collect();
+            sampler.set_split_plain_rows(true);
+            let split: Vec<u32> = gpu_sample(&gpu, &mut sampler, &logits, &reqs).iter().map(|t| t.token_id).collect();
+            sampler.set_split_plain_rows(false);
+            let whole: Vec<u32> = gpu_sample(&gpu, &mut sampler, &logits, &reqs).iter().map(|t| t.token_id).collect();
+            assert_eq!(split, whole, "{num_rows} rows, setting {si}");
+            if num_rows >= 3 && si == 0 {
+                assert_eq!(&split[..3], &[1000, 0, 1], "ties and masked rows");
+            }
+        }
+    }
 }
 
 #[test]
