@@ -32,20 +32,31 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
-# Same run, each off in turn (issue 8): async scheduling (on by default on CUDA; off, step N+1 is
-# launched only after step N's tokens are read) at batch 1/32/128, and the programmatic dependent launch
-# of the decode step's kernels (src/launch.rs) at batch 1 and 32. IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows
-# (tensor-core decode attention, split-KV, skinny GEMM) whose figures are in BENCHMARKS.md.
+# Same run, each off in turn (issue 8): the split sampler for plain rows (IRONLLM_SAMPLER_NO_SPLIT: one
+# block per row) at batch 1 and 32, and the cuBLASLt algorithms timed per shape at start-up
+# (IRONLLM_GEMM_TUNING=0: the heuristic's first choice) at batch 32 and 128 and for both prefills.
+# IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows (async scheduling, programmatic launch, tensor-core decode
+# attention, split-KV, skinny GEMM) whose figures are in BENCHMARKS.md.
 if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
-  for b in 1 32 128; do
-    lat "l8_b${b}_o1_sync" $L8 "$b" 1024 1 "${COMMON8[@]}" --no-async-scheduling
-    lat "l8_b${b}_o65_sync" $L8 "$b" 1024 65 "${COMMON8[@]}" --no-async-scheduling
-  done
   for b in 1 32; do
-    IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o1_nopdl" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o65_nopdl" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o1_nosplitsampler" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o65_nosplitsampler" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
+  for b in 32 128; do
+    IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o1_notune" $L8 "$b" 1024 1 "${COMMON8[@]}"
+    IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o65_notune" $L8 "$b" 1024 65 "${COMMON8[@]}"
+  done
+  IRONLLM_GEMM_TUNING=0 lat l8_prefill_1x4096_notune $L8 1 4096 1 "${COMMON8[@]}"
+  IRONLLM_GEMM_TUNING=0 lat l8_prefill_8x1024_notune $L8 8 1024 1 "${COMMON8[@]}"
   if [ "${IRONLLM_BENCH_AB_OLD:-0}" = 1 ]; then
+    for b in 1 32 128; do
+      lat "l8_b${b}_o1_sync" $L8 "$b" 1024 1 "${COMMON8[@]}" --no-async-scheduling
+      lat "l8_b${b}_o65_sync" $L8 "$b" 1024 65 "${COMMON8[@]}" --no-async-scheduling
+    done
+    for b in 1 32; do
+      IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o1_nopdl" $L8 "$b" 1024 1 "${COMMON8[@]}"
+      IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o65_nopdl" $L8 "$b" 1024 65 "${COMMON8[@]}"
+    done
     for b in 1 32 128; do
       IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o1_nofd" $L8 "$b" 1024 1 "${COMMON8[@]}"
       IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o65_nofd" $L8 "$b" 1024 65 "${COMMON8[@]}"
@@ -57,6 +68,7 @@ if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
     IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o1_nogemv" $L8 1 1024 1 "${COMMON8[@]}"
     IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o65_nogemv" $L8 1 1024 65 "${COMMON8[@]}"
   fi
+  grep -h "timed cuBLASLt" "$LOGS"/l8_b1_o1.log | sed 's/\x1b\[[0-9;]*m//g; s/.*INFO [^ ]* //'
   python3 - "$LOGS" <<'PY'
 import json, os, sys
 logs = sys.argv[1]
@@ -67,9 +79,12 @@ def step(b, v):
         return f"{(c - a) / 64 * 1e3:.3f} ms"
     except Exception as e:
         return f"n/a ({e})"
-rows = [(1, "", "all on"), (1, "_sync", "async scheduling off"), (1, "_nopdl", "programmatic launch off"),
-        (32, "", "all on"), (32, "_sync", "async scheduling off"), (32, "_nopdl", "programmatic launch off"),
-        (128, "", "all on"), (128, "_sync", "async scheduling off"),
+rows = [(1, "", "all on"), (1, "_nosplitsampler", "split sampler off"), (32, "", "all on"),
+        (32, "_nosplitsampler", "split sampler off"), (32, "_notune", "GEMM algorithm timing off"),
+        (128, "", "all on"), (128, "_notune", "GEMM algorithm timing off"),
+        (1, "_sync", "async scheduling off"), (32, "_sync", "async scheduling off"),
+        (128, "_sync", "async scheduling off"), (1, "_nopdl", "programmatic launch off"),
+        (32, "_nopdl", "programmatic launch off"),
         (1, "_nofd", "tensor-core decode attention off"), (32, "_nofd", "tensor-core decode attention off"),
         (128, "_nofd", "tensor-core decode attention off"), (1, "_nosplit", "split-KV off"),
         (32, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off")]
@@ -77,12 +92,20 @@ for b, v, what in rows:
     if v and not os.path.exists(f"{logs}/l8_b{b}_o1{v}.json"):
         continue
     print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
+for shape, tokens in (("1x4096", 4096), ("8x1024", 8192)):
+    for v, what in (("", "all on"), ("_notune", "GEMM algorithm timing off")):
+        try:
+            lat = json.load(open(f"{logs}/l8_prefill_{shape}{v}.json"))["avg_latency"]
+            print(f"8B prefill {shape}, {what}: {tokens / lat:.0f} tokens/s ({lat * 1e3:.1f} ms)")
+        except Exception as e:
+            print(f"8B prefill {shape}, {what}: n/a ({e})")
 PY
 fi
 # GPU-only time of a decode step (graph replays, no host work), to set against the end-to-end step: at
-# context 1 (the weights alone) and 1024 (as the steps above), with programmatic launch on and off.
+# context 1 (the weights alone) and 1024 (as the steps above); IRONLLM_BENCH_PDL_OFF=off adds programmatic
+# launch off.
 for ctx in 1 1024; do
-  for pdl in on off; do
+  for pdl in on ${IRONLLM_BENCH_PDL_OFF:-}; do
     env $([ $pdl = off ] && echo IRONLLM_DISABLE_PDL=1) IRONLLM_TIME_GRAPHS=$ctx "$BIN" bench latency $L8 \
       --load-format dummy --device cuda --batch-size 1 --input-len 16 --output-len 2 --num-iters-warmup 0 \
       --num-iters 1 --dtype bfloat16 --max-model-len 8192 --max-num-seqs 32 2>&1 \

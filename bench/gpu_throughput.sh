@@ -16,10 +16,17 @@ run() { # name input output extra...
   grep -h "Throughput:\|Elapsed" "$LOGS/$name.log" | sed "s/^/$name: /"
 }
 run tp_200_180 200 180 --random-range-ratio 0.5 --max-num-seqs 256
-run tp_200_180_sync 200 180 --random-range-ratio 0.5 --max-num-seqs 256 --no-async-scheduling
-run tp_200_180_seqs512 200 180 --random-range-ratio 0.5 --max-num-seqs 512 --max-num-batched-tokens 16384
 run tp_1024_128 1024 128 --max-num-seqs 256
-# The prefill-heavy workload over the scheduler's two budgets.
-run tp_1024_128_16k 1024 128 --max-num-seqs 256 --max-num-batched-tokens 16384
-run tp_1024_128_seqs512_16k 1024 128 --max-num-seqs 512 --max-num-batched-tokens 16384
-run tp_1024_128_32k 1024 128 --max-num-seqs 256 --max-num-batched-tokens 32768
+# A/B (IRONLLM_TP_AB=0 skips): the cuBLASLt algorithms timed per shape at start-up off (the heuristic's
+# first choice), on the prefill-heavy workload.
+if [ "${IRONLLM_TP_AB:-1}" = 1 ]; then
+  IRONLLM_GEMM_TUNING=0 run tp_1024_128_notune 1024 128 --max-num-seqs 256
+fi
+# IRONLLM_TP_SWEEP=1: async scheduling off, and the scheduler's budgets (figures in BENCHMARKS.md).
+if [ "${IRONLLM_TP_SWEEP:-0}" = 1 ]; then
+  run tp_200_180_sync 200 180 --random-range-ratio 0.5 --max-num-seqs 256 --no-async-scheduling
+  run tp_200_180_seqs512 200 180 --random-range-ratio 0.5 --max-num-seqs 512 --max-num-batched-tokens 16384
+  run tp_1024_128_16k 1024 128 --max-num-seqs 256 --max-num-batched-tokens 16384
+  run tp_1024_128_seqs512_16k 1024 128 --max-num-seqs 512 --max-num-batched-tokens 16384
+  run tp_1024_128_32k 1024 128 --max-num-seqs 256 --max-num-batched-tokens 32768
+fi

@@ -59,7 +59,7 @@ for phase in "$@"; do
     rust)
       export IRONLLM_TEST_DEVICE=cuda IRONLLM_TEST_RANDOM_WEIGHTS=1 IRONLLM_TEST_DTYPE=float32
       export IRONLLM_TEST_GGUF=${IRONLLM_TEST_MODEL:-$MODELS/smollm2-135m-float32}
-      for t in .gpu/test_ironllm_cuda_unit .gpu/test_gpu_sampler .gpu/test_batch_invariance .gpu/test_offline_api .gpu/test_spec_decode .gpu/test_async_scheduling; do
+      for t in .gpu/test_ironllm_cuda_unit .gpu/test_gpu_sampler .gpu/test_gpu_gemm .gpu/test_batch_invariance .gpu/test_offline_api .gpu/test_spec_decode .gpu/test_async_scheduling; do
         [ -x "$t" ] && step "$(basename "$t")" "$t" --test-threads 1
       done
       unset IRONLLM_TEST_DEVICE IRONLLM_TEST_GGUF IRONLLM_TEST_RANDOM_WEIGHTS IRONLLM_TEST_DTYPE

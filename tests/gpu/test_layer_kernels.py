@@ -456,6 +456,10 @@ def test_gemv(mods):
     """The skinny GEMM (m <= 4) of bf16/f16 decode steps, T and f32 outputs, against float64: odd n, k from
     8 to 14336, the Llama-3.1-8B projection shapes."""
     m = mods["gemv.cu"]
+
+    def per_block(rows):  # GEMV_WARPS x output columns per warp (GEMV_ROWS_M1 at m = 1, else GEMV_ROWS)
+        return 8 * (1 if rows == 1 else 2)
+
     shapes = [(1, 8), (7, 64), (33, 4096), (6144, 4096), (4096, 4096), (1001, 14336), (3, 24)]
     for sfx in ("bf16", "f16"):
         dt = DTYPES[sfx]
@@ -468,7 +472,8 @@ def test_gemv(mods):
                 mag = x.double().abs() @ w.double().abs().T
                 for out_sfx, out_dt in ((sfx, dt), (sfx + "_f32", torch.float32)):
                     y = poisoned((M, N), out_dt)
-                    launch(m, f"gemv_{out_sfx}", ((N + 15) // 16,), (256,), (y, dev(x), dev(w), i32(M), i32(N), i32(K)))
+                    grid = ((N + per_block(M) - 1) // per_block(M),)
+                    launch(m, f"gemv_{out_sfx}", grid, (256,), (y, dev(x), dev(w), i32(M), i32(N), i32(K)))
                     got = host(y, out_dt).view(M, N)
                     # f32 accumulation (k terms) plus one rounding of the output to its dtype.
                     eps_out = 0.0 if out_dt == torch.float32 else EPS[dt]

@@ -3,10 +3,11 @@
 //
 // extern "C" gemv_T(T* y, const T* x, const T* w, int m, int n, int k), and gemv_T_f32 with a float y
 // (the LM head's logits)
-//   grid = (ceil(n / (GEMV_WARPS * GEMV_ROWS))), block = GEMV_WARPS * 32; k % 8 == 0, rows 16-byte aligned.
+//   grid = (ceil(n / (GEMV_WARPS * rows))), block = GEMV_WARPS * 32, rows = GEMV_ROWS_M1 for m = 1 and
+//   GEMV_ROWS otherwise; k % 8 == 0, rows 16-byte aligned.
 //
 // A decode step at batch 1-4 is a pass over the weights, and cuBLAS's kernels for these shapes stream
-// them at about 70% of the card's copy rate. Here each warp owns GEMV_ROWS output columns and walks their
+// them at about 70% of the card's copy rate. Here each warp owns one or two output columns and walks their
 // weight rows with 16-byte loads, several in flight per lane (the unrolled loop), multiplying each 8-element
 // chunk with the same chunk of every x row (x is small and stays in L1/L2); partial sums stay in f32 per
 // lane and are reduced across the warp at the end, then rounded once to T. The summation order depends only
@@ -19,11 +20,29 @@
 // waits for the kernel that writes x; a decode step's small kernels (norms, SiLU, the attention merge)
 // then overlap the weight stream instead of leaving the memory system idle between GEMVs.
 
+// The tuning knobs can be overridden with -D for the measurement in bench/gpu_gemv_bw.py; the runtime
+// uses these values (the host's grid arithmetic assumes GEMV_WARPS * GEMV_ROWS rows per block).
+// Measured on an H100 (bench/gpu_gemv_bw.py, 2026-11-27): at m = 1 one row per warp and 8 chunks in flight
+// per lane stream the 8B step's weights in 5.35 ms against 5.52 ms for two rows and 4 chunks (the QKV and
+// O projections gain most: more warps for their few thousand rows); at m = 2 two rows per warp are better.
+#ifndef GEMV_WARPS
 #define GEMV_WARPS 8
+#endif
+#ifndef GEMV_ROWS_M1
+#define GEMV_ROWS_M1 1
+#endif
+#ifndef GEMV_ROWS
 #define GEMV_ROWS 2
+#endif
 #define GEMV_MAX_M 4
 // 16-byte chunks per lane and row prefetched into L2 before the wait (8 KB of weights per warp).
+#ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 8
+#endif
+// Iterations of the chunk loop unrolled, so rows * GEMV_UNROLL loads per lane are in flight.
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 8
+#endif
 
 __device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const bf16*) {
     const unsigned int w[4] = {c.x, c.y, c.z, c.w};
@@ -42,44 +61,44 @@ __device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const
     }
 }
 
-template <typename T, typename Y, int M>
+template <typename T, typename Y, int M, int GEMV_R>
 __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_R;
     if (row0 >= n) return;
     const int chunks = k >> 3;  // 16-byte chunks per row
     const uint4* __restrict__ xr = reinterpret_cast<const uint4*>(x);
-    const uint4* __restrict__ wr[GEMV_ROWS];
+    const uint4* __restrict__ wr[GEMV_R];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) {
+    for (int r = 0; r < GEMV_R; ++r) {
         // A missing last row (odd n) re-reads row0 and is not stored.
         const int row = row0 + r < n ? row0 + r : row0;
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
         for (int p = 0; p < GEMV_PREFETCH; ++p) {
             const int c = lane + 32 * p;
             if (c < chunks) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
         }
     pdl_enter();
-    float acc[GEMV_ROWS][M];
+    float acc[GEMV_R][M];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
         for (int j = 0; j < M; ++j) acc[r][j] = 0.0f;
 
-#pragma unroll 4
+#pragma unroll GEMV_UNROLL
     for (int c = lane; c < chunks; c += 32) {
-        uint4 wv[GEMV_ROWS];
+        uint4 wv[GEMV_R];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) wv[r] = wr[r][c];
+        for (int r = 0; r < GEMV_R; ++r) wv[r] = wr[r][c];
         float xf[M][8];
 #pragma unroll
         for (int j = 0; j < M; ++j) gemv_unpack(xr[(long long)j * chunks + c], xf[j], (const T*)nullptr);
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
+        for (int r = 0; r < GEMV_R; ++r) {
             float wf[8];
             gemv_unpack(wv[r], wf, (const T*)nullptr);
 #pragma unroll
@@ -89,12 +108,12 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         }
     }
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
         for (int j = 0; j < M; ++j) acc[r][j] = warp_sum(acc[r][j]);
     if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
+        for (int r = 0; r < GEMV_R; ++r) {
             if (row0 + r >= n) break;
 #pragma unroll
             for (int j = 0; j < M; ++j) store_f(y + (long long)j * n + row0 + r, acc[r][j]);
@@ -106,10 +125,10 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                         \
         gemv_##S(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int n, int k) { \
         switch (m) {                                                                                      \
-            case 1: gemv_impl<T, Y, 1>(y, x, w, n, k); break;                                             \
-            case 2: gemv_impl<T, Y, 2>(y, x, w, n, k); break;                                             \
-            case 3: gemv_impl<T, Y, 3>(y, x, w, n, k); break;                                             \
-            case 4: gemv_impl<T, Y, 4>(y, x, w, n, k); break;                                             \
+            case 1: gemv_impl<T, Y, 1, GEMV_ROWS_M1>(y, x, w, n, k); break;                               \
+            case 2: gemv_impl<T, Y, 2, GEMV_ROWS>(y, x, w, n, k); break;                                  \
+            case 3: gemv_impl<T, Y, 3, GEMV_ROWS>(y, x, w, n, k); break;                                  \
+            case 4: gemv_impl<T, Y, 4, GEMV_ROWS>(y, x, w, n, k); break;                                  \
             default: break;                                                                               \
         }                                                                                                 \
     }

@@ -1,4 +1,4 @@
-//! The GPU: driver context, the one stream all work is ordered on, the cuBLAS handle and every compiled
+//! The GPU: driver context, the one stream all work is ordered on, the cuBLASLt handle and every compiled
 //! kernel by name. Opening a `Gpu` compiles (or loads from the disk cache) all kernel files for the
 //! card's architecture, so a missing or broken kernel is found at start-up, not mid-request.
 
@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::compile::{compile_file, default_cache_dir, SOURCES};
 use crate::error::{CudaError, DriverContext};
+use crate::lt_gemm::LtGemm;
 
 /// Whether a CUDA driver library is present and reports at least one device.
 pub fn cuda_available() -> bool {
@@ -23,8 +23,6 @@ pub fn cuda_available() -> bool {
     CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
-const CUBLAS_WORKSPACE_BYTES: usize = 64 << 20;
-
 /// Facts about the card, read once.
 #[derive(Debug, Clone)]
 pub struct GpuInfo {
@@ -33,6 +31,7 @@ pub struct GpuInfo {
     pub compute_capability: (i32, i32),
     pub total_memory: usize,
     pub multiprocessors: usize,
+    pub l2_cache_bytes: usize,
     /// The NVRTC target, e.g. `sm_90a`.
     pub arch: String,
     pub kernel_compile_seconds: f64,
@@ -43,8 +42,7 @@ pub struct GpuInfo {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    _blas_workspace: CudaSlice<u8>,
+    lt: LtGemm,
     functions: HashMap<String, CudaFunction>,
     pub info: GpuInfo,
     /// Our skinny GEMM serves bf16/f16 GEMMs of up to `ops::GEMV_MAX_M` rows instead of cuBLAS
@@ -77,8 +75,8 @@ impl Gpu {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(CudaError::Unavailable("the NVRTC library (libnvrtc.so) was not found".into()));
         }
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(CudaError::Unavailable("the cuBLAS library (libcublas.so) was not found".into()));
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable("the cuBLASLt library (libcublasLt.so) was not found".into()));
         }
         let count = CudaContext::device_count().at(|| "counting CUDA devices".into())?;
         if ordinal >= count.max(0) as usize {
@@ -90,28 +88,18 @@ impl Gpu {
         // SAFETY: no buffer exists yet, and this backend never uses a second stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().at(|| "creating a stream".into())?;
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| CudaError::Cublas { what: "creating the handle".into(), message: format!("{e:?}") })?;
-        // A fixed cuBLAS workspace, so GEMMs captured into CUDA graphs never allocate.
-        let workspace =
-            stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES).at(|| "allocating the cuBLAS workspace".into())?;
-        {
-            use cudarc::driver::DevicePtr;
-            let (ptr, _guard) = workspace.device_ptr(&stream);
-            // SAFETY: the workspace lives as long as the Gpu (it is stored beside the handle).
-            let rc = unsafe {
-                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, CUBLAS_WORKSPACE_BYTES)
-            };
-            if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(CudaError::Cublas { what: "setting the workspace".into(), message: format!("{rc:?}") });
-            }
-        }
+        // A fixed workspace, so GEMMs captured into CUDA graphs never allocate.
+        let lt = LtGemm::new(&stream)?;
         let name = ctx.name().at(|| "reading the device name".into())?;
         let cc = ctx.compute_capability().at(|| "reading the compute capability".into())?;
         let total_memory = ctx.total_mem().at(|| "reading the memory size".into())?;
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .at(|| "reading the multiprocessor count".into())? as usize;
+        let l2_cache_bytes = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .at(|| "reading the L2 cache size".into())?
+            .max(0) as usize;
         // Hopper's architecture-specific target unlocks wgmma and the bulk tensor copies.
         let arch = if cc == (9, 0) { "sm_90a".to_string() } else { format!("sm_{}{}", cc.0, cc.1) };
         let started = Instant::now();
@@ -144,6 +132,7 @@ impl Gpu {
             compute_capability: cc,
             total_memory,
             multiprocessors,
+            l2_cache_bytes,
             arch,
             kernel_compile_seconds: started.elapsed().as_secs_f64(),
             kernels_from_cache: all_cached,
@@ -161,16 +150,7 @@ impl Gpu {
         );
         let skinny_gemm = std::env::var_os("IRONLLM_DISABLE_GEMV").is_none();
         let programmatic_launch = cc.0 >= 9 && std::env::var_os("IRONLLM_DISABLE_PDL").is_none();
-        Ok(Arc::new(Gpu {
-            ctx,
-            stream,
-            blas,
-            _blas_workspace: workspace,
-            functions,
-            info,
-            skinny_gemm,
-            programmatic_launch,
-        }))
+        Ok(Arc::new(Gpu { ctx, stream, lt, functions, info, skinny_gemm, programmatic_launch }))
     }
 
     /// The stream every operation of this backend is ordered on.
@@ -178,9 +158,9 @@ impl Gpu {
         &self.stream
     }
 
-    /// The cuBLAS handle (bound to [`stream`](Self::stream)).
-    pub fn blas(&self) -> &CudaBlas {
-        &self.blas
+    /// The half-precision GEMMs (cuBLASLt, algorithms per shape).
+    pub(crate) fn lt(&self) -> &LtGemm {
+        &self.lt
     }
 
     /// A kernel by its `extern "C"` name.

@@ -16,6 +16,7 @@ use ironllm_model::weights::{StoredTensor, StoredType, WeightSource};
 
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
+use crate::lt_gemm::TuneResult;
 use crate::ops::{self, AttnShape, BatchMeta};
 use crate::tensor::{DevBuf, GpuDType};
 
@@ -333,6 +334,42 @@ impl CudaLlama {
 
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Times cuBLASLt's algorithms for this model's projections (layer 0's weights, every layer has the
+    /// same shapes) at each of `sizes` rows, and the LM head at each of `head_sizes`, on the workspace's
+    /// buffers (see `lt_gemm`). Sizes the skinny GEMM serves, or beyond the workspace, are skipped; f32
+    /// models (our own kernel) have nothing to tune. Returns (projection, m, result) per timed shape.
+    pub fn tune_gemms(
+        &self,
+        ws: &mut Workspace,
+        sizes: &[usize],
+        head_sizes: &[usize],
+    ) -> Result<Vec<(&'static str, usize, TuneResult)>, CudaError> {
+        let mut out = Vec::new();
+        let (gpu, c) = (&*self.gpu, &self.config);
+        let Some(layer) = self.layers.first() else { return Ok(out) };
+        if self.dtype == GpuDType::F32 {
+            return Ok(out);
+        }
+        let served = |m: usize| m > ops::GEMV_MAX_M || !gpu.skinny_gemm;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let qw = c.num_attention_heads * c.head_dim;
+        let qkv_w = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+        let f = &mut DevBuf::zeros(gpu, GpuDType::F32, ops::l2_flush_bytes(gpu) / 4)?;
+        let (max_tokens, max_rows) = (ws.max_tokens, ws.max_rows);
+        let Workspace { normed, qkv, attn, proj, gate_up, act, rows_normed, logits, .. } = ws;
+        for &m in sizes.iter().filter(|&&m| served(m) && m <= max_tokens) {
+            out.push(("qkv", m, ops::tune_gemm(gpu, qkv, normed, &layer.qkv, m, qkv_w, h, f)?));
+            out.push(("o", m, ops::tune_gemm(gpu, proj, attn, &layer.o_proj, m, h, qw, f)?));
+            out.push(("gate_up", m, ops::tune_gemm(gpu, gate_up, normed, &layer.gate_up, m, 2 * inter, h, f)?));
+            out.push(("down", m, ops::tune_gemm(gpu, proj, act, &layer.down, m, h, inter, f)?));
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        for &m in head_sizes.iter().filter(|&&m| served(m) && m <= max_rows) {
+            out.push(("lm_head", m, ops::tune_gemm(gpu, logits, rows_normed, head, m, c.vocab_size, h, f)?));
+        }
+        Ok(out)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {

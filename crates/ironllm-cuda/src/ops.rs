@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 
-use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
@@ -413,17 +412,12 @@ pub fn attention(
         }
         let name = split_name;
         let f = gpu.function(&name)?;
+        let grid = (paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32);
         let mut launch = KernelArgs::new(gpu);
         push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, scale);
+        launch.buf(split.part_o).buf(split.part_lse).i32(ns);
         // SAFETY: sizes checked above; the scratch holds every (token, head, split) row.
-        unsafe {
-            launch
-                .buf(split.part_o)
-                .buf(split.part_lse)
-                .i32(ns)
-                .launch(f, cfg((paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32), 128, smem))
-        }
-        .at(|| name.into_owned())?;
+        unsafe { launch.launch(f, cfg(grid, 128, smem)) }.at(|| name.into_owned())?;
         let name = format!("paged_attention_reduce_{}", d.suffix());
         let f = gpu.function(&name)?;
         // SAFETY: the split kernel wrote every row the reduce reads.
@@ -633,7 +627,7 @@ pub fn gemm(
             format!("gemv_{}_f32", x.dtype.suffix())
         };
         let f = gpu.function(&name)?;
-        let rows_per_block = (GEMV_WARPS * GEMV_ROWS) as u32;
+        let rows_per_block = (GEMV_WARPS * gemv_rows_per_warp(m)) as u32;
         let launch = cfg(((n as u32).div_ceil(rows_per_block), 1, 1), (GEMV_WARPS * 32) as u32, 0);
         // SAFETY: sizes checked above; k % 8 == 0 keeps every row 16-byte aligned in these allocations; the
         // kernel waits (pdl_wait) before reading x or writing y.
@@ -657,51 +651,62 @@ pub fn gemm(
 /// batch 1 (8B decode step 5.43 -> 5.16 ms) but lost at batch 4 (6.06 -> 6.61 ms), where every warp
 /// re-reading four x rows costs more than it saves; batch 2 replays as fast as batch 1.
 pub const GEMV_MAX_M: usize = 2;
-/// The skinny GEMM's warps per block and output columns per warp (as in `gemv.cu`).
+/// The skinny GEMM's warps per block (`GEMV_WARPS` in `gemv.cu`).
 const GEMV_WARPS: usize = 8;
-const GEMV_ROWS: usize = 2;
 
-/// `y = x w^T` through cuBLAS (bf16/f16 inputs, f32 accumulation, y in its own dtype).
-fn cublas_gemm(gpu: &Gpu, y: &mut DevBuf, x: &DevBuf, w: &DevBuf, mi: i32, ni: i32, ki: i32) -> Result<(), CudaError> {
-    let ty = |d: GpuDType| match d {
-        GpuDType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
-        GpuDType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
-        GpuDType::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
-    };
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let stream = gpu.stream();
-    {
-        let (xp, _gx) = x.data.device_ptr(stream);
-        let (wp, _gw) = w.data.device_ptr(stream);
-        let (yp, _gy) = y.data.device_ptr_mut(stream);
-        // Row-major y[m, n] is column-major [n, m] = W^T-op(w as col-major [k, n]) x (x as col-major [k, m]).
-        // SAFETY: pointers are live device buffers whose sizes were checked above; cuBLAS runs on our stream.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *gpu.blas().handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                (&alpha) as *const f32 as *const _,
-                wp as *const _,
-                ty(w.dtype),
-                ki,
-                xp as *const _,
-                ty(x.dtype),
-                ki,
-                (&beta) as *const f32 as *const _,
-                yp as *mut _,
-                ty(y.dtype),
-                ni,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| CudaError::Cublas { what: format!("gemm m={mi} n={ni} k={ki}"), message: format!("{e:?}") })?;
+/// Output columns per warp of the skinny GEMM for `m` rows (`GEMV_ROWS_M1` / `GEMV_ROWS` in `gemv.cu`).
+fn gemv_rows_per_warp(m: usize) -> usize {
+    if m == 1 {
+        1
+    } else {
+        2
     }
-    Ok(())
+}
+
+/// `y = x w^T` through cuBLASLt (bf16/f16 inputs, f32 accumulation, y in its own dtype or f32).
+fn cublas_gemm(gpu: &Gpu, y: &mut DevBuf, x: &DevBuf, w: &DevBuf, mi: i32, ni: i32, ki: i32) -> Result<(), CudaError> {
+    let stream = gpu.stream();
+    let (xp, _gx) = x.data.device_ptr(stream);
+    let (wp, _gw) = w.data.device_ptr(stream);
+    let (yp, _gy) = y.data.device_ptr_mut(stream);
+    let shape = (mi as usize, ni as usize, ki as usize);
+    gpu.lt().gemm(stream, yp, xp, wp, shape, x.dtype, y.dtype)
+}
+
+/// Times cuBLASLt's candidate algorithms for `y[m, n] = x[m, k] w[n, k]^T` on these buffers and keeps the
+/// fastest for GEMMs of this weight shape at up to m rows (see `lt_gemm`). Overwrites y and `flush` (a
+/// buffer of at least twice the L2 cache, see [`l2_flush_bytes`], written before each timed GEMM);
+/// synchronizes.
+#[allow(clippy::too_many_arguments)]
+pub fn tune_gemm(
+    gpu: &Gpu,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    m: usize,
+    n: usize,
+    k: usize,
+    flush: &mut DevBuf,
+) -> Result<crate::lt_gemm::TuneResult, CudaError> {
+    if x.dtype != w.dtype || x.dtype == GpuDType::F32 {
+        return Err(CudaError::Invalid("tune_gemm: bf16/f16 x and w of one dtype".into()));
+    }
+    need(y, m * n, "gemm y")?;
+    need(x, m * k, "gemm x")?;
+    need(w, n * k, "gemm w")?;
+    if m == 0 || n == 0 || k == 0 {
+        return Err(CudaError::Invalid("tune_gemm: empty shape".into()));
+    }
+    let stream = gpu.stream();
+    let (xp, _gx) = x.data.device_ptr(stream);
+    let (wp, _gw) = w.data.device_ptr(stream);
+    let (yp, _gy) = y.data.device_ptr_mut(stream);
+    gpu.lt().tune(stream, yp, xp, wp, (m, n, k), x.dtype, y.dtype, &mut flush.data)
+}
+
+/// Bytes of the buffer `tune_gemm` writes to empty the L2 cache: twice the card's L2, at least 64 MiB.
+pub fn l2_flush_bytes(gpu: &Gpu) -> usize {
+    (2 * gpu.info.l2_cache_bytes).max(64 << 20)
 }
 
 #[cfg(test)]

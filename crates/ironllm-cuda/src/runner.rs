@@ -78,6 +78,11 @@ pub struct CudaMemoryReport {
     /// Batch sizes with a captured decode graph, and the time capturing took.
     pub graph_batch_sizes: Vec<usize>,
     pub graph_capture_seconds: f64,
+    /// GEMM shapes whose cuBLASLt algorithms were timed, how many of them run another algorithm than the
+    /// heuristic's first choice, and the time the timing took (`IRONLLM_GEMM_TUNING=0`: none).
+    pub gemm_shapes_tuned: usize,
+    pub gemm_shapes_switched: usize,
+    pub gemm_tuning_seconds: f64,
 }
 
 /// Reused device buffers for the batch metadata; they only grow.
@@ -259,6 +264,24 @@ struct DecodeGraph(CudaGraph);
 // from one thread at a time (it moves to the engine thread once, before any launch).
 unsafe impl Send for DecodeGraph {}
 
+/// Row counts at which the GEMM algorithms are timed: the decode graphs' batch sizes, then a ladder of
+/// prefill sizes (x1.5 and x4/3 in turn: 384, 512, 768, 1024, ...) up to and including `max_tokens`. A
+/// GEMM of m rows runs the winner of the nearest size at or above m.
+pub fn gemm_tuning_sizes(max_num_seqs: usize, max_tokens: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = graph_batch_sizes(max_num_seqs).into_iter().filter(|&m| m <= max_tokens).collect();
+    let mut m = 384;
+    while m < max_tokens {
+        if sizes.last().is_none_or(|&l| m > l) {
+            sizes.push(m);
+        }
+        m = if m.is_power_of_two() { m * 3 / 2 } else { m * 4 / 3 };
+    }
+    if sizes.last().is_none_or(|&l| max_tokens > l) {
+        sizes.push(max_tokens);
+    }
+    sizes
+}
+
 /// Batch sizes to capture decode graphs for, as vLLM does: 1, 2, 4, then steps of 8 up to 64 and of 16
 /// beyond, up to `max_num_seqs` (capped at 512).
 pub fn graph_batch_sizes(max_num_seqs: usize) -> Vec<usize> {
@@ -327,6 +350,9 @@ impl CudaModelRunner {
                 profile_seconds: 0.0,
                 graph_batch_sizes: Vec::new(),
                 graph_capture_seconds: 0.0,
+                gemm_shapes_tuned: 0,
+                gemm_shapes_switched: 0,
+                gemm_tuning_seconds: 0.0,
             },
         };
         let profile_len = max_tokens.min(model.max_positions);
@@ -377,6 +403,9 @@ impl CudaModelRunner {
         runner.memory.num_blocks = num_blocks;
         runner.memory.profile_seconds = started.elapsed().as_secs_f64();
         runner.reqs.clear();
+        if std::env::var("IRONLLM_GEMM_TUNING").map_or(true, |v| v != "0") {
+            runner.tune_gemms(cfg.max_num_seqs)?;
+        }
         // Timing starts with served steps (not the profile run or the capture).
         runner.step_timer = StepTimer::from_env();
         if !cfg.enforce_eager {
@@ -386,6 +415,39 @@ impl CudaModelRunner {
             runner.memory.graph_batch_sizes = runner.graphs.iter().map(|(b, _)| *b).collect();
         }
         Ok(runner)
+    }
+
+    /// Times cuBLASLt's algorithms for the model's GEMMs at the sizes steps will have (before the graphs
+    /// are captured, so they use the winners), and logs what changed.
+    fn tune_gemms(&mut self, max_num_seqs: usize) -> Result<(), CudaError> {
+        let t0 = Instant::now();
+        let sizes = gemm_tuning_sizes(max_num_seqs, self.ws.max_tokens());
+        let head_sizes = graph_batch_sizes(max_num_seqs);
+        let results = self.model.tune_gemms(&mut self.ws, &sizes, &head_sizes)?;
+        self.gpu.synchronize()?;
+        let switched: Vec<_> = results.iter().filter(|(_, _, r)| r.best_ms < r.first_ms).collect();
+        for (name, m, r) in &results {
+            tracing::debug!(
+                "gemm {name} m={m}: {} candidates, first {:.4} ms, kept {:.4} ms",
+                r.candidates,
+                r.first_ms,
+                r.best_ms
+            );
+        }
+        let saved: f64 = switched.iter().map(|(_, _, r)| 1.0 - r.best_ms / r.first_ms).fold(0.0, f64::max);
+        self.memory.gemm_shapes_tuned = results.len();
+        self.memory.gemm_shapes_switched = switched.len();
+        self.memory.gemm_tuning_seconds = t0.elapsed().as_secs_f64();
+        if !results.is_empty() {
+            tracing::info!(
+                "timed cuBLASLt's algorithms for {} GEMM shapes in {:.2}s: another than the heuristic's first choice is faster for {} (by up to {:.1}%)",
+                results.len(),
+                self.memory.gemm_tuning_seconds,
+                switched.len(),
+                100.0 * saved
+            );
+        }
+        Ok(())
     }
 
     /// Captures one decode graph per batch size: the whole forward of a batch of single-token sequences,
@@ -1114,5 +1176,23 @@ mod tests {
         assert!(err.contains("--kv-cache-dtype float16") && err.contains("choose from auto, bfloat16"), "{err}");
         let err = resolve_kv_cache_dtype(KvCacheDType::Fp8("fp8_e4m3"), GpuDType::F16).expect_err("fp8");
         assert!(err.contains("fp8_e4m3") && err.contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn gemm_tuning_sizes_are_the_graph_sizes_then_a_prefill_ladder_to_the_token_budget() {
+        let sizes = gemm_tuning_sizes(256, 8192);
+        assert_eq!(&sizes[..5], &[1, 2, 4, 8, 16]);
+        let graphs = graph_batch_sizes(256);
+        assert_eq!(&sizes[..graphs.len()], &graphs[..]);
+        assert_eq!(&sizes[graphs.len()..], &[384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]);
+        // The budget is always a size; nothing beyond it; strictly increasing.
+        assert_eq!(gemm_tuning_sizes(256, 2500).last(), Some(&2500));
+        assert_eq!(gemm_tuning_sizes(256, 300).last(), Some(&300));
+        assert_eq!(gemm_tuning_sizes(4, 2), vec![1, 2]);
+        for (seqs, tokens) in [(256, 8192), (1, 1), (512, 16384), (64, 100), (300, 5000)] {
+            let s = gemm_tuning_sizes(seqs, tokens);
+            assert!(s.windows(2).all(|w| w[0] < w[1]), "{seqs} {tokens}: {s:?}");
+            assert_eq!(s.last(), Some(&tokens), "{seqs} {tokens}");
+        }
     }
 }

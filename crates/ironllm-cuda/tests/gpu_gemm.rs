@@ -1,0 +1,104 @@
+//! The half-precision GEMMs (`ops::gemm`: cuBLASLt for three rows and more, the skinny GEMM below) against
+//! a float64 product of the same rounded inputs, before and after `ops::tune_gemm` has timed and chosen
+//! algorithms, at sizes on and between the timed ones, with bf16/f16 and f32 outputs.
+//!
+//! Every test passes with a printed SKIP line on a machine without a CUDA device, so CPU CI stays green.
+
+mod common;
+
+use common::open_gpu;
+use ironllm_cuda::ops;
+use ironllm_cuda::tensor::{DevBuf, GpuDType};
+use ironllm_model::sampler::Rng;
+
+fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * scale) as f32).collect()
+}
+
+/// Values as the GPU holds them (rounded to the dtype).
+fn rounded(d: GpuDType, v: &[f32]) -> Vec<f32> {
+    d.decode(&d.encode(v))
+}
+
+/// Checks y = x w^T from the GPU against float64 on the rounded inputs: f32 accumulation error (k terms)
+/// plus one rounding of the output.
+#[allow(clippy::too_many_arguments)]
+fn check(what: &str, y: &[f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: GpuDType) {
+    let out_eps = match out {
+        GpuDType::F32 => 0.0,
+        GpuDType::BF16 => 2f64.powi(-8),
+        GpuDType::F16 => 2f64.powi(-11),
+    };
+    let mut bad = 0;
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut r, mut mag) = (0f64, 0f64);
+            for t in 0..k {
+                let p = f64::from(x[i * k + t]) * f64::from(w[j * k + t]);
+                r += p;
+                mag += p.abs();
+            }
+            let err = (f64::from(y[i * n + j]) - r).abs();
+            let bound = 1.01 * k as f64 * 2f64.powi(-24) * mag + out_eps * r.abs() + 1e-30;
+            if err.is_nan() || err > bound {
+                bad += 1;
+                worst = worst.max(err / bound);
+            }
+        }
+    }
+    assert_eq!(bad, 0, "{what}: {bad} of {} outputs beyond the bound (worst {worst:.2}x)", m * n);
+}
+
+#[test]
+fn half_gemms_match_float64_before_and_after_algorithm_timing() {
+    let Some(gpu) = open_gpu("half_gemms_match_float64_before_and_after_algorithm_timing") else { return };
+    let mut rng = Rng::seeded(7);
+    let mut flush = DevBuf::zeros(&gpu, GpuDType::F32, ops::l2_flush_bytes(&gpu) / 4).expect("flush");
+    for dt in [GpuDType::BF16, GpuDType::F16] {
+        // (n, k) like a small model's projections; k % 8 == 0 as every real hidden size.
+        for (n, k) in [(384, 256), (1000, 512), (96, 1024)] {
+            let max_m = 300;
+            let w = rounded(dt, &random(&mut rng, n * k, 1.0 / (k as f64).sqrt()));
+            let x = rounded(dt, &random(&mut rng, max_m * k, 1.0));
+            let wd = DevBuf::from_f32(&gpu, dt, &w).expect("w");
+            let xd = DevBuf::from_f32(&gpu, dt, &x).expect("x");
+            for out in [dt, GpuDType::F32] {
+                let mut yd = DevBuf::zeros(&gpu, out, max_m * n).expect("y");
+                let sizes = [1usize, 2, 3, 5, 16, 17, 64, 100, 256, 300];
+                for &m in &sizes {
+                    ops::gemm(&gpu, &mut yd, &xd, &wd, None, m, n, k).expect("gemm");
+                    let y = yd.to_f32(&gpu).expect("y");
+                    check(&format!("{dt:?}->{out:?} m={m} n={n} k={k}, untimed"), &y, &x, &w, m, n, k, out);
+                }
+                // Time algorithms at a few sizes; GEMMs at, between and beyond them use the winners.
+                for m in [4, 64, 256] {
+                    let r = ops::tune_gemm(&gpu, &mut yd, &xd, &wd, m, n, k, &mut flush).expect("tune");
+                    assert!(r.candidates >= 1 && r.best_ms > 0.0 && r.best_ms <= r.first_ms, "{r:?}");
+                }
+                for &m in &sizes {
+                    ops::gemm(&gpu, &mut yd, &xd, &wd, None, m, n, k).expect("gemm");
+                    let y = yd.to_f32(&gpu).expect("y");
+                    check(&format!("{dt:?}->{out:?} m={m} n={n} k={k}, timed"), &y, &x, &w, m, n, k, out);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tuning_refuses_what_it_cannot_time() {
+    let Some(gpu) = open_gpu("tuning_refuses_what_it_cannot_time") else { return };
+    let mut flush = DevBuf::zeros(&gpu, GpuDType::F32, 1 << 20).expect("flush");
+    let x = DevBuf::zeros(&gpu, GpuDType::BF16, 64).expect("x");
+    let w = DevBuf::zeros(&gpu, GpuDType::BF16, 64).expect("w");
+    let mut y = DevBuf::zeros(&gpu, GpuDType::BF16, 64).expect("y");
+    // y too small for 8 x 8 rows of k = 8: a shape error, not a launch.
+    assert!(ops::tune_gemm(&gpu, &mut y, &x, &w, 8, 16, 8, &mut flush).is_err());
+    // f32 GEMMs run our own kernel: nothing to time.
+    let xf = DevBuf::zeros(&gpu, GpuDType::F32, 64).expect("x");
+    let wf = DevBuf::zeros(&gpu, GpuDType::F32, 64).expect("w");
+    let mut yf = DevBuf::zeros(&gpu, GpuDType::F32, 64).expect("y");
+    assert!(ops::tune_gemm(&gpu, &mut yf, &xf, &wf, 4, 4, 4, &mut flush).is_err());
+    assert!(ops::tune_gemm(&gpu, &mut y, &x, &w, 0, 4, 4, &mut flush).is_err());
+}
