@@ -28,6 +28,7 @@ PATTERNS = [
     ("loading", re.compile(r"Loading model")),
     ("cuda", re.compile(r"CUDA device \d+: .*?; (?P<kernels>\d+) kernels (?P<kernel_source>compiled|loaded from the cache) in (?P<kernels_s>[\d.]+)s")),
     ("gpu_memory", re.compile(r"GPU memory: .*?weights (?P<weights_gib>[\d.]+) GiB.*?KV cache (?P<kv_gib>[\d.]+) GiB; profiled in (?P<profile_kv_s>[\d.]+)s")),
+    ("gemm_timing", re.compile(r"timed cuBLASLt's algorithms for (?P<gemm_shapes>\d+) GEMM shapes in (?P<gemm_s>[\d.]+)s")),
     ("graphs", re.compile(r"captured (?P<graphs>\d+) decode CUDA graphs .*? in (?P<graphs_s>[\d.]+)s")),
     ("eager", re.compile(r"CUDA graphs off")),
     ("loaded", re.compile(r"model .+ \(.+ layers, weights .+\) loaded in (?P<weights_s>[\d.]+)s")),
@@ -131,7 +132,7 @@ def fmt(v, spec=".2f"):
 
 def table(paths):
     hdr = (f"{'run':<24} {'ready s':>8} {'1st log':>8} {'CUDA open':>9} {'kernels':>14} {'weights':>8} "
-           f"{'prof+KV':>8} {'graphs':>11} {'->listen':>8} {'->ready':>8}  status")
+           f"{'prof+KV':>8} {'GEMM algos':>11} {'graphs':>11} {'->listen':>8} {'->ready':>8}  status")
     print(hdr)
     print("-" * len(hdr))
     for p in paths:
@@ -143,20 +144,21 @@ def table(paths):
         o = r.get("offsets", {})
         cuda_open = o["cuda"] - o["loading"] if "cuda" in o and "loading" in o else None
         kernels = "-" if "kernels_s" not in r else f"{r['kernels_s']:.2f} {'cache' if r.get('kernel_source', '').startswith('loaded') else 'nvrtc'}"
+        gemm = "-" if "gemm_s" not in r else f"{r['gemm_s']:.2f} ({int(r['gemm_shapes'])})"
         graphs = "-" if "graphs_s" not in r else f"{r['graphs_s']:.2f} ({int(r['graphs'])})"
         # the engine's last start-up line (its KV capacity) follows weights, profile and graph capture
         engine_done = o.get("kv_line", o.get("graphs", o.get("eager")))
         to_listen = o["listening"] - engine_done if "listening" in o and engine_done is not None else None
         to_ready = r["ready_s"] - o["listening"] if r.get("ready_s") is not None and "listening" in o else None
         print(f"{r['name']:<24} {fmt(r.get('ready_s')):>8} {fmt(r.get('first_log_s')):>8} {fmt(cuda_open):>9} "
-              f"{kernels:>14} {fmt(r.get('weights_s')):>8} {fmt(r.get('profile_kv_s')):>8} {graphs:>11} "
+              f"{kernels:>14} {fmt(r.get('weights_s')):>8} {fmt(r.get('profile_kv_s')):>8} {gemm:>11} {graphs:>11} "
               f"{fmt(to_listen):>8} {fmt(to_ready):>8}  {r.get('status')}")
         if r.get("status") != "ready" and r.get("error_lines"):
             print(f"{'':<24} {r['error_lines'][-1][:160]}")
     print("ready s: launch to first 200 from /health; 1st log: launch to the first log line; CUDA open: context, "
-          "cuBLAS and kernels (compiled by NVRTC or loaded from the cache); weights: config, tokenizer and weights "
+          "cuBLASLt and kernels (compiled by NVRTC or loaded from the cache); weights: config, tokenizer and weights "
           "to the GPU (ironllm's 'loaded in'); prof+KV: workspace, profile forward and KV cache allocation "
-          "('profiled in'); graphs: decode CUDA graph capture (count); ->listen: engine built to the socket bound")
+          "('profiled in'); GEMM algos: cuBLASLt algorithm timing (shapes); graphs: decode CUDA graph capture (count); ->listen: engine built to the socket bound")
 
 
 def main():

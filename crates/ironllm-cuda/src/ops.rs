@@ -636,7 +636,7 @@ pub fn gemm(
         }
         .at(|| name)?;
     } else {
-        cublas_gemm(gpu, y, x, w, mi, ni, ki)?;
+        cublaslt_gemm(gpu, y, x, w, m, n, k)?;
     }
     if let Some(bias) = bias {
         if y.dtype != bias.dtype {
@@ -664,13 +664,20 @@ fn gemv_rows_per_warp(m: usize) -> usize {
 }
 
 /// `y = x w^T` through cuBLASLt (bf16/f16 inputs, f32 accumulation, y in its own dtype or f32).
-fn cublas_gemm(gpu: &Gpu, y: &mut DevBuf, x: &DevBuf, w: &DevBuf, mi: i32, ni: i32, ki: i32) -> Result<(), CudaError> {
+fn cublaslt_gemm(
+    gpu: &Gpu,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), CudaError> {
     let stream = gpu.stream();
     let (xp, _gx) = x.data.device_ptr(stream);
     let (wp, _gw) = w.data.device_ptr(stream);
     let (yp, _gy) = y.data.device_ptr_mut(stream);
-    let shape = (mi as usize, ni as usize, ki as usize);
-    gpu.lt().gemm(stream, yp, xp, wp, shape, x.dtype, y.dtype)
+    gpu.lt().gemm(stream, yp, xp, wp, (m, n, k), x.dtype, y.dtype)
 }
 
 /// Times cuBLASLt's candidate algorithms for `y[m, n] = x[m, k] w[n, k]^T` on these buffers and keeps the

@@ -78,11 +78,6 @@ pub struct CudaMemoryReport {
     /// Batch sizes with a captured decode graph, and the time capturing took.
     pub graph_batch_sizes: Vec<usize>,
     pub graph_capture_seconds: f64,
-    /// GEMM shapes whose cuBLASLt algorithms were timed, how many of them run another algorithm than the
-    /// heuristic's first choice, and the time the timing took (`IRONLLM_GEMM_TUNING=0`: none).
-    pub gemm_shapes_tuned: usize,
-    pub gemm_shapes_switched: usize,
-    pub gemm_tuning_seconds: f64,
 }
 
 /// Reused device buffers for the batch metadata; they only grow.
@@ -350,9 +345,6 @@ impl CudaModelRunner {
                 profile_seconds: 0.0,
                 graph_batch_sizes: Vec::new(),
                 graph_capture_seconds: 0.0,
-                gemm_shapes_tuned: 0,
-                gemm_shapes_switched: 0,
-                gemm_tuning_seconds: 0.0,
             },
         };
         let profile_len = max_tokens.min(model.max_positions);
@@ -424,7 +416,6 @@ impl CudaModelRunner {
         let sizes = gemm_tuning_sizes(max_num_seqs, self.ws.max_tokens());
         let head_sizes = graph_batch_sizes(max_num_seqs);
         let results = self.model.tune_gemms(&mut self.ws, &sizes, &head_sizes)?;
-        self.gpu.synchronize()?;
         let switched: Vec<_> = results.iter().filter(|(_, _, r)| r.best_ms < r.first_ms).collect();
         for (name, m, r) in &results {
             tracing::debug!(
@@ -435,14 +426,11 @@ impl CudaModelRunner {
             );
         }
         let saved: f64 = switched.iter().map(|(_, _, r)| 1.0 - r.best_ms / r.first_ms).fold(0.0, f64::max);
-        self.memory.gemm_shapes_tuned = results.len();
-        self.memory.gemm_shapes_switched = switched.len();
-        self.memory.gemm_tuning_seconds = t0.elapsed().as_secs_f64();
         if !results.is_empty() {
             tracing::info!(
                 "timed cuBLASLt's algorithms for {} GEMM shapes in {:.2}s: another than the heuristic's first choice is faster for {} (by up to {:.1}%)",
                 results.len(),
-                self.memory.gemm_tuning_seconds,
+                t0.elapsed().as_secs_f64(),
                 switched.len(),
                 100.0 * saved
             );
