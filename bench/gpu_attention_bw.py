@@ -35,12 +35,16 @@ def module(name):
     return cp.RawModule(code=src, options=("--std=c++17",), backend="nvrtc")
 
 
+MAX_SPLITS = int(os.environ.get("IRONLLM_MAX_DECODE_SPLITS", "16"))  # ops::DEFAULT_MAX_DECODE_SPLITS
+MIN_KEYS = int(os.environ.get("IRONLLM_DECODE_SPLIT_MIN_KEYS", "128"))  # ops::DECODE_SPLIT_MIN_KEYS
+
+
 def decode_splits(tokens, kv_heads, sms, max_context):
-    """ops::decode_splits: about four blocks per SM, at most 16 shares of at least 128 keys."""
+    """ops::decode_splits: about four blocks per SM, at most MAX_SPLITS shares of at least 128 keys."""
     pairs, target = tokens * kv_heads, 4 * sms
     if pairs == 0 or pairs >= target:
         return 1
-    return max(1, min(-(-target // pairs), 16, -(-max_context // 128)))
+    return max(1, min(-(-target // pairs), MAX_SPLITS, -(-max_context // 128)))
 
 
 def flash_decode_smem(hd):
@@ -113,7 +117,8 @@ def main():
                 if splits == 1:
                     fp((batch, KV, 1), (128, 1, 1), (out,) + inputs, shared_mem=smem)
                 else:
-                    fs((batch, KV, splits), (128, 1, 1), inputs + (part_o, part_lse, np.int32(splits)), shared_mem=smem)
+                    fs((batch, KV, splits), (128, 1, 1), inputs + (part_o, part_lse, np.int32(splits), np.int32(MIN_KEYS)),
+                       shared_mem=smem)
                     reduce((batch, H, 1), (128, 1, 1), (out, part_o, part_lse, np.int32(batch), np.int32(H),
                                                         np.int32(HD), np.int32(splits)))
             return run

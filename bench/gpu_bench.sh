@@ -42,6 +42,12 @@ if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
     IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o1_nosplitsampler" $L8 "$b" 1024 1 "${COMMON8[@]}"
     IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o65_nosplitsampler" $L8 "$b" 1024 65 "${COMMON8[@]}"
   done
+  # decode split-KV shares: sized by the split count alone (no 128-key minimum, the earlier default),
+  # and the cap at 8 instead of 16
+  IRONLLM_DECODE_SPLIT_MIN_KEYS=1 lat l8_b1_o1_minkeys1 $L8 1 1024 1 "${COMMON8[@]}"
+  IRONLLM_DECODE_SPLIT_MIN_KEYS=1 lat l8_b1_o65_minkeys1 $L8 1 1024 65 "${COMMON8[@]}"
+  IRONLLM_MAX_DECODE_SPLITS=8 lat l8_b1_o1_splits8 $L8 1 1024 1 "${COMMON8[@]}"
+  IRONLLM_MAX_DECODE_SPLITS=8 lat l8_b1_o65_splits8 $L8 1 1024 65 "${COMMON8[@]}"
   for b in 32 128; do
     IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o1_notune" $L8 "$b" 1024 1 "${COMMON8[@]}"
     IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o65_notune" $L8 "$b" 1024 65 "${COMMON8[@]}"
@@ -79,7 +85,9 @@ def step(b, v):
         return f"{(c - a) / 64 * 1e3:.3f} ms"
     except Exception as e:
         return f"n/a ({e})"
-rows = [(1, "", "all on"), (1, "_nosplitsampler", "split sampler off"), (32, "", "all on"),
+rows = [(1, "", "all on"), (1, "_nosplitsampler", "split sampler off"), (1, "_minkeys1", "split shares sized by count alone"),
+        (1, "_splits8", "at most 8 KV splits"),
+        (32, "", "all on"),
         (32, "_nosplitsampler", "split sampler off"), (32, "_notune", "GEMM algorithm timing off"),
         (128, "", "all on"), (128, "_notune", "GEMM algorithm timing off"),
         (1, "_sync", "async scheduling off"), (32, "_sync", "async scheduling off"),

@@ -75,7 +75,8 @@ for phase in "$@"; do
       cp "$LOGS/compare_results.json" "$OUT/" 2>/dev/null
       ;;
     bench)
-      step gpu_bench bash bench/gpu_bench.sh "$LOGS"
+      # ~7 minutes with the A/B rows (IRONLLM_BENCH_AB=0 skips them)
+      STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-540} step gpu_bench bash bench/gpu_bench.sh "$LOGS"
       ;;
     spec)
       step gpu_spec bash bench/gpu_spec.sh "$LOGS/spec"

@@ -554,8 +554,9 @@ class AttnCase:
                 i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale)))
         return host(out, self.dt).view(T, H * hd)
 
-    def run_split(self, mod, sfx, num_splits, scale=None):
-        """Split-KV decode attention (every row a decode row): split kernel, then the reduce."""
+    def run_split(self, mod, sfx, num_splits, scale=None, min_keys=1):
+        """Split-KV decode attention (every row a decode row): split kernel (shares of at least `min_keys`
+        keys), then the reduce."""
         T = self.qkv.shape[0]
         H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
         scale = 1.0 / math.sqrt(hd) if scale is None else scale
@@ -564,15 +565,16 @@ class AttnCase:
         launch(mod, f"paged_attention_split_{sfx}", (T, KV, num_splits), (128,),
                (dev(self.qkv), dev(self.k_cache), dev(self.v_cache), dev(self.batch_tables),
                 dev(self.query_start_loc), dev(self.context_lens), dev(self.token_to_seq), i32(T), i32(H), i32(KV),
-                i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale), part_o, part_lse, i32(num_splits)))
+                i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale), part_o, part_lse, i32(num_splits),
+                i32(min_keys)))
         out = poisoned((T, H * hd), self.dt)
         launch(mod, f"paged_attention_reduce_{sfx}", (T, H), (128,),
                (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
         return host(out, self.dt).view(T, H * hd)
 
-    def run_flash_decode(self, mod, sfx, num_splits, scale=None):
+    def run_flash_decode(self, mod, sfx, num_splits, scale=None, min_keys=1):
         """Tensor-core decode attention (flash_decode.cu): the plain kernel when num_splits == 1, else the
-        split kernel followed by attention.cu's reduce (`reduce_mod`)."""
+        split kernel (shares of at least `min_keys` keys) followed by attention.cu's reduce."""
         T = self.qkv.shape[0]
         H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
         scale = 1.0 / math.sqrt(hd) if scale is None else scale
@@ -588,7 +590,7 @@ class AttnCase:
             part_o = poisoned((T * H * num_splits, hd), torch.float32)
             part_lse = poisoned((T * H * num_splits,), torch.float32)
             launch(mod["flash_decode.cu"], f"flash_decode_split_{sfx}_hd{hd}", (T, KV, num_splits), (128,),
-                   inputs + (part_o, part_lse, i32(num_splits)), shared_mem=smem)
+                   inputs + (part_o, part_lse, i32(num_splits), i32(min_keys)), shared_mem=smem)
             launch(mod["attention.cu"], f"paged_attention_reduce_{sfx}", (T, H), (128,),
                    (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
         return host(out, self.dt).view(T, H * hd)
@@ -662,7 +664,7 @@ def test_paged_attention_split(mods):
         dt = DTYPES[sfx]
         atol, rtol = attn_tol(dt)
         for H, KV, hd, bs in configs:
-            for splits in (2, 3, 16):
+            for splits in (2, 3, 16, 32):
                 seed = next_seed()
                 case = AttnCase(dt, H, KV, hd, bs, [(1000, 1), (5, 1), (1, 1), (129, 1)])
                 check_close(f"paged_attention_split_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} seed={seed}",
@@ -672,6 +674,14 @@ def test_paged_attention_split(mods):
         case = AttnCase(dt, 32, 8, 128, 16, [(8192, 1)])
         check_close(f"paged_attention_split_{sfx} 8192-token context splits=16 seed={seed}",
                     case.run_split(mod, sfx, 16), case.reference(), atol, rtol, why="as above")
+        # shares of at least 128 keys (ops::DECODE_SPLIT_MIN_KEYS): short rows fill fewer shares than the
+        # grid has, long ones all of them
+        for splits in (16, 32):
+            seed = next_seed()
+            case = AttnCase(dt, 32, 8, 128, 16, [(1000, 1), (5, 1), (128, 1), (129, 1), (4097, 1), (2048, 1)])
+            check_close(f"paged_attention_split_{sfx} min 128 keys a share splits={splits} seed={seed}",
+                        case.run_split(mod, sfx, splits, min_keys=128), case.reference(), atol, rtol,
+                        why="as above")
         seed = next_seed()
         case = AttnCase(dt, 8, 2, 128, 16, [(600, 1), (70, 1)])
         scale = 4.0 / math.sqrt(128)
@@ -697,17 +707,25 @@ def test_flash_decode(mods):
         dt = DTYPES[sfx]
         atol, rtol = FLASH_TOL[dt]
         for H, KV, hd, bs in configs:
-            for splits in (1, 3, 16):
+            for splits in (1, 3, 16, 32):
                 seed = next_seed()
                 case = AttnCase(dt, H, KV, hd, bs, seqs)
                 check_close(f"flash_decode_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} seed={seed}",
                             case.run_flash_decode(mods, sfx, splits), case.reference(), atol, rtol,
                             why="P rounded to the input type for the PV tensor-core product, as flash_prefill")
-        for splits in (1, 16):
+        for splits in (1, 16, 32):
             seed = next_seed()
             case = AttnCase(dt, 32, 8, 128, 16, [(8192, 1), (4097, 1)])
             check_close(f"flash_decode_{sfx} 8192-token context splits={splits} seed={seed}",
                         case.run_flash_decode(mods, sfx, splits), case.reference(), atol, rtol, why="as above")
+        # shares of at least 128 keys (ops::DECODE_SPLIT_MIN_KEYS), as the runtime launches them
+        for H, KV, hd, bs in ((32, 8, 128, 16), (8, 8, 64, 16), (12, 4, 128, 1)):
+            for splits in (8, 16, 32):
+                seed = next_seed()
+                case = AttnCase(dt, H, KV, hd, bs, seqs + [(1088, 1), (4097, 1), (127, 1), (128, 1), (256, 1)])
+                check_close(f"flash_decode_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} min 128 keys a share "
+                            f"seed={seed}", case.run_flash_decode(mods, sfx, splits, min_keys=128), case.reference(),
+                            atol, rtol, why="as above")
         seed = next_seed()
         case = AttnCase(dt, 8, 2, 128, 16, [(600, 1), (70, 1)])
         scale = 4.0 / math.sqrt(128)

@@ -29,8 +29,10 @@
 //
 // Split-KV (FlashDecoding, vLLM's paged attention v2), for bf16/f16 decode rows when the batch has too
 // few (token, kv head) pairs to fill the card: paged_attention_split_T runs grid = (num_tokens,
-// num_kv_heads, num_splits); split s of a row with n keys takes keys [s c, (s + 1) c) with c = ceil(n /
-// num_splits) and writes its normalized output and log2-sum-exp to part_o [num_tokens, num_heads,
+// num_kv_heads, num_splits); split s of a row with n keys takes keys [s c, (s + 1) c) with
+// c = max(ceil(n / num_splits), min_split_keys) (so a short row fills fewer shares than the grid has: a
+// grid sized for the longest context, as a captured graph's is, still gives a short row shares of a
+// useful size) and writes its normalized output and log2-sum-exp to part_o [num_tokens, num_heads,
 // num_splits, head_dim] and part_lse [num_tokens, num_heads, num_splits] (an empty share writes -inf);
 // paged_attention_reduce_T (grid = (num_tokens, num_heads)) merges them. The split depends on the batch,
 // so it is not used in float32 mode, whose rows must not depend on the batch.
@@ -292,7 +294,7 @@ __device__ void paged_attention_impl(float* smem, T* __restrict__ out, const T* 
                                      const int* __restrict__ context_lens, const int* __restrict__ token_to_seq,
                                      int num_tokens, int num_heads, int num_kv_heads, int head_dim, int block_size,
                                      int max_blocks_per_seq, float scale, float* __restrict__ part_o,
-                                     float* __restrict__ part_lse, int num_splits) {
+                                     float* __restrict__ part_lse, int num_splits, int min_split_keys) {
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     if (t >= num_tokens || kvh >= num_kv_heads) return;
     const int seq = token_to_seq[t];
@@ -317,7 +319,7 @@ __device__ void paged_attention_impl(float* smem, T* __restrict__ out, const T* 
     // Split-KV: this block takes one contiguous share of the keys, sized from the row's own context.
     int k_begin = 0, k_end = p + 1;
     if (part_o != nullptr) {
-        const int chunk = (p + num_splits) / num_splits;  // ceil((p + 1) / num_splits)
+        const int chunk = max((p + num_splits) / num_splits, min_split_keys);  // ceil((p + 1) / num_splits)
         k_begin = min(split * chunk, p + 1);
         k_end = min(k_begin + chunk, p + 1);
         if (k_begin >= k_end) {  // nothing left for this split: a share of weight zero
@@ -373,19 +375,20 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
         pdl_enter();                                                                                      \
         paged_attention_impl<T>(smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,          \
                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
-                                block_size, max_blocks_per_seq, scale, nullptr, nullptr, 1);              \
+                                block_size, max_blocks_per_seq, scale, nullptr, nullptr, 1, 1);           \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_split_##S(                 \
         const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,          \
         const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,                    \
         const int* __restrict__ context_lens, const int* __restrict__ token_to_seq, int num_tokens,       \
         int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq, float scale, \
-        float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits) {                       \
+        float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits, int min_split_keys) {   \
         __shared__ __align__(16) float smem[ATTN_RED_FLOATS + ATTN_ML_FLOATS];                            \
         pdl_enter();                                                                                      \
         paged_attention_impl<T>(smem, nullptr, qkv, k_cache, v_cache, block_tables, query_start_loc,      \
                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, head_dim, \
-                                block_size, max_blocks_per_seq, scale, part_o, part_lse, num_splits);     \
+                                block_size, max_blocks_per_seq, scale, part_o, part_lse, num_splits,      \
+                                min_split_keys);                                                          \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_reduce_##S(                \
         T* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_lse,        \

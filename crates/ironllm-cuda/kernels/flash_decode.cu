@@ -22,12 +22,12 @@
 //                        const int* query_start_loc, const int* context_lens, const int* token_to_seq,
 //                        int num_tokens, int num_heads, int num_kv_heads, int head_dim, int block_size,
 //                        int max_blocks_per_seq, float scale)
-//   flash_decode_split: (qkv, ..., scale, float* part_o, float* part_lse, int num_splits)
+//   flash_decode_split: (qkv, ..., scale, float* part_o, float* part_lse, int num_splits, int min_split_keys)
 // Requirements: num_heads / num_kv_heads <= 16; qkv, k_cache, v_cache 16-byte aligned. A row's query
 // position is context_lens[s] - query_len + j as in attention.cu, so any row is valid, but the kernel is
 // meant for decode rows (one query token per CTA).
 //
-// Split-KV: split s takes keys [s c, (s + 1) c) with c = ceil(n / num_splits), writes the share's
+// Split-KV: split s takes keys [s c, (s + 1) c) with c = max(ceil(n / num_splits), min_split_keys), writes the share's
 // normalized output to part_o[(t * num_heads + h) * num_splits + s][:] and its log2-sum-exp to part_lse
 // (an empty share writes -inf), exactly as paged_attention_split_T does.
 //
@@ -51,7 +51,8 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
                                                   const int* __restrict__ token_to_seq, int num_tokens, int num_heads,
                                                   int num_kv_heads, int block_size, int max_blocks_per_seq,
                                                   float scale, float* __restrict__ part_o,
-                                                  float* __restrict__ part_lse, int num_splits) {
+                                                  float* __restrict__ part_lse, int num_splits,
+                                                  int min_split_keys) {
     constexpr int BN = FD_BLOCK_N;
     constexpr int ROW_BYTES = HD * 2;
     constexpr int CPR = HD / 8;               // 16-byte chunks per row
@@ -77,7 +78,7 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
 
     int k_begin = 0, k_end = p + 1;
     if (part_o != nullptr && p >= 0) {
-        const int chunk = (p + num_splits) / num_splits;  // ceil((p + 1) / num_splits)
+        const int chunk = max((p + num_splits) / num_splits, min_split_keys);  // ceil((p + 1) / num_splits)
         k_begin = min(split * chunk, p + 1);
         k_end = min(k_begin + chunk, p + 1);
     }
@@ -306,7 +307,7 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
         extern __shared__ __align__(128) unsigned char fd_smem[];                                             \
         flash_decode_impl<T, HD>(fd_smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,          \
                                  context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, block_size, \
-                                 max_blocks_per_seq, scale, nullptr, nullptr, 1);                             \
+                                 max_blocks_per_seq, scale, nullptr, nullptr, 1, 1);                          \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(FD_THREADS, (HD) == 64 ? 4 : 3)                              \
         flash_decode_split_##SUFFIX##_hd##HD(                                                                 \
@@ -314,11 +315,12 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
             const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,                    \
             const int* __restrict__ context_lens, const int* __restrict__ token_to_seq, int num_tokens,       \
             int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks_per_seq,            \
-            float scale, float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits) {          \
+            float scale, float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits,            \
+            int min_split_keys) {                                                                             \
         extern __shared__ __align__(128) unsigned char fd_smem[];                                             \
         flash_decode_impl<T, HD>(fd_smem, nullptr, qkv, k_cache, v_cache, block_tables, query_start_loc,      \
                                  context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, block_size, \
-                                 max_blocks_per_seq, scale, part_o, part_lse, num_splits);                    \
+                                 max_blocks_per_seq, scale, part_o, part_lse, num_splits, min_split_keys);    \
     }
 
 FLASH_DECODE_KERNEL(bf16, bf16, 64)

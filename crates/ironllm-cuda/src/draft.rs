@@ -141,7 +141,15 @@ impl CudaDraftModel {
             max_blocks * block_size,
         );
         let rows = order.len();
-        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, rows, &mut self.kv, &mut self.ws)?;
+        self.model.forward(
+            &self.dev.token_ids,
+            &meta,
+            &self.dev.logits_rows,
+            rows,
+            &mut self.kv,
+            &mut self.ws,
+            None,
+        )?;
         let vocab = self.model.config.vocab_size;
         let sample_rows: Vec<GpuSamplingRow<'_>> = (0..rows)
             .map(|_| GpuSamplingRow { params: &self.greedy, prompt_token_ids: &[], output_token_ids: &[], seed: 0 })

@@ -19,6 +19,7 @@ pub mod error;
 mod launch;
 pub mod lt_gemm;
 pub mod model;
+mod op_timer;
 pub mod ops;
 pub mod runner;
 pub mod sampler;

@@ -17,6 +17,7 @@ use ironllm_model::weights::{StoredTensor, StoredType, WeightSource};
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
 use crate::lt_gemm::TuneResult;
+use crate::op_timer::{self, Op, OpMarks, Work};
 use crate::ops::{self, AttnShape, BatchMeta};
 use crate::tensor::{DevBuf, GpuDType};
 
@@ -58,6 +59,12 @@ pub struct CudaLlama {
     /// Split-KV decode attention allowed (bf16/f16 only; `IRONLLM_DISABLE_SPLIT_KV` turns it off for
     /// side-by-side measurements).
     split_kv: bool,
+    /// Cap on the decode attention's split count (`IRONLLM_MAX_DECODE_SPLITS`, for side-by-side
+    /// measurements; default `ops::DEFAULT_MAX_DECODE_SPLITS`).
+    max_decode_splits: usize,
+    /// Fewest keys of a split share in the kernels (`IRONLLM_DECODE_SPLIT_MIN_KEYS`, for side-by-side
+    /// measurements; default `ops::DECODE_SPLIT_MIN_KEYS`).
+    decode_split_min_keys: usize,
 }
 
 /// The paged KV cache on the GPU: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size,
@@ -328,6 +335,14 @@ impl CudaLlama {
             max_positions,
             weight_bytes,
             split_kv: attn_kernels.prefill.is_some() && std::env::var_os("IRONLLM_DISABLE_SPLIT_KV").is_none(),
+            max_decode_splits: std::env::var("IRONLLM_MAX_DECODE_SPLITS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ops::DEFAULT_MAX_DECODE_SPLITS, |v| v.clamp(1, ops::MAX_DECODE_SPLITS)),
+            decode_split_min_keys: std::env::var("IRONLLM_DECODE_SPLIT_MIN_KEYS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ops::DECODE_SPLIT_MIN_KEYS, |v| v.clamp(1, 1 << 20)),
             attn_kernels,
         })
     }
@@ -377,7 +392,9 @@ impl CudaLlama {
     }
 
     /// Runs one step's flattened batch; leaves f32 logits `[num_logits_rows, vocab]` in `ws.logits`.
-    pub fn forward(
+    /// `prof` (IRONLLM_OP_TIMING) gets an event after each op.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
         &self,
         token_ids: &CudaSlice<u32>,
         meta: &BatchMeta<'_>,
@@ -385,6 +402,7 @@ impl CudaLlama {
         num_logits_rows: usize,
         kv: &mut CudaKvCache,
         ws: &mut Workspace,
+        mut prof: Option<&mut OpMarks>,
     ) -> Result<(), CudaError> {
         let gpu = &*self.gpu;
         let c = &self.config;
@@ -418,6 +436,7 @@ impl CudaLlama {
                 c.num_key_value_heads,
                 gpu.info.multiprocessors,
                 meta.max_context_len,
+                self.max_decode_splits,
             )
         } else {
             1
@@ -438,24 +457,55 @@ impl CudaLlama {
             part_lse,
             ..
         } = ws;
+        // Work of each op for IRONLLM_OP_TIMING (f64 throughout: only read when timing).
+        let e = self.dtype.size() as f64;
+        let tf = t as f64;
+        let gemm_flops = |n: usize, k: usize| Work::Flops(2.0 * tf * n as f64 * k as f64);
+        let norm_bytes = Work::Bytes(4.0 * tf * h as f64 * e);
+        let (decode_keys, prefill_pairs) =
+            prof.as_ref().map_or((0.0, 0.0), |p| (p.work.decode_keys, p.work.prefill_pairs));
+        let kv_row = (c.num_key_value_heads * hd) as f64 * e;
         ops::embedding(gpu, residual, &self.embed, token_ids, t, h)?;
+        op_timer::mark(&mut prof, gpu, Op::Embed, Work::Bytes(2.0 * tf * h as f64 * e))?;
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
                 ops::rms_norm(gpu, normed, residual, &layer.input_norm, t, h, eps)?;
             } else {
                 ops::add_rms_norm(gpu, residual, proj, &layer.input_norm, normed, t, h, eps)?;
             }
+            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes)?;
             ops::gemm(gpu, qkv, normed, &layer.qkv, layer.qkv_bias.as_ref(), t, qkv_w, h)?;
+            op_timer::mark(&mut prof, gpu, Op::QkvGemm, gemm_flops(qkv_w, h))?;
             let (kc, vc) = &mut kv.layers[li];
             let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
             ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
-            let split = ops::DecodeSplit { num_splits, part_o: &mut *part_o, part_lse: &mut *part_lse };
-            ops::attention(gpu, attn, qkv, kc, vc, &shape, meta, scale, &self.attn_kernels, Some(split))?;
+            op_timer::mark(&mut prof, gpu, Op::RopeKv, Work::Bytes(tf * (2 * qkv_w) as f64 * e + tf * 2.0 * kv_row))?;
+            let min_keys = self.decode_split_min_keys;
+            let split = ops::DecodeSplit { num_splits, min_keys, part_o: &mut *part_o, part_lse: &mut *part_lse };
+            let inputs = ops::AttnInputs {
+                qkv,
+                k_cache: kc,
+                v_cache: vc,
+                shape: &shape,
+                meta,
+                scale,
+                kernels: &self.attn_kernels,
+            };
+            ops::attention_paged(gpu, attn, &inputs, Some(split))?;
+            op_timer::mark(&mut prof, gpu, Op::AttnDecode, Work::Bytes(decode_keys * 2.0 * kv_row))?;
+            ops::attention_prefill(gpu, attn, &inputs)?;
+            let attn_flops = prefill_pairs * 4.0 * (c.num_attention_heads * hd) as f64;
+            op_timer::mark(&mut prof, gpu, Op::AttnPrefill, Work::Flops(attn_flops))?;
             ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
+            op_timer::mark(&mut prof, gpu, Op::OGemm, gemm_flops(h, qw))?;
             ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
+            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes)?;
             ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
+            op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
             ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
+            op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
             ops::gemm(gpu, proj, act, &layer.down, layer.down_bias.as_ref(), t, h, inter)?;
+            op_timer::mark(&mut prof, gpu, Op::DownGemm, gemm_flops(h, inter))?;
         }
         let r = num_logits_rows;
         if r == 0 {
@@ -467,6 +517,7 @@ impl CudaLlama {
         ops::add_rms_norm(gpu, rows_a, rows_b, &self.final_norm, rows_normed, r, h, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         ops::gemm(gpu, logits, rows_normed, head, None, r, c.vocab_size, h)?;
+        op_timer::mark(&mut prof, gpu, Op::Head, Work::Flops(2.0 * r as f64 * c.vocab_size as f64 * h as f64))?;
         Ok(())
     }
 }

@@ -215,14 +215,25 @@ pub struct BatchMeta<'a> {
 /// and log2-sum-exps.
 pub struct DecodeSplit<'a> {
     pub num_splits: usize,
+    /// Fewest keys of a non-empty share ([`DECODE_SPLIT_MIN_KEYS`] unless measuring): a row shorter than
+    /// `num_splits` such shares leaves the last shares empty.
+    pub min_keys: usize,
     pub part_o: &'a mut CudaSlice<f32>,
     pub part_lse: &'a mut CudaSlice<f32>,
 }
 
-/// Most splits of one row's keys.
-pub const MAX_DECODE_SPLITS: usize = 16;
-/// Fewest keys worth a split of their own (a few iterations of the kernel's key loop).
-const MIN_KEYS_PER_SPLIT: usize = 128;
+/// Most splits of one row's keys the scratch and the reduce kernel allow.
+pub const MAX_DECODE_SPLITS: usize = 32;
+/// The split cap used unless `IRONLLM_MAX_DECODE_SPLITS` names another.
+pub const DEFAULT_MAX_DECODE_SPLITS: usize = 16;
+/// Fewest keys worth a split of their own, on the host (the split count of an eager step, from its
+/// longest context) and in the kernels (a row's share size, from its own context; `min_split_keys`), so
+/// a decode graph captured for the longest context still gives a short row shares of two 64-key tiles.
+/// Measured on an H100 (batch 1, 8B shape, graphs captured for 8k, before the kernels took a minimum):
+/// at ~1.1k context 8 shares of ~136 keys beat 16 of ~68 (5.79 vs 5.84 ms a step) and 32 of ~34 (5.99);
+/// at ~4.1k, 16 shares of ~260 beat 8 of ~520 (6.02 vs 6.17 ms). The cost of a share is its blocks
+/// and its part of the merge; below ~2 tiles that outweighs the parallelism.
+pub const DECODE_SPLIT_MIN_KEYS: usize = 128;
 
 /// Blocks per SM the split aims for: one block per (token, kv head) walks its keys one dependent load
 /// after another, so an SM needs several resident blocks to keep enough loads in flight.
@@ -231,13 +242,21 @@ const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// How many shares the decode rows' keys are split into: enough blocks for about four per SM when the
 /// (token, kv head) pairs alone give fewer, never more than the longest context can use.
 /// While splitting, pairs x splits < 8 x `num_sms`, which bounds the scratch.
-pub fn decode_splits(num_decode_tokens: usize, num_kv_heads: usize, num_sms: usize, max_context_len: usize) -> usize {
+/// `max_splits` caps it further (at most [`MAX_DECODE_SPLITS`]).
+pub fn decode_splits(
+    num_decode_tokens: usize,
+    num_kv_heads: usize,
+    num_sms: usize,
+    max_context_len: usize,
+    max_splits: usize,
+) -> usize {
     let pairs = num_decode_tokens * num_kv_heads;
     let target = SPLIT_BLOCKS_PER_SM * num_sms;
     if pairs == 0 || pairs >= target {
         return 1;
     }
-    target.div_ceil(pairs).min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+    let most = max_splits.min(MAX_DECODE_SPLITS);
+    target.div_ceil(pairs).min(most).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS)).max(1)
 }
 
 /// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
@@ -354,24 +373,21 @@ pub fn dynamic_smem_of(kernel: &str) -> Option<usize> {
     Some(flash_decode_smem(hd))
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Attention for every token of the batch: prefill rows through the tensor-core prefill kernel, decode
-/// rows through the tensor-core decode kernel where `kernels` has them (else the general paged kernel),
-/// and everything through the general kernel when there is no prefill kernel (f32, or head sizes the
-/// tensor-core kernels lack).
-pub fn attention(
-    gpu: &Gpu,
-    out: &mut DevBuf,
-    qkv: &DevBuf,
-    k_cache: &DevBuf,
-    v_cache: &DevBuf,
-    shape: &AttnShape,
-    meta: &BatchMeta<'_>,
-    scale: f32,
-    kernels: &AttnKernels,
-    split: Option<DecodeSplit<'_>>,
-) -> Result<(), CudaError> {
-    let flash = kernels.prefill.as_deref();
+/// What both attention launches read: q (in `qkv`), the layer's caches, the batch and the kernels.
+#[derive(Clone, Copy)]
+pub struct AttnInputs<'a, 'm> {
+    pub qkv: &'a DevBuf,
+    pub k_cache: &'a DevBuf,
+    pub v_cache: &'a DevBuf,
+    pub shape: &'a AttnShape,
+    pub meta: &'a BatchMeta<'m>,
+    pub scale: f32,
+    pub kernels: &'a AttnKernels,
+}
+
+/// Checks shared by both attention parts; the element type of the buffers.
+fn attention_inputs(out: &DevBuf, a: &AttnInputs<'_, '_>) -> Result<GpuDType, CudaError> {
+    let AttnInputs { qkv, k_cache, v_cache, shape, meta, .. } = *a;
     let d = same_dtype(&[out, qkv, k_cache, v_cache], "attention")?;
     let t = meta.num_tokens;
     need(out, t * shape.num_heads * shape.head_dim, "attention out")?;
@@ -380,6 +396,25 @@ pub fn attention(
     need_slice(meta.query_start_loc, meta.num_seqs + 1, "query_start_loc")?;
     need_slice(meta.context_lens, meta.num_seqs, "context_lens")?;
     need_slice(meta.token_to_seq, t, "token_to_seq")?;
+    Ok(d)
+}
+
+/// Attention for every token of the batch is two launches, this one and then [`attention_prefill`] (two
+/// functions so a measurement can time them apart): prefill rows go through the tensor-core prefill
+/// kernel, decode rows through the tensor-core decode kernel where `kernels` has them (else the general
+/// paged kernel), and everything through the general kernel when there is no prefill kernel (f32, or
+/// head sizes the tensor-core kernels lack). This part: the paged kernel over the decode rows when the
+/// prefill kernel exists (with split-KV when asked), else over every row.
+pub fn attention_paged(
+    gpu: &Gpu,
+    out: &mut DevBuf,
+    inputs: &AttnInputs<'_, '_>,
+    split: Option<DecodeSplit<'_>>,
+) -> Result<(), CudaError> {
+    let AttnInputs { qkv, k_cache, v_cache, shape, meta, scale, kernels } = *inputs;
+    let flash = kernels.prefill.as_deref();
+    let d = attention_inputs(out, inputs)?;
+    let t = meta.num_tokens;
     if t == 0 {
         return Ok(());
     }
@@ -415,7 +450,7 @@ pub fn attention(
         let grid = (paged_tokens as u32, shape.num_kv_heads as u32, split.num_splits as u32);
         let mut launch = KernelArgs::new(gpu);
         push_attention_inputs(&mut launch, qkv, k_cache, v_cache, meta, &ints, scale);
-        launch.buf(split.part_o).buf(split.part_lse).i32(ns);
+        launch.buf(split.part_o).buf(split.part_lse).i32(ns).i32(i32_of(split.min_keys.max(1), "split keys")?);
         // SAFETY: sizes checked above; the scratch holds every (token, head, split) row.
         unsafe { launch.launch(f, cfg(grid, 128, smem)) }.at(|| name.into_owned())?;
         let name = format!("paged_attention_reduce_{}", d.suffix());
@@ -443,7 +478,21 @@ pub fn attention(
         unsafe { launch.launch(f, cfg((paged_tokens as u32, shape.num_kv_heads as u32, 1), 128, smem)) }
             .at(|| name.into_owned())?;
     }
-    if let Some(name) = flash {
+    Ok(())
+}
+
+/// The second part of a batch's attention (after [`attention_paged`]): the tensor-core kernel over the
+/// prefill rows' tiles (nothing when the dtype has no such kernel: the paged part covered every row).
+pub fn attention_prefill(gpu: &Gpu, out: &mut DevBuf, inputs: &AttnInputs<'_, '_>) -> Result<(), CudaError> {
+    let AttnInputs { qkv, k_cache, v_cache, shape, meta, scale, kernels } = *inputs;
+    attention_inputs(out, inputs)?;
+    let (nh, nkv, bs, mb) = (
+        i32_of(shape.num_heads, "heads")?,
+        i32_of(shape.num_kv_heads, "kv heads")?,
+        i32_of(shape.block_size, "block_size")?,
+        i32_of(meta.max_blocks_per_seq, "blocks per sequence")?,
+    );
+    if let Some(name) = kernels.prefill.as_deref() {
         if meta.num_prefill_tiles > 0 {
             need_slice(meta.prefill_tiles, 2 * meta.num_prefill_tiles, "prefill tiles")?;
             let f = gpu.function(name)?;
@@ -736,19 +785,21 @@ mod tests {
     #[test]
     fn decode_splits_fill_the_card_only_where_needed_and_stay_within_the_scratch() {
         // Batch 1 of an 8-KV-head model on 132 SMs with a long context: the most splits.
-        assert_eq!(decode_splits(1, 8, 132, 8192), MAX_DECODE_SPLITS);
+        assert_eq!(decode_splits(1, 8, 132, 8192, MAX_DECODE_SPLITS), MAX_DECODE_SPLITS);
+        assert_eq!(decode_splits(1, 8, 132, 8192, DEFAULT_MAX_DECODE_SPLITS), 16);
+        assert_eq!(decode_splits(1, 8, 132, 8192, 16), 16);
         // A 1k context allows 8 shares of 128 keys.
-        assert_eq!(decode_splits(1, 8, 132, 1024), 8);
+        assert_eq!(decode_splits(1, 8, 132, 1024, MAX_DECODE_SPLITS), 8);
         // Short contexts and batches that already fill the card are not split.
-        assert_eq!(decode_splits(1, 8, 132, 100), 1);
+        assert_eq!(decode_splits(1, 8, 132, 100, MAX_DECODE_SPLITS), 1);
         // Batch 32: 256 pairs give fewer than four blocks per SM, so three shares each.
-        assert_eq!(decode_splits(32, 8, 132, 8192), 3);
-        assert_eq!(decode_splits(128, 8, 132, 8192), 1);
-        assert_eq!(decode_splits(0, 8, 132, 8192), 1);
+        assert_eq!(decode_splits(32, 8, 132, 8192, MAX_DECODE_SPLITS), 3);
+        assert_eq!(decode_splits(128, 8, 132, 8192, MAX_DECODE_SPLITS), 1);
+        assert_eq!(decode_splits(0, 8, 132, 8192, MAX_DECODE_SPLITS), 1);
         for tokens in 1..64 {
             for kv in [1, 2, 4, 8, 16] {
                 for sms in [16, 78, 114, 132] {
-                    let s = decode_splits(tokens, kv, sms, 1 << 20);
+                    let s = decode_splits(tokens, kv, sms, 1 << 20, MAX_DECODE_SPLITS);
                     assert!((1..=MAX_DECODE_SPLITS).contains(&s));
                     if s > 1 {
                         // Rows of the scratch: tokens x heads x splits, heads = kv x group.

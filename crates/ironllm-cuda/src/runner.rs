@@ -37,6 +37,7 @@ use crate::device::Gpu;
 use crate::draft::CudaDraftModel;
 use crate::error::{CudaError, DriverContext};
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
+use crate::op_timer::{self, Op, OpMarks, OpTimer, StepWork, Work};
 use crate::ops::{BatchMeta, FLASH_BLOCK_M};
 use crate::sampler::{GpuSampler, GpuSamplingRow, PendingSample};
 use crate::step_timer::{StepEvents, StepTimer};
@@ -242,6 +243,8 @@ pub struct CudaModelRunner {
     check_graphs: bool,
     /// `IRONLLM_STEP_TIMING` was set: GPU time of each part of a step, logged (measurement aid).
     step_timer: Option<StepTimer>,
+    /// `IRONLLM_OP_TIMING` was set: GPU time of each op of served steps, logged (measurement aid).
+    op_timer: Option<OpTimer>,
     pub memory: CudaMemoryReport,
 }
 
@@ -336,6 +339,7 @@ impl CudaModelRunner {
             graphs: Vec::new(),
             check_graphs: std::env::var_os("IRONLLM_GRAPH_CHECK").is_some(),
             step_timer: None,
+            op_timer: None,
             memory: CudaMemoryReport {
                 total_bytes: gpu.info.total_memory,
                 weight_bytes: model.weight_bytes(),
@@ -400,6 +404,7 @@ impl CudaModelRunner {
         }
         // Timing starts with served steps (not the profile run or the capture).
         runner.step_timer = StepTimer::from_env();
+        runner.op_timer = OpTimer::from_env();
         if !cfg.enforce_eager {
             let t0 = Instant::now();
             runner.capture_graphs(&graph_batch_sizes(cfg.max_num_seqs))?;
@@ -604,7 +609,7 @@ impl CudaModelRunner {
     fn forward_decode(&mut self, b: usize) -> Result<(), CudaError> {
         let stride = self.graph_table_stride;
         let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size);
-        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws)
+        self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws, None)
     }
 
     /// Blocks of the KV cache.
@@ -857,10 +862,18 @@ impl CudaModelRunner {
         if let Some(t) = timing.as_mut() {
             t.mark(&self.gpu)?;
         }
+        let mut op_marks = match self.op_timer {
+            Some(_) => {
+                let work = op_step_work(&self.host, num_decode_tokens);
+                Some(OpMarks::begin(&self.gpu, t, graph_size.is_none(), work)?)
+            }
+            None => None,
+        };
         match graph_size {
             Some(b) => {
                 let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
                 graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
+                op_timer::mark(&mut op_marks.as_mut(), &self.gpu, Op::Graph, Work::Unknown)?;
                 if self.check_graphs {
                     self.check_graph_step(b, num_rows)?;
                 }
@@ -875,6 +888,7 @@ impl CudaModelRunner {
                     num_rows,
                     &mut self.kv,
                     &mut self.ws,
+                    op_marks.as_mut(),
                 )?;
             }
         }
@@ -926,8 +940,10 @@ impl CudaModelRunner {
         if let Some(t) = timing.as_mut() {
             t.mark(&self.gpu)?;
         }
+        op_timer::mark(&mut op_marks.as_mut(), &self.gpu, Op::Sampler, Work::Unknown)?;
         Ok(PendingStep {
             timing,
+            op_marks,
             order: order.iter().map(|(id, n)| ((*id).clone(), *n)).collect(),
             fed: vec![None; order.len()],
             replanned: vec![false; order.len()],
@@ -974,10 +990,14 @@ impl CudaModelRunner {
     /// the next step already re-planned keeps the computed count that plan gave it; one the next step
     /// was fed a placeholder for gets the sampled id written over it.
     fn finish_step(&mut self, pending: PendingStep) -> Result<ModelRunnerOutput, CudaError> {
-        let PendingStep { order, fed, replanned, samples, sample_rows, prompt_logprobs, sample, timing } = pending;
+        let PendingStep { order, fed, replanned, samples, sample_rows, prompt_logprobs, sample, timing, op_marks } =
+            pending;
         let sampled = self.sampler.finish(sample)?;
         if let (Some(timer), Some(events)) = (self.step_timer.as_mut(), timing) {
             timer.add(events)?;
+        }
+        if let (Some(timer), Some(marks)) = (self.op_timer.as_mut(), op_marks) {
+            timer.add(marks)?;
         }
         let n = order.len();
         let mut step_samples = StepSamples::group(sampled, &sample_rows, n);
@@ -1045,6 +1065,26 @@ struct PendingStep {
     sample: PendingSample,
     /// `IRONLLM_STEP_TIMING`: the step's events.
     timing: Option<StepEvents>,
+    /// `IRONLLM_OP_TIMING`: the step's per-op events.
+    op_marks: Option<OpMarks>,
+}
+
+/// What a step's attention reads and computes, from its host-side batch: the decode rows' keys, and the
+/// prefill rows' causal (query, key) pairs (a chunk of `q` queries ending at context `ctx` sees
+/// `ctx - q + 1 ..= ctx` keys).
+fn op_step_work(h: &HostBatch, num_decode_seqs: usize) -> StepWork {
+    let mut w = StepWork::default();
+    let seqs = h.context_lens.len().min(h.query_start_loc.len().saturating_sub(1));
+    for i in 0..seqs {
+        let ctx = f64::from(h.context_lens[i]);
+        if i < num_decode_seqs {
+            w.decode_keys += ctx;
+        } else {
+            let q = f64::from(h.query_start_loc[i + 1] - h.query_start_loc[i]);
+            w.prefill_pairs += q * (ctx - q) + q * (q + 1.0) / 2.0;
+        }
+    }
+    w
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -1164,6 +1204,23 @@ mod tests {
         assert!(err.contains("--kv-cache-dtype float16") && err.contains("choose from auto, bfloat16"), "{err}");
         let err = resolve_kv_cache_dtype(KvCacheDType::Fp8("fp8_e4m3"), GpuDType::F16).expect_err("fp8");
         assert!(err.contains("fp8_e4m3") && err.contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn op_step_work_counts_decode_keys_and_causal_prefill_pairs() {
+        // Two decode rows (contexts 10 and 20), then a 3-token prompt from scratch and a 2-token chunk
+        // after 5 cached tokens.
+        let h = HostBatch {
+            query_start_loc: vec![0, 1, 2, 5, 7],
+            context_lens: vec![10, 20, 3, 7],
+            ..HostBatch::default()
+        };
+        let w = op_step_work(&h, 2);
+        assert_eq!(w.decode_keys, 30.0);
+        // prompt: 1 + 2 + 3 keys; chunk: 6 + 7 keys
+        assert_eq!(w.prefill_pairs, 6.0 + 13.0);
+        let none = op_step_work(&HostBatch::default(), 0);
+        assert_eq!((none.decode_keys, none.prefill_pairs), (0.0, 0.0));
     }
 
     #[test]
