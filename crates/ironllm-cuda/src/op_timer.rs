@@ -24,6 +24,8 @@ pub(crate) enum Op {
     Norm,
     QkvGemm,
     RopeKv,
+    /// The paged attention launch: the decode rows (every row where the dtype has no tensor-core prefill
+    /// kernel, as float32; its bytes then count the decode rows' keys only).
     AttnDecode,
     AttnPrefill,
     OGemm,
