@@ -20,12 +20,24 @@ lat() { # name model batch input output extra...
 L8=bench/configs/llama-3.1-8b
 S=bench/configs/smollm2-135m
 COMMON8=(--dtype bfloat16 --max-model-len 8192 --max-num-seqs 256)
+# step8 SUFFIX "BATCHES" [VAR=value ...] [-- flags ...]: for each batch, the two 8B runs (1 and 65 output
+# tokens after 1024 prompt tokens) whose difference is a decode step, l8_b{batch}_o{1,65}SUFFIX, with the
+# variables set and the flags added.
+step8() {
+  local v=$1 batches=$2 envs=()
+  shift 2
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  for b in $batches; do
+    for o in 1 65; do
+      (for e in ${envs[@]+"${envs[@]}"}; do export "${e?}"; done
+       lat "l8_b${b}_o${o}${v}" $L8 "$b" 1024 "$o" "${COMMON8[@]}" "$@")
+    done
+  done
+}
 lat l8_prefill_1x4096 $L8 1 4096 1 "${COMMON8[@]}"
 lat l8_prefill_8x1024 $L8 8 1024 1 "${COMMON8[@]}"
-for b in 1 32 64 128; do
-  lat "l8_b${b}_o1" $L8 "$b" 1024 1 "${COMMON8[@]}"
-  lat "l8_b${b}_o65" $L8 "$b" 1024 65 "${COMMON8[@]}"
-done
+step8 "" "1 32 64 128"
 for b in 1 64; do
   lat "s_b${b}_o1" $S "$b" 128 1 --dtype bfloat16
   lat "s_b${b}_o129" $S "$b" 128 129 --dtype bfloat16
@@ -38,41 +50,20 @@ python3 bench/gpu_table.py "$LOGS"
 # IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows (async scheduling, programmatic launch, tensor-core decode
 # attention, split-KV, skinny GEMM) whose figures are in BENCHMARKS.md.
 if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
-  for b in 1 32; do
-    IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o1_nosplitsampler" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_SAMPLER_NO_SPLIT=1 lat "l8_b${b}_o65_nosplitsampler" $L8 "$b" 1024 65 "${COMMON8[@]}"
-  done
+  step8 _nosplitsampler "1 32" IRONLLM_SAMPLER_NO_SPLIT=1
   # decode split-KV shares: sized by the split count alone (no 128-key minimum, the earlier default),
   # and the cap at 8 instead of 16
-  IRONLLM_DECODE_SPLIT_MIN_KEYS=1 lat l8_b1_o1_minkeys1 $L8 1 1024 1 "${COMMON8[@]}"
-  IRONLLM_DECODE_SPLIT_MIN_KEYS=1 lat l8_b1_o65_minkeys1 $L8 1 1024 65 "${COMMON8[@]}"
-  IRONLLM_MAX_DECODE_SPLITS=8 lat l8_b1_o1_splits8 $L8 1 1024 1 "${COMMON8[@]}"
-  IRONLLM_MAX_DECODE_SPLITS=8 lat l8_b1_o65_splits8 $L8 1 1024 65 "${COMMON8[@]}"
-  for b in 32 128; do
-    IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o1_notune" $L8 "$b" 1024 1 "${COMMON8[@]}"
-    IRONLLM_GEMM_TUNING=0 lat "l8_b${b}_o65_notune" $L8 "$b" 1024 65 "${COMMON8[@]}"
-  done
+  step8 _minkeys1 1 IRONLLM_DECODE_SPLIT_MIN_KEYS=1
+  step8 _splits8 1 IRONLLM_MAX_DECODE_SPLITS=8
+  step8 _notune "32 128" IRONLLM_GEMM_TUNING=0
   IRONLLM_GEMM_TUNING=0 lat l8_prefill_1x4096_notune $L8 1 4096 1 "${COMMON8[@]}"
   IRONLLM_GEMM_TUNING=0 lat l8_prefill_8x1024_notune $L8 8 1024 1 "${COMMON8[@]}"
   if [ "${IRONLLM_BENCH_AB_OLD:-0}" = 1 ]; then
-    for b in 1 32 128; do
-      lat "l8_b${b}_o1_sync" $L8 "$b" 1024 1 "${COMMON8[@]}" --no-async-scheduling
-      lat "l8_b${b}_o65_sync" $L8 "$b" 1024 65 "${COMMON8[@]}" --no-async-scheduling
-    done
-    for b in 1 32; do
-      IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o1_nopdl" $L8 "$b" 1024 1 "${COMMON8[@]}"
-      IRONLLM_DISABLE_PDL=1 lat "l8_b${b}_o65_nopdl" $L8 "$b" 1024 65 "${COMMON8[@]}"
-    done
-    for b in 1 32 128; do
-      IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o1_nofd" $L8 "$b" 1024 1 "${COMMON8[@]}"
-      IRONLLM_DISABLE_FLASH_DECODE=1 lat "l8_b${b}_o65_nofd" $L8 "$b" 1024 65 "${COMMON8[@]}"
-    done
-    for b in 1 32; do
-      IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o1_nosplit" $L8 "$b" 1024 1 "${COMMON8[@]}"
-      IRONLLM_DISABLE_SPLIT_KV=1 lat "l8_b${b}_o65_nosplit" $L8 "$b" 1024 65 "${COMMON8[@]}"
-    done
-    IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o1_nogemv" $L8 1 1024 1 "${COMMON8[@]}"
-    IRONLLM_DISABLE_GEMV=1 lat "l8_b1_o65_nogemv" $L8 1 1024 65 "${COMMON8[@]}"
+    step8 _sync "1 32 128" -- --no-async-scheduling
+    step8 _nopdl "1 32" IRONLLM_DISABLE_PDL=1
+    step8 _nofd "1 32 128" IRONLLM_DISABLE_FLASH_DECODE=1
+    step8 _nosplit "1 32" IRONLLM_DISABLE_SPLIT_KV=1
+    step8 _nogemv 1 IRONLLM_DISABLE_GEMV=1
   fi
   grep -h "timed cuBLASLt" "$LOGS"/l8_b1_o1.log | sed 's/\x1b\[[0-9;]*m//g; s/.*INFO [^ ]* //'
   python3 - "$LOGS" <<'PY'

@@ -67,6 +67,11 @@ pub struct CudaLlama {
     decode_split_min_keys: usize,
 }
 
+/// A side-by-side measurement knob: the variable `name` as a count in `1..=most`, else `default`.
+fn env_count(name: &str, default: usize, most: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map_or(default, |v| v.clamp(1, most))
+}
+
 /// The paged KV cache on the GPU: per layer, K and V of layout `[num_blocks, num_kv_heads, block_size,
 /// head_dim]` in the compute dtype.
 pub struct CudaKvCache {
@@ -335,14 +340,12 @@ impl CudaLlama {
             max_positions,
             weight_bytes,
             split_kv: attn_kernels.prefill.is_some() && std::env::var_os("IRONLLM_DISABLE_SPLIT_KV").is_none(),
-            max_decode_splits: std::env::var("IRONLLM_MAX_DECODE_SPLITS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ops::DEFAULT_MAX_DECODE_SPLITS, |v| v.clamp(1, ops::MAX_DECODE_SPLITS)),
-            decode_split_min_keys: std::env::var("IRONLLM_DECODE_SPLIT_MIN_KEYS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ops::DECODE_SPLIT_MIN_KEYS, |v| v.clamp(1, 1 << 20)),
+            max_decode_splits: env_count(
+                "IRONLLM_MAX_DECODE_SPLITS",
+                ops::DEFAULT_MAX_DECODE_SPLITS,
+                ops::MAX_DECODE_SPLITS,
+            ),
+            decode_split_min_keys: env_count("IRONLLM_DECODE_SPLIT_MIN_KEYS", ops::DECODE_SPLIT_MIN_KEYS, 1 << 20),
             attn_kernels,
         })
     }
