@@ -44,13 +44,12 @@ for b in 1 64; do
 done
 grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
-# Same run, each off in turn (issue 8): the split sampler for plain rows (IRONLLM_SAMPLER_NO_SPLIT: one
-# block per row) at batch 1 and 32, and the cuBLASLt algorithms timed per shape at start-up
-# (IRONLLM_GEMM_TUNING=0: the heuristic's first choice) at batch 32 and 128 and for both prefills.
-# IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows (async scheduling, programmatic launch, tensor-core decode
+# Same run, each off in turn (issue 8): the split-KV share minimum and cap at batch 1, the cuBLASLt
+# algorithms timed per shape at start-up (IRONLLM_GEMM_TUNING=0: the heuristic's first choice) at batch 32
+# and 128 and for both prefills, then the rows below.
+# IRONLLM_BENCH_AB_OLD=1 adds the older A/B rows (split sampler, async scheduling, programmatic launch, tensor-core decode
 # attention, split-KV, skinny GEMM) whose figures are in BENCHMARKS.md.
 if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
-  step8 _nosplitsampler "1 32" IRONLLM_SAMPLER_NO_SPLIT=1
   # decode split-KV shares: sized by the split count alone (no 128-key minimum, the earlier default),
   # and the cap at 8 instead of 16
   step8 _minkeys1 1 IRONLLM_DECODE_SPLIT_MIN_KEYS=1
@@ -58,7 +57,13 @@ if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
   step8 _notune "32 128" IRONLLM_GEMM_TUNING=0
   IRONLLM_GEMM_TUNING=0 lat l8_prefill_1x4096_notune $L8 1 4096 1 "${COMMON8[@]}"
   IRONLLM_GEMM_TUNING=0 lat l8_prefill_8x1024_notune $L8 8 1024 1 "${COMMON8[@]}"
+  # Hopper's wgmma prefill attention off (the mma.sync kernel), and the residual add of the o_proj and
+  # down GEMMs' epilogue off (the next RMSNorm adds it) at batch 32 and 128.
+  IRONLLM_DISABLE_WGMMA_PREFILL=1 lat l8_prefill_1x4096_nowgmma $L8 1 4096 1 "${COMMON8[@]}"
+  IRONLLM_DISABLE_WGMMA_PREFILL=1 lat l8_prefill_8x1024_nowgmma $L8 8 1024 1 "${COMMON8[@]}"
+  step8 _noresid "32 128" IRONLLM_DISABLE_RESIDUAL_EPILOGUE=1
   if [ "${IRONLLM_BENCH_AB_OLD:-0}" = 1 ]; then
+    step8 _nosplitsampler "1 32" IRONLLM_SAMPLER_NO_SPLIT=1
     step8 _sync "1 32 128" -- --no-async-scheduling
     step8 _nopdl "1 32" IRONLLM_DISABLE_PDL=1
     step8 _nofd "1 32 128" IRONLLM_DISABLE_FLASH_DECODE=1
@@ -81,6 +86,8 @@ rows = [(1, "", "all on"), (1, "_nosplitsampler", "split sampler off"), (1, "_mi
         (32, "", "all on"),
         (32, "_nosplitsampler", "split sampler off"), (32, "_notune", "GEMM algorithm timing off"),
         (128, "", "all on"), (128, "_notune", "GEMM algorithm timing off"),
+        (32, "_noresid", "residual add in the GEMM epilogue off"),
+        (128, "_noresid", "residual add in the GEMM epilogue off"),
         (1, "_sync", "async scheduling off"), (32, "_sync", "async scheduling off"),
         (128, "_sync", "async scheduling off"), (1, "_nopdl", "programmatic launch off"),
         (32, "_nopdl", "programmatic launch off"),
@@ -92,7 +99,8 @@ for b, v, what in rows:
         continue
     print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
 for shape, tokens in (("1x4096", 4096), ("8x1024", 8192)):
-    for v, what in (("", "all on"), ("_notune", "GEMM algorithm timing off")):
+    for v, what in (("", "all on"), ("_notune", "GEMM algorithm timing off"),
+                    ("_nowgmma", "wgmma prefill attention off")):
         try:
             lat = json.load(open(f"{logs}/l8_prefill_{shape}{v}.json"))["avg_latency"]
             print(f"8B prefill {shape}, {what}: {tokens / lat:.0f} tokens/s ({lat * 1e3:.1f} ms)")

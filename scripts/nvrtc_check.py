@@ -58,6 +58,28 @@ def compile_source(lib, name, src, arch, verbose):
     return rc == 0, buf.value.decode(errors="replace")
 
 
+def compile_cubin(lib, name, src, arch, options=()):
+    """CUBIN bytes of `src` for `arch` (raises RuntimeError with the log on failure): how the GPU tests
+    load kernels that need an architecture-specific target (sm_90a), which cupy's own NVRTC call lacks."""
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None) != 0:
+        raise RuntimeError("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [o.encode() for o in options]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        raise RuntimeError(f"{name}: NVRTC failed:\n{log.value.decode(errors='replace')}")
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    cubin = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetCUBIN(prog, cubin)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return cubin.raw
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90a")

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""GPU test of crates/ironllm-cuda/kernels/flash_prefill.cu (tensor-core prefill attention over a paged
-KV cache). Plain script: prints one PASS/FAIL line per check and exits non-zero on any failure.
+"""GPU test of the tensor-core prefill attention kernels over a paged KV cache: flash_prefill.cu (mma.sync,
+every card) and, on Hopper, flash_prefill_sm90.cu (wgmma). Every check runs on each kernel the card has.
+Plain script: prints one PASS/FAIL line per check and exits non-zero on any failure.
 
-    python3 tests/gpu/test_flash_prefill.py [--skip-timing]
+    python3 tests/gpu/test_flash_prefill.py [--skip-timing] [--only mma|wgmma|wgmma-s3] [--stages3]
 
-Needs torch (CUDA), cupy and numpy. The kernel is compiled with NVRTC through cupy, with common.cuh
-prepended, exactly as the runtime does.
+Needs torch (CUDA), cupy and numpy. The kernels are compiled with NVRTC, with common.cuh prepended, exactly
+as the runtime does: flash_prefill.cu through cupy, flash_prefill_sm90.cu for sm_90a through libnvrtc
+directly (scripts/nvrtc_check.py's compile_cubin; cupy cannot ask for the "a" target).
 
 Every check builds fresh random inputs: qkv rows [q heads | k heads | v heads], a paged K/V cache whose
 blocks are handed out in shuffled order (unused cache slots, unused block-table entries and a spare
@@ -24,6 +26,7 @@ Values are O(1) (randn inputs), so these are a few ulps of the output type.
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -36,25 +39,66 @@ except ImportError:  # lets the CPU parts of this file be imported without cupy
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = os.path.join(ROOT, "crates", "ironllm-cuda", "kernels")
 
-# Launch configuration (must match the header of flash_prefill.cu).
+# Launch configuration (must match the headers of flash_prefill.cu and flash_prefill_sm90.cu).
 BLOCK_M = 64
 THREADS = 128
-DYN_SMEM = 0
+
+
+class Variant:
+    """One prefill kernel file: its kernels' name prefix and dynamic shared memory by head size."""
+
+    def __init__(self, tag, file, prefix, smem, arch=None, options=(), heads=1):
+        self.tag, self.file, self.prefix, self.smem, self.arch = tag, file, prefix, smem, arch
+        self.options, self.heads = options, heads  # heads: query heads per CTA (128 threads each)
+        self._module = None
+
+    def module(self):
+        if self._module is None:
+            common = open(os.path.join(KERNELS, "common.cuh")).read()
+            src = common + "\n" + open(os.path.join(KERNELS, self.file)).read()
+            if self.arch is None:
+                self._module = cp.RawModule(code=src, options=("--std=c++17",), backend="nvrtc")
+            else:
+                sys.path.insert(0, os.path.join(ROOT, "scripts"))
+                import nvrtc_check
+                cubin = nvrtc_check.compile_cubin(nvrtc_check.load_nvrtc(), self.file, src, self.arch,
+                                                  self.options)
+                path = os.path.join(tempfile.mkdtemp(), self.file + ".cubin")
+                with open(path, "wb") as f:
+                    f.write(cubin)
+                self._module = cp.RawModule(path=path)
+        return self._module
+
+    def function(self, dtype, hd):
+        fn = self.module().get_function(f"{self.prefix}{DTYPE_NAME[dtype]}_hd{hd}")
+        smem = self.smem(hd)
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        return fn, smem
+
+
+def wg_smem(hd, heads, stages):
+    """WG_SMEM_BYTES of flash_prefill_sm90.cu (ops::flash_prefill_wg_smem): alignment slack, a Q tile per
+    head, K and V tiles per stage, stages + 1 row tables."""
+    return 1024 + (heads + 2 * stages) * 64 * hd * 2 + (stages + 1) * 64 * 4
+
+
+MMA = Variant("mma", "flash_prefill.cu", "flash_prefill_", lambda hd: 0)
+WGMMA = Variant("wgmma", "flash_prefill_sm90.cu", "flash_prefill_wg_", lambda hd: wg_smem(hd, 1, 2), arch="sm_90a")
+# two heads of one KV head per CTA (even group sizes only)
+WGMMA2 = Variant("wgmma2", "flash_prefill_sm90.cu", "flash_prefill_wg2_", lambda hd: wg_smem(hd, 2, 3),
+                 arch="sm_90a", heads=2)
+# A/B of the two-head kernel's pipeline depth (--stages3 adds it too): four stages instead of three
+WGMMA2S4 = Variant("wgmma2-s4", "flash_prefill_sm90.cu", "flash_prefill_wg2_", lambda hd: wg_smem(hd, 2, 4),
+                   arch="sm_90a", heads=2, options=("-DWG2_STAGES=4",))
+# A/B of the pipeline depth (--stages3): one head per CTA with three stages (two CTAs still fit an SM)
+WGMMA3 = Variant("wgmma-s3", "flash_prefill_sm90.cu", "flash_prefill_wg_", lambda hd: wg_smem(hd, 1, 3),
+                 arch="sm_90a", options=("-DWG_STAGES=3",))
+KERNEL = MMA  # the variant the checks below launch
 
 TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "f16"}
 POISON = -1  # int16 view of 0xFFFF: a NaN in both bf16 and f16
-
-_module = None
-
-
-def module():
-    global _module
-    if _module is None:
-        common = open(os.path.join(KERNELS, "common.cuh")).read()
-        src = open(os.path.join(KERNELS, "flash_prefill.cu")).read()
-        _module = cp.RawModule(code=common + "\n" + src, options=("--std=c++17",), backend="nvrtc")
-    return _module
 
 
 def to_cupy(t):
@@ -146,9 +190,6 @@ class Case:
             out[:, h] = torch.softmax(S, dim=-1) @ V[:, h // grp]
         return out
 
-    def kernel_name(self):
-        return f"flash_prefill_{DTYPE_NAME[self.dtype]}_hd{self.hd}"
-
     def device_args(self):
         """(out_torch_cuda_int16, kernel args tuple, grid)."""
         out = torch.full((self.n_rows, self.nh * self.hd), POISON, dtype=torch.int16, device="cuda")
@@ -160,14 +201,15 @@ class Case:
         args = (cp.from_dlpack(out), qkv, kc, vc, bt, qsl, ctx, tiles, np.int32(self.num_tiles),
                 np.int32(self.nh), np.int32(self.nkv), np.int32(self.bs), np.int32(self.mbps),
                 np.float32(self.scale))
-        grid = (self.num_tiles, self.nh, 1)
+        grid = (self.num_tiles, self.nh // KERNEL.heads, 1)
         return out, args, grid
 
     def run(self):
         """Launches the kernel once; returns the output as a CPU tensor of the element type."""
         out, args, grid = self.device_args()
         if self.num_tiles:
-            module().get_function(self.kernel_name())(grid, (THREADS, 1, 1), args, shared_mem=DYN_SMEM)
+            fn, smem = KERNEL.function(self.dtype, self.hd)
+            fn(grid, (THREADS * KERNEL.heads, 1, 1), args, shared_mem=smem)
         torch.cuda.synchronize()
         return out.cpu()
 
@@ -215,7 +257,7 @@ class Results:
 
     def record(self, name, ok, max_err, worst, msg=""):
         tag = "PASS" if ok else "FAIL"
-        print(f"{tag} {name}: max_abs_err={max_err:.3e} err/tol={worst:.3f}" + (f"  [{msg}]" if msg else ""),
+        print(f"{tag} {KERNEL.tag} {name}: max_abs_err={max_err:.3e} err/tol={worst:.3f}" + (f"  [{msg}]" if msg else ""),
               flush=True)
         if ok:
             self.n_pass += 1
@@ -224,6 +266,8 @@ class Results:
 
 
 def run_check(res, name, heads=None, **kw):
+    if (kw["nh"] // kw["nkv"]) % KERNEL.heads:
+        return True  # a kernel with two heads per CTA takes even groups only (the runtime's rule too)
     try:
         case = Case(**kw)
         out = case.run()
@@ -239,8 +283,8 @@ def timing(res, name, dtype, hd, nh, nkv, block_size, n_seqs, qlen, check_heads)
     case = Case(dtype=dtype, hd=hd, nh=nh, nkv=nkv, block_size=block_size, seqs=[(qlen, 0, True)] * n_seqs,
                 seed=1234, pad_rows=0)
     out, args, grid = case.device_args()
-    fn = module().get_function(case.kernel_name())
-    launch = lambda: fn(grid, (THREADS, 1, 1), args, shared_mem=DYN_SMEM)
+    fn, smem = KERNEL.function(dtype, hd)
+    launch = lambda: fn(grid, (THREADS * KERNEL.heads, 1, 1), args, shared_mem=smem)
     for _ in range(5):
         launch()
     torch.cuda.synchronize()
@@ -256,7 +300,7 @@ def timing(res, name, dtype, hd, nh, nkv, block_size, n_seqs, qlen, check_heads)
         times.append(a.elapsed_time(b))
     ms = float(np.median(times))
     flops = 4.0 * qlen * qlen * hd * nh / 2 * n_seqs
-    line = f"TIME {name}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s (causal, 4*q*ctx*hd*heads/2)"
+    line = f"TIME {KERNEL.tag} {name}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s (causal, 4*q*ctx*hd*heads/2)"
     # informational: torch's own SDPA on the same (contiguous, unpaged) shapes
     try:
         q = torch.randn(n_seqs, nh, qlen, hd, device="cuda", dtype=dtype)
@@ -282,8 +326,24 @@ def timing(res, name, dtype, hd, nh, nkv, block_size, n_seqs, qlen, check_heads)
 
 
 def main():
+    global KERNEL
     skip_timing = "--skip-timing" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    variants = [MMA]
+    if torch.cuda.get_device_capability() == (9, 0):
+        variants += [WGMMA, WGMMA2]
+        if "--stages3" in sys.argv:
+            variants += [WGMMA3, WGMMA2S4]
     res = Results()
+    for v in variants:
+        if only is None or v.tag == only:
+            KERNEL = v
+            run_all(res, skip_timing)
+    print(f"{res.n_pass} passed, {res.n_fail} failed")
+    sys.exit(1 if res.n_fail else 0)
+
+
+def run_all(res, skip_timing):
     bf, fp = torch.bfloat16, torch.float16
     combos = [(bf, 64), (bf, 128), (fp, 64), (fp, 128)]
     seed = 100
@@ -348,9 +408,6 @@ def main():
             timing(res, "bf16 hd128 8x1024 heads 32/8 bs=16", bf, 128, 32, 8, 16, 8, 1024, [0, 31])
         except Exception as e:
             res.record("timing run", False, math.inf, math.inf, f"{type(e).__name__}: {e}")
-
-    print(f"{res.n_pass} passed, {res.n_fail} failed")
-    sys.exit(1 if res.n_fail else 0)
 
 
 if __name__ == "__main__":

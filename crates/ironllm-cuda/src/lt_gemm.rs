@@ -9,6 +9,11 @@
 //! heuristic's first choice (what cublasGemmEx would run). Descriptors are built once per exact shape and
 //! kept, so a GEMM costs one cuBLASLt call on the host. `IRONLLM_GEMM_TUNING=0` skips the timing, for
 //! side-by-side measurements.
+//!
+//! A GEMM may also accumulate into its output (`y += x w^T`: beta = 1 with C = D = y, see `Output`),
+//! which lets the decoder add a projection into the residual stream in the GEMM's epilogue. Plans,
+//! heuristic choices and timed winners are shared by both forms: see `Output::Accumulate` for why an
+//! algorithm chosen for beta = 0 is valid for beta = 1.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
@@ -56,6 +61,31 @@ fn lt(what: impl FnOnce() -> String, status: sys::cublasStatus_t) -> Result<(), 
         Ok(())
     } else {
         Err(CudaError::Cublas { what: what(), message: format!("{status:?}") })
+    }
+}
+
+/// What a GEMM does with what its output held before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// `y = x w^T` (beta = 0: cuBLASLt does not read y).
+    Overwrite,
+    /// `y += x w^T` in place (beta = 1, C and D both y with one layout, which cublasLtMatmul documents
+    /// as its in-place form: C == D with Cdesc == Ddesc). No plan or algorithm of its own: the
+    /// heuristic (`cublasLtMatmulAlgoGetHeuristic`) and the check (`cublasLtMatmulAlgoCheck`) see the
+    /// descriptors, never alpha, beta or the data pointers, so an algorithm they accept for a shape is
+    /// one cuBLASLt runs for any beta, and a second check at beta = 1 would ask the same question. The
+    /// C pointer's alignment, which the heuristic does assume (256 bytes by default), is the output's
+    /// own either way. Reading C costs an extra pass over y, small beside a compute-bound GEMM; timed
+    /// winners were timed at beta = 0.
+    Accumulate,
+}
+
+impl Output {
+    fn beta(self) -> f32 {
+        match self {
+            Output::Overwrite => 0.0,
+            Output::Accumulate => 1.0,
+        }
     }
 }
 
@@ -286,7 +316,8 @@ impl LtGemm {
         Ok(plan)
     }
 
-    /// Launches one GEMM with a given algorithm. Pointers: y [m, n], x [m, k], w [n, k], row-major.
+    /// Launches one GEMM with a given algorithm. Pointers: y [m, n], x [m, k], w [n, k], row-major; y is
+    /// both C and D (read only for [`Output::Accumulate`]).
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
@@ -297,11 +328,12 @@ impl LtGemm {
         x: u64,
         w: u64,
         s: &Shape,
+        into: Output,
     ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, into.beta());
         let (ws, _guard) = self.workspace.device_ptr(stream);
         // SAFETY: the caller passes live device buffers of the plan's shape; the workspace lives with self;
-        // cuBLASLt runs on our stream.
+        // cuBLASLt runs on our stream; C and D are one buffer with one layout (its in-place form).
         let status = unsafe {
             sys::cublasLtMatmul(
                 self.handle,
@@ -325,7 +357,8 @@ impl LtGemm {
         lt(|| format!("gemm m={} n={} k={}", s.m, s.n, s.k), status)
     }
 
-    /// `y = x w^T` for row-major device pointers (sizes checked by the caller).
+    /// `y = x w^T`, or `y += x w^T` for [`Output::Accumulate`], for row-major device pointers (sizes
+    /// checked by the caller). Both forms share the shape's plan.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
@@ -336,6 +369,7 @@ impl LtGemm {
         (m, n, k): (usize, usize, usize),
         input: GpuDType,
         output: GpuDType,
+        into: Output,
     ) -> Result<(), CudaError> {
         let s = Shape { m, n, k, input, output };
         let mut plans = self.plans.lock().map_err(|_| CudaError::Invalid("gemm plan cache poisoned".into()))?;
@@ -347,7 +381,7 @@ impl LtGemm {
             plans.insert(s, plan);
         }
         let plan = &plans[&s];
-        self.launch(stream, plan, &plan.algo, y, x, w, &s)
+        self.launch(stream, plan, &plan.algo, y, x, w, &s, into)
     }
 
     /// Times the heuristic's candidates for one shape on the given buffers (their contents are
@@ -375,7 +409,7 @@ impl LtGemm {
         let mut ok = Vec::new();
         for algo in candidates {
             // A candidate that fails to launch (it happens for some split-K configurations) is skipped.
-            if self.launch(stream, &plan, &algo, y, x, w, &s).is_ok() {
+            if self.launch(stream, &plan, &algo, y, x, w, &s, Output::Overwrite).is_ok() {
                 ok.push((algo, f64::INFINITY));
             }
         }
@@ -392,7 +426,7 @@ impl LtGemm {
             for (algo, best) in ok.iter_mut() {
                 stream.memset_zeros(flush).at(|| "flushing the L2 cache".into())?;
                 let start = event()?;
-                self.launch(stream, &plan, algo, y, x, w, &s)?;
+                self.launch(stream, &plan, algo, y, x, w, &s, Output::Overwrite)?;
                 let end = event()?;
                 end.synchronize().at(|| "waiting for a tuning run".into())?;
                 let ms = f64::from(start.elapsed_ms(&end).at(|| "reading a tuning time".into())?);

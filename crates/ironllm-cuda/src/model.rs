@@ -1,7 +1,9 @@
 //! The Llama-family decoder on the GPU (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), the same
 //! architecture as `ironllm_model::llama` over GPU kernels: merged QKV and gate/up projections (one GEMM
-//! each), residual add fused into RMSNorm, q/k norm + RoPE fused with the KV-cache write, attention over
-//! the paged cache, SiLU-and-mul, and the final norm and LM head only for the rows that produce logits.
+//! each), residual add fused into the o_proj and down GEMMs' epilogue (cuBLASLt, beta = 1) or, where
+//! those GEMMs cannot accumulate (float32, the skinny GEMM's rows), into the next RMSNorm, q/k norm + RoPE
+//! fused with the KV-cache write, attention over the paged cache, SiLU-and-mul, and the final norm and LM
+//! head only for the rows that produce logits.
 //!
 //! Weights go to the GPU one tensor at a time in the compute dtype (bf16 checkpoints are copied as they
 //! are; f32/f16 are converted and GGUF blocks dequantized per tensor on the host), so the host never
@@ -65,6 +67,50 @@ pub struct CudaLlama {
     /// Fewest keys of a split share in the kernels (`IRONLLM_DECODE_SPLIT_MIN_KEYS`, for side-by-side
     /// measurements; default `ops::DECODE_SPLIT_MIN_KEYS`).
     decode_split_min_keys: usize,
+    /// The o_proj and down GEMMs add into the residual stream themselves where they can
+    /// (`ops::gemm_accumulate`); `IRONLLM_DISABLE_RESIDUAL_EPILOGUE` turns it off for side-by-side
+    /// measurements.
+    residual_epilogue: bool,
+}
+
+/// Whether the residual stream already holds the last projection's output, which decides the next norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residual {
+    /// Nothing is pending: the embedding wrote it, or the GEMM added its product in its epilogue. The
+    /// norm only reads it (`rms_norm`).
+    Summed,
+    /// The projection is in `proj`; the norm adds it first (`add_rms_norm`).
+    PlusProj,
+}
+
+impl Residual {
+    /// Rows of hidden size per token the next norm moves: reads the residual and writes the normed rows,
+    /// plus, for a pending projection, reads it and writes the sum back.
+    fn norm_rows(self) -> usize {
+        match self {
+            Residual::Summed => 2,
+            Residual::PlusProj => 4,
+        }
+    }
+}
+
+/// `normed = rms_norm(residual) * w`, adding a pending projection (`proj`) into `residual` first.
+#[allow(clippy::too_many_arguments)]
+fn residual_norm(
+    gpu: &Gpu,
+    state: Residual,
+    residual: &mut DevBuf,
+    proj: &DevBuf,
+    w: &DevBuf,
+    normed: &mut DevBuf,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    match state {
+        Residual::Summed => ops::rms_norm(gpu, normed, residual, w, rows, hidden, eps),
+        Residual::PlusProj => ops::add_rms_norm(gpu, residual, proj, w, normed, rows, hidden, eps),
+    }
 }
 
 /// A side-by-side measurement knob: the variable `name` as a count in `1..=most`, else `default`.
@@ -346,6 +392,7 @@ impl CudaLlama {
                 ops::MAX_DECODE_SPLITS,
             ),
             decode_split_min_keys: env_count("IRONLLM_DECODE_SPLIT_MIN_KEYS", ops::DECODE_SPLIT_MIN_KEYS, 1 << 20),
+            residual_epilogue: std::env::var_os("IRONLLM_DISABLE_RESIDUAL_EPILOGUE").is_none(),
             attn_kernels,
         })
     }
@@ -392,6 +439,28 @@ impl CudaLlama {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// `residual += x @ w^T (+ bias)` for a projection back to the hidden size (o_proj, down): in the
+    /// GEMM's epilogue where it can (`ops::gemm_accumulate`), else the GEMM into `proj`, left for the
+    /// next norm to add. Says which.
+    #[allow(clippy::too_many_arguments)]
+    fn project_into_residual(
+        &self,
+        residual: &mut DevBuf,
+        proj: &mut DevBuf,
+        x: &DevBuf,
+        w: &DevBuf,
+        bias: Option<&DevBuf>,
+        t: usize,
+        k: usize,
+    ) -> Result<Residual, CudaError> {
+        let (gpu, h) = (&*self.gpu, self.config.hidden_size);
+        if self.residual_epilogue && ops::gemm_accumulate(gpu, residual, x, w, bias, t, h, k)? {
+            return Ok(Residual::Summed);
+        }
+        ops::gemm(gpu, proj, x, w, bias, t, h, k)?;
+        Ok(Residual::PlusProj)
     }
 
     /// Runs one step's flattened batch; leaves f32 logits `[num_logits_rows, vocab]` in `ws.logits`.
@@ -464,19 +533,17 @@ impl CudaLlama {
         let e = self.dtype.size() as f64;
         let tf = t as f64;
         let gemm_flops = |n: usize, k: usize| Work::Flops(2.0 * tf * n as f64 * k as f64);
-        let norm_bytes = Work::Bytes(4.0 * tf * h as f64 * e);
+        let norm_bytes = |state: Residual| Work::Bytes(state.norm_rows() as f64 * tf * h as f64 * e);
         let (decode_keys, prefill_pairs) =
             prof.as_ref().map_or((0.0, 0.0), |p| (p.work.decode_keys, p.work.prefill_pairs));
         let kv_row = (c.num_key_value_heads * hd) as f64 * e;
         ops::embedding(gpu, residual, &self.embed, token_ids, t, h)?;
         op_timer::mark(&mut prof, gpu, Op::Embed, Work::Bytes(2.0 * tf * h as f64 * e))?;
+        // Where the last o_proj / down output is; the embedding leaves nothing pending.
+        let mut state = Residual::Summed;
         for (li, layer) in self.layers.iter().enumerate() {
-            if li == 0 {
-                ops::rms_norm(gpu, normed, residual, &layer.input_norm, t, h, eps)?;
-            } else {
-                ops::add_rms_norm(gpu, residual, proj, &layer.input_norm, normed, t, h, eps)?;
-            }
-            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes)?;
+            residual_norm(gpu, state, residual, proj, &layer.input_norm, normed, t, h, eps)?;
+            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
             ops::gemm(gpu, qkv, normed, &layer.qkv, layer.qkv_bias.as_ref(), t, qkv_w, h)?;
             op_timer::mark(&mut prof, gpu, Op::QkvGemm, gemm_flops(qkv_w, h))?;
             let (kc, vc) = &mut kv.layers[li];
@@ -499,25 +566,28 @@ impl CudaLlama {
             ops::attention_prefill(gpu, attn, &inputs)?;
             let attn_flops = prefill_pairs * 4.0 * (c.num_attention_heads * hd) as f64;
             op_timer::mark(&mut prof, gpu, Op::AttnPrefill, Work::Flops(attn_flops))?;
-            ops::gemm(gpu, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, h, qw)?;
+            state = self.project_into_residual(residual, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, qw)?;
             op_timer::mark(&mut prof, gpu, Op::OGemm, gemm_flops(h, qw))?;
-            ops::add_rms_norm(gpu, residual, proj, &layer.post_norm, normed, t, h, eps)?;
-            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes)?;
+            residual_norm(gpu, state, residual, proj, &layer.post_norm, normed, t, h, eps)?;
+            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
             ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
             op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
             ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
             op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
-            ops::gemm(gpu, proj, act, &layer.down, layer.down_bias.as_ref(), t, h, inter)?;
+            state = self.project_into_residual(residual, proj, act, &layer.down, layer.down_bias.as_ref(), t, inter)?;
             op_timer::mark(&mut prof, gpu, Op::DownGemm, gemm_flops(h, inter))?;
         }
         let r = num_logits_rows;
         if r == 0 {
             return Ok(());
         }
-        // Only the rows that produce logits need the last residual add, the final norm and the LM head.
+        // Only the rows that produce logits need the last residual add (if the down GEMM left it
+        // pending), the final norm and the LM head.
         ops::gather_rows(gpu, rows_a, residual, logits_rows, r, h)?;
-        ops::gather_rows(gpu, rows_b, proj, logits_rows, r, h)?;
-        ops::add_rms_norm(gpu, rows_a, rows_b, &self.final_norm, rows_normed, r, h, eps)?;
+        if state == Residual::PlusProj {
+            ops::gather_rows(gpu, rows_b, proj, logits_rows, r, h)?;
+        }
+        residual_norm(gpu, state, rows_a, rows_b, &self.final_norm, rows_normed, r, h, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         ops::gemm(gpu, logits, rows_normed, head, None, r, c.vocab_size, h)?;
         op_timer::mark(&mut prof, gpu, Op::Head, Work::Flops(2.0 * r as f64 * c.vocab_size as f64 * h as f64))?;

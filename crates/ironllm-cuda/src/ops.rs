@@ -11,6 +11,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
 use crate::launch::KernelArgs;
+use crate::lt_gemm::Output;
 use crate::tensor::{DevBuf, GpuDType};
 
 fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
@@ -342,8 +343,17 @@ impl AttnKernels {
         if d == GpuDType::F32 || std::env::var_os("IRONLLM_DISABLE_FLASH_PREFILL").is_some() {
             return AttnKernels::default();
         }
-        let prefill = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
-        let prefill = gpu.has_function(&prefill).then_some(prefill);
+        // The Hopper kernel (`flash_prefill_sm90.cu`, compiled only for sm_90a) where it exists, unless
+        // IRONLLM_DISABLE_WGMMA_PREFILL asks for the mma.sync kernel (A/B runs).
+        // Its two-heads-per-CTA form needs the heads of a CTA to share their KV head (an even group).
+        let wgmma =
+            format!("flash_prefill_wg{}_{}_hd{head_dim}", if group.is_multiple_of(2) { "2" } else { "" }, d.suffix());
+        let plain = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
+        let prefill = if gpu.has_function(&wgmma) && std::env::var_os("IRONLLM_DISABLE_WGMMA_PREFILL").is_none() {
+            Some(wgmma)
+        } else {
+            gpu.has_function(&plain).then_some(plain)
+        };
         let plain = format!("flash_decode_{}_hd{head_dim}", d.suffix());
         let split = format!("flash_decode_split_{}_hd{head_dim}", d.suffix());
         let decode = (prefill.is_some()
@@ -363,14 +373,35 @@ pub fn flash_decode_smem(head_dim: usize) -> usize {
     stages * 2 * 64 * head_dim * 2 + 16 * head_dim * 2
 }
 
-/// Dynamic shared memory a kernel needs beyond the default 48 KiB limit, by name, so the loader can raise
-/// the function's limit once.
-pub fn dynamic_smem_of(kernel: &str) -> Option<usize> {
-    if !kernel.starts_with("flash_decode_") {
-        return None;
+/// Query heads per CTA of a prefill kernel, by name: the Hopper kernel's `wg2` form takes two heads of
+/// one KV head (256 threads), every other form one (128 threads).
+pub fn prefill_heads_per_cta(kernel: &str) -> usize {
+    if kernel.starts_with("flash_prefill_wg2_") {
+        2
+    } else {
+        1
     }
+}
+
+/// Dynamic shared memory of the Hopper prefill kernel (`WG_SMEM_BYTES` in `flash_prefill_sm90.cu`: 1 KiB
+/// of alignment slack, a Q tile per head, `stages` K and V tiles of 64 rows, `stages + 1` row tables of
+/// 64 words); one head per CTA runs 2 stages, two heads 3 (as fast as 4 on an H100; see BENCHMARKS.md).
+pub fn flash_prefill_wg_smem(head_dim: usize, heads: usize) -> usize {
+    let stages = if heads == 2 { 3 } else { 2 };
+    1024 + (heads + 2 * stages) * 64 * head_dim * 2 + (stages + 1) * 64 * 4
+}
+
+/// Dynamic shared memory a kernel needs (the launch passes it; over 48 KiB the loader also raises the
+/// function's limit once), by name; `None` for kernels with static shared memory only.
+pub fn dynamic_smem_of(kernel: &str) -> Option<usize> {
     let hd = kernel.rsplit_once("_hd")?.1.parse().ok()?;
-    Some(flash_decode_smem(hd))
+    if kernel.starts_with("flash_decode_") {
+        Some(flash_decode_smem(hd))
+    } else if kernel.starts_with("flash_prefill_wg") {
+        Some(flash_prefill_wg_smem(hd, prefill_heads_per_cta(kernel)))
+    } else {
+        None
+    }
 }
 
 /// What both attention launches read: q (in `qkv`), the layer's caches, the batch and the kernels.
@@ -497,6 +528,8 @@ pub fn attention_prefill(gpu: &Gpu, out: &mut DevBuf, inputs: &AttnInputs<'_, '_
             need_slice(meta.prefill_tiles, 2 * meta.num_prefill_tiles, "prefill tiles")?;
             let f = gpu.function(name)?;
             let tiles = i32_of(meta.num_prefill_tiles, "tiles")?;
+            let smem = dynamic_smem_of(name).unwrap_or(0) as u32;
+            let heads_per_cta = prefill_heads_per_cta(name);
             // SAFETY: as above; tiles name sequences of this batch and query offsets inside them.
             unsafe {
                 gpu.stream()
@@ -515,7 +548,11 @@ pub fn attention_prefill(gpu: &Gpu, out: &mut DevBuf, inputs: &AttnInputs<'_, '_
                     .arg(&bs)
                     .arg(&mb)
                     .arg(&scale)
-                    .launch(cfg((meta.num_prefill_tiles as u32, shape.num_heads as u32, 1), 128, 0))
+                    .launch(cfg(
+                        (meta.num_prefill_tiles as u32, (shape.num_heads / heads_per_cta) as u32, 1),
+                        128 * heads_per_cta as u32,
+                        smem,
+                    ))
             }
             .at(|| name.to_string())?;
         }
@@ -633,17 +670,13 @@ pub fn gemm(
     n: usize,
     k: usize,
 ) -> Result<(), CudaError> {
-    if x.dtype != w.dtype {
-        return Err(CudaError::Invalid("gemm: x and w of different dtypes".into()));
-    }
-    need(y, m * n, "gemm y")?;
-    need(x, m * k, "gemm x")?;
-    need(w, n * k, "gemm w")?;
+    gemm_operands("gemm", y, x, w, (m, n, k))?;
     if m == 0 {
         return Ok(());
     }
     let (mi, ni, ki) = (i32_of(m, "m")?, i32_of(n, "n")?, i32_of(k, "k")?);
-    if x.dtype == GpuDType::F32 {
+    let path = gemm_path(x.dtype, y.dtype, m, k, gpu.skinny_gemm);
+    if path == GemmPath::F32 {
         if y.dtype != GpuDType::F32 {
             return Err(CudaError::Invalid("gemm: f32 inputs need an f32 output".into()));
         }
@@ -664,12 +697,7 @@ pub fn gemm(
             .at(|| "gemm_f32_nt".into())?;
         return Ok(());
     }
-    if gpu.skinny_gemm
-        && m <= GEMV_MAX_M
-        && k.is_multiple_of(8)
-        && k > 0
-        && (y.dtype == x.dtype || y.dtype == GpuDType::F32)
-    {
+    if path == GemmPath::Skinny {
         let name = if y.dtype == x.dtype {
             format!("gemv_{}", x.dtype.suffix())
         } else {
@@ -685,7 +713,7 @@ pub fn gemm(
         }
         .at(|| name)?;
     } else {
-        cublaslt_gemm(gpu, y, x, w, m, n, k)?;
+        cublaslt_gemm(gpu, y, x, w, (m, n, k), Output::Overwrite)?;
     }
     if let Some(bias) = bias {
         if y.dtype != bias.dtype {
@@ -694,6 +722,94 @@ pub fn gemm(
         add_bias(gpu, y, bias, m, n)?;
     }
     Ok(())
+}
+
+/// `y[m, n] += x[m, k] @ w[n, k]^T (+ bias)` in place, the add done in the GEMM's epilogue (cuBLASLt
+/// with beta = 1), where [`gemm`] would run cuBLASLt and y has x's dtype (bf16/f16); then `Ok(true)`.
+/// Elsewhere (float32, the skinny GEMM's one or two rows, an f32 y) it launches nothing and returns
+/// `Ok(false)`, and the caller runs [`gemm`] into a buffer of its own and adds that (the decoder's
+/// residual stream: `add_rms_norm`).
+///
+/// Numerics: the sum is rounded once (the f32 product plus y, then one rounding to y's dtype), where
+/// `gemm` and a later add round the product to y's dtype and then the sum; the two differ by at most
+/// about one ulp of y. A bias is added afterwards by `add_bias`, a rounding of its own as in [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_accumulate(
+    gpu: &Gpu,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    bias: Option<&DevBuf>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<bool, CudaError> {
+    if !accumulates(x.dtype, y.dtype, m, k, gpu.skinny_gemm) {
+        return Ok(false);
+    }
+    gemm_operands("gemm_accumulate", y, x, w, (m, n, k))?;
+    if let Some(bias) = bias {
+        if bias.dtype != y.dtype {
+            return Err(CudaError::Invalid("gemm_accumulate: bias dtype differs from the output's".into()));
+        }
+        need(bias, n, "gemm_accumulate bias")?;
+    }
+    if m == 0 {
+        return Ok(true);
+    }
+    cublaslt_gemm(gpu, y, x, w, (m, n, k), Output::Accumulate)?;
+    if let Some(bias) = bias {
+        add_bias(gpu, y, bias, m, n)?;
+    }
+    Ok(true)
+}
+
+/// The checks [`gemm`] and [`gemm_accumulate`] share: x and w of one dtype, every buffer large enough.
+fn gemm_operands(
+    op: &str,
+    y: &DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    if x.dtype != w.dtype {
+        return Err(CudaError::Invalid(format!("{op}: x and w of different dtypes")));
+    }
+    for (buf, elems, name) in [(y, m * n, "y"), (x, m * k, "x"), (w, n * k, "w")] {
+        if buf.len < elems {
+            return Err(CudaError::Invalid(format!("{op} {name}: buffer of {} elements, need {elems}", buf.len)));
+        }
+    }
+    Ok(())
+}
+
+/// Which GEMM serves a shape; [`gemm`] and [`gemm_accumulate`] decide alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GemmPath {
+    /// Our batch-invariant float32 kernel (`gemm_f32_nt`).
+    F32,
+    /// The skinny GEMM (`gemv.cu`).
+    Skinny,
+    /// cuBLASLt (`lt_gemm`).
+    Lt,
+}
+
+/// The path for x and w of `input`, y of `output`, m rows of k; `skinny` is [`Gpu::skinny_gemm`].
+fn gemm_path(input: GpuDType, output: GpuDType, m: usize, k: usize, skinny: bool) -> GemmPath {
+    if input == GpuDType::F32 {
+        GemmPath::F32
+    } else if skinny && m <= GEMV_MAX_M && k.is_multiple_of(8) && k > 0 && (output == input || output == GpuDType::F32)
+    {
+        GemmPath::Skinny
+    } else {
+        GemmPath::Lt
+    }
+}
+
+/// Whether [`gemm_accumulate`] takes this shape: cuBLASLt's epilogue adds in y's own dtype, and only
+/// cuBLASLt has an epilogue.
+fn accumulates(input: GpuDType, output: GpuDType, m: usize, k: usize, skinny: bool) -> bool {
+    output == input && gemm_path(input, output, m, k, skinny) == GemmPath::Lt
 }
 
 /// Most rows the skinny GEMM (`gemv.cu`, which handles up to 4) serves: on the H200 it beat cuBLAS at
@@ -712,21 +828,21 @@ fn gemv_rows_per_warp(m: usize) -> usize {
     }
 }
 
-/// `y = x w^T` through cuBLASLt (bf16/f16 inputs, f32 accumulation, y in its own dtype or f32).
+/// `y = x w^T` (or `y += x w^T`) through cuBLASLt (bf16/f16 inputs, f32 accumulation, y in its own
+/// dtype or f32).
 fn cublaslt_gemm(
     gpu: &Gpu,
     y: &mut DevBuf,
     x: &DevBuf,
     w: &DevBuf,
-    m: usize,
-    n: usize,
-    k: usize,
+    mnk: (usize, usize, usize),
+    into: Output,
 ) -> Result<(), CudaError> {
     let stream = gpu.stream();
     let (xp, _gx) = x.data.device_ptr(stream);
     let (wp, _gw) = w.data.device_ptr(stream);
     let (yp, _gy) = y.data.device_ptr_mut(stream);
-    gpu.lt().gemm(stream, yp, xp, wp, (m, n, k), x.dtype, y.dtype)
+    gpu.lt().gemm(stream, yp, xp, wp, mnk, x.dtype, y.dtype, into)
 }
 
 /// Times cuBLASLt's candidate algorithms for `y[m, n] = x[m, k] w[n, k]^T` on these buffers and keeps the
@@ -780,6 +896,47 @@ mod tests {
         assert_eq!(dynamic_smem_of("paged_attention_bf16"), None);
         // Three CTAs of the head_dim-128 kernel fit Hopper's 227 KiB of shared memory per SM.
         assert!(3 * flash_decode_smem(128) <= 227 * 1024);
+    }
+
+    #[test]
+    fn hopper_prefill_shared_memory_matches_the_kernel_and_two_ctas_fit_an_sm() {
+        // WG_SMEM_BYTES(HD, heads, stages) in flash_prefill_sm90.cu.
+        assert_eq!(dynamic_smem_of("flash_prefill_wg_bf16_hd128"), Some(83712));
+        assert_eq!(dynamic_smem_of("flash_prefill_wg_f16_hd64"), Some(42752));
+        assert_eq!(dynamic_smem_of("flash_prefill_wg2_bf16_hd128"), Some(133120));
+        assert_eq!(dynamic_smem_of("flash_prefill_wg2_f16_hd64"), Some(67584));
+        assert_eq!(prefill_heads_per_cta("flash_prefill_wg2_f16_hd64"), 2);
+        assert_eq!(prefill_heads_per_cta("flash_prefill_bf16_hd128"), 1);
+        // The launch bounds' CTAs per SM (two of one head, one of two) within Hopper's 228 KiB per SM,
+        // 1 KiB reserved per CTA.
+        assert!(2 * (flash_prefill_wg_smem(128, 1) + 1024) <= 228 * 1024);
+        assert!(flash_prefill_wg_smem(128, 2) + 1024 <= 228 * 1024);
+    }
+
+    #[test]
+    fn gemm_accumulate_takes_exactly_the_shapes_gemm_sends_to_cublaslt_with_a_same_dtype_output() {
+        use GpuDType::{BF16, F16, F32};
+        // Rows past the skinny GEMM's, or any rows with it disabled: cuBLASLt, which accumulates.
+        for d in [BF16, F16] {
+            assert_eq!(gemm_path(d, d, GEMV_MAX_M + 1, 4096, true), GemmPath::Lt);
+            assert!(accumulates(d, d, GEMV_MAX_M + 1, 4096, true));
+            assert!(accumulates(d, d, 1, 4096, false));
+            assert!(accumulates(d, d, 8192, 14336, true));
+        }
+        // The skinny GEMM's rows (one decode token or two) fall back to gemm + add.
+        for m in 1..=GEMV_MAX_M {
+            assert_eq!(gemm_path(BF16, BF16, m, 4096, true), GemmPath::Skinny);
+            assert!(!accumulates(BF16, BF16, m, 4096, true));
+        }
+        // A k the skinny GEMM cannot read 16 bytes at a time goes to cuBLASLt even for one row.
+        assert_eq!(gemm_path(BF16, BF16, 1, 4100, true), GemmPath::Lt);
+        assert!(accumulates(BF16, BF16, 1, 4100, true));
+        // Float32 runs our own kernel; an f32 output of half inputs (the logits) is not a residual.
+        assert_eq!(gemm_path(F32, F32, 64, 4096, true), GemmPath::F32);
+        assert!(!accumulates(F32, F32, 64, 4096, true));
+        assert_eq!(gemm_path(BF16, F32, 64, 4096, true), GemmPath::Lt);
+        assert!(!accumulates(BF16, F32, 64, 4096, true));
+        assert!(!accumulates(BF16, F16, 64, 4096, false));
     }
 
     #[test]

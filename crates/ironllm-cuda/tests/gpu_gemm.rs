@@ -1,6 +1,8 @@
 //! The half-precision GEMMs (`ops::gemm`: cuBLASLt for three rows and more, the skinny GEMM below) against
 //! a float64 product of the same rounded inputs, before and after `ops::tune_gemm` has timed and chosen
-//! algorithms, at sizes on and between the timed ones, with bf16/f16 and f32 outputs.
+//! algorithms, at sizes on and between the timed ones, with bf16/f16 and f32 outputs; and
+//! `ops::gemm_accumulate` (`y += x w^T` in cuBLASLt's epilogue) against `ops::gemm` plus the add on the
+//! host, where it declines (returns false) leaving y as it was.
 //!
 //! Every test passes with a printed SKIP line on a machine without a CUDA device, so CPU CI stays green.
 
@@ -101,4 +103,100 @@ fn tuning_refuses_what_it_cannot_time() {
     let mut yf = DevBuf::zeros(&gpu, GpuDType::F32, 64).expect("y");
     assert!(ops::tune_gemm(&gpu, &mut yf, &xf, &wf, 4, 4, 4, &mut flush).is_err());
     assert!(ops::tune_gemm(&gpu, &mut y, &x, &w, 0, 4, 4, &mut flush).is_err());
+}
+
+/// Checks y0 + (x w^T + b) accumulated on the GPU against `p` = `ops::gemm`'s x w^T + b added to y0 on
+/// the host (rounded to bf16 as the residual add would). Each side's error from the exact sum is its f32
+/// accumulation error plus one bf16 rounding per add (the product, the bias, the host's sum for one; the
+/// sum and the bias for the other), which bounds their difference: a missing or doubled y0 is far beyond.
+#[allow(clippy::too_many_arguments)]
+fn check_sum(
+    what: &str,
+    got: &[f32],
+    y0: &[f32],
+    p: &[f32],
+    b: &[f32],
+    x: &[f32],
+    w: &[f32],
+    mnk: (usize, usize, usize),
+) {
+    let (m, n, k) = mnk;
+    let eps = 2f64.powi(-8);
+    let mut bad = 0;
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let mag: f64 = (0..k).map(|t| (f64::from(x[i * k + t]) * f64::from(w[j * k + t])).abs()).sum();
+            let (y, p, b) = (f64::from(y0[i * n + j]), f64::from(p[i * n + j]), f64::from(b[j]));
+            let host = f64::from(rounded(GpuDType::BF16, &[(y + p) as f32])[0]);
+            let err = (f64::from(got[i * n + j]) - host).abs();
+            let rounding = eps * 1.01 * (3.0 * y.abs() + 5.0 * p.abs() + 4.0 * b.abs());
+            let bound = 2.02 * k as f64 * 2f64.powi(-24) * mag + rounding + 1e-30;
+            if err.is_nan() || err > bound {
+                bad += 1;
+                worst = worst.max(err / bound);
+            }
+        }
+    }
+    assert_eq!(bad, 0, "{what}: {bad} of {} outputs beyond the bound (worst {worst:.2}x)", m * n);
+}
+
+#[test]
+fn gemm_accumulate_adds_into_y_where_cublaslt_runs_and_declines_elsewhere() {
+    let Some(gpu) = open_gpu("gemm_accumulate_adds_into_y_where_cublaslt_runs_and_declines_elsewhere") else {
+        return;
+    };
+    let mut rng = Rng::seeded(11);
+    let mut flush = DevBuf::zeros(&gpu, GpuDType::F32, ops::l2_flush_bytes(&gpu) / 4).expect("flush");
+    let dt = GpuDType::BF16;
+    let (n, k, max_m) = (384, 512, 300);
+    let w = rounded(dt, &random(&mut rng, n * k, 1.0 / (k as f64).sqrt()));
+    let x = rounded(dt, &random(&mut rng, max_m * k, 1.0));
+    let y0 = rounded(dt, &random(&mut rng, max_m * n, 2.0));
+    let b = rounded(dt, &random(&mut rng, n, 0.1));
+    let (wd, xd, bd) = (
+        DevBuf::from_f32(&gpu, dt, &w).expect("w"),
+        DevBuf::from_f32(&gpu, dt, &x).expect("x"),
+        DevBuf::from_f32(&gpu, dt, &b).expect("bias"),
+    );
+    let zeros = vec![0f32; n];
+    let mut pd = DevBuf::zeros(&gpu, dt, max_m * n).expect("p");
+    for timed in [false, true] {
+        if timed {
+            // Timed winners (split-K among them at few rows) must accumulate in place too.
+            for m in [4, 64, 256] {
+                ops::tune_gemm(&gpu, &mut pd, &xd, &wd, m, n, k, &mut flush).expect("tune");
+            }
+        }
+        for m in [1, 2, 3, 17, 64, 300] {
+            for bias in [None, Some(&bd)] {
+                let what = format!("m={m} bias={} timed={timed}", bias.is_some());
+                let mut yd = DevBuf::from_f32(&gpu, dt, &y0).expect("y");
+                let done = ops::gemm_accumulate(&gpu, &mut yd, &xd, &wd, bias, m, n, k).expect("gemm_accumulate");
+                let got = yd.to_f32(&gpu).expect("y");
+                if gpu.skinny_gemm && m <= ops::GEMV_MAX_M {
+                    // The skinny GEMM's rows: nothing done, y untouched.
+                    assert!(!done, "{what}: accumulated where the skinny GEMM runs");
+                    assert_eq!(got, y0, "{what}: y changed although gemm_accumulate declined");
+                    continue;
+                }
+                assert!(done, "{what}: declined where cuBLASLt runs");
+                assert_eq!(got[m * n..], y0[m * n..], "{what}: rows past m changed");
+                ops::gemm(&gpu, &mut pd, &xd, &wd, bias, m, n, k).expect("gemm");
+                let p = pd.to_f32(&gpu).expect("p");
+                let b = if bias.is_some() { &b } else { &zeros };
+                check_sum(&what, &got, &y0, &p, b, &x, &w, (m, n, k));
+            }
+        }
+    }
+    // An f32 output (the logits' form) and float32 inputs are never accumulated into: declined, untouched.
+    let mut yf = DevBuf::from_f32(&gpu, GpuDType::F32, &y0).expect("y");
+    assert!(!ops::gemm_accumulate(&gpu, &mut yf, &xd, &wd, None, 64, n, k).expect("f32 y"));
+    assert_eq!(yf.to_f32(&gpu).expect("y"), y0);
+    let xf = DevBuf::from_f32(&gpu, GpuDType::F32, &x).expect("x");
+    let wf = DevBuf::from_f32(&gpu, GpuDType::F32, &w).expect("w");
+    assert!(!ops::gemm_accumulate(&gpu, &mut yf, &xf, &wf, None, 64, n, k).expect("f32 inputs"));
+    // A buffer too small is an error, not a launch.
+    let mut small = DevBuf::zeros(&gpu, dt, 16).expect("y");
+    assert!(ops::gemm_accumulate(&gpu, &mut small, &xd, &wd, None, 64, n, k).is_err());
 }
