@@ -73,10 +73,12 @@ def compile_cubin(lib, name, src, arch, options=()):
     if rc != 0:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
         raise RuntimeError(f"{name}: NVRTC failed:\n{log.value.decode(errors='replace')}")
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    ok = lib.nvrtcGetCUBINSize(prog, ctypes.byref(n)) == 0 and n.value > 0
     cubin = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetCUBIN(prog, cubin)
+    ok = ok and lib.nvrtcGetCUBIN(prog, cubin) == 0
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    if not ok:
+        raise RuntimeError(f"{name}: NVRTC compiled but gave no CUBIN for {arch}")
     return cubin.raw
 
 

@@ -79,7 +79,10 @@ pub fn compile_file(
         let (bin, names) = (dir.join(format!("{stem}.cubin")), dir.join(format!("{stem}.names")));
         if let (Ok(cubin), Ok(names)) = (std::fs::read(&bin), std::fs::read_to_string(&names)) {
             let kernel_names: Vec<String> = names.lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
-            if !cubin.is_empty() && !kernel_names.is_empty() {
+            // The names file is written before the cubin is renamed into place, so a cubin means whole
+            // names; an empty list is a file that exports nothing on this architecture (the sm_90a-only
+            // kernels elsewhere).
+            if !cubin.is_empty() {
                 return Ok(CompiledModule { file: file.to_string(), cubin, kernel_names, cached: true });
             }
         }

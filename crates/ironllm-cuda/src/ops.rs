@@ -323,8 +323,10 @@ pub fn qk_norm_rope_kv(
 pub const FLASH_BLOCK_M: usize = 64;
 
 /// The tensor-core attention kernels resolved once at load for the model's dtype and head size: the
-/// prefill kernel (`flash_prefill.cu`) and the grouped-query decode kernel (`flash_decode.cu`, plain and
-/// split-KV). `None` where the kernel is missing or disabled; float32 has neither.
+/// prefill kernel (on Hopper `flash_prefill_sm90.cu`'s `flash_prefill_wg2_*` for even GQA groups, else its
+/// `flash_prefill_wg_*`; elsewhere `flash_prefill.cu`) and the grouped-query decode kernel
+/// (`flash_decode.cu`, plain and split-KV). `None` where the kernel is missing or disabled; float32 has
+/// neither.
 #[derive(Debug, Clone, Default)]
 pub struct AttnKernels {
     pub prefill: Option<String>,
@@ -345,15 +347,18 @@ impl AttnKernels {
         }
         // The Hopper kernel (`flash_prefill_sm90.cu`, compiled only for sm_90a) where it exists, unless
         // IRONLLM_DISABLE_WGMMA_PREFILL asks for the mma.sync kernel (A/B runs).
-        // Its two-heads-per-CTA form needs the heads of a CTA to share their KV head (an even group).
-        let wgmma =
-            format!("flash_prefill_wg{}_{}_hd{head_dim}", if group.is_multiple_of(2) { "2" } else { "" }, d.suffix());
-        let plain = format!("flash_prefill_{}_hd{head_dim}", d.suffix());
-        let prefill = if gpu.has_function(&wgmma) && std::env::var_os("IRONLLM_DISABLE_WGMMA_PREFILL").is_none() {
-            Some(wgmma)
-        } else {
-            gpu.has_function(&plain).then_some(plain)
-        };
+        // Its two-heads-per-CTA form needs the heads of a CTA to share their KV head (an even group). The
+        // first kernel the card loaded wins (one it could not grant the shared memory is missing).
+        let suffix = d.suffix();
+        let mut candidates = Vec::new();
+        if std::env::var_os("IRONLLM_DISABLE_WGMMA_PREFILL").is_none() {
+            if group.is_multiple_of(2) {
+                candidates.push(format!("flash_prefill_wg2_{suffix}_hd{head_dim}"));
+            }
+            candidates.push(format!("flash_prefill_wg_{suffix}_hd{head_dim}"));
+        }
+        candidates.push(format!("flash_prefill_{suffix}_hd{head_dim}"));
+        let prefill = candidates.into_iter().find(|name| gpu.has_function(name));
         let plain = format!("flash_decode_{}_hd{head_dim}", d.suffix());
         let split = format!("flash_decode_split_{}_hd{head_dim}", d.suffix());
         let decode = (prefill.is_some()
@@ -530,6 +535,12 @@ pub fn attention_prefill(gpu: &Gpu, out: &mut DevBuf, inputs: &AttnInputs<'_, '_
             let tiles = i32_of(meta.num_prefill_tiles, "tiles")?;
             let smem = dynamic_smem_of(name).unwrap_or(0) as u32;
             let heads_per_cta = prefill_heads_per_cta(name);
+            if !(shape.num_heads / shape.num_kv_heads.max(1)).is_multiple_of(heads_per_cta) {
+                return Err(CudaError::Invalid(format!(
+                    "{name} takes {heads_per_cta} heads of one KV head per CTA; {} heads over {} KV heads do not pair",
+                    shape.num_heads, shape.num_kv_heads
+                )));
+            }
             // SAFETY: as above; tiles name sequences of this batch and query offsets inside them.
             unsafe {
                 gpu.stream()
