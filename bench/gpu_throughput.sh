@@ -30,3 +30,10 @@ if [ "${IRONLLM_TP_SWEEP:-0}" = 1 ]; then
   run tp_1024_128_seqs512_16k 1024 128 --max-num-seqs 512 --max-num-batched-tokens 16384
   run tp_1024_128_32k 1024 128 --max-num-seqs 256 --max-num-batched-tokens 32768
 fi
+# IRONLLM_TP_BLOCKS=1: larger KV blocks on the prefill-heavy workload (each (block, KV head) of the cache is
+# one contiguous run of block_size x head_dim elements: 4 KB at 16 for the 8B shape), for the decode
+# attention's share of it (the next step named in BENCHMARKS.md; not measured yet).
+if [ "${IRONLLM_TP_BLOCKS:-0}" = 1 ]; then
+  run tp_1024_128_bs32 1024 128 --max-num-seqs 256 --block-size 32
+  run tp_1024_128_bs64 1024 128 --max-num-seqs 256 --block-size 64
+fi
