@@ -30,10 +30,12 @@ pub struct EngineFlags {
     /// Context length (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Maximum sequences per step.
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
-    /// Token budget per step.
+    /// Maximum sequences per step (default, as vLLM: 1024 on a GPU of at least 70 GiB other than an A100,
+    /// else 256).
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget per step (default, as vLLM: 16384 offline and 8192 serving on a GPU of at least 70 GiB
+    /// other than an A100, else 8192 and 2048).
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV cache block.
@@ -133,6 +135,8 @@ impl EngineFlags {
             max_model_len: self.max_model_len,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
+            // IRONLLM_ADMISSION_HEADROOM or the scheduler's default (no vLLM flag to mirror).
+            admission_headroom_tokens: None,
             block_size: self.block_size,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             enable_chunked_prefill: !self.no_enable_chunked_prefill,

@@ -212,12 +212,15 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
     println!("Total num prompt tokens:  {n_in}");
     println!("Total num output tokens:  {produced}");
     println!("Elapsed: {dt:.2}s");
+    // Ours, not vLLM's: each preemption recomputes the request, so it explains a slow run.
+    let num_preemptions = llm.engine().stats().num_preemptions;
+    println!("Preemptions: {num_preemptions}");
     let spec = spec_summary(&llm);
     if let Some(path) = &a.output_json {
         let v = json!({
             "elapsed_time": dt, "num_requests": a.num_prompts, "total_num_tokens": n_in + produced,
             "requests_per_second": a.num_prompts as f64 / dt, "tokens_per_second": (n_in + produced) as f64 / dt,
-            "output_tokens_per_second": produced as f64 / dt,
+            "output_tokens_per_second": produced as f64 / dt, "num_preemptions": num_preemptions,
             "spec_decoding": spec,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;

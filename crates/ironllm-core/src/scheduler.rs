@@ -10,6 +10,12 @@
 //! arrival) (priority policy): its blocks are freed and it goes back to the front of the queue to be
 //! recomputed later (vLLM V1's preemption by recompute). A step that preempted admits nobody new.
 //!
+//! One departure from vLLM, the admission headroom: a waiting request is admitted only while the free
+//! blocks also cover every running request's next `min(headroom, output left)` tokens. vLLM admits
+//! whenever the prompt fits, so on a KV-bound workload the cache fills with prompts and every decode that
+//! needs a block preempts (and later recomputes) someone; with the headroom the request waits instead.
+//! `admission_headroom_tokens = 0` restores vLLM's admission.
+//!
 //! Invariants: a request is in exactly one of `waiting` and `running` until it finishes, and then it is
 //! gone; exactly the running requests hold block tables; the tokens of one plan never exceed the
 //! budget. Between [`Scheduler::schedule`] and [`Scheduler::update_from_output`] the plan is in flight:
@@ -61,6 +67,12 @@ pub enum SchedulingPolicy {
     Priority,
 }
 
+/// Default of [`SchedulerConfig::admission_headroom_tokens`].
+/// 256: about the length of a typical chat reply (ShareGPT-like replies run ~180-270 tokens), so most
+/// requests finish inside their reserve; a longer one can still be preempted. A request whose `max_tokens`
+/// is smaller reserves only that.
+pub const DEFAULT_ADMISSION_HEADROOM_TOKENS: usize = 256;
+
 /// The scheduler's limits, resolved once from flags (vLLM's scheduler and cache config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -86,6 +98,11 @@ pub struct SchedulerConfig {
     pub speculative: Option<SpeculativeConfig>,
     /// `--async-scheduling`: plan the next step while the current one runs (off by default, as in vLLM).
     pub async_scheduling: bool,
+    /// Admission headroom, in tokens (ours; `IRONLLM_ADMISSION_HEADROOM`): a waiting request is admitted
+    /// only while the free blocks also cover every running request's next `min(headroom, output left)`
+    /// tokens. 0 admits whenever the prompt chunk fits, as vLLM does; then a cache filled with prompts
+    /// preempts (and recomputes) requests as soon as their decodes need blocks.
+    pub admission_headroom_tokens: usize,
 }
 
 impl SchedulerConfig {
@@ -103,6 +120,7 @@ impl SchedulerConfig {
             policy: SchedulingPolicy::Fcfs,
             speculative: None,
             async_scheduling: false,
+            admission_headroom_tokens: DEFAULT_ADMISSION_HEADROOM_TOKENS,
         }
     }
 
@@ -171,6 +189,15 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
     /// Speculative decoding's acceptance counters since start (`vllm:spec_decode_*`).
     pub spec_decoding: SpecDecodingStats,
+}
+
+/// Blocks `request` holds once its prompt is computed and it has grown by the admission headroom
+/// (capped by its `max_tokens` and the context).
+fn headroom_blocks(config: &SchedulerConfig, request: &Request) -> usize {
+    let known = request.num_tokens() + request.num_output_placeholders;
+    let output_left = request.max_tokens.saturating_sub(request.num_output_tokens() + request.num_output_placeholders);
+    let tokens = (known + output_left.min(config.admission_headroom_tokens)).min(config.max_model_len);
+    tokens.div_ceil(config.block_size)
 }
 
 /// Orders requests by (priority, arrival time, admission order).
@@ -381,6 +408,19 @@ impl Scheduler {
         }
 
         let mut scheduled_new: Vec<(String, usize)> = Vec::new();
+        let headroom = self.config.admission_headroom_tokens;
+        // Blocks the running requests will claim within the headroom: admission leaves them free.
+        let mut reserved: usize = if headroom == 0 {
+            0
+        } else {
+            self.running
+                .iter()
+                .map(|id| {
+                    let held = self.kv_cache_manager.block_table(id).map_or(0, <[BlockId]>::len);
+                    headroom_blocks(&self.config, self.tracked(id)).saturating_sub(held)
+                })
+                .sum()
+        };
         // Admitting right after preempting would only thrash.
         while preempted_req_ids.is_empty() && token_budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(req_id) = self.waiting.front().map(str::to_owned) else {
@@ -403,9 +443,22 @@ impl Scheduler {
                 break;
             }
             let num_slots = with_lookahead(self.config.max_model_len, num_computed_tokens, num_new_tokens, lookahead);
+            // A lone request is always admitted: nothing else could free blocks for it. Prefix-cache hits
+            // that sit in the free queue leave it when taken, so they count against the free blocks too.
+            let target_blocks = if headroom == 0 { 0 } else { headroom_blocks(&self.config, request) };
+            if headroom > 0 && !self.running.is_empty() {
+                let pool = self.kv_cache_manager.block_pool();
+                let free_hits = computed_blocks.iter().filter(|&&b| pool.is_free(b)).count();
+                let need = target_blocks.saturating_sub(computed_blocks.len()) + free_hits;
+                if self.kv_cache_manager.num_free_blocks() < reserved + need {
+                    break;
+                }
+            }
             if self.kv_cache_manager.allocate_slots(request, num_slots, &computed_blocks).is_none() {
                 break;
             }
+            let held = self.kv_cache_manager.block_table(&req_id).map_or(0, <[BlockId]>::len);
+            reserved += target_blocks.saturating_sub(held);
             self.waiting.pop_front();
             request.num_computed_tokens = num_computed_tokens;
             request.num_cached_tokens.get_or_insert(num_computed_tokens);

@@ -99,6 +99,8 @@ fn random_config(rng: &mut SplitMix64) -> SchedulerConfig {
             SpeculativeConfig { method, num_speculative_tokens: k, disable_by_batch_size: Some(rng.range(2, 16)) }
         }),
         async_scheduling: false,
+        // Half the scenarios admit with a decode headroom, so admission may hold back while blocks are free.
+        admission_headroom_tokens: if rng.chance(0.5) { 0 } else { rng.range(1, 48) },
     }
 }
 
@@ -293,6 +295,8 @@ fn sixty_four_concurrent_requests_under_a_tight_kv_budget_all_complete() {
             block_size: 16,
             enable_prefix_caching,
             policy,
+            // vLLM's admission, which fills the cache with prompts; the headroom's run is below.
+            admission_headroom_tokens: 0,
             ..SchedulerConfig::new(128, 16)
         };
         let workload: Vec<Planned> = (0..64)
@@ -312,8 +316,14 @@ fn sixty_four_concurrent_requests_under_a_tight_kv_budget_all_complete() {
             })
             .collect();
         let label = format!("64 concurrent, {policy:?}, prefix caching {enable_prefix_caching}");
-        let coverage = run_scenario(&label, config, &workload);
+        let coverage = run_scenario(&label, config.clone(), &workload);
         assert!(coverage.preemptions > 0, "{label}: the budget was meant to force preemption");
+        assert_eq!(coverage.finished_by_length, 64, "{label}");
+        // A headroom of every request's whole output (max_tokens < 40) admits only what can finish: the
+        // same workload completes without a single preemption.
+        let label = format!("{label}, headroom 64");
+        let coverage = run_scenario(&label, SchedulerConfig { admission_headroom_tokens: 64, ..config }, &workload);
+        assert_eq!(coverage.preemptions, 0, "{label}");
         assert_eq!(coverage.finished_by_length, 64, "{label}");
     }
 }

@@ -52,7 +52,8 @@ impl CudaDraftModel {
         let gpu = model.gpu().clone();
         let vocab = model.config.vocab_size;
         Ok(CudaDraftModel {
-            ws: Workspace::new(&gpu, &model, max_tokens, max_seqs)?,
+            // The draft never reports prompt logprobs: a one-row prompt chunk.
+            ws: Workspace::new(&gpu, &model, max_tokens, max_seqs, 1)?,
             sampler: GpuSampler::new(gpu.clone(), vocab)?,
             host: HostBatch::default(),
             dev: DeviceBatch::new(&gpu, max_tokens, max_seqs, 1, max_seqs, vocab)?,

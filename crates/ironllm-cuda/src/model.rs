@@ -154,21 +154,37 @@ pub struct Workspace {
     rows_a: DevBuf,
     rows_b: DevBuf,
     rows_normed: DevBuf,
-    /// [rows, vocab] f32
+    /// [rows, vocab] f32: the sampling rows of a step.
     pub logits: DevBuf,
+    /// [prompt rows, vocab] f32: one chunk of prompt-logprob rows (`CudaLlama::prompt_logits`), so the
+    /// step's logits buffer needs no row per prompt token.
+    pub prompt_logits: DevBuf,
+    /// The residual stream's state after the last forward, for `prompt_logits`.
+    final_state: Option<Residual>,
     /// Split-KV decode attention scratch (see `ops::decode_splits`).
     part_o: CudaSlice<f32>,
     part_lse: CudaSlice<f32>,
     max_tokens: usize,
     max_rows: usize,
+    max_prompt_rows: usize,
 }
 
 impl Workspace {
-    /// Buffers for steps of up to `max_tokens` tokens and `max_rows` logits rows.
-    pub fn new(gpu: &Gpu, model: &CudaLlama, max_tokens: usize, max_rows: usize) -> Result<Workspace, CudaError> {
+    /// Buffers for steps of up to `max_tokens` tokens and `max_rows` logits rows, and prompt-logprob
+    /// chunks of up to `max_prompt_rows` rows.
+    pub fn new(
+        gpu: &Gpu,
+        model: &CudaLlama,
+        max_tokens: usize,
+        max_rows: usize,
+        max_prompt_rows: usize,
+    ) -> Result<Workspace, CudaError> {
         let c = &model.config;
         let d = model.dtype;
         let (t, r, h) = (max_tokens.max(1), max_rows.max(1), c.hidden_size);
+        let pr = max_prompt_rows.max(1);
+        // The gathered rows serve both the sampling rows and a prompt chunk.
+        let gathered = r.max(pr);
         let qkv_w = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
         let split_rows = ops::decode_split_rows(gpu.info.multiprocessors.max(1), c.num_queries_per_kv());
         Ok(Workspace {
@@ -179,14 +195,17 @@ impl Workspace {
             proj: DevBuf::zeros(gpu, d, t * h)?,
             gate_up: DevBuf::zeros(gpu, d, t * 2 * c.intermediate_size)?,
             act: DevBuf::zeros(gpu, d, t * c.intermediate_size)?,
-            rows_a: DevBuf::zeros(gpu, d, r * h)?,
-            rows_b: DevBuf::zeros(gpu, d, r * h)?,
-            rows_normed: DevBuf::zeros(gpu, d, r * h)?,
+            rows_a: DevBuf::zeros(gpu, d, gathered * h)?,
+            rows_b: DevBuf::zeros(gpu, d, gathered * h)?,
+            rows_normed: DevBuf::zeros(gpu, d, gathered * h)?,
             logits: DevBuf::zeros(gpu, GpuDType::F32, r * c.vocab_size)?,
+            prompt_logits: DevBuf::zeros(gpu, GpuDType::F32, pr * c.vocab_size)?,
+            final_state: None,
             part_o: gpu.alloc_zeros::<f32>(split_rows * c.head_dim)?,
             part_lse: gpu.alloc_zeros::<f32>(split_rows)?,
             max_tokens: t,
             max_rows: r,
+            max_prompt_rows: pr,
         })
     }
 }
@@ -200,6 +219,11 @@ impl Workspace {
     /// Largest number of logits rows a step may have.
     pub fn max_rows(&self) -> usize {
         self.max_rows
+    }
+
+    /// Largest chunk of prompt-logprob rows `CudaLlama::prompt_logits` takes.
+    pub fn max_prompt_rows(&self) -> usize {
+        self.max_prompt_rows
     }
 }
 
@@ -527,6 +551,7 @@ impl CudaLlama {
             logits,
             part_o,
             part_lse,
+            final_state,
             ..
         } = ws;
         // Work of each op for IRONLLM_OP_TIMING (f64 throughout: only read when timing).
@@ -577,20 +602,58 @@ impl CudaLlama {
             state = self.project_into_residual(residual, proj, act, &layer.down, layer.down_bias.as_ref(), t, inter)?;
             op_timer::mark(&mut prof, gpu, Op::DownGemm, gemm_flops(h, inter))?;
         }
+        *final_state = Some(state);
         let r = num_logits_rows;
         if r == 0 {
             return Ok(());
         }
-        // Only the rows that produce logits need the last residual add (if the down GEMM left it
-        // pending), the final norm and the LM head.
-        ops::gather_rows(gpu, rows_a, residual, logits_rows, r, h)?;
-        if state == Residual::PlusProj {
-            ops::gather_rows(gpu, rows_b, proj, logits_rows, r, h)?;
-        }
-        residual_norm(gpu, state, rows_a, rows_b, &self.final_norm, rows_normed, r, h, eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        ops::gemm(gpu, logits, rows_normed, head, None, r, c.vocab_size, h)?;
+        let gathered = Gathered { residual, proj, rows_a, rows_b, rows_normed };
+        self.head(gathered, state, logits, logits_rows, r)?;
         op_timer::mark(&mut prof, gpu, Op::Head, Work::Flops(2.0 * r as f64 * c.vocab_size as f64 * h as f64))?;
         Ok(())
     }
+
+    /// Logits of `r` more rows of the last forward's tokens (`rows` index them) into `ws.prompt_logits`:
+    /// prompt logprobs, a chunk at a time, after the step's sampling rows.
+    pub(crate) fn prompt_logits(&self, ws: &mut Workspace, rows: &CudaSlice<i32>, r: usize) -> Result<(), CudaError> {
+        let Workspace {
+            residual, proj, rows_a, rows_b, rows_normed, prompt_logits, final_state, max_prompt_rows, ..
+        } = ws;
+        let state = final_state.ok_or_else(|| CudaError::Invalid("prompt logits before any forward".into()))?;
+        if r > *max_prompt_rows {
+            return Err(CudaError::Invalid(format!("{r} prompt-logprob rows exceed the chunk of {max_prompt_rows}")));
+        }
+        self.head(Gathered { residual, proj, rows_a, rows_b, rows_normed }, state, prompt_logits, rows, r)
+    }
+
+    /// The last residual add (if the down GEMM left it pending), the final norm and the LM head, for the
+    /// `r` rows that produce logits only.
+    fn head(
+        &self,
+        g: Gathered<'_>,
+        state: Residual,
+        logits: &mut DevBuf,
+        rows: &CudaSlice<i32>,
+        r: usize,
+    ) -> Result<(), CudaError> {
+        let gpu = &*self.gpu;
+        let c = &self.config;
+        let h = c.hidden_size;
+        ops::gather_rows(gpu, g.rows_a, g.residual, rows, r, h)?;
+        if state == Residual::PlusProj {
+            ops::gather_rows(gpu, g.rows_b, g.proj, rows, r, h)?;
+        }
+        residual_norm(gpu, state, g.rows_a, g.rows_b, &self.final_norm, g.rows_normed, r, h, c.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        ops::gemm(gpu, logits, g.rows_normed, head, None, r, c.vocab_size, h)
+    }
+}
+
+/// The workspace buffers the LM head reads (the last layer's output) and gathers into.
+struct Gathered<'a> {
+    residual: &'a DevBuf,
+    proj: &'a DevBuf,
+    rows_a: &'a mut DevBuf,
+    rows_b: &'a mut DevBuf,
+    rows_normed: &'a mut DevBuf,
 }

@@ -65,7 +65,14 @@ pub struct CudaRunnerConfig {
     pub enforce_eager: bool,
     /// Speculative decoding's draft model and its `num_speculative_tokens` (`"method": "draft_model"`).
     pub draft: Option<(Arc<CudaLlama>, usize)>,
+    /// `num_speculative_tokens` of any speculative method (0 without): a verifying sequence samples
+    /// one logits row per draft token too.
+    pub num_speculative_tokens: usize,
 }
+
+/// Prompt-logprob rows per LM-head pass: their logits go through a buffer of this many rows (256 MiB for
+/// a 128k vocabulary), not one row per token of the step.
+pub const PROMPT_LOGPROB_CHUNK_ROWS: usize = 512;
 
 /// What start-up measured, for the log line and `EngineInfo`.
 #[derive(Debug, Clone)]
@@ -91,6 +98,8 @@ pub(crate) struct DeviceBatch {
     pub(crate) context_lens: CudaSlice<i32>,
     pub(crate) token_to_seq: CudaSlice<i32>,
     pub(crate) logits_rows: CudaSlice<i32>,
+    /// One chunk of prompt-logprob rows (`PROMPT_LOGPROB_CHUNK_ROWS`).
+    pub(crate) prompt_rows: CudaSlice<i32>,
     pub(crate) tiles: CudaSlice<i32>,
     /// Structured-output bitmasks of this step and the logits row each applies to.
     pub(crate) masks: CudaSlice<u32>,
@@ -192,6 +201,7 @@ impl DeviceBatch {
             context_lens: gpu.alloc_zeros(max_seqs)?,
             token_to_seq: gpu.alloc_zeros(max_tokens.max(max_seqs))?,
             logits_rows: gpu.alloc_zeros(max_rows)?,
+            prompt_rows: gpu.alloc_zeros(PROMPT_LOGPROB_CHUNK_ROWS)?,
             tiles: gpu.alloc_zeros(2 * (max_tokens.div_ceil(FLASH_BLOCK_M) + max_seqs))?,
             masks: gpu.alloc_zeros(vocab.div_ceil(32))?,
             mask_rows: gpu.alloc_zeros(1)?,
@@ -303,16 +313,21 @@ impl CudaModelRunner {
         let started = Instant::now();
         let c = &model.config;
         let max_tokens = cfg.max_num_batched_tokens.max(1);
-        // Logits rows: one per sampling sequence plus prompt-logprob rows, never more than the tokens.
-        let max_rows = max_tokens.max(cfg.max_num_seqs);
+        // Logits rows: one per sampling sequence and draft token, never more than the tokens. Prompt
+        // logprobs come in chunks through their own buffer, so the profiled peak (and so the KV cache)
+        // does not pay a vocabulary-wide f32 row for every token of the step.
+        let max_rows = cfg.max_num_seqs.saturating_mul(1 + cfg.num_speculative_tokens).min(max_tokens).max(1);
+        let max_prompt_rows = PROMPT_LOGPROB_CHUNK_ROWS.min(max_tokens);
         gpu.synchronize()?;
         let (free_before, _) = gpu.mem_info()?;
-        let ws = Workspace::new(&gpu, &model, max_tokens, max_rows)?;
+        let ws = Workspace::new(&gpu, &model, max_tokens, max_rows, max_prompt_rows)?;
         let sampler = GpuSampler::new(gpu.clone(), c.vocab_size)?;
         // Metadata buffers at their largest, so they never move: captured graphs read them by address.
         let graph_table_stride = cfg.max_model_len.div_ceil(cfg.block_size).max(1);
         let max_seqs = cfg.max_num_seqs.max(1);
-        let dev = DeviceBatch::new(&gpu, max_tokens, max_seqs, graph_table_stride, max_rows, c.vocab_size)?;
+        // The row list holds the prompt-logprob rows too (after the sampling rows); it is never reallocated.
+        let dev =
+            DeviceBatch::new(&gpu, max_tokens, max_seqs, graph_table_stride, max_tokens.max(max_seqs), c.vocab_size)?;
         // The draft's first forward of a round may hold every scheduled token plus one per sequence.
         let mut draft = match &cfg.draft {
             Some((m, k)) => Some(CudaDraftModel::new(m.clone(), *k, max_tokens + max_seqs, max_seqs, cfg.block_size)?),
@@ -885,7 +900,7 @@ impl CudaModelRunner {
                     &self.dev.token_ids,
                     &meta,
                     &self.dev.logits_rows,
-                    num_rows,
+                    num_sample_rows,
                     &mut self.kv,
                     &mut self.ws,
                     op_marks.as_mut(),
@@ -906,13 +921,21 @@ impl CudaModelRunner {
                     continue;
                 }
                 let k = self.reqs.get(order[ri].0).and_then(|st| st.params.prompt_logprobs).unwrap_or(0);
-                let row0 = num_sample_rows + offset;
-                let view = self.ws.logits.data.slice(row0 * vocab * 4..(row0 + count) * vocab * 4);
-                // SAFETY: the bytes are f32 logits written by the LM head GEMM.
-                let view = unsafe { view.transmute::<f32>(count * vocab) }
-                    .ok_or_else(|| CudaError::Invalid("logits view".into()))?;
-                prompt_lps[ri] =
-                    Some(self.sampler.prompt_logprobs(&view, &prompt_targets[offset..offset + count], k)?);
+                let mut positions = Vec::with_capacity(count);
+                let chunk = self.ws.max_prompt_rows();
+                for start in (offset..offset + count).step_by(chunk) {
+                    let n = chunk.min(offset + count - start);
+                    let rows = &self.host.logits_rows[num_sample_rows + start..num_sample_rows + start + n];
+                    upload_into(&self.gpu, &mut self.dev.prompt_rows, rows)?;
+                    self.model.prompt_logits(&mut self.ws, &self.dev.prompt_rows, n)?;
+                    let view = self.ws.prompt_logits.data.slice(0..n * vocab * 4);
+                    // SAFETY: the bytes are f32 logits written by the LM head GEMM.
+                    let view = unsafe { view.transmute::<f32>(n * vocab) }
+                        .ok_or_else(|| CudaError::Invalid("logits view".into()))?;
+                    // Synchronous: the next chunk may overwrite the buffer.
+                    positions.extend(self.sampler.prompt_logprobs(&view, &prompt_targets[start..start + n], k)?);
+                }
+                prompt_lps[ri] = Some(positions);
                 offset += count;
             }
         }

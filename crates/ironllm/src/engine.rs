@@ -450,11 +450,7 @@ impl Engine {
         if args.block_size == 0 || args.block_size > 1024 {
             return Err(LlmError::InvalidArgs(format!("--block-size must be in [1, 1024], got {}", args.block_size)));
         }
-        let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(match usage {
-            Usage::Offline => 8192,
-            Usage::Serving => 2048,
-        });
-        if args.max_num_seqs == 0 {
+        if args.max_num_seqs == Some(0) {
             return Err(LlmError::InvalidArgs("--max-num-seqs must be at least 1".into()));
         }
         // Refused before the model loads; the scheduler checks the same when it is built.
@@ -483,8 +479,9 @@ impl Engine {
             },
             Device::Auto => None,
         };
+        let (max_num_seqs, max_num_batched_tokens) = batch_defaults(args, usage, gpu.as_deref());
         let built = match gpu {
-            Some(gpu) => build_cuda_backend(gpu, args, &opts, max_num_batched_tokens)?,
+            Some(gpu) => build_cuda_backend(gpu, args, &opts, max_num_seqs, max_num_batched_tokens)?,
             None => build_cpu_backend(args, &opts)?,
         };
         let Backend {
@@ -517,7 +514,7 @@ impl Engine {
             )));
         }
         let sched = SchedulerConfig {
-            max_num_seqs: args.max_num_seqs,
+            max_num_seqs,
             max_num_batched_tokens,
             max_model_len,
             block_size: args.block_size,
@@ -528,6 +525,10 @@ impl Engine {
             policy: if args.scheduling_policy_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs },
             speculative: speculative.clone(),
             async_scheduling,
+            admission_headroom_tokens: match args.admission_headroom_tokens {
+                Some(tokens) => tokens,
+                None => admission_headroom_from_env()?,
+            },
         };
         let info = EngineInfo {
             model_path: model_path.display().to_string(),
@@ -540,7 +541,7 @@ impl Engine {
             block_size: args.block_size,
             kv_cache_dtype,
             kv_capacity_tokens: num_kv_blocks * args.block_size,
-            max_num_seqs: args.max_num_seqs,
+            max_num_seqs,
             max_num_batched_tokens,
             load_seconds,
         };
@@ -783,6 +784,7 @@ fn build_cuda_backend(
     gpu: Arc<ironllm_cuda::Gpu>,
     args: &EngineArgs,
     opts: &LoadOptions,
+    max_num_seqs: usize,
     max_num_batched_tokens: usize,
 ) -> Result<Backend, LlmError> {
     use ironllm_cuda::runner::{resolve_dtype, resolve_kv_cache_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
@@ -829,7 +831,7 @@ fn build_cuda_backend(
     let cfg = CudaRunnerConfig {
         block_size: args.block_size,
         max_num_batched_tokens,
-        max_num_seqs: args.max_num_seqs,
+        max_num_seqs,
         kv_cache: match args.kv_cache_memory_bytes {
             Some(b) => KvCacheSize::Bytes(b),
             None => KvCacheSize::Utilization(args.gpu_memory_utilization),
@@ -838,6 +840,7 @@ fn build_cuda_backend(
         max_model_len: prepared.max_model_len,
         enforce_eager: args.enforce_eager,
         draft,
+        num_speculative_tokens: args.speculative_config.as_ref().map_or(0, |s| s.num_speculative_tokens),
     };
     let mut runner = CudaModelRunner::new(model.clone(), &cfg).map_err(cuda_err)?;
     if let Some(spec) = &args.speculative_config {
@@ -888,3 +891,31 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// request costs clearly more than one of a single token (measured, see BENCHMARKS.md).
 const CPU_SPEC_DISABLE_BY_BATCH_SIZE: usize = 8;
 const GPU_SPEC_DISABLE_BY_BATCH_SIZE: usize = 32;
+
+/// vLLM's `max_num_seqs` and `max_num_batched_tokens` where the flags leave them out: larger on GPUs of
+/// at least 70 GiB other than the A100 (where vLLM measured large budgets to cost throughput), and for
+/// offline use than for serving.
+fn batch_defaults(args: &EngineArgs, usage: Usage, gpu: Option<&ironllm_cuda::Gpu>) -> (usize, usize) {
+    const GIB: usize = 1 << 30;
+    let large = gpu.is_some_and(|g| g.info.total_memory >= 70 * GIB && !g.info.name.to_lowercase().contains("a100"));
+    let seqs = args.max_num_seqs.unwrap_or(if large { 1024 } else { 256 });
+    let tokens = args.max_num_batched_tokens.unwrap_or(match (usage, large) {
+        (Usage::Offline, true) => 16384,
+        (Usage::Serving, true) => 8192,
+        (Usage::Offline, false) => 8192,
+        (Usage::Serving, false) => 2048,
+    });
+    (seqs, tokens)
+}
+
+/// `IRONLLM_ADMISSION_HEADROOM` (tokens of decode growth kept free per running request when admitting;
+/// 0 = vLLM's admission), else the scheduler's default.
+fn admission_headroom_from_env() -> Result<usize, LlmError> {
+    match std::env::var("IRONLLM_ADMISSION_HEADROOM") {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| LlmError::InvalidArgs(format!("IRONLLM_ADMISSION_HEADROOM must be a token count, got {v:?}"))),
+        Err(_) => Ok(ironllm_core::scheduler::DEFAULT_ADMISSION_HEADROOM_TOKENS),
+    }
+}

@@ -37,9 +37,16 @@ pub struct EngineArgs {
     pub dtype: DType,
     pub load_format: LoadFormat,
     pub max_model_len: Option<usize>,
-    pub max_num_seqs: usize,
-    /// `None` picks vLLM's default for the usage (2048 for serving, 8192 offline).
+    /// `None` picks vLLM's default for the hardware: 1024 on a GPU of at least 70 GiB other than an A100,
+    /// else 256.
+    pub max_num_seqs: Option<usize>,
+    /// `None` picks vLLM's default for the usage and hardware: on a GPU of at least 70 GiB other than an
+    /// A100 8192 for serving and 16384 offline, else 2048 and 8192.
     pub max_num_batched_tokens: Option<usize>,
+    /// Tokens of decode growth per running request that admission keeps free (ours; see
+    /// `SchedulerConfig::admission_headroom_tokens`). `None`: `IRONLLM_ADMISSION_HEADROOM` if set, else
+    /// the scheduler's default; `Some(0)` admits as vLLM does.
+    pub admission_headroom_tokens: Option<usize>,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
@@ -78,8 +85,9 @@ impl Default for EngineArgs {
             dtype: DType::Auto,
             load_format: LoadFormat::Auto,
             max_model_len: None,
-            max_num_seqs: 256,
+            max_num_seqs: None,
             max_num_batched_tokens: None,
+            admission_headroom_tokens: None,
             block_size: 16,
             enable_prefix_caching: true,
             enable_chunked_prefill: true,

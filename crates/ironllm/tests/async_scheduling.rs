@@ -86,7 +86,7 @@ fn async_scheduling_gives_identical_greedy_and_seeded_outputs() {
     for (label, args) in [
         ("batched", base()),
         // A budget of 24 tokens splits every prompt over several steps, beside running decodes.
-        ("chunked", EngineArgs { max_num_batched_tokens: Some(24), max_num_seqs: 8, ..base() }),
+        ("chunked", EngineArgs { max_num_batched_tokens: Some(24), max_num_seqs: Some(8), ..base() }),
     ] {
         for (kind, params) in [("greedy", &greedy), ("seeded", &sampled), ("seeded, fed", &sampled_fed)] {
             let want = run(args.clone(), &prompts, params);
@@ -117,6 +117,8 @@ fn async_scheduling_survives_preemption() {
         kv_cache_memory_bytes: Some(46_080 * 16 * 20),
         max_model_len: Some(256),
         enable_prefix_caching: false,
+        // vLLM's admission (no headroom), so the decodes run out of blocks.
+        admission_headroom_tokens: Some(0),
         ..with_async(&base())
     };
     let mut llm = common::llm(tight);

@@ -57,14 +57,19 @@ fn greedy_tokens_do_not_depend_on_batch_chunking_caching_or_preemption() {
     assert_eq!(prompts.len(), 32);
 
     // Alone: one engine per request would be slow; a fresh engine with max_num_seqs 1 runs each alone.
-    let alone = run(EngineArgs { max_num_seqs: 1, enable_prefix_caching: false, ..base.clone() }, &prompts);
+    let alone = run(EngineArgs { max_num_seqs: Some(1), enable_prefix_caching: false, ..base.clone() }, &prompts);
 
     let batched = run(EngineArgs { enable_prefix_caching: false, ..base.clone() }, &prompts);
     assert_eq!(batched, alone, "batched vs alone");
 
     // Chunked prefill with a tiny budget splits every prompt over several steps.
     let chunked = run(
-        EngineArgs { max_num_batched_tokens: Some(24), max_num_seqs: 16, enable_prefix_caching: false, ..base.clone() },
+        EngineArgs {
+            max_num_batched_tokens: Some(24),
+            max_num_seqs: Some(16),
+            enable_prefix_caching: false,
+            ..base.clone()
+        },
         &prompts,
     );
     assert_eq!(chunked, alone, "chunked prefill vs alone");
@@ -93,7 +98,7 @@ fn tight_kv_budget_forces_preemption_and_64_requests_complete_correctly() {
         other => other,
     }));
     assert_eq!(prompts.len(), 64);
-    let alone = run(EngineArgs { max_num_seqs: 1, enable_prefix_caching: false, ..base.clone() }, &prompts);
+    let alone = run(EngineArgs { max_num_seqs: Some(1), enable_prefix_caching: false, ..base.clone() }, &prompts);
     // SmolLM2 needs 46,080 bytes of KV per token: 48 blocks of 16 tokens hold 768 tokens, far less than
     // 64 requests need at once, so the scheduler must preempt and recompute.
     let bytes = 46_080 * 16 * 48;
@@ -101,6 +106,8 @@ fn tight_kv_budget_forces_preemption_and_64_requests_complete_correctly() {
         kv_cache_memory_bytes: Some(bytes),
         max_model_len: Some(512),
         enable_prefix_caching: false,
+        // vLLM's admission: the cache fills with prompts and decodes preempt (the headroom would wait).
+        admission_headroom_tokens: Some(0),
         ..base.clone()
     });
     let outs = llm.generate(&prompts, &params()).expect("generate");

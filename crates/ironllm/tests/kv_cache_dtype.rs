@@ -36,7 +36,7 @@ fn run(dtype: DType, kv_cache_dtype: KvCacheDType) -> Vec<RequestOutput> {
     run_with(dtype, kv_cache_dtype, EngineArgs::default().max_num_seqs)
 }
 
-fn run_with(dtype: DType, kv_cache_dtype: KvCacheDType, max_num_seqs: usize) -> Vec<RequestOutput> {
+fn run_with(dtype: DType, kv_cache_dtype: KvCacheDType, max_num_seqs: Option<usize>) -> Vec<RequestOutput> {
     let args = EngineArgs {
         model: Some(common::default_gguf()),
         dtype,
@@ -144,6 +144,6 @@ fn f16_and_bf16_caches_stay_close_to_f32() {
         check(&format!("--dtype auto --kv-cache-dtype {}", kv.name()), &c, b);
         // A 16-bit cache keeps a request's output independent of its batch: one request at a time
         // gives the same tokens and logprobs, bit for bit.
-        assert_eq!(run_with(DType::Auto, kv, 1), batched, "--kv-cache-dtype {}: alone vs batched", kv.name());
+        assert_eq!(run_with(DType::Auto, kv, Some(1)), batched, "--kv-cache-dtype {}: alone vs batched", kv.name());
     }
 }

@@ -186,6 +186,30 @@ fn logprobs_shapes_and_ranks() {
 }
 
 #[test]
+fn prompt_logprobs_of_a_long_prompt_do_not_depend_on_the_step_size() {
+    // 700 prompt positions in one step take two passes through the GPU runner's prompt-logprob chunk
+    // (512 rows); with a 128-token budget every step's rows fit one pass. Both must give the same values,
+    // position by position (to 1e-3: the two step shapes sum in different orders).
+    let prompt: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % 20_000).collect();
+    let p = SamplingParams { prompt_logprobs: Some(1), ..SamplingParams::greedy(1) };
+    let whole = llm().generate(&[Prompt::Tokens(prompt.clone())], &p).unwrap();
+    let small_steps = ironllm::EngineArgs {
+        max_num_batched_tokens: Some(128),
+        max_num_seqs: Some(4),
+        ..common::test_args(common::default_gguf(), DType::Auto)
+    };
+    let chunked = common::llm(small_steps).generate(&[Prompt::Tokens(prompt.clone())], &p).unwrap();
+    let (a, b) = (whole[0].prompt_logprobs.as_ref().unwrap(), chunked[0].prompt_logprobs.as_ref().unwrap());
+    assert_eq!((a.len(), b.len()), (700, 700));
+    for i in 1..700 {
+        let (x, y) = (a[i].as_ref().unwrap(), b[i].as_ref().unwrap());
+        assert_eq!((x.chosen.token_id, y.chosen.token_id), (prompt[i], prompt[i]));
+        assert!((x.chosen.logprob - y.chosen.logprob).abs() < 1e-3, "position {i}: {x:?} vs {y:?}");
+        assert!((x.top[0].logprob - y.top[0].logprob).abs() < 1e-3, "position {i}: {x:?} vs {y:?}");
+    }
+}
+
+#[test]
 fn penalties_change_repetitive_output() {
     if !common::needs_trained_weights("penalties_change_repetitive_output") {
         return;

@@ -73,10 +73,10 @@ fn assert_exercised(label: &str, (drafts, drafted, accepted): (u64, u64, u64)) {
 fn ngram_greedy_output_is_identical_alone_batched_chunked_cached_and_preempted() {
     let prompts = prompts();
     let plain = EngineArgs { enable_prefix_caching: false, ..base() };
-    let (want, _) = run(EngineArgs { max_num_seqs: 1, ..plain.clone() }, &prompts, &greedy());
+    let (want, _) = run(EngineArgs { max_num_seqs: Some(1), ..plain.clone() }, &prompts, &greedy());
 
     let spec = |args: EngineArgs| EngineArgs { speculative_config: Some(ngram(3)), ..args };
-    let (alone, stats) = run(spec(EngineArgs { max_num_seqs: 1, ..plain.clone() }), &prompts, &greedy());
+    let (alone, stats) = run(spec(EngineArgs { max_num_seqs: Some(1), ..plain.clone() }), &prompts, &greedy());
     assert_eq!(alone, want, "alone");
     assert_exercised("alone", stats);
 
@@ -85,7 +85,7 @@ fn ngram_greedy_output_is_identical_alone_batched_chunked_cached_and_preempted()
     assert_exercised("batched", stats);
 
     // A small budget chunks the prompts and cuts drafts short when the budget runs out.
-    let chunked = EngineArgs { max_num_batched_tokens: Some(20), max_num_seqs: 12, ..plain.clone() };
+    let chunked = EngineArgs { max_num_batched_tokens: Some(20), max_num_seqs: Some(12), ..plain.clone() };
     let (out, stats) = run(spec(chunked), &prompts, &greedy());
     assert_eq!(out, want, "chunked prefill, tight budget");
     assert_exercised("chunked", stats);
@@ -103,14 +103,20 @@ fn ngram_greedy_output_is_identical_alone_batched_chunked_cached_and_preempted()
     // A long prompt (~800 tokens) prefilled in chunks of 64 tokens, then decoded with drafts.
     let code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n";
     let long = vec![Prompt::Text(format!("{}Rewrite the last function with type hints:\n", code.repeat(22)))];
-    let small_budget = EngineArgs { max_num_batched_tokens: Some(64), max_num_seqs: 4, ..plain.clone() };
+    let small_budget = EngineArgs { max_num_batched_tokens: Some(64), max_num_seqs: Some(4), ..plain.clone() };
     let (want_long, _) = run(small_budget.clone(), &long, &greedy());
     let (got_long, stats) = run(spec(small_budget), &long, &greedy());
     assert_eq!(got_long, want_long, "long prompt, chunked prefill");
     assert!(stats.0 > 0, "the long prompt was never drafted for");
 
     // 20 blocks of 16 tokens cannot hold 12 requests at once: preemption and recompute.
-    let tight = EngineArgs { kv_cache_memory_bytes: Some(46_080 * 16 * 20), max_model_len: Some(256), ..plain.clone() };
+    // vLLM's admission (no headroom), so the decodes run out of blocks.
+    let tight = EngineArgs {
+        kv_cache_memory_bytes: Some(46_080 * 16 * 20),
+        max_model_len: Some(256),
+        admission_headroom_tokens: Some(0),
+        ..plain.clone()
+    };
     let mut llm = common::llm(spec(tight));
     let outs = llm.generate(&prompts, &greedy()).expect("generate");
     assert!(llm.engine().stats().num_preemptions > 0, "the tight KV budget must preempt");
@@ -147,8 +153,9 @@ fn draft_model_greedy_output_is_identical_and_a_perfect_draft_is_always_accepted
         kv_cache_memory_bytes: Some(2 * 46_080 * 16 * 20),
         max_model_len: Some(256),
         max_num_batched_tokens: Some(32),
-        max_num_seqs: 12,
+        max_num_seqs: Some(12),
         enable_prefix_caching: true,
+        admission_headroom_tokens: Some(0),
         speculative_config: Some(draft_model(&model, 3)),
         ..base()
     };

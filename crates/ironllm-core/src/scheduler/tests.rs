@@ -71,8 +71,9 @@ impl Harness {
     }
 }
 
+/// vLLM's admission (no headroom): most scenarios here check vLLM's behaviour, preemption included.
 fn config(max_model_len: usize, block_size: usize, num_blocks: usize) -> SchedulerConfig {
-    SchedulerConfig { block_size, ..SchedulerConfig::new(max_model_len, num_blocks) }
+    SchedulerConfig { block_size, admission_headroom_tokens: 0, ..SchedulerConfig::new(max_model_len, num_blocks) }
 }
 
 /// `len` tokens that differ per `seed`.
@@ -249,6 +250,45 @@ fn fcfs_preempts_the_newest_and_resumes_it_first() {
     h.assert_matches_alone("old", prompt(1, 4), greedy(10));
     h.assert_matches_alone("new", prompt(2, 4), greedy(10));
     h.assert_matches_alone("later", prompt(3, 2), greedy(2));
+}
+
+#[test]
+fn admission_headroom_waits_instead_of_preempting() {
+    // The scenario above, with room kept for 16 tokens of each running request's growth: `new` would
+    // leave `old` too little, so it waits until `old` is done and nobody is preempted.
+    let mut h = Harness::new(SchedulerConfig { max_num_seqs: 2, admission_headroom_tokens: 16, ..config(16, 2, 8) });
+    h.add("old", prompt(1, 4), greedy(10));
+    h.add("new", prompt(2, 4), greedy(10));
+    h.add("later", prompt(3, 2), greedy(2));
+    let plans = h.run();
+    assert_eq!(h.scheduler.num_preemptions_total(), 0);
+    assert!(plans.iter().all(|p| p.preempted_req_ids.is_empty()));
+    let admitted = |id: &str| plans.iter().position(|p| p.scheduled_new_reqs.iter().any(|r| r.req_id == id));
+    let old_done = plans.iter().position(|p| p.finished_req_ids.iter().any(|id| id == "old")).expect("old finishes");
+    assert!(admitted("new").expect("new runs") >= old_done, "`new` was admitted while `old` needed the room");
+    h.assert_matches_alone("old", prompt(1, 4), greedy(10));
+    h.assert_matches_alone("new", prompt(2, 4), greedy(10));
+    h.assert_matches_alone("later", prompt(3, 2), greedy(2));
+}
+
+#[test]
+fn admission_headroom_is_capped_by_max_tokens() {
+    // 16 blocks of 2 tokens; each request reaches 7 tokens (4 blocks) whatever the headroom, so all four
+    // fit at once (16 blocks) and are admitted in the first step.
+    let mut h = Harness::new(SchedulerConfig { max_num_seqs: 8, admission_headroom_tokens: 1000, ..config(32, 2, 16) });
+    for i in 0..4 {
+        h.add(&format!("r{i}"), prompt(i, 4), greedy(3));
+    }
+    assert_eq!(h.step().scheduled_new_reqs.len(), 4);
+    // Their decodes take a block each; the 4 blocks left are the four's last growth, so a 2-token prompt
+    // waits although it would fit.
+    h.add("late", prompt(4, 2), greedy(2));
+    let plan = h.step();
+    assert_eq!(h.scheduler.kv_cache_manager().num_free_blocks(), 4);
+    assert!(plan.scheduled_new_reqs.is_empty());
+    h.run();
+    assert_eq!(h.scheduler.num_preemptions_total(), 0);
+    h.assert_matches_alone("late", prompt(4, 2), greedy(2));
 }
 
 #[test]
