@@ -14,6 +14,7 @@
 //! blocks also cover every running request's next `min(headroom, output left)` tokens. vLLM admits
 //! whenever the prompt fits, so on a KV-bound workload the cache fills with prompts and every decode that
 //! needs a block preempts (and later recomputes) someone; with the headroom the request waits instead.
+//! Under the priority policy only the running requests that outrank the waiting one keep their room.
 //! `admission_headroom_tokens = 0` restores vLLM's admission.
 //!
 //! Invariants: a request is in exactly one of `waiting` and `running` until it finishes, and then it is
@@ -409,17 +410,19 @@ impl Scheduler {
 
         let mut scheduled_new: Vec<(String, usize)> = Vec::new();
         let headroom = self.config.admission_headroom_tokens;
-        // Blocks the running requests will claim within the headroom: admission leaves them free.
-        let mut reserved: usize = if headroom == 0 {
-            0
+        // Blocks each running request will claim within the headroom, with its priority key: admission
+        // leaves them free.
+        let mut reserves: Vec<(PriorityKey, usize)> = if headroom == 0 {
+            Vec::new()
         } else {
             self.running
                 .iter()
                 .map(|id| {
+                    let request = self.tracked(id);
                     let held = self.kv_cache_manager.block_table(id).map_or(0, <[BlockId]>::len);
-                    headroom_blocks(&self.config, self.tracked(id)).saturating_sub(held)
+                    (priority_key(request), headroom_blocks(&self.config, request).saturating_sub(held))
                 })
-                .sum()
+                .collect()
         };
         // Admitting right after preempting would only thrash.
         while preempted_req_ids.is_empty() && token_budget > 0 && self.running.len() < self.config.max_num_seqs {
@@ -446,7 +449,12 @@ impl Scheduler {
             // A lone request is always admitted: nothing else could free blocks for it. Prefix-cache hits
             // that sit in the free queue leave it when taken, so they count against the free blocks too.
             let target_blocks = if headroom == 0 { 0 } else { headroom_blocks(&self.config, request) };
+            // Under the priority policy only the running requests that outrank this one keep their room:
+            // the others it may preempt later, as it could under vLLM's admission.
             if headroom > 0 && !self.running.is_empty() {
+                let key = priority_key(request);
+                let outranks = |other: &PriorityKey| self.config.policy == SchedulingPolicy::Fcfs || *other < key;
+                let reserved: usize = reserves.iter().filter(|(k, _)| outranks(k)).map(|(_, b)| b).sum();
                 let pool = self.kv_cache_manager.block_pool();
                 let free_hits = computed_blocks.iter().filter(|&&b| pool.is_free(b)).count();
                 let need = target_blocks.saturating_sub(computed_blocks.len()) + free_hits;
@@ -457,8 +465,10 @@ impl Scheduler {
             if self.kv_cache_manager.allocate_slots(request, num_slots, &computed_blocks).is_none() {
                 break;
             }
-            let held = self.kv_cache_manager.block_table(&req_id).map_or(0, <[BlockId]>::len);
-            reserved += target_blocks.saturating_sub(held);
+            if headroom > 0 {
+                let held = self.kv_cache_manager.block_table(&req_id).map_or(0, <[BlockId]>::len);
+                reserves.push((priority_key(request), target_blocks.saturating_sub(held)));
+            }
             self.waiting.pop_front();
             request.num_computed_tokens = num_computed_tokens;
             request.num_cached_tokens.get_or_insert(num_computed_tokens);

@@ -479,7 +479,7 @@ impl Engine {
             },
             Device::Auto => None,
         };
-        let (max_num_seqs, max_num_batched_tokens) = batch_defaults(args, usage, gpu.as_deref());
+        let (max_num_seqs, max_num_batched_tokens) = batch_defaults(args, usage, gpu.as_deref().is_some_and(large_gpu));
         let built = match gpu {
             Some(gpu) => build_cuda_backend(gpu, args, &opts, max_num_seqs, max_num_batched_tokens)?,
             None => build_cpu_backend(args, &opts)?,
@@ -895,17 +895,21 @@ const GPU_SPEC_DISABLE_BY_BATCH_SIZE: usize = 32;
 /// vLLM's `max_num_seqs` and `max_num_batched_tokens` where the flags leave them out: larger on GPUs of
 /// at least 70 GiB other than the A100 (where vLLM measured large budgets to cost throughput), and for
 /// offline use than for serving.
-fn batch_defaults(args: &EngineArgs, usage: Usage, gpu: Option<&ironllm_cuda::Gpu>) -> (usize, usize) {
-    const GIB: usize = 1 << 30;
-    let large = gpu.is_some_and(|g| g.info.total_memory >= 70 * GIB && !g.info.name.to_lowercase().contains("a100"));
-    let seqs = args.max_num_seqs.unwrap_or(if large { 1024 } else { 256 });
+fn batch_defaults(args: &EngineArgs, usage: Usage, large: bool) -> (usize, usize) {
     let tokens = args.max_num_batched_tokens.unwrap_or(match (usage, large) {
         (Usage::Offline, true) => 16384,
         (Usage::Serving, true) => 8192,
         (Usage::Offline, false) => 8192,
         (Usage::Serving, false) => 2048,
     });
+    // As vLLM: a default sequence cap never exceeds the token budget the flags gave.
+    let seqs = args.max_num_seqs.unwrap_or(if large { 1024 } else { 256 }.min(tokens.max(1)));
     (seqs, tokens)
+}
+
+/// vLLM's "large GPU" for its batch defaults: at least 70 GiB, and not an A100.
+fn large_gpu(gpu: &ironllm_cuda::Gpu) -> bool {
+    gpu.info.total_memory >= 70 * (1 << 30) && !gpu.info.name.to_lowercase().contains("a100")
 }
 
 /// `IRONLLM_ADMISSION_HEADROOM` (tokens of decode growth kept free per running request when admitting;
@@ -917,5 +921,24 @@ fn admission_headroom_from_env() -> Result<usize, LlmError> {
             .parse::<usize>()
             .map_err(|_| LlmError::InvalidArgs(format!("IRONLLM_ADMISSION_HEADROOM must be a token count, got {v:?}"))),
         Err(_) => Ok(ironllm_core::scheduler::DEFAULT_ADMISSION_HEADROOM_TOKENS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_defaults_follow_vllm_by_usage_and_card() {
+        let none = EngineArgs::default();
+        assert_eq!(batch_defaults(&none, Usage::Offline, false), (256, 8192));
+        assert_eq!(batch_defaults(&none, Usage::Serving, false), (256, 2048));
+        assert_eq!(batch_defaults(&none, Usage::Offline, true), (1024, 16384));
+        assert_eq!(batch_defaults(&none, Usage::Serving, true), (1024, 8192));
+        // A token budget alone caps the default sequence count; explicit flags stay as given.
+        let tokens = EngineArgs { max_num_batched_tokens: Some(512), ..EngineArgs::default() };
+        assert_eq!(batch_defaults(&tokens, Usage::Serving, true), (512, 512));
+        let both = EngineArgs { max_num_seqs: Some(2048), max_num_batched_tokens: Some(512), ..EngineArgs::default() };
+        assert_eq!(batch_defaults(&both, Usage::Offline, true), (2048, 512));
     }
 }

@@ -254,21 +254,70 @@ fn fcfs_preempts_the_newest_and_resumes_it_first() {
 
 #[test]
 fn admission_headroom_waits_instead_of_preempting() {
-    // The scenario above, with room kept for 16 tokens of each running request's growth: `new` would
-    // leave `old` too little, so it waits until `old` is done and nobody is preempted.
-    let mut h = Harness::new(SchedulerConfig { max_num_seqs: 2, admission_headroom_tokens: 16, ..config(16, 2, 8) });
-    h.add("old", prompt(1, 4), greedy(10));
-    h.add("new", prompt(2, 4), greedy(10));
-    h.add("later", prompt(3, 2), greedy(2));
-    let plans = h.run();
+    // 8 blocks of 2 tokens. `old` grows to 14 tokens (7 blocks), `new` to 10 (5 blocks): together they
+    // outgrow the cache, so vLLM's admission takes `new` at once and preempts later. With room kept for
+    // 16 tokens of growth, `new` (which alone would fit the 6 free blocks) waits until `old` is done.
+    let scenario = |headroom: usize| {
+        let mut h =
+            Harness::new(SchedulerConfig { max_num_seqs: 2, admission_headroom_tokens: headroom, ..config(16, 2, 8) });
+        h.add("old", prompt(1, 4), greedy(10));
+        h.add("new", prompt(2, 4), greedy(6));
+        let plans = h.run();
+        h.assert_matches_alone("old", prompt(1, 4), greedy(10));
+        h.assert_matches_alone("new", prompt(2, 4), greedy(6));
+        let admitted = plans.iter().position(|p| p.scheduled_new_reqs.iter().any(|r| r.req_id == "new"));
+        // A finished request is reported to the runner with the next plan.
+        let old_done = plans.iter().position(|p| p.finished_req_ids.iter().any(|id| id == "old"));
+        (h.scheduler.num_preemptions_total(), admitted.expect("new runs"), old_done)
+    };
+    let (preemptions, admitted, _) = scenario(0);
+    assert!(preemptions > 0 && admitted == 0, "vLLM's admission: at once, then preempted");
+    let (preemptions, admitted, old_done) = scenario(16);
+    assert_eq!(preemptions, 0);
+    assert_eq!(Some(admitted), old_done, "`new` is admitted in the plan that reports `old` finished");
+}
+
+#[test]
+fn admission_headroom_counts_prefix_hits_taken_from_the_free_queue() {
+    // `a` leaves its 3 full prompt blocks cached in the free queue. While `r` runs (2 blocks held, 4 more
+    // kept for its growth), `b` finds those 3 blocks for its prompt and needs 2 more: 6 blocks are free,
+    // but 3 of them are the hits it takes out of the free queue, so it must wait.
+    let mut h = Harness::new(SchedulerConfig { admission_headroom_tokens: 16, ..config(16, 2, 8) });
+    let shared = prompt(9, 6);
+    h.add("a", shared.clone(), greedy(1));
+    h.step();
+    assert!(h.outputs["a"].finish_reason.is_some());
+    h.add("r", prompt(3, 2), greedy(10));
+    h.step();
+    let mut b_prompt = shared.clone();
+    b_prompt.extend([1, 2]);
+    h.add("b", b_prompt.clone(), greedy(1));
+    let plan = h.step();
+    assert_eq!(h.scheduler.kv_cache_manager().num_free_blocks(), 6, "`r` holds 2 blocks after its decode");
+    assert!(plan.scheduled_new_reqs.is_empty(), "`b` was admitted on blocks it takes from the free queue");
+    h.run();
     assert_eq!(h.scheduler.num_preemptions_total(), 0);
-    assert!(plans.iter().all(|p| p.preempted_req_ids.is_empty()));
-    let admitted = |id: &str| plans.iter().position(|p| p.scheduled_new_reqs.iter().any(|r| r.req_id == id));
-    let old_done = plans.iter().position(|p| p.finished_req_ids.iter().any(|id| id == "old")).expect("old finishes");
-    assert!(admitted("new").expect("new runs") >= old_done, "`new` was admitted while `old` needed the room");
+    h.assert_matches_alone("b", b_prompt, greedy(1));
+}
+
+#[test]
+fn admission_headroom_under_priority_keeps_room_only_for_higher_priority() {
+    // As in the first headroom scenario, but `new` outranks `old`: `old`'s room is not kept from it, so it
+    // is admitted at once (and `old` may be preempted, as under vLLM's admission).
+    let mut h = Harness::new(SchedulerConfig {
+        max_num_seqs: 2,
+        admission_headroom_tokens: 16,
+        policy: SchedulingPolicy::Priority,
+        ..config(16, 2, 8)
+    });
+    h.add_request(Request::new("old", prompt(1, 4), Arc::new(greedy(10))).with_priority(5));
+    h.step();
+    h.add_request(Request::new("new", prompt(2, 4), Arc::new(greedy(4))).with_priority(0));
+    let plan = h.step();
+    assert_eq!(plan.scheduled_new_reqs.iter().map(|r| r.req_id.as_str()).collect::<Vec<_>>(), ["new"]);
+    h.run();
     h.assert_matches_alone("old", prompt(1, 4), greedy(10));
-    h.assert_matches_alone("new", prompt(2, 4), greedy(10));
-    h.assert_matches_alone("later", prompt(3, 2), greedy(2));
+    h.assert_matches_alone("new", prompt(2, 4), greedy(4));
 }
 
 #[test]
