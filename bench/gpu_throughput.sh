@@ -72,3 +72,8 @@ if [ "${IRONLLM_TP_ADMISSION2:-0}" = 1 ]; then
   run tp_1024_128_seqs1024_h128_6k 1024 128 --max-num-seqs 1024 --max-num-batched-tokens 6144
   unset IRONLLM_ADMISSION_HEADROOM
 fi
+# IRONLLM_TP_GEMM_CANDIDATES=1: the defaults with 32 cuBLASLt candidates timed per shape instead of 8 (the
+# decode-only graph steps run their GEMMs at ~330 rows, where the op timing suggests ~550-600 TFLOP/s).
+if [ "${IRONLLM_TP_GEMM_CANDIDATES:-0}" = 1 ]; then
+  IRONLLM_GEMM_CANDIDATES=32 run tp_1024_128_cand32 1024 128
+fi

@@ -29,8 +29,20 @@ use crate::tensor::GpuDType;
 
 /// Workspace for split-K and stream-K algorithms (cuBLAS's own default on Hopper is 32 MiB).
 const WORKSPACE_BYTES: usize = 64 << 20;
-/// Candidates asked of the heuristic when tuning.
+/// Candidates asked of the heuristic when tuning (`IRONLLM_GEMM_CANDIDATES` overrides it, 1-64, for
+/// side-by-side runs: more candidates can find better algorithms for the decode graphs' few-hundred-row
+/// GEMMs, at more start-up time).
 const CANDIDATES: usize = 8;
+
+fn candidates() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("IRONLLM_GEMM_CANDIDATES")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(CANDIDATES, |n| n.clamp(1, 64))
+    })
+}
 /// A candidate replaces the heuristic's first choice only when this much faster (timing noise is ~1%).
 const MIN_GAIN: f64 = 0.02;
 /// Plans kept before the cache starts over (each is three layouts and a descriptor, host memory only).
@@ -405,7 +417,7 @@ impl LtGemm {
         const ROUNDS: usize = 5;
         let s = Shape { m, n, k, input, output };
         let plan = Plan::new(&s)?;
-        let candidates = self.heuristic(&plan, CANDIDATES)?;
+        let candidates = self.heuristic(&plan, candidates())?;
         let mut ok = Vec::new();
         for algo in candidates {
             // A candidate that fails to launch (it happens for some split-K configurations) is skipped.
