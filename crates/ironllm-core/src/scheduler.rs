@@ -412,7 +412,9 @@ impl Scheduler {
         let headroom = self.config.admission_headroom_tokens;
         // Blocks each running request will claim within the headroom, with its priority key: admission
         // leaves them free.
-        let mut reserves: Vec<(PriorityKey, usize)> = if headroom == 0 {
+        // Only built when someone could be admitted: most decode steps have nobody waiting.
+        let may_admit = self.waiting.len() > 0 && self.running.len() < self.config.max_num_seqs;
+        let mut reserves: Vec<(PriorityKey, usize)> = if headroom == 0 || !may_admit {
             Vec::new()
         } else {
             self.running
