@@ -28,7 +28,8 @@ PATTERNS = [
     ("loading", re.compile(r"Loading model")),
     ("cuda", re.compile(r"CUDA device \d+: .*?; (?P<kernels>\d+) kernels (?P<kernel_source>compiled|loaded from the cache) in (?P<kernels_s>[\d.]+)s")),
     ("gpu_memory", re.compile(r"GPU memory: .*?weights (?P<weights_gib>[\d.]+) GiB.*?KV cache (?P<kv_gib>[\d.]+) GiB; profiled in (?P<profile_kv_s>[\d.]+)s")),
-    ("gemm_timing", re.compile(r"timed cuBLASLt's algorithms for (?P<gemm_shapes>\d+) GEMM shapes in (?P<gemm_s>[\d.]+)s")),
+    ("gemm_timing", re.compile(r"timed cuBLASLt's algorithms for (?P<gemm_shapes>\d+) GEMM shapes"
+                                r"(?: \((?P<gemm_cached>\d+) of them from the tuning cache\))? in (?P<gemm_s>[\d.]+)s")),
     ("graphs", re.compile(r"captured (?P<graphs>\d+) decode CUDA graphs .*? in (?P<graphs_s>[\d.]+)s")),
     ("eager", re.compile(r"CUDA graphs off")),
     ("loaded", re.compile(r"model .+ \(.+ layers, weights .+\) loaded in (?P<weights_s>[\d.]+)s")),
@@ -71,7 +72,8 @@ def parse_log(path, t0):
                 if t is not None:
                     out["offsets"][key] = round(t - t0, 3)
                 for k, v in m.groupdict().items():
-                    out[k] = v if k == "kernel_source" else float(v)
+                    if v is not None:  # an optional group that did not take part
+                        out[k] = v if k == "kernel_source" else float(v)
     out["first_log_s"] = None if first is None else round(first, 3)
     errors = [l for l in (ANSI.sub("", x) for x in lines) if " ERROR " in l or l.lower().startswith("error") or "panicked" in l]
     if errors:
@@ -145,6 +147,8 @@ def table(paths):
         cuda_open = o["cuda"] - o["loading"] if "cuda" in o and "loading" in o else None
         kernels = "-" if "kernels_s" not in r else f"{r['kernels_s']:.2f} {'cache' if r.get('kernel_source', '').startswith('loaded') else 'nvrtc'}"
         gemm = "-" if "gemm_s" not in r else f"{r['gemm_s']:.2f} ({int(r['gemm_shapes'])})"
+        if r.get("gemm_cached"):
+            gemm += " cached" if r["gemm_cached"] == r["gemm_shapes"] else f" {int(r['gemm_cached'])} cached"
         graphs = "-" if "graphs_s" not in r else f"{r['graphs_s']:.2f} ({int(r['graphs'])})"
         # the engine's last start-up line (its KV capacity) follows weights, profile and graph capture
         engine_done = o.get("kv_line", o.get("graphs", o.get("eager")))

@@ -19,6 +19,7 @@ Tolerances, per check kind:
     an ulp of the output plus a small absolute term for the f32 softmax (rtol 2^-8 / 2^-10); f32 gets
     5e-5 (exp2f, f32 sums over up to 8192 keys).
   * batch invariance (gemm_f32, paged_attention): bit-identical rows across batches.
+  * second forms of one kernel (rope_kv_pack vs qk_norm_rope_kv without q/k norm): bit-identical outputs.
 
 Usage: python3 tests/gpu/test_layer_kernels.py [substring ...]   (run only checks whose name matches)
 Exits non-zero if any check fails. Needs torch (CPU is enough), cupy and numpy.
@@ -409,6 +410,63 @@ def test_qk_norm_rope_kv(mods):
                     want_v[s // bs, :, s % bs, :] = qkv.view(T, H + 2 * KV, hd)[t, H + KV:]
                 check_bits(tag + " k_cache", kcg, want_k)
                 check_bits(tag + " v_cache", vcg, want_v)
+
+
+def rope_kv_pack_threads(H, KV, hd, dt):
+    """ops::rope_kv_pack_threads: a thread per 16-byte pack, None where half a head is not whole packs."""
+    pack = 16 // torch.tensor([], dtype=dt).element_size()
+    half = hd // 2
+    if hd % 2 or half % pack:
+        return None
+    items = (H + KV) * half // pack + KV * hd // pack
+    return min(max((items + 31) // 32, 1), 32) * 32
+
+
+def test_rope_kv_pack(mods):
+    """rope_kv_pack (a block per token, 16-byte packs) writes exactly what qk_norm_rope_kv without q/k norm
+    writes: q and k in place, the roped k and the v rows in the cache slots, nothing else."""
+    m = mods["layers.cu"]
+    configs = [  # (num_heads, num_kv_heads, head_dim, block_size); the last needs the block-strided loop
+        (8, 8, 64, 16), (12, 4, 128, 16), (16, 2, 80, 32), (4, 4, 256, 1), (32, 8, 128, 16), (9, 3, 64, 5),
+        (128, 16, 256, 16),
+    ]
+    for sfx, dt in DTYPES.items():
+        for H, KV, hd, bs in configs:
+            threads = rope_kv_pack_threads(H, KV, hd, dt)
+            if threads is None:
+                continue
+            seed = next_seed()
+            T, max_pos = 13, 4096
+            num_blocks = max(4, (T + bs - 1) // bs + 1)
+            width = (H + 2 * KV) * hd
+            qkv = (torch.randn(T, width) * 2).to(dt)
+            cos, sin = rope_tables(max_pos, hd)
+            positions = torch.randint(0, max_pos, (T,), dtype=torch.int32)
+            slots = torch.randperm(num_blocks * bs)[:T].to(torch.int64)
+            slots[[0, 7]] = -1  # padding tokens: no cache write
+            outs = []
+            for name in ("qk_norm_rope_kv", "rope_kv_pack"):
+                d_qkv = dev(qkv)
+                kc = poisoned((num_blocks, KV, bs, hd), dt)
+                vc = poisoned((num_blocks, KV, bs, hd), dt)
+                common = (d_qkv, kc, vc, dev(cos), dev(sin), dev(positions), dev(slots))
+                tail = (i32(T), i32(H), i32(KV), i32(hd), i32(bs))
+                if name == "rope_kv_pack":
+                    launch(m, f"{name}_{sfx}", (T,), (threads,), common + tail)
+                else:
+                    launch(m, f"{name}_{sfx}", (T, (H + KV + 3) // 4), (128,), common + (NULL, NULL) + tail + (f32(1e-6),))
+                outs.append((host(d_qkv, dt).view(T, width), host(kc, dt), host(vc, dt)))
+            tag = f"rope_kv_pack_{sfx} H={H} KV={KV} hd={hd} bs={bs} threads={threads} seed={seed}"
+            (q0, k0, v0), (q1, k1, v1) = outs
+            check_bits(tag + " qkv = per-warp kernel's", q1, q0)
+            check_bits(tag + " k_cache = per-warp kernel's", k1, k0)
+            check_bits(tag + " v_cache = per-warp kernel's", v1, v0)
+            ref = ref_qk_norm_rope(qkv, cos, sin, positions, None, None, H, KV, hd, 1e-6, dt)
+            qk_cols = (H + KV) * hd
+            atol = (2 * EPS[dt] if dt != torch.float32 else 4e-6) * float(ref.abs().max())
+            _, rtol, min_exact = layer_tol(dt)
+            check_close(tag + " q,k", q1[:, :qk_cols], ref[:, :qk_cols], atol, rtol, dt, min_exact,
+                        "rounding points mimicked; atol relative to the largest operand")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -828,6 +886,7 @@ CHECKS = [
     ("add_bias", test_add_bias, ("layers.cu",)),
     ("casts", test_casts, ("layers.cu",)),
     ("qk_norm_rope_kv", test_qk_norm_rope_kv, ("layers.cu",)),
+    ("rope_kv_pack", test_rope_kv_pack, ("layers.cu",)),
     ("gemm_f32", test_gemm_f32, ("gemm_f32.cu",)),
     ("gemm_f32_batch_invariance", test_gemm_f32_batch_invariance, ("gemm_f32.cu",)),
     ("gemv", test_gemv, ("gemv.cu",)),

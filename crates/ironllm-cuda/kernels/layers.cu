@@ -1,5 +1,6 @@
 // Per-token layer kernels of the Llama family: embedding lookup, RMSNorm (plain and fused with the residual
-// add), the fused Qwen3 q/k-norm + rotary embedding + paged KV-cache write, SiLU-and-multiply, bias add,
+// add), the fused Qwen3 q/k-norm + rotary embedding + paged KV-cache write (and its packed form for models
+// without q/k norm), SiLU-and-multiply, bias add,
 // row gather and dtype casts. Each mimics Hugging Face transformers in the same dtype: where HF rounds an
 // intermediate to bf16/f16 we round with `round_to<T>`, and every accumulation is f32. In f32 everything
 // is plain f32.
@@ -13,6 +14,7 @@
 //   rms_norm_T         grid = (rows),                            block = 256
 //   add_rms_norm_T     grid = (rows),                            block = 256
 //   qk_norm_rope_kv_T  grid = (num_tokens, ceil((num_heads + num_kv_heads) / 4)), block = 128
+//   rope_kv_pack_T     grid = (num_tokens),                      block = ops::rope_kv_pack_threads (<= 1024)
 //   silu_and_mul_T     grid = (rows, ceil(inter / 2048)),        block = 256
 //   add_bias_T         grid = (rows, ceil(cols / 2048)),         block = 256
 //   gather_rows_T      grid = (num_rows),                        block = 256
@@ -233,9 +235,11 @@ __device__ void qk_norm_rope_kv_impl(T* qkv, T* k_cache, T* v_cache, const float
     for (int r = 0; r < QKR_MAX_PAIRS; ++r) {
         const int i = lane + 32 * r;
         if (i < half) {
+            // __fmul_rn: in f32 (round_to is the identity) a plain product may be contracted into an fma
+            // with the sum, one way or the other; rounded products are torch's order and every kernel's.
             const float c = round_to<T>(cs[i]), s = round_to<T>(sn[i]);
-            const float a = round_to<T>(x1[r] * c) - round_to<T>(x2[r] * s);
-            const float b = round_to<T>(x2[r] * c) + round_to<T>(x1[r] * s);
+            const float a = round_to<T>(__fmul_rn(x1[r], c)) - round_to<T>(__fmul_rn(x2[r], s));
+            const float b = round_to<T>(__fmul_rn(x2[r], c)) + round_to<T>(__fmul_rn(x1[r], s));
             x1[r] = round_to<T>(a);
             x2[r] = round_to<T>(b);
             store_f(x + i, x1[r]);
@@ -272,6 +276,87 @@ __device__ void qk_norm_rope_kv_impl(T* qkv, T* k_cache, T* v_cache, const float
                                 block_size, eps);                                                         \
     }
 IRONLLM_FOR_EACH_DTYPE(QK_NORM_ROPE_KV)
+
+// ---------------------------------------------------------------------------------------------------
+// 4b. Rotate-half RoPE on q and k in place + paged KV-cache write, without q/k norm, 16 bytes per thread:
+//   the per-element arithmetic of section 4 on packs of P = 16 / sizeof(T) adjacent elements.
+//   grid = (num_tokens), block = rope_kv_pack_threads (the host's `ops::rope_kv_pack_threads`):
+//   items = (num_heads + num_kv_heads) * half / P rotation packs (the pack at c of a head's first half
+//   and its partner at c + half) then num_kv_heads * head_dim / P value packs (v row -> v cache), one per
+//   thread (block-strided past 1024). For half % P == 0 and 16-byte aligned qkv, caches and rope tables
+//   only (the host checks both; else section 4's kernel). Section 4's one-warp-per-head blocks keep only a few
+//   bytes per thread in flight behind the position -> table load chain, and bounded it at ~1.7 TB/s in
+//   whole workloads; a block per token with 16-byte packs has the whole token row in flight at once.
+
+template <typename T>
+__device__ void rope_kv_pack_impl(T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table,
+                                  const int* positions, const int64_t* slot_mapping, int num_tokens, int num_heads,
+                                  int num_kv_heads, int head_dim, int block_size) {
+    constexpr int P = layers_pack<T>::N;
+    const int t = blockIdx.x;
+    if (t >= num_tokens) return;
+    const int half = head_dim >> 1;
+    const int ppr = half / P;  // rotation packs per head
+    const int rot_items = (num_heads + num_kv_heads) * ppr;
+    const int v_ppr = head_dim / P;
+    const int items = rot_items + num_kv_heads * v_ppr;
+    T* row = qkv + (long long)t * (long long)(num_heads + 2 * num_kv_heads) * head_dim;
+    const long long pos = positions[t];
+    const long long slot = slot_mapping[t];
+    const long long blk = slot / block_size, off = slot % block_size;
+    for (int it = threadIdx.x; it < items; it += blockDim.x) {
+        if (it < rot_items) {
+            const int head = it / ppr;
+            const int c = (it - head * ppr) * P;
+            T* x = row + (long long)head * head_dim + c;
+            float x1[P], x2[P], cs[P], sn[P];
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(x), x1);
+            layers_unpack<T>(*reinterpret_cast<const uint4*>(x + half), x2);
+            const float4* cp = reinterpret_cast<const float4*>(cos_table + pos * half + c);
+            const float4* sp = reinterpret_cast<const float4*>(sin_table + pos * half + c);
+#pragma unroll
+            for (int q = 0; q < P / 4; ++q) {
+                const float4 a = cp[q], b = sp[q];
+                cs[4 * q] = a.x, cs[4 * q + 1] = a.y, cs[4 * q + 2] = a.z, cs[4 * q + 3] = a.w;
+                sn[4 * q] = b.x, sn[4 * q + 1] = b.y, sn[4 * q + 2] = b.z, sn[4 * q + 3] = b.w;
+            }
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+                const float c1 = round_to<T>(cs[j]), s1 = round_to<T>(sn[j]);
+                const float a = round_to<T>(__fmul_rn(x1[j], c1)) - round_to<T>(__fmul_rn(x2[j], s1));
+                const float b = round_to<T>(__fmul_rn(x2[j], c1)) + round_to<T>(__fmul_rn(x1[j], s1));
+                x1[j] = round_to<T>(a);
+                x2[j] = round_to<T>(b);
+            }
+            const uint4 u1 = layers_pack_from<T>(x1), u2 = layers_pack_from<T>(x2);
+            *reinterpret_cast<uint4*>(x) = u1;
+            *reinterpret_cast<uint4*>(x + half) = u2;
+            if (head >= num_heads && slot >= 0) {
+                const long long base = ((blk * num_kv_heads + (head - num_heads)) * block_size + off) * head_dim + c;
+                *reinterpret_cast<uint4*>(k_cache + base) = u1;
+                *reinterpret_cast<uint4*>(k_cache + base + half) = u2;
+            }
+        } else if (slot >= 0) {
+            const int j = it - rot_items;
+            const int kvh = j / v_ppr;
+            const int c = (j - kvh * v_ppr) * P;
+            const long long base = ((blk * num_kv_heads + kvh) * block_size + off) * head_dim + c;
+            *reinterpret_cast<uint4*>(v_cache + base) =
+                *reinterpret_cast<const uint4*>(row + (long long)(num_heads + num_kv_heads + kvh) * head_dim + c);
+        }
+    }
+}
+
+#define ROPE_KV_PACK(T, S)                                                                                \
+    extern "C" __global__ void __launch_bounds__(1024) rope_kv_pack_##S(                                  \
+        T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table, const int* positions, \
+        const int64_t* slot_mapping, int num_tokens, int num_heads, int num_kv_heads, int head_dim,        \
+        int block_size) {                                                                                 \
+        pdl_enter();                                                                                      \
+        rope_kv_pack_impl<T>(qkv, k_cache, v_cache, cos_table, sin_table, positions, slot_mapping,        \
+                             num_tokens, num_heads, num_kv_heads, head_dim, block_size);                  \
+    }
+IRONLLM_FOR_EACH_DTYPE(ROPE_KV_PACK)
 
 // ---------------------------------------------------------------------------------------------------
 // 5. SiLU-and-multiply: out[r, c] = T(round_to<T>(silu(gate[r, c])) * up[r, c]), gate_up row = [gate | up].

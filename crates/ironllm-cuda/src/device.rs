@@ -12,7 +12,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRep
 
 use crate::compile::{compile_file, default_cache_dir, SOURCES};
 use crate::error::{CudaError, DriverContext};
-use crate::lt_gemm::LtGemm;
+use crate::gemm_cache::TuneCache;
+use crate::lt_gemm::{tuning_context, LtGemm};
 
 /// Whether a CUDA driver library is present and reports at least one device.
 pub fn cuda_available() -> bool {
@@ -88,10 +89,13 @@ impl Gpu {
         // SAFETY: no buffer exists yet, and this backend never uses a second stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().at(|| "creating a stream".into())?;
-        // A fixed workspace, so GEMMs captured into CUDA graphs never allocate.
-        let lt = LtGemm::new(&stream)?;
         let name = ctx.name().at(|| "reading the device name".into())?;
         let cc = ctx.compute_capability().at(|| "reading the compute capability".into())?;
+        // A fixed workspace, so GEMMs captured into CUDA graphs never allocate; tuning results of earlier
+        // starts come from the kernel cache folder.
+        let tuning_dir =
+            cache_dir.as_deref().filter(|_| std::env::var("IRONLLM_GEMM_TUNING_CACHE").map_or(true, |v| v != "0"));
+        let lt = LtGemm::new(&stream, TuneCache::open(tuning_dir, &tuning_context(&name, cc)))?;
         let total_memory = ctx.total_mem().at(|| "reading the memory size".into())?;
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -156,6 +160,11 @@ impl Gpu {
     /// The stream every operation of this backend is ordered on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Writes the GEMM algorithms tuning chose to the disk cache (the runner does after its tuning).
+    pub fn save_gemm_tuning(&self) {
+        self.lt.save_tuning();
     }
 
     /// The half-precision GEMMs (cuBLASLt, algorithms per shape).

@@ -16,6 +16,7 @@ pub mod compile;
 pub mod device;
 pub mod draft;
 pub mod error;
+pub mod gemm_cache;
 mod launch;
 pub mod lt_gemm;
 pub mod model;

@@ -8,7 +8,8 @@
 //! confirms that algorithm supports the exact shape; otherwise, and for shapes never timed, the
 //! heuristic's first choice (what cublasGemmEx would run). Descriptors are built once per exact shape and
 //! kept, so a GEMM costs one cuBLASLt call on the host. `IRONLLM_GEMM_TUNING=0` skips the timing, for
-//! side-by-side measurements.
+//! side-by-side measurements. The winners are kept on disk (`gemm_cache`), so a restart on the same card
+//! and library reuses them instead of timing again (`IRONLLM_GEMM_TUNING_CACHE=0` times afresh).
 //!
 //! A GEMM may also accumulate into its output (`y += x w^T`: beta = 1 with C = D = y, see `Output`),
 //! which lets the decoder add a projection into the residual stream in the GEMM's epilogue. Plans,
@@ -25,6 +26,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{CudaError, DriverContext};
+use crate::gemm_cache::{CachedAlgo, ShapeKey, TuneCache};
 use crate::tensor::GpuDType;
 
 /// Workspace for split-K and stream-K algorithms (cuBLAS's own default on Hopper is 32 MiB).
@@ -193,6 +195,8 @@ pub struct TuneResult {
     /// Time of the heuristic's first choice and of the kept algorithm, ms per GEMM.
     pub first_ms: f64,
     pub best_ms: f64,
+    /// Read from the disk cache (the times are the earlier start's), not timed now.
+    pub cached: bool,
 }
 
 /// The cuBLASLt handle, its workspace and the per-shape plans.
@@ -202,6 +206,8 @@ pub(crate) struct LtGemm {
     plans: Mutex<HashMap<Shape, Plan>>,
     /// Timed winners per weight shape, by the m they were timed at.
     tuned: Mutex<HashMap<WeightKey, BTreeMap<usize, sys::cublasLtMatmulAlgo_t>>>,
+    /// Winners of earlier starts on this card and library (`gemm_cache`).
+    disk: Mutex<TuneCache>,
 }
 
 // SAFETY: the handle is only used with our one stream, and every mutable state sits behind a mutex.
@@ -215,8 +221,22 @@ impl Drop for LtGemm {
     }
 }
 
+/// What names a tuning file's context: the card, the library and the tuning's own settings.
+pub(crate) fn tuning_context(device_name: &str, cc: (i32, i32)) -> String {
+    // SAFETY: a plain query of the loaded library.
+    let version = unsafe { sys::cublasLtGetVersion() };
+    format!(
+        "{device_name}|sm_{}{}|cublasLt {version}|candidates {}|workspace {WORKSPACE_BYTES}|min gain {MIN_GAIN}",
+        cc.0,
+        cc.1,
+        candidates()
+    )
+}
+
 impl LtGemm {
-    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<LtGemm, CudaError> {
+    /// A handle whose tuning reads and extends `disk` (`IRONLLM_GEMM_TUNING_CACHE=0`: pass an in-memory
+    /// cache to time every shape afresh).
+    pub(crate) fn new(stream: &Arc<CudaStream>, disk: TuneCache) -> Result<LtGemm, CudaError> {
         let mut handle = MaybeUninit::uninit();
         // SAFETY: out-pointer to a local.
         let handle = unsafe {
@@ -231,7 +251,13 @@ impl LtGemm {
                 return Err(e).at(|| "allocating the cuBLASLt workspace".into());
             }
         };
-        Ok(LtGemm { handle, workspace, plans: Mutex::new(HashMap::new()), tuned: Mutex::new(HashMap::new()) })
+        Ok(LtGemm {
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+            tuned: Mutex::new(HashMap::new()),
+            disk: Mutex::new(disk),
+        })
     }
 
     /// The heuristic's candidates for a plan's shape, best first, within the workspace.
@@ -417,6 +443,21 @@ impl LtGemm {
         const ROUNDS: usize = 5;
         let s = Shape { m, n, k, input, output };
         let plan = Plan::new(&s)?;
+        let key = ShapeKey::new(m, n, k, input, output);
+        let earlier =
+            self.disk.lock().map_err(|_| CudaError::Invalid("gemm tuning cache poisoned".into()))?.get(&key).copied();
+        if let Some(hit) = earlier {
+            let algo = sys::cublasLtMatmulAlgo_t { data: hit.algo };
+            if self.supports(&plan, &algo) {
+                self.keep(s, algo)?;
+                return Ok(TuneResult {
+                    candidates: hit.candidates,
+                    first_ms: hit.first_ms,
+                    best_ms: hit.best_ms,
+                    cached: true,
+                });
+            }
+        }
         let candidates = self.heuristic(&plan, candidates())?;
         let mut ok = Vec::new();
         for algo in candidates {
@@ -452,14 +493,30 @@ impl LtGemm {
                 (algo, best_ms) = (a, t);
             }
         }
+        self.keep(s, algo)?;
+        let found = CachedAlgo { algo: algo.data, candidates: ok.len(), first_ms, best_ms };
+        self.disk.lock().map_err(|_| CudaError::Invalid("gemm tuning cache poisoned".into()))?.insert(key, found);
+        Ok(TuneResult { candidates: ok.len(), first_ms, best_ms, cached: false })
+    }
+
+    /// Makes `algo` the winner for GEMMs of this weight shape at sizes up to `s.m`.
+    fn keep(&self, s: Shape, algo: sys::cublasLtMatmulAlgo_t) -> Result<(), CudaError> {
         self.tuned
             .lock()
             .map_err(|_| CudaError::Invalid("gemm tuning table poisoned".into()))?
-            .entry((n, k, input, output))
+            .entry((s.n, s.k, s.input, s.output))
             .or_default()
-            .insert(m, algo);
+            .insert(s.m, algo);
         // Plans made before this timing keep their algorithm otherwise.
         self.plans.lock().map_err(|_| CudaError::Invalid("gemm plan cache poisoned".into()))?.clear();
-        Ok(TuneResult { candidates: ok.len(), first_ms, best_ms })
+        Ok(())
+    }
+
+    /// Writes what tuning added to the disk cache; a failure only costs the next start the timing.
+    pub(crate) fn save_tuning(&self) {
+        let Ok(mut disk) = self.disk.lock() else { return };
+        if let Err(e) = disk.save() {
+            tracing::warn!("could not write the GEMM tuning cache: {e}");
+        }
     }
 }

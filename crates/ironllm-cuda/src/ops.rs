@@ -290,8 +290,6 @@ pub fn qk_norm_rope_kv(
     if t == 0 {
         return Ok(());
     }
-    let name = format!("qk_norm_rope_kv_{}", d.suffix());
-    let f = gpu.function(&name)?;
     let (ti, nh, nkv, hd, bs) = (
         i32_of(t, "tokens")?,
         i32_of(shape.num_heads, "heads")?,
@@ -301,6 +299,30 @@ pub fn qk_norm_rope_kv(
     );
     let mut b = KernelArgs::new(gpu);
     b.buf(&qkv.data).buf(&k_cache.data).buf(&v_cache.data).buf(cos).buf(sin).buf(meta.positions).buf(meta.slot_mapping);
+    let packed = if qk_norm.is_none() && rope_pack_enabled() { rope_kv_pack_threads(shape, d) } else { None };
+    // Whole allocations are 256-byte aligned; checked anyway, since the packed kernel's 16-byte moves
+    // depend on it and the per-warp kernel does not.
+    let stream = gpu.stream();
+    let aligned = [
+        qkv.data.device_ptr(stream).0,
+        k_cache.data.device_ptr(stream).0,
+        v_cache.data.device_ptr(stream).0,
+        cos.device_ptr(stream).0,
+        sin.device_ptr(stream).0,
+    ]
+    .iter()
+    .all(|p| p % 16 == 0);
+    if let Some(threads) = packed.filter(|_| aligned) {
+        let name = format!("rope_kv_pack_{}", d.suffix());
+        let f = gpu.function(&name)?;
+        b.i32(ti).i32(nh).i32(nkv).i32(hd).i32(bs);
+        // SAFETY: as below; the buffers are 16-byte aligned and half a head is a whole number of 16-byte
+        // packs, so each pack the kernel moves is 16-byte aligned.
+        unsafe { b.launch(f, cfg((t as u32, 1, 1), threads, 0)) }.at(|| name)?;
+        return Ok(());
+    }
+    let name = format!("qk_norm_rope_kv_{}", d.suffix());
+    let f = gpu.function(&name)?;
     match qk_norm {
         Some((qn, kn)) => {
             need(qn, shape.head_dim, "q_norm")?;
@@ -317,6 +339,24 @@ pub fn qk_norm_rope_kv(
     unsafe { b.launch(f, cfg((t as u32, (shape.num_heads + shape.num_kv_heads).div_ceil(4) as u32, 1), 128, 0)) }
         .at(|| name)?;
     Ok(())
+}
+
+/// Threads of `rope_kv_pack_T`'s block (one block per token, one 16-byte pack per thread): `None` where
+/// half a head is not a whole number of packs, which leaves the per-warp `qk_norm_rope_kv_T`.
+pub fn rope_kv_pack_threads(shape: &AttnShape, d: GpuDType) -> Option<u32> {
+    let pack = 16 / d.size();
+    let half = shape.head_dim / 2;
+    if !shape.head_dim.is_multiple_of(2) || half == 0 || !half.is_multiple_of(pack) {
+        return None;
+    }
+    let items = (shape.num_heads + shape.num_kv_heads) * half / pack + shape.num_kv_heads * shape.head_dim / pack;
+    Some(items.div_ceil(32).clamp(1, 32) as u32 * 32)
+}
+
+/// The packed RoPE kernel is on unless `IRONLLM_DISABLE_ROPE_PACK` is set (side-by-side measurements).
+fn rope_pack_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("IRONLLM_DISABLE_ROPE_PACK").is_none())
 }
 
 /// Tokens per tile of the tensor-core prefill kernel.
@@ -895,6 +935,33 @@ pub fn l2_flush_bytes(gpu: &Gpu) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_rope_takes_heads_whose_halves_are_whole_16_byte_packs() {
+        let shape = |num_heads, num_kv_heads, head_dim| AttnShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size: 16,
+            num_blocks: 4,
+        };
+        // Llama-3.1-8B in bf16: 40 heads x 8 rotation packs + 8 value heads x 16 packs = 448 threads.
+        assert_eq!(rope_kv_pack_threads(&shape(32, 8, 128), GpuDType::BF16), Some(448));
+        // f32 packs hold 4 elements: 40 x 16 + 8 x 32 = 896.
+        assert_eq!(rope_kv_pack_threads(&shape(32, 8, 128), GpuDType::F32), Some(896));
+        // SmolLM2-135M (head_dim 64, 9 / 3 heads): 12 x 4 + 3 x 8 = 72 packs -> 96 threads.
+        assert_eq!(rope_kv_pack_threads(&shape(9, 3, 64), GpuDType::BF16), Some(96));
+        // More packs than a block: capped at 1024, the kernel strides.
+        assert_eq!(rope_kv_pack_threads(&shape(128, 16, 256), GpuDType::F16), Some(1024));
+        // head_dim 80: halves of 40 are five bf16 packs (18 x 5 + 2 x 10 = 110 -> 128 threads).
+        assert_eq!(rope_kv_pack_threads(&shape(16, 2, 80), GpuDType::BF16), Some(128));
+        // Half a head that is not whole packs: the per-warp kernel.
+        assert_eq!(rope_kv_pack_threads(&shape(16, 2, 72), GpuDType::BF16), None);
+        assert_eq!(rope_kv_pack_threads(&shape(6, 2, 34), GpuDType::F32), None);
+        assert_eq!(rope_kv_pack_threads(&shape(4, 4, 8), GpuDType::BF16), None);
+        // An odd head size (whose floor half would be whole packs) is refused by its parity alone.
+        assert_eq!(rope_kv_pack_threads(&shape(4, 4, 17), GpuDType::F32), None);
+    }
 
     #[test]
     fn flash_decode_shared_memory_follows_the_kernels_stages_and_fits_an_sm() {

@@ -436,6 +436,8 @@ impl CudaModelRunner {
         let sizes = gemm_tuning_sizes(max_num_seqs, self.ws.max_tokens());
         let head_sizes = graph_batch_sizes(max_num_seqs);
         let results = self.model.tune_gemms(&mut self.ws, &sizes, &head_sizes)?;
+        self.gpu.save_gemm_tuning();
+        let cached = results.iter().filter(|(_, _, r)| r.cached).count();
         let switched: Vec<_> = results.iter().filter(|(_, _, r)| r.best_ms < r.first_ms).collect();
         for (name, m, r) in &results {
             tracing::debug!(
@@ -448,8 +450,9 @@ impl CudaModelRunner {
         let saved: f64 = switched.iter().map(|(_, _, r)| 1.0 - r.best_ms / r.first_ms).fold(0.0, f64::max);
         if !results.is_empty() {
             tracing::info!(
-                "timed cuBLASLt's algorithms for {} GEMM shapes in {:.2}s: another than the heuristic's first choice is faster for {} (by up to {:.1}%)",
+                "timed cuBLASLt's algorithms for {} GEMM shapes ({} of them from the tuning cache) in {:.2}s: another than the heuristic's first choice is faster for {} (by up to {:.1}%)",
                 results.len(),
+                cached,
                 t0.elapsed().as_secs_f64(),
                 switched.len(),
                 100.0 * saved

@@ -89,6 +89,45 @@ fn half_gemms_match_float64_before_and_after_algorithm_timing() {
 }
 
 #[test]
+fn tuned_algorithms_come_back_from_the_disk_cache_on_the_next_open() {
+    let Some(first) = open_gpu("tuned_algorithms_come_back_from_the_disk_cache_on_the_next_open") else { return };
+    drop(first);
+    // A fresh folder holding only the compiled kernels (no recompiles, no earlier tuning file).
+    let dir = std::env::temp_dir().join(format!("ironllm-tuning-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    if let Some(kernels) = ironllm_cuda::compile::default_cache_dir() {
+        for entry in std::fs::read_dir(kernels).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "cubin" || e == "names") {
+                let _ = std::fs::copy(&path, dir.join(entry.file_name()));
+            }
+        }
+    }
+    let (m, n, k, dt) = (64, 384, 256, GpuDType::BF16);
+    let mut rng = Rng::seeded(11);
+    let w = rounded(dt, &random(&mut rng, n * k, 1.0 / (k as f64).sqrt()));
+    let x = rounded(dt, &random(&mut rng, m * k, 1.0));
+    let run = |expect_cached: bool| {
+        let gpu = ironllm_cuda::Gpu::open_with_cache(0, Some(dir.clone())).expect("open");
+        let mut flush = DevBuf::zeros(&gpu, GpuDType::F32, ops::l2_flush_bytes(&gpu) / 4).expect("flush");
+        let (wd, xd) = (DevBuf::from_f32(&gpu, dt, &w).expect("w"), DevBuf::from_f32(&gpu, dt, &x).expect("x"));
+        let mut yd = DevBuf::zeros(&gpu, dt, m * n).expect("y");
+        let r = ops::tune_gemm(&gpu, &mut yd, &xd, &wd, m, n, k, &mut flush).expect("tune");
+        assert_eq!(r.cached, expect_cached, "{r:?}");
+        gpu.save_gemm_tuning();
+        ops::gemm(&gpu, &mut yd, &xd, &wd, None, m, n, k).expect("gemm");
+        check(&format!("m={m} n={n} k={k}, cached {expect_cached}"), &yd.to_f32(&gpu).expect("y"), &x, &w, m, n, k, dt);
+        r
+    };
+    let timed = run(false);
+    let cached = run(true);
+    // The second open reports the first one's timing: the same winner, not a new race.
+    assert_eq!((cached.candidates, cached.best_ms.to_bits()), (timed.candidates, timed.best_ms.to_bits()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tuning_refuses_what_it_cannot_time() {
     let Some(gpu) = open_gpu("tuning_refuses_what_it_cannot_time") else { return };
     let mut flush = DevBuf::zeros(&gpu, GpuDType::F32, 1 << 20).expect("flush");
