@@ -72,8 +72,14 @@ if [ "${IRONLLM_TP_ADMISSION2:-0}" = 1 ]; then
   run tp_1024_128_seqs1024_h128_6k 1024 128 --max-num-seqs 1024 --max-num-batched-tokens 6144
   unset IRONLLM_ADMISSION_HEADROOM
 fi
+# IRONLLM_TP_ROPE_AB=1: the per-warp RoPE + KV write kernel instead of the packed one (2026-11-28: 30.54
+# against 30.58-30.75 req/s on one H100).
+if [ "${IRONLLM_TP_ROPE_AB:-0}" = 1 ]; then
+  IRONLLM_DISABLE_ROPE_PACK=1 run tp_1024_128_warp_rope 1024 128
+fi
 # IRONLLM_TP_GEMM_CANDIDATES=1: the defaults with 32 cuBLASLt candidates timed per shape instead of 8 (the
-# decode-only graph steps run their GEMMs at ~330 rows, where the op timing suggests ~550-600 TFLOP/s).
+# decode-only graph steps run their GEMMs at ~330 rows, where the op timing suggests ~550-600 TFLOP/s;
+# 2026-11-28: no gain, 30.25-30.34 against 30.31-30.56 req/s).
 if [ "${IRONLLM_TP_GEMM_CANDIDATES:-0}" = 1 ]; then
   IRONLLM_GEMM_CANDIDATES=32 run tp_1024_128_cand32 1024 128
 fi
