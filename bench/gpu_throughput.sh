@@ -77,6 +77,11 @@ fi
 if [ "${IRONLLM_TP_ROPE_AB:-0}" = 1 ]; then
   IRONLLM_DISABLE_ROPE_PACK=1 run tp_1024_128_warp_rope 1024 128
 fi
+# IRONLLM_TP_PREFILL_AB=1: the Hopper prefill attention with one head per CTA (two CTAs per SM) instead of
+# two heads of a GQA group per CTA (one per SM; 266 vs 241 TFLOP/s alone, ~210 inside the engine).
+if [ "${IRONLLM_TP_PREFILL_AB:-0}" = 1 ]; then
+  IRONLLM_PREFILL_ONE_HEAD_PER_CTA=1 run tp_1024_128_prefill_wg1 1024 128
+fi
 # IRONLLM_TP_GEMM_CANDIDATES=1: the defaults with 32 cuBLASLt candidates timed per shape instead of 8 (the
 # decode-only graph steps run their GEMMs at ~330 rows, where the op timing suggests ~550-600 TFLOP/s;
 # 2026-11-28: no gain, 30.25-30.34 against 30.31-30.56 req/s).

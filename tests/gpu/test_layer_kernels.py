@@ -335,6 +335,18 @@ def rope_tables(max_pos, head_dim, theta=10000.0):
     return torch.cos(freqs).float().contiguous(), torch.sin(freqs).float().contiguous()
 
 
+def rope_inputs(H, KV, hd, bs, dt, T=13, max_pos=4096):
+    """A RoPE + KV write case: T token rows of random q/k/v, rope tables, random positions and distinct,
+    scattered cache slots. Returns (T, num_blocks, width, qkv, cos, sin, positions, slots)."""
+    num_blocks = max(4, (T + bs - 1) // bs + 1)
+    width = (H + 2 * KV) * hd
+    qkv = (torch.randn(T, width) * 2).to(dt)
+    cos, sin = rope_tables(max_pos, hd)
+    positions = torch.randint(0, max_pos, (T,), dtype=torch.int32)
+    slots = torch.randperm(num_blocks * bs)[:T].to(torch.int64)
+    return T, num_blocks, width, qkv, cos, sin, positions, slots
+
+
 def ref_qk_norm_rope(qkv, cos, sin, positions, qw, kw, H, KV, hd, eps, dt):
     T = qkv.shape[0]
     half = hd // 2
@@ -363,13 +375,7 @@ def test_qk_norm_rope_kv(mods):
         for H, KV, hd, bs in configs:
             for qk_norm in (False, True):
                 seed = next_seed()
-                T, max_pos = 13, 4096
-                num_blocks = max(4, (T + bs - 1) // bs + 1)
-                width = (H + 2 * KV) * hd
-                qkv = (torch.randn(T, width) * 2).to(dt)
-                cos, sin = rope_tables(max_pos, hd)
-                positions = torch.randint(0, max_pos, (T,), dtype=torch.int32)
-                slots = torch.randperm(num_blocks * bs)[:T].to(torch.int64)  # distinct, scattered slots
+                T, num_blocks, width, qkv, cos, sin, positions, slots = rope_inputs(H, KV, hd, bs, dt)
                 slots[[1, 5, 12]] = -1  # padding tokens: no cache write
                 qw = kw = None
                 if qk_norm:
@@ -436,13 +442,7 @@ def test_rope_kv_pack(mods):
             if threads is None:
                 continue
             seed = next_seed()
-            T, max_pos = 13, 4096
-            num_blocks = max(4, (T + bs - 1) // bs + 1)
-            width = (H + 2 * KV) * hd
-            qkv = (torch.randn(T, width) * 2).to(dt)
-            cos, sin = rope_tables(max_pos, hd)
-            positions = torch.randint(0, max_pos, (T,), dtype=torch.int32)
-            slots = torch.randperm(num_blocks * bs)[:T].to(torch.int64)
+            T, num_blocks, width, qkv, cos, sin, positions, slots = rope_inputs(H, KV, hd, bs, dt)
             slots[[0, 7]] = -1  # padding tokens: no cache write
             outs = []
             for name in ("qk_norm_rope_kv", "rope_kv_pack"):

@@ -391,8 +391,10 @@ impl AttnKernels {
         // first kernel the card loaded wins (one it could not grant the shared memory is missing).
         let suffix = d.suffix();
         let mut candidates = Vec::new();
+        // IRONLLM_PREFILL_ONE_HEAD_PER_CTA keeps the one-head form for even groups too (A/B runs: two CTAs
+        // per SM, so one CTA's start-up overlaps the other's tiles, against each K/V tile loaded once).
         if std::env::var_os("IRONLLM_DISABLE_WGMMA_PREFILL").is_none() {
-            if group.is_multiple_of(2) {
+            if group.is_multiple_of(2) && std::env::var_os("IRONLLM_PREFILL_ONE_HEAD_PER_CTA").is_none() {
                 candidates.push(format!("flash_prefill_wg2_{suffix}_hd{head_dim}"));
             }
             candidates.push(format!("flash_prefill_wg_{suffix}_hd{head_dim}"));
