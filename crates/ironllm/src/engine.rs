@@ -508,11 +508,9 @@ impl Engine {
                 num_kv_blocks, args.block_size
             )));
         }
-        if !args.enable_chunked_prefill && max_num_batched_tokens < max_model_len {
-            return Err(LlmError::InvalidArgs(format!(
-                "max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}). This effectively limits the maximum sequence length to max_num_batched_tokens and makes vLLM reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len."
-            )));
-        }
+        // The CUDA runner's workspace was sized with the same budget (see build_cuda_backend).
+        let max_num_batched_tokens =
+            whole_prompt_budget(args.enable_chunked_prefill, max_num_batched_tokens, max_model_len);
         let sched = SchedulerConfig {
             max_num_seqs,
             max_num_batched_tokens,
@@ -790,6 +788,8 @@ fn build_cuda_backend(
     use ironllm_cuda::runner::{resolve_dtype, resolve_kv_cache_dtype, CudaModelRunner, CudaRunnerConfig, KvCacheSize};
     let cuda_err = |e: ironllm_cuda::CudaError| LlmError::Device(e.to_string());
     let prepared = loader::prepare(opts)?;
+    let max_num_batched_tokens =
+        whole_prompt_budget(args.enable_chunked_prefill, max_num_batched_tokens, prepared.max_model_len);
     let dtype = resolve_dtype(opts.dtype);
     let kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype).map_err(LlmError::InvalidArgs)?;
     let model = ironllm_cuda::model::CudaLlama::load(
@@ -907,6 +907,16 @@ fn batch_defaults(args: &EngineArgs, usage: Usage, large: bool) -> (usize, usize
     (seqs, tokens)
 }
 
+/// The token budget a step gets: as vLLM's engine arguments, without chunked prefill it is raised to at
+/// least the context length, since a prompt must then fit one step whole.
+fn whole_prompt_budget(enable_chunked_prefill: bool, budget: usize, max_model_len: usize) -> usize {
+    if enable_chunked_prefill {
+        budget
+    } else {
+        budget.max(max_model_len)
+    }
+}
+
 /// vLLM's "large GPU" for its batch defaults: at least 70 GiB, and not an A100.
 fn large_gpu(gpu: &ironllm_cuda::Gpu) -> bool {
     gpu.info.total_memory >= 70 * (1 << 30) && !gpu.info.name.to_lowercase().contains("a100")
@@ -940,5 +950,12 @@ mod tests {
         assert_eq!(batch_defaults(&tokens, Usage::Serving, true), (512, 512));
         let both = EngineArgs { max_num_seqs: Some(2048), max_num_batched_tokens: Some(512), ..EngineArgs::default() };
         assert_eq!(batch_defaults(&both, Usage::Offline, true), (2048, 512));
+    }
+
+    #[test]
+    fn without_chunked_prefill_the_budget_covers_a_whole_context() {
+        assert_eq!(whole_prompt_budget(false, 2048, 131_072), 131_072);
+        assert_eq!(whole_prompt_budget(false, 8192, 4096), 8192);
+        assert_eq!(whole_prompt_budget(true, 2048, 131_072), 2048);
     }
 }

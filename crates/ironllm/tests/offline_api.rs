@@ -210,6 +210,25 @@ fn prompt_logprobs_of_a_long_prompt_do_not_depend_on_the_step_size() {
 }
 
 #[test]
+fn without_chunked_prefill_a_prompt_longer_than_the_given_budget_runs_whole() {
+    // vLLM's engine arguments raise the token budget to the context length when chunked prefill is off
+    // (a prompt must then fit one step), where a budget below it would otherwise refuse such prompts.
+    let args = ironllm::EngineArgs {
+        enable_chunked_prefill: false,
+        max_num_batched_tokens: Some(64),
+        max_num_seqs: Some(4),
+        max_model_len: Some(512),
+        ..common::test_args(common::default_gguf(), DType::Auto)
+    };
+    let mut llm = common::llm(args);
+    assert_eq!(llm.engine().info().max_num_batched_tokens, 512);
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 20_000).collect();
+    let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) };
+    let out = llm.generate(&[Prompt::Tokens(prompt.clone()), Prompt::Tokens(prompt[..200].to_vec())], &p).unwrap();
+    assert!(out.iter().all(|o| o.outputs[0].token_ids.len() == 4), "{out:?}");
+}
+
+#[test]
 fn penalties_change_repetitive_output() {
     if !common::needs_trained_weights("penalties_change_repetitive_output") {
         return;
