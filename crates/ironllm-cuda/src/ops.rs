@@ -302,17 +302,19 @@ pub fn qk_norm_rope_kv(
     let packed = if qk_norm.is_none() && rope_pack_enabled() { rope_kv_pack_threads(shape, d) } else { None };
     // Whole allocations are 256-byte aligned; checked anyway, since the packed kernel's 16-byte moves
     // depend on it and the per-warp kernel does not.
-    let stream = gpu.stream();
-    let aligned = [
-        qkv.data.device_ptr(stream).0,
-        k_cache.data.device_ptr(stream).0,
-        v_cache.data.device_ptr(stream).0,
-        cos.device_ptr(stream).0,
-        sin.device_ptr(stream).0,
-    ]
-    .iter()
-    .all(|p| p % 16 == 0);
-    if let Some(threads) = packed.filter(|_| aligned) {
+    let aligned = || {
+        let stream = gpu.stream();
+        [
+            qkv.data.device_ptr(stream).0,
+            k_cache.data.device_ptr(stream).0,
+            v_cache.data.device_ptr(stream).0,
+            cos.device_ptr(stream).0,
+            sin.device_ptr(stream).0,
+        ]
+        .iter()
+        .all(|p| p % 16 == 0)
+    };
+    if let Some(threads) = packed.filter(|_| aligned()) {
         let name = format!("rope_kv_pack_{}", d.suffix());
         let f = gpu.function(&name)?;
         b.i32(ti).i32(nh).i32(nkv).i32(hd).i32(bs);
