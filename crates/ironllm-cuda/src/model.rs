@@ -227,8 +227,9 @@ impl Workspace {
     }
 }
 
-/// Converts one stored tensor to `dtype` bytes (a bf16 checkpoint in bf16 is copied as is).
-fn encode(t: &StoredTensor<'_>, dtype: GpuDType) -> Result<Vec<u8>, CudaError> {
+/// Converts one stored tensor to `dtype` bytes (a bf16 checkpoint in bf16 is borrowed as is: the upload
+/// reads the memory-mapped file straight away instead of a copy of it).
+fn encode<'t>(t: &'t StoredTensor<'_>, dtype: GpuDType) -> Result<std::borrow::Cow<'t, [u8]>, CudaError> {
     match (t.dtype, dtype) {
         (StoredType::BF16, GpuDType::BF16) | (StoredType::F16, GpuDType::F16) | (StoredType::F32, GpuDType::F32) => {
             let size = dtype.size();
@@ -240,9 +241,9 @@ fn encode(t: &StoredTensor<'_>, dtype: GpuDType) -> Result<Vec<u8>, CudaError> {
                     t.numel()
                 )));
             }
-            Ok(t.data.to_vec())
+            Ok(std::borrow::Cow::Borrowed(&t.data[..]))
         }
-        _ => Ok(dtype.encode(&t.to_f32()?)),
+        _ => Ok(std::borrow::Cow::Owned(dtype.encode(&t.to_f32()?))),
     }
 }
 
@@ -280,7 +281,7 @@ impl Loader<'_> {
             }
             let bytes = encode(&t, self.dtype)?;
             let mut view = buf.view_mut(offset, r * cols)?;
-            self.gpu.stream().memcpy_htod(&bytes, &mut view).at(|| format!("copying `{name}` to the GPU"))?;
+            self.gpu.stream().memcpy_htod(&bytes[..], &mut view).at(|| format!("copying `{name}` to the GPU"))?;
             offset += r * cols;
         }
         Ok(buf)
