@@ -7,7 +7,7 @@ Plain script: prints one PASS/FAIL line per check and exits non-zero on any fail
 
 Kernel tags: mma, wgmma (one head per CTA), wgmma2 (two heads of a GQA group per CTA; odd-group cases are
 skipped, as the runtime never sends them there), and with --stages3 also wgmma-s3 and wgmma2-s4 (other
-pipeline depths, for timing A/B).
+pipeline depths) and wgmma2-qsmem (Q in shared memory, as before 2026-11-28), for timing A/B.
 
 Needs torch (CUDA), cupy and numpy. The kernels are compiled with NVRTC, with common.cuh prepended, exactly
 as the runtime does: flash_prefill.cu through cupy, flash_prefill_sm90.cu for sm_90a through libnvrtc
@@ -103,6 +103,9 @@ WGMMA2S4 = Variant("wgmma2-s4", "flash_prefill_sm90.cu", "flash_prefill_wg2_", l
 # fits an SM, against two with two stages)
 WGMMA3 = Variant("wgmma-s3", "flash_prefill_sm90.cu", "flash_prefill_wg_", lambda hd: wg_smem(hd, 1, 3),
                  arch="sm_90a", options=("-DWG_STAGES=3",))
+# A/B (--stages3 adds it too): Q read from shared memory by every S wgmma instead of held in registers
+WGMMA2QS = Variant("wgmma2-qsmem", "flash_prefill_sm90.cu", "flash_prefill_wg2_", lambda hd: wg_smem(hd, 2, 3),
+                   arch="sm_90a", heads=2, options=("-DWG_Q_REGS=0",))
 KERNEL = MMA  # the variant the checks below launch
 
 TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
@@ -344,7 +347,7 @@ def main():
     if torch.cuda.get_device_capability() == (9, 0):
         variants += [WGMMA, WGMMA2]
         if "--stages3" in sys.argv:
-            variants += [WGMMA3, WGMMA2S4]
+            variants += [WGMMA3, WGMMA2S4, WGMMA2QS]
     res = Results()
     for v in variants:
         if only is None or v.tag == only:

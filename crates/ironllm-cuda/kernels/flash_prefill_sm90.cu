@@ -18,7 +18,8 @@
 //             + (stages + 1) * 256, stages WG_STAGES = 2 (NWG 1) or WG2_STAGES = 3 (NWG 2): hd128 83712 B
 //             (two CTAs per SM) / 133120 B (one), hd64 42752 / 67584 B; the loader raises the function's
 //             limit (ops::dynamic_smem_of, which must match)
-//   registers (ptxas sm_90a): 143-146 (hd128), 111-114 (hd64), no spills, no wgmma serialization
+//   registers (ptxas sm_90a): 177-178 (hd128), 127-128 (hd64), no spills, no wgmma serialization
+//             (WG_Q_REGS=0: 143-145 / 111-113)
 //   num_tiles == 0: do not launch
 // ================================================================================================
 //
@@ -33,6 +34,8 @@
 // (rows = queries / keys, the head dimension contiguous) and V, whose rows are keys, is the N-major
 // (transposed) B operand of O += P V, so nothing is ever transposed. P stays in registers: the f32
 // accumulator fragment of S is, after packing pairs to 16 bits, the A-operand fragment of the PV wgmma.
+// Q is read from its tile into A-operand registers once (ldmatrix), so S's wgmmas read only K from shared
+// memory (WG_Q_REGS=0 keeps Q a shared-memory operand: 261.5 vs 272.2 TFLOP/s at 8 x 1024 on an H100).
 // With NWG = 2 each K/V tile is loaded once for both heads.
 //
 // Pipeline per key tile j (walked from the last tile, the one on the causal diagonal, down to 0):
@@ -47,6 +50,9 @@
 #endif
 #ifndef WG2_STAGES
 #define WG2_STAGES 3  // ... with two heads per CTA (one CTA per SM; 4 stages measured no faster)
+#endif
+#ifndef WG_Q_REGS
+#define WG_Q_REGS 1   // Q as the register (A) operand of S = Q K^T; 0: read from shared memory by every wgmma
 #endif
 #define WG_BLOCK 64
 #define WG_THREADS 128
@@ -84,6 +90,7 @@ __device__ __forceinline__ void wg_pin(uint32_t& x) { asm volatile("" : "+r"(x):
     "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 // d(64 x 64) = (accumulate ? d : 0) + A(64 x 16, shared, K-major) B(64 x 16, shared, K-major)^T
+// d(64 x 64) = (accumulate ? d : 0) + a(64 x 16, registers) B(64 x 16, shared, K-major)^T
 // a(64 x 16, registers) B(16 x N, shared, N-major) accumulated into d(64 x N)
 #define WG_MMA_TYPE(T, TY)                                                                                      \
     template <> struct WgMma<T> {                                                                               \
@@ -93,6 +100,14 @@ __device__ __forceinline__ void wg_pin(uint32_t& x) { asm volatile("" : "+r"(x):
                          ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
                          : WG_C32(d, 0)                                                                         \
                          : "l"(da), "l"(db), "r"(accumulate));                                                  \
+        }                                                                                                       \
+        static __device__ __forceinline__ void rs_n64_kmajor(float (&d)[32], const uint32_t (&a)[4], uint64_t db, \
+                                                             int accumulate) {                                   \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                           \
+                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32                    \
+                         ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                        \
+                         : WG_C32(d, 0)                                                                         \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));               \
         }                                                                                                       \
         static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {     \
             asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32                    \
@@ -257,10 +272,29 @@ __device__ __forceinline__ void flash_prefill_wg_impl(T* __restrict__ out, const
     const float sl2 = scale * 1.4426950408889634f;
     const int qpos0 = past + m0 + warp * 16 + g;  // position of row g; row g + 8 is qpos0 + 8
 
+#if WG_Q_REGS
+    // Q's A fragments (this warp's 16 rows, every k-step), read once: an S wgmma with Q in shared memory
+    // re-reads all of Q for every key tile, half the shared-memory traffic of S.
+    uint32_t qf[KSTEPS][4];
+    {
+        const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;  // row & 7 == lane & 7
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int c = kk * 2 + (lane >> 4);  // 16-byte chunk of the row
+            fp_ldmatrix_x4(qf[kk], sQ + (uint32_t)(c >> 3) * HALF + row * 128 + ((((c & 7) ^ (lane & 7))) << 4));
+        }
+    }
+#endif
     auto issue_s = [&](int j) {
         const uint32_t kb = k_buf(j);
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) WgMma<T>::ss_n64(sc, kmaj(sQ, kk), kmaj(kb, kk), kk > 0 ? 1 : 0);
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#if WG_Q_REGS
+            WgMma<T>::rs_n64_kmajor(sc, qf[kk], kmaj(kb, kk), kk > 0 ? 1 : 0);
+#else
+            WgMma<T>::ss_n64(sc, kmaj(sQ, kk), kmaj(kb, kk), kk > 0 ? 1 : 0);
+#endif
+        }
         wg_commit();
     };
     // Mask, online softmax of S(j) into pnext; sets alpha0/1 (O's correction) and updates m_run / l_run.
@@ -360,6 +394,12 @@ __device__ __forceinline__ void flash_prefill_wg_impl(T* __restrict__ out, const
         wg_wait<1>();
 #pragma unroll
         for (int i = 0; i < NT_S * 4; ++i) wg_pin(sc[i]);
+#if WG_Q_REGS
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) wg_pin(qf[kk][r]);  // read by S(j - 1) until the wait above
+#endif
         softmax(j - 1);
         wg_wait<0>();
 #pragma unroll
