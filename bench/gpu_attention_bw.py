@@ -2,7 +2,7 @@
 """Achieved memory bandwidth of the decode attention kernels (issue 8: "report each kernel's achieved
 bandwidth next to its ceiling"), on the GPU host:
 
-    python3 bench/gpu_attention_bw.py [--out FILE.json]
+    python3 bench/gpu_attention_bw.py [--out FILE.json] [--variant NAME:DEF[,DEF] ...]
 
 One layer of the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim 128, block size 16, bf16), decode
 rows only, every sequence at the same context, blocks handed out in shuffled order. For each batch size and
@@ -29,10 +29,36 @@ KERNELS = os.path.join(ROOT, "crates", "ironllm-cuda", "kernels")
 H, KV, HD, BS = 32, 8, 128, 16
 
 
-def module(name):
+def module(name, defines=()):
     common = open(os.path.join(KERNELS, "common.cuh")).read()
     src = common + "\n#line 1 \"" + name + "\"\n" + open(os.path.join(KERNELS, name)).read()
-    return cp.RawModule(code=src, options=("--std=c++17",), backend="nvrtc")
+    return cp.RawModule(code=src, options=("--std=c++17",) + tuple(f"-D{d}" for d in defines), backend="nvrtc")
+
+
+READ_SRC = r"""
+extern "C" __global__ void read_xor(const uint4* __restrict__ a, long long n, unsigned int* out) {
+    uint4 acc = make_uint4(0, 0, 0, 0);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const uint4 v0 = a[i], v1 = a[i + stride], v2 = a[i + 2 * stride], v3 = a[i + 3 * stride];
+        acc.x ^= v0.x ^ v1.x ^ v2.x ^ v3.x; acc.y ^= v0.y ^ v1.y ^ v2.y ^ v3.y;
+        acc.z ^= v0.z ^ v1.z ^ v2.z ^ v3.z; acc.w ^= v0.w ^ v1.w ^ v2.w ^ v3.w;
+    }
+    for (; i < n; i += stride) { const uint4 v = a[i]; acc.x ^= v.x; acc.y ^= v.y; acc.z ^= v.z; acc.w ^= v.w; }
+    if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) out[0] = 1u;  // keeps the loads alive
+}
+"""
+
+
+def read_bandwidth(sms):
+    """A read-only streaming kernel over 2 GiB: the ceiling a kernel that only reads (decode attention) can reach."""
+    n = 1 << 31
+    a = cp.zeros(n // 16 * 4, dtype=cp.uint32)
+    flag = cp.zeros(1, dtype=cp.uint32)
+    k = cp.RawKernel(READ_SRC, "read_xor")
+    ms = time_ms(lambda _: k((sms * 8,), (256,), (a, np.int64(n // 16), flag)), iters=20)
+    return n / (ms * 1e-3)
 
 
 MAX_SPLITS = int(os.environ.get("IRONLLM_MAX_DECODE_SPLITS", "16"))  # ops::DEFAULT_MAX_DECODE_SPLITS
@@ -47,8 +73,19 @@ def decode_splits(tokens, kv_heads, sms, max_context):
     return max(1, min(-(-target // pairs), MAX_SPLITS, -(-max_context // 128)))
 
 
-def flash_decode_smem(hd):
-    return (3 if hd == 64 else 2) * 2 * 64 * hd * 2 + 16 * hd * 2
+def flash_decode_smem(hd, stages_hd128=2):
+    return (3 if hd == 64 else stages_hd128) * 2 * 64 * hd * 2 + 16 * hd * 2
+
+
+def parse_variant(text):
+    """NAME:DEF[,DEF...] (flash_decode.cu's knobs, e.g. l2a2:FD_L2_AHEAD=2) -> (name, defines, hd128 stages)."""
+    name, _, defs = text.partition(":")
+    defines = tuple(d for d in defs.split(",") if d)
+    stages = 2
+    for d in defines:
+        if d.startswith("FD_STAGES_HD128="):
+            stages = int(d.split("=", 1)[1])
+    return name, defines, stages
 
 
 def time_ms(fn, iters=50, warmup=5):
@@ -76,14 +113,20 @@ def copy_bandwidth():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:DEF[,DEF]",
+                    help="also time flash_decode.cu compiled with these definitions (A/B of its knobs)")
     args = ap.parse_args()
     attn, fd = module("attention.cu"), module("flash_decode.cu")
+    variants = [parse_variant(v) for v in args.variant]
+    variant_mods = [(vname, module("flash_decode.cu", defs), stages) for vname, defs, stages in variants]
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     copy_bw = copy_bandwidth()
+    read_bw = read_bandwidth(sms)
     rows = []
     scale = np.float32(1.0 / math.sqrt(HD))
-    for batch, ctx in ((1, 1024), (1, 8192), (32, 1024), (64, 1024), (128, 1024), (256, 1024)):
+    # (320, 1088): the pure-decode steps of the 1024/128 throughput run (~324 rows at ~1.1k context).
+    for batch, ctx in ((1, 1024), (1, 8192), (32, 1024), (64, 1024), (128, 1024), (256, 1024), (320, 1088)):
         blocks_per_seq = -(-ctx // BS)
         kv_bytes = 2 * batch * ctx * KV * HD * 2
         # Rotate over enough copies (layers) that the working set exceeds the L2 several times.
@@ -127,20 +170,28 @@ def main():
         tensor = time_ms(runner(fd, "flash_decode_bf16_hd128", "flash_decode_split_bf16_hd128", flash_decode_smem(HD)))
         row = {"batch": batch, "context": ctx, "splits": splits, "kv_bytes": kv_bytes,
                "general_ms": general, "general_tb_s": kv_bytes / general / 1e9,
-               "tensor_core_ms": tensor, "tensor_core_tb_s": kv_bytes / tensor / 1e9}
+               "tensor_core_ms": tensor, "tensor_core_tb_s": kv_bytes / tensor / 1e9, "variants": {}}
+        for vname, vmod, stages in variant_mods:
+            ms = time_ms(runner(vmod, "flash_decode_bf16_hd128", "flash_decode_split_bf16_hd128",
+                                flash_decode_smem(HD, stages)))
+            row["variants"][vname] = {"ms": ms, "tb_s": kv_bytes / ms / 1e9}
         rows.append(row)
         del caches
         cp.get_default_memory_pool().free_all_blocks()
     print(f"decode attention, one layer of the Llama-3.1-8B shape (32/8 heads, hd 128, bf16), {name}")
-    print(f"device-to-device copy (read + write): {copy_bw / 1e12:.2f} TB/s")
-    print("| batch | context | splits | KV MB | general kernel | TB/s | tensor-core kernel | TB/s | of copy rate |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"device-to-device copy (read + write): {copy_bw / 1e12:.2f} TB/s; read-only kernel: {read_bw / 1e12:.2f} TB/s")
+    vhead = "".join(f" {v[0]} | TB/s |" for v in variants)
+    print("| batch | context | splits | KV MB | general kernel | TB/s | tensor-core kernel | TB/s | of copy rate | of read rate |"
+          + vhead)
+    print("|---:" * (10 + 2 * len(variants)) + "|")
     for r in rows:
+        vcells = "".join(f" {r['variants'][v[0]]['ms'] * 1e3:.1f} us | {r['variants'][v[0]]['tb_s']:.2f} |" for v in variants)
         print(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['kv_bytes'] / 1e6:.1f} | {r['general_ms'] * 1e3:.1f} us | "
               f"{r['general_tb_s']:.2f} | {r['tensor_core_ms'] * 1e3:.1f} us | {r['tensor_core_tb_s']:.2f} | "
-              f"{r['tensor_core_tb_s'] * 1e12 / copy_bw:.0%} |")
+              f"{r['tensor_core_tb_s'] * 1e12 / copy_bw:.0%} | {r['tensor_core_tb_s'] * 1e12 / read_bw:.0%} |" + vcells)
     if args.out:
-        json.dump({"device": name, "copy_bytes_per_s": copy_bw, "rows": rows}, open(args.out, "w"), indent=1)
+        json.dump({"device": name, "copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "rows": rows},
+                  open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ prepended, no toolkit headers), for one GPU architecture, and prints each file's
 (registers, spills, shared memory). Needs only libnvrtc: no GPU, no CUDA toolkit.
 
     pip install 'nvidia-cuda-nvrtc==13.0.*'      # once, into any venv
-    python3 scripts/nvrtc_check.py [--arch sm_90a] [--verbose] [files...]
+    python3 scripts/nvrtc_check.py [--arch sm_90a] [--verbose] [-D NAME=VALUE ...] [files...]
 
 libnvrtc is looked for in $IRONLLM_NVRTC, then in the pip wheel's folder of this interpreter, then in the
 system library path.
@@ -41,12 +41,12 @@ def load_nvrtc():
     sys.exit("libnvrtc not found: pip install 'nvidia-cuda-nvrtc==13.0.*' or set IRONLLM_NVRTC")
 
 
-def compile_source(lib, name, src, arch, verbose):
+def compile_source(lib, name, src, arch, verbose, defines=()):
     prog = ctypes.c_void_p()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None)
     if rc != 0:
         return False, f"nvrtcCreateProgram failed ({rc})"
-    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [f"-D{d}".encode() for d in defines]
     if verbose:
         opts.append(b"--ptxas-options=-v")
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
@@ -86,6 +86,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--verbose", action="store_true", help="print ptxas resource usage")
+    ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE",
+                    help="a preprocessor definition (the kernels' A/B knobs), repeatable")
     ap.add_argument("files", nargs="*")
     args = ap.parse_args()
     lib = load_nvrtc()
@@ -94,7 +96,7 @@ def main():
     failed = 0
     for f in files:
         src = common + "\n#line 1 \"" + os.path.basename(f) + "\"\n" + open(f).read()
-        ok, log = compile_source(lib, os.path.basename(f), src, args.arch, args.verbose)
+        ok, log = compile_source(lib, os.path.basename(f), src, args.arch, args.verbose, args.defines)
         print(f"{'ok  ' if ok else 'FAIL'} {os.path.basename(f)}")
         if log.strip() and (not ok or args.verbose or "warning" in log):
             print(log)

@@ -39,7 +39,11 @@
 #define FD_BLOCK_N 64
 #define FD_THREADS 128
 #define FD_MAX_GROUP 16
-#define FD_STAGES(HD) ((HD) == 64 ? 3 : 2)
+#ifndef FD_STAGES_HD128
+#define FD_STAGES_HD128 2  // A/B knob (bench/gpu_attention_bw.py --variant); ops::flash_decode_smem assumes 2
+#endif
+#define FD_STAGES(HD) ((HD) == 64 ? 3 : FD_STAGES_HD128)
+#define FD_MIN_BLOCKS(HD) ((HD) == 64 ? 4 : (FD_STAGES_HD128 == 2 ? 3 : 2))
 #define FD_SMEM_BYTES(HD) (FD_STAGES(HD) * 2 * FD_BLOCK_N * (HD) * 2 + 16 * (HD) * 2)
 
 template <typename T, int HD>
@@ -298,7 +302,7 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
 }
 
 #define FLASH_DECODE_KERNEL(T, SUFFIX, HD)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS, (HD) == 64 ? 4 : 3) flash_decode_##SUFFIX##_hd##HD( \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, FD_MIN_BLOCKS(HD)) flash_decode_##SUFFIX##_hd##HD( \
         T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ k_cache,                        \
         const T* __restrict__ v_cache, const int* __restrict__ block_tables,                                  \
         const int* __restrict__ query_start_loc, const int* __restrict__ context_lens,                        \
@@ -309,7 +313,7 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
                                  context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, block_size, \
                                  max_blocks_per_seq, scale, nullptr, nullptr, 1, 1);                          \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS, (HD) == 64 ? 4 : 3)                              \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, FD_MIN_BLOCKS(HD))                              \
         flash_decode_split_##SUFFIX##_hd##HD(                                                                 \
             const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,          \
             const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,                    \

@@ -73,7 +73,14 @@ pub fn compile_file(
     let (major, minor) = nvrtc_version()?;
     let full = format!("{COMMON}\n#line 1 \"{file}\"\n{source}");
     let version = format!("{major}.{minor}");
-    let key = cache_key(&[full.as_bytes(), arch.as_bytes(), version.as_bytes(), OPTIONS.join(" ").as_bytes()]);
+    let defines = extra_defines();
+    let key = cache_key(&[
+        full.as_bytes(),
+        arch.as_bytes(),
+        version.as_bytes(),
+        OPTIONS.join(" ").as_bytes(),
+        defines.join(" ").as_bytes(),
+    ]);
     let stem = format!("{}-{arch}-{key}", file.trim_end_matches(".cu"));
     if let Some(dir) = cache_dir {
         let (bin, names) = (dir.join(format!("{stem}.cubin")), dir.join(format!("{stem}.names")));
@@ -87,7 +94,7 @@ pub fn compile_file(
             }
         }
     }
-    let (cubin, ptx) = nvrtc_compile(file, &full, arch)?;
+    let (cubin, ptx) = nvrtc_compile(file, &full, arch, &defines)?;
     let kernel_names = entry_names(&ptx);
     if let Some(dir) = cache_dir {
         // A cache that cannot be written only costs the next start a compile.
@@ -107,13 +114,25 @@ pub fn compile_file(
 
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true"];
 
-fn nvrtc_compile(file: &str, source: &str, arch: &str) -> Result<(Vec<u8>, String), CudaError> {
+/// `-D` options from `IRONLLM_KERNEL_DEFINES` (whitespace-separated `NAME=VALUE`): a developer's A/B of a
+/// kernel file's compile-time knobs without a rebuild, e.g. `FD_L2_AHEAD=2` (flash_decode.cu). Only
+/// knobs that leave a kernel's launch (grid, block, shared memory) as the host computes it are safe here.
+fn extra_defines() -> Vec<String> {
+    std::env::var("IRONLLM_KERNEL_DEFINES").map(|v| define_options(&v)).unwrap_or_default()
+}
+
+fn define_options(text: &str) -> Vec<String> {
+    text.split_whitespace().map(|d| format!("-D{d}")).collect()
+}
+
+fn nvrtc_compile(file: &str, source: &str, arch: &str, defines: &[String]) -> Result<(Vec<u8>, String), CudaError> {
     let fail = |log: String| CudaError::Compile { file: file.to_string(), arch: arch.to_string(), log };
     let src = CString::new(source).map_err(|_| fail("source holds a NUL byte".into()))?;
     let name = CString::new(file).map_err(|_| fail("file name holds a NUL byte".into()))?;
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
     let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("--gpu-architecture={arch}"));
+    options.extend(defines.iter().cloned());
     // SAFETY: `prog` is a live program; the options outlive the call.
     let compiled = unsafe { nvrtc::compile_program(prog, &options) };
     let result = (|| {
@@ -173,6 +192,12 @@ mod tests {
         assert_ne!(a, cache_key(&[b"src", b"sm_90a", b"13.1"]));
         assert_ne!(a, cache_key(&[b"srd", b"sm_90a", b"13.0"]));
         assert_eq!(a, cache_key(&[b"src", b"sm_90a", b"13.0"]));
+    }
+
+    #[test]
+    fn kernel_defines_become_nvrtc_options() {
+        assert_eq!(define_options(" WG_Q_REGS=0\tFD_STAGES_HD128=2 "), vec!["-DWG_Q_REGS=0", "-DFD_STAGES_HD128=2"]);
+        assert!(define_options("  ").is_empty());
     }
 
     /// Compiles every kernel file when libnvrtc is present (no GPU needed); skipped otherwise.
