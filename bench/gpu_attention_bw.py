@@ -10,8 +10,11 @@ context it times, with CUDA events (median of 50 launches after 5 warm-ups, the 
 layers' worth of KV that nothing stays in L2):
   - the general paged kernel (attention.cu, scalar lanes), split as the runtime splits it,
   - the tensor-core grouped-query kernel (flash_decode.cu), split the same way,
+  - each --variant: the tensor-core kernel compiled with those definitions (flash_decode.cu's knobs),
 and prints the bytes that must be read (K and V of every live position, once per KV head; q and the output
-are negligible) over the time, next to the device-to-device copy rate measured in the same run. Kernels are
+are negligible) over the time, next to the device-to-device copy rate and the rate of a kernel that only
+streams reads (decode attention's own ceiling), both measured in the same run. The shapes include 320 x
+1088, the pure-decode steps of the 1024/128 throughput run. Kernels are
 compiled with NVRTC through cupy exactly as the runtime does (common.cuh prepended). The split count
 follows ops::decode_splits (copied here; keep in sync).
 """
@@ -78,7 +81,7 @@ def flash_decode_smem(hd, stages_hd128=2):
 
 
 def parse_variant(text):
-    """NAME:DEF[,DEF...] (flash_decode.cu's knobs, e.g. l2a2:FD_L2_AHEAD=2) -> (name, defines, hd128 stages)."""
+    """NAME:DEF[,DEF...] (flash_decode.cu's knobs, e.g. s3:FD_STAGES_HD128=3) -> (name, defines, hd128 stages)."""
     name, _, defs = text.partition(":")
     defines = tuple(d for d in defs.split(",") if d)
     stages = 2
@@ -118,6 +121,9 @@ def main():
     args = ap.parse_args()
     attn, fd = module("attention.cu"), module("flash_decode.cu")
     variants = [parse_variant(v) for v in args.variant]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names) or not all(names):
+        sys.exit(f"--variant names must be distinct and non-empty: {names}")
     variant_mods = [(vname, module("flash_decode.cu", defs), stages) for vname, defs, stages in variants]
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()

@@ -43,7 +43,7 @@
 #define FD_STAGES_HD128 2  // A/B knob (bench/gpu_attention_bw.py --variant); ops::flash_decode_smem assumes 2
 #endif
 #define FD_STAGES(HD) ((HD) == 64 ? 3 : FD_STAGES_HD128)
-#define FD_MIN_BLOCKS(HD) ((HD) == 64 ? 4 : (FD_STAGES_HD128 == 2 ? 3 : 2))
+#define FD_MIN_BLOCKS(HD) ((HD) == 64 ? 4 : (FD_STAGES_HD128 == 2 ? 3 : FD_STAGES_HD128 == 3 ? 2 : 1))
 #define FD_SMEM_BYTES(HD) (FD_STAGES(HD) * 2 * FD_BLOCK_N * (HD) * 2 + 16 * (HD) * 2)
 
 template <typename T, int HD>

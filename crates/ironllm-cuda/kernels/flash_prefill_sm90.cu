@@ -1,7 +1,8 @@
 // Hopper tensor-core attention for prefill / chunked-prefill rows over a paged KV cache: the algorithm of
 // flash_prefill.cu (flash-attention-2 online softmax, exp2 domain, f32 accumulation) on warpgroup MMAs
-// (wgmma), which read Q, K and V from shared memory themselves and run asynchronously, so the tensor cores
-// compute the next key tile's Q K^T while the warps do this tile's softmax.
+// (wgmma), which read K and V from shared memory themselves (Q from registers, loaded once) and run
+// asynchronously, so the tensor cores compute the next key tile's Q K^T while the warps do this tile's
+// softmax.
 //
 // ===================================== LAUNCH CONFIGURATION =====================================
 //   kernels : flash_prefill_wg_{bf16,f16}_hd{64,128}   (NWG = 1: one query head per CTA, any group)
@@ -30,12 +31,13 @@
 // loader, so no thread divides positions by the block size or reads the block table per copy). A tile is
 // stored as HD/64 column halves of 64 rows x 128 bytes, each row's eight 16-byte chunks XOR-swizzled by
 // (row & 7): the wgmma "128-byte swizzle" layout, whose 8-row x 128-byte atoms must sit on 1024-byte
-// boundaries (hence the 1024 bytes of alignment slack). With that one layout Q and K are K-major operands
+// boundaries (hence the 1024 bytes of alignment slack). With that one layout Q's tile (read into registers
+// by ldmatrix) and K are K-major operands
 // (rows = queries / keys, the head dimension contiguous) and V, whose rows are keys, is the N-major
 // (transposed) B operand of O += P V, so nothing is ever transposed. P stays in registers: the f32
 // accumulator fragment of S is, after packing pairs to 16 bits, the A-operand fragment of the PV wgmma.
 // Q is read from its tile into A-operand registers once (ldmatrix), so S's wgmmas read only K from shared
-// memory (WG_Q_REGS=0 keeps Q a shared-memory operand: 261.5 vs 272.2 TFLOP/s at 8 x 1024 on an H100).
+// memory (on an H100 at 8 x 1024: 272.2 TFLOP/s; WG_Q_REGS=0, Q a shared-memory operand as before: 261.5).
 // With NWG = 2 each K/V tile is loaded once for both heads.
 //
 // Pipeline per key tile j (walked from the last tile, the one on the causal diagonal, down to 0):
@@ -428,7 +430,8 @@ __device__ __forceinline__ void flash_prefill_wg_impl(T* __restrict__ out, const
     l_run1 += __shfl_xor_sync(0xffffffffu, l_run1, 2);
     const float inv0 = l_run0 > 0.0f ? 1.0f / l_run0 : 0.0f;
     const float inv1 = l_run1 > 0.0f ? 1.0f / l_run1 : 0.0f;
-    __syncthreads();  // every warp's wgmmas that read sQ are done
+    __syncthreads();  // every warp is done reading sQ (ldmatrix, or the wgmmas with WG_Q_REGS=0): the staged
+                      // rows of one warp overlap other warps' swizzled Q rows
     {
         constexpr int ROW_BYTES = HD * 2;
         unsigned char* sO = wg_smem + (sQ - fp_smem_addr(wg_smem));

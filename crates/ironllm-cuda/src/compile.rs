@@ -1,6 +1,7 @@
 //! Kernel compilation: every `kernels/*.cu` file is compiled by NVRTC for the card found (`sm_90a` on
 //! Hopper, `sm_XY` otherwise) into a CUBIN, and cached on disk under a key made of the source text, the
-//! architecture and the NVRTC version, so a second start compiles nothing.
+//! architecture, the NVRTC version and the compile options (with any `IRONLLM_KERNEL_DEFINES`), so a
+//! second start compiles nothing.
 //!
 //! The kernel files include no CUDA headers (the runtime needs libnvrtc, not the toolkit): `common.cuh`
 //! is prepended as text. The names of a file's kernels are read from the PTX NVRTC emits alongside the
@@ -114,15 +115,42 @@ pub fn compile_file(
 
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true"];
 
+/// Knobs that change a kernel's shared memory, which the host sizes from the defaults (`ops.rs`): setting
+/// one for the runtime would launch the kernel with too little.
+const LAUNCH_KNOBS: &[&str] = &["FD_STAGES_HD128", "WG_STAGES", "WG2_STAGES"];
+
 /// `-D` options from `IRONLLM_KERNEL_DEFINES` (whitespace-separated `NAME=VALUE`): a developer's A/B of a
-/// kernel file's compile-time knobs without a rebuild, e.g. `FD_L2_AHEAD=2` (flash_decode.cu). Only
-/// knobs that leave a kernel's launch (grid, block, shared memory) as the host computes it are safe here.
+/// kernel file's compile-time knobs without a rebuild, e.g. `WG_Q_REGS=0` (flash_prefill_sm90.cu). Read
+/// and logged once; the knobs in `LAUNCH_KNOBS` are refused with a warning.
 fn extra_defines() -> Vec<String> {
-    std::env::var("IRONLLM_KERNEL_DEFINES").map(|v| define_options(&v)).unwrap_or_default()
+    static DEFINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    DEFINES
+        .get_or_init(|| {
+            let text = std::env::var("IRONLLM_KERNEL_DEFINES").unwrap_or_default();
+            let (options, refused) = define_options(&text);
+            for name in refused {
+                tracing::warn!("IRONLLM_KERNEL_DEFINES: ignoring {name}: it changes shared memory the host sizes");
+            }
+            if !options.is_empty() {
+                tracing::info!("kernels compiled with IRONLLM_KERNEL_DEFINES: {}", options.join(" "));
+            }
+            options
+        })
+        .clone()
 }
 
-fn define_options(text: &str) -> Vec<String> {
-    text.split_whitespace().map(|d| format!("-D{d}")).collect()
+/// The `-D` options of `text`, and the names refused (`LAUNCH_KNOBS`).
+fn define_options(text: &str) -> (Vec<String>, Vec<String>) {
+    let (mut options, mut refused) = (Vec::new(), Vec::new());
+    for d in text.split_whitespace() {
+        let name = d.split('=').next().unwrap_or(d);
+        if LAUNCH_KNOBS.contains(&name) {
+            refused.push(name.to_string());
+        } else {
+            options.push(format!("-D{d}"));
+        }
+    }
+    (options, refused)
 }
 
 fn nvrtc_compile(file: &str, source: &str, arch: &str, defines: &[String]) -> Result<(Vec<u8>, String), CudaError> {
@@ -196,8 +224,10 @@ mod tests {
 
     #[test]
     fn kernel_defines_become_nvrtc_options() {
-        assert_eq!(define_options(" WG_Q_REGS=0\tFD_STAGES_HD128=2 "), vec!["-DWG_Q_REGS=0", "-DFD_STAGES_HD128=2"]);
-        assert!(define_options("  ").is_empty());
+        let (options, refused) = define_options(" WG_Q_REGS=0\tFD_STAGES_HD128=3 X=1 WG2_STAGES=4 ");
+        assert_eq!(options, vec!["-DWG_Q_REGS=0", "-DX=1"]);
+        assert_eq!(refused, vec!["FD_STAGES_HD128", "WG2_STAGES"]);
+        assert_eq!(define_options("  "), (vec![], vec![]));
     }
 
     /// Compiles every kernel file when libnvrtc is present (no GPU needed); skipped otherwise.
