@@ -7,7 +7,8 @@ Plain script: prints one PASS/FAIL line per check and exits non-zero on any fail
 
 Kernel tags: mma, wgmma (one head per CTA), wgmma2 (two heads of a GQA group per CTA; odd-group cases are
 skipped, as the runtime never sends them there), and with --stages3 also wgmma-s3 and wgmma2-s4 (other
-pipeline depths) and wgmma2-qsmem (Q in shared memory, as before 2026-11-28), for timing A/B.
+pipeline depths), wgmma2-qsmem (Q in shared memory, as before 2026-11-28) and wgmma2-eager (O rescaled on
+every new running max: WG_LAZY_RESCALE=0), for timing A/B.
 
 Needs torch (CUDA), cupy and numpy. The kernels are compiled with NVRTC, with common.cuh prepended, exactly
 as the runtime does: flash_prefill.cu through cupy, flash_prefill_sm90.cu for sm_90a through libnvrtc
@@ -106,6 +107,9 @@ WGMMA3 = Variant("wgmma-s3", "flash_prefill_sm90.cu", "flash_prefill_wg_", lambd
 # A/B (--stages3 adds it too): Q read from shared memory by every S wgmma instead of held in registers
 WGMMA2QS = Variant("wgmma2-qsmem", "flash_prefill_sm90.cu", "flash_prefill_wg2_", lambda hd: wg_smem(hd, 2, 3),
                    arch="sm_90a", heads=2, options=("-DWG_Q_REGS=0",))
+# A/B (--stages3 adds it too): O rescaled on every new running max, as before 2026-11-28 (session 13)
+WGMMA2EAGER = Variant("wgmma2-eager", "flash_prefill_sm90.cu", "flash_prefill_wg2_",
+                      lambda hd: wg_smem(hd, 2, 3), arch="sm_90a", heads=2, options=("-DWG_LAZY_RESCALE=0",))
 KERNEL = MMA  # the variant the checks below launch
 
 TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
@@ -129,7 +133,7 @@ class Case:
     """
 
     def __init__(self, dtype, hd, nh, nkv, block_size, seqs, scale_mult=1.0, pad_rows=7, seed=0,
-                 spare_bt_entries=2):
+                 spare_bt_entries=2, key_ramp=0.0):
         g = torch.Generator().manual_seed(seed)
         self.dtype, self.hd, self.nh, self.nkv, self.bs = dtype, hd, nh, nkv, block_size
         self.seqs = seqs
@@ -165,6 +169,9 @@ class Case:
             k_new = rows[:, nh * hd:(nh + nkv) * hd].reshape(q, nkv, hd)
             v_new = rows[:, (nh + nkv) * hd:].reshape(q, nkv, hd)
             k_all = torch.cat([torch.randn(past, nkv, hd, generator=g).to(dtype), k_new])
+            if key_ramp:  # keys grow along the sequence, so each row's max keeps rising tile after tile
+                k_all = (k_all.float() * (1 + key_ramp * torch.arange(ctx) / ctx)[:, None, None]).to(dtype)
+                rows[:, nh * hd:(nh + nkv) * hd] = k_all[past:].reshape(q, nkv * hd)
             v_all = torch.cat([torch.randn(past, nkv, hd, generator=g).to(dtype), v_new])
             pos = torch.arange(ctx)
             blocks = bt[s, pos // block_size].long()
@@ -347,7 +354,7 @@ def main():
     if torch.cuda.get_device_capability() == (9, 0):
         variants += [WGMMA, WGMMA2]
         if "--stages3" in sys.argv:
-            variants += [WGMMA3, WGMMA2S4, WGMMA2QS]
+            variants += [WGMMA3, WGMMA2S4, WGMMA2QS, WGMMA2EAGER]
     res = Results()
     for v in variants:
         if only is None or v.tag == only:
@@ -406,6 +413,14 @@ def run_all(res, skip_timing):
         seed += 1
         run_check(res, f"{DTYPE_NAME[dt]} hd{hd} scale x8 qlen=300 past=100 gqa=4 bs=16", dtype=dt, hd=hd, nh=8,
                   nkv=2, block_size=16, seqs=[(300, 100, True), (129, 0, True)], scale_mult=8.0, seed=seed)
+
+    # 6b. rising logits: the running max grows by more than 2^8 over some tiles and less over others, so
+    #     both branches of the lazy rescale (WG_LAZY_RESCALE) run within one row
+    for dt, hd in combos:
+        seed += 1
+        run_check(res, f"{DTYPE_NAME[dt]} hd{hd} rising keys x2 qlen=300 past=200 gqa=4 bs=16", dtype=dt, hd=hd,
+                  nh=8, nkv=2, block_size=16, seqs=[(300, 200, True), (129, 0, True)], scale_mult=2.0,
+                  key_ramp=6.0, seed=seed)
 
     # 7. long sequences
     seed += 1
