@@ -107,7 +107,7 @@ WGMMA3 = Variant("wgmma-s3", "flash_prefill_sm90.cu", "flash_prefill_wg_", lambd
 # A/B (--stages3 adds it too): Q read from shared memory by every S wgmma instead of held in registers
 WGMMA2QS = Variant("wgmma2-qsmem", "flash_prefill_sm90.cu", "flash_prefill_wg2_", lambda hd: wg_smem(hd, 2, 3),
                    arch="sm_90a", heads=2, options=("-DWG_Q_REGS=0",))
-# A/B (--stages3 adds it too): O rescaled on every new running max, as before 2026-11-28 (session 13)
+# A/B (--stages3 adds it too): O rescaled on every new running max (WG_LAZY_RESCALE=0, the form before lazy rescale)
 WGMMA2EAGER = Variant("wgmma2-eager", "flash_prefill_sm90.cu", "flash_prefill_wg2_",
                       lambda hd: wg_smem(hd, 2, 3), arch="sm_90a", heads=2, options=("-DWG_LAZY_RESCALE=0",))
 KERNEL = MMA  # the variant the checks below launch
