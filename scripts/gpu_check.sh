@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 for phase in "$@"; do
   case $phase in
     kernels)
-      for t in tests/gpu/test_layer_kernels.py tests/gpu/test_flash_prefill.py tests/gpu/test_sampler_kernels.py; do
+      for t in tests/gpu/test_layer_kernels.py tests/gpu/test_flash_prefill.py tests/gpu/test_gemm_sm90.py tests/gpu/test_sampler_kernels.py; do
         [ -e "$t" ] && step "py_$(basename "$t" .py)" python3 "$t"
       done
       ;;

@@ -59,6 +59,13 @@ __device__ __forceinline__ f16_t float_to_f16(float f) {
     return h;
 }
 
+// SiLU in f32 of a value whose result is rounded to T. 16-bit types take the fast exp and divide (a few
+// f32 ulps, far below their own rounding; the fused gate/up GEMM of gemm_sm90.cu runs this on the tensor
+// cores' time, so it must be cheap); float keeps expf and an IEEE divide, as torch computes it. Every
+// kernel that applies SiLU for T uses this one form, so fused and unfused paths agree bit for bit.
+template <typename T> __device__ __forceinline__ float silu_for(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
+template <> __device__ __forceinline__ float silu_for<float>(float g) { return g / (1.0f + expf(-g)); }
+
 // Loads and stores of one element as float, and rounding a float to the element type's precision
 // (used to mimic where the reference rounds intermediates, e.g. Hugging Face's bf16 RMSNorm).
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
@@ -178,3 +185,29 @@ template <> struct FpElem<f16> {
         return r;
     }
 };
+
+// Hopper warpgroup MMA helpers, shared by the sm_90a-only files (flash_prefill_sm90.cu, gemm_sm90.cu).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor (PTX ISA "matrix descriptor format"): start address, leading and stride
+// byte offsets (each >> 4) and the layout type, 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
+           (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's generic-proxy shared-memory writes (cp.async) visible to the async proxy (wgmma).
+__device__ __forceinline__ void wg_fence_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins an accumulator register in place across a wait, so the compiler reads it only after the wait.
+__device__ __forceinline__ void wg_pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+// Keeps an A-operand register alive until after a wait: otherwise its live range ends at the (async)
+// wgmma that reads it and the allocator may hand it to the next tile's P while the read is in flight.
+__device__ __forceinline__ void wg_pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+#define WG_C4(a, i) "+f"(a[i]), "+f"(a[(i) + 1]), "+f"(a[(i) + 2]), "+f"(a[(i) + 3])
+#define WG_C16(a, i) WG_C4(a, i), WG_C4(a, (i) + 4), WG_C4(a, (i) + 8), WG_C4(a, (i) + 12)
+#define WG_C32(a, i) WG_C16(a, i), WG_C16(a, (i) + 16)
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -65,30 +65,8 @@
 #define WG_BLOCK 64
 #define WG_THREADS 128
 
-// ---- wgmma helpers ----------------------------------------------------------------------------------
+// ---- wgmma helpers (the rest are common.cuh's) ------------------------------------------------------
 
-// Shared-memory matrix descriptor (PTX ISA "matrix descriptor format"): start address, leading and stride
-// byte offsets (each >> 4) and the layout type, 1 = 128-byte swizzle.
-__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
-           (1ull << 62);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Makes this thread's generic-proxy shared-memory writes (cp.async) visible to the async proxy (wgmma).
-__device__ __forceinline__ void wg_fence_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Pins an accumulator register in place across a wait, so the compiler reads it only after the wait.
-__device__ __forceinline__ void wg_pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-// Keeps an A-operand register alive until after a wait: otherwise its live range ends at the (async)
-// wgmma that reads it and the allocator may hand it to the next tile's P while the read is in flight.
-__device__ __forceinline__ void wg_pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
-
-#define WG_C4(a, i) "+f"(a[i]), "+f"(a[(i) + 1]), "+f"(a[(i) + 2]), "+f"(a[(i) + 3])
-#define WG_C16(a, i) WG_C4(a, i), WG_C4(a, (i) + 4), WG_C4(a, (i) + 8), WG_C4(a, (i) + 12)
-#define WG_C32(a, i) WG_C16(a, i), WG_C16(a, (i) + 16)
 #define WG_R32                                                                                                  \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
     "%23, %24, %25, %26, %27, %28, %29, %30, %31}"

@@ -360,9 +360,8 @@ IRONLLM_FOR_EACH_DTYPE(ROPE_KV_PACK)
 
 // ---------------------------------------------------------------------------------------------------
 // 5. SiLU-and-multiply: out[r, c] = T(round_to<T>(silu(gate[r, c])) * up[r, c]), gate_up row = [gate | up].
-//   grid = (rows, ceil(inter / 2048)), block = 256. silu(g) = g / (1 + exp(-g)) in f32 (as torch).
-
-__device__ __forceinline__ float layers_silu(float g) { return g / (1.0f + expf(-g)); }
+//   grid = (rows, ceil(inter / 2048)), block = 256. silu(g) = g / (1 + exp(-g)) in f32: common.cuh's
+//   silu_for<T> (the fast exp and divide for 16-bit T), shared with gemm_sm90.cu's fused epilogue.
 
 template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up, int rows, int inter) {
     constexpr int N = layers_pack<T>::N;
@@ -379,12 +378,12 @@ template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up
             layers_unpack<T>(*reinterpret_cast<const uint4*>(g + c), gv);
             layers_unpack<T>(*reinterpret_cast<const uint4*>(u + c), uv);
 #pragma unroll
-            for (int i = 0; i < N; ++i) gv[i] = round_to<T>(layers_silu(gv[i])) * uv[i];
+            for (int i = 0; i < N; ++i) gv[i] = round_to<T>(silu_for<T>(gv[i])) * uv[i];
             *reinterpret_cast<uint4*>(o + c) = layers_pack_from<T>(gv);
         }
     } else {
         for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x)
-            store_f(o + c, round_to<T>(layers_silu(load_f(g + c))) * load_f(u + c));
+            store_f(o + c, round_to<T>(silu_for<T>(load_f(g + c))) * load_f(u + c));
     }
 }
 #define SILU_AND_MUL(T, S)                                                                                \

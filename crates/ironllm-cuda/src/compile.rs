@@ -117,7 +117,7 @@ const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true"];
 
 /// Knobs that change a kernel's shared memory, which the host sizes from the defaults (`ops.rs`): setting
 /// one for the runtime would launch the kernel with too little.
-const LAUNCH_KNOBS: &[&str] = &["FD_STAGES_HD128", "WG_STAGES", "WG2_STAGES"];
+const LAUNCH_KNOBS: &[&str] = &["FD_STAGES_HD128", "WG_STAGES", "WG2_STAGES", "GS_STAGES"];
 
 /// `-D` options from `IRONLLM_KERNEL_DEFINES` (whitespace-separated `NAME=VALUE`): a developer's A/B of a
 /// kernel file's compile-time knobs without a rebuild, e.g. `WG_Q_REGS=0` (flash_prefill_sm90.cu). Read

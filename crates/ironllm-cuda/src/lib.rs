@@ -6,7 +6,8 @@
 //! - [`tensor`]: untyped device buffers tagged with a dtype (`f32`, `bf16`, `f16`).
 //! - [`ops`]: safe, shape-checked launchers for the kernels in `kernels/*.cu`, and the GEMMs (cuBLASLt for
 //!   bf16/f16 with algorithms timed per shape at start-up, [`lt_gemm`]; our skinny GEMM for one or two
-//!   rows; our own batch-invariant kernel for f32).
+//!   rows; our own batch-invariant kernel for f32), and on Hopper the gate/up GEMM with SiLU-and-mul in
+//!   its epilogue ([`fused_mlp`]).
 //! - [`model::CudaLlama`]: the Llama-family decoder with weights loaded straight to the GPU.
 //! - [`sampler::GpuSampler`]: the batch sampler on the GPU.
 //! - [`runner::CudaModelRunner`]: the [`ironllm_core::executor::ModelExecutor`] for the GPU, with the KV
@@ -16,6 +17,7 @@ pub mod compile;
 pub mod device;
 pub mod draft;
 pub mod error;
+pub mod fused_mlp;
 pub mod gemm_cache;
 mod launch;
 pub mod lt_gemm;

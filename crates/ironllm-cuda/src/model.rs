@@ -2,8 +2,9 @@
 //! architecture as `ironllm_model::llama` over GPU kernels: merged QKV and gate/up projections (one GEMM
 //! each), residual add fused into the o_proj and down GEMMs' epilogue (cuBLASLt, beta = 1) or, where
 //! those GEMMs cannot accumulate (float32, the skinny GEMM's rows), into the next RMSNorm, q/k norm + RoPE
-//! fused with the KV-cache write, attention over the paged cache, SiLU-and-mul, and the final norm and LM
-//! head only for the rows that produce logits.
+//! fused with the KV-cache write, attention over the paged cache, SiLU-and-mul (in the gate/up GEMM's
+//! epilogue on Hopper for steps of many tokens: `fused_mlp`), and the final norm and LM head only for the
+//! rows that produce logits.
 //!
 //! Weights go to the GPU one tensor at a time in the compute dtype (bf16 checkpoints are copied as they
 //! are; f32/f16 are converted and GGUF blocks dequantized per tensor on the host), so the host never
@@ -18,6 +19,7 @@ use ironllm_model::weights::{StoredTensor, StoredType, WeightSource};
 
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
+use crate::fused_mlp;
 use crate::lt_gemm::TuneResult;
 use crate::op_timer::{self, Op, OpMarks, Work};
 use crate::ops::{self, AttnShape, BatchMeta};
@@ -71,6 +73,9 @@ pub struct CudaLlama {
     /// (`ops::gemm_accumulate`); `IRONLLM_DISABLE_RESIDUAL_EPILOGUE` turns it off for side-by-side
     /// measurements.
     residual_epilogue: bool,
+    /// Steps of at least this many tokens take the gate/up GEMM with SiLU-and-mul in its epilogue
+    /// (`fused_mlp::min_rows`); `None` where that kernel is not used.
+    fused_gate_up_min_rows: Option<usize>,
 }
 
 /// Whether the residual stream already holds the last projection's output, which decides the next norm.
@@ -193,7 +198,7 @@ impl Workspace {
             qkv: DevBuf::zeros(gpu, d, t * qkv_w)?,
             attn: DevBuf::zeros(gpu, d, t * c.num_attention_heads * c.head_dim)?,
             proj: DevBuf::zeros(gpu, d, t * h)?,
-            gate_up: DevBuf::zeros(gpu, d, t * 2 * c.intermediate_size)?,
+            gate_up: DevBuf::zeros(gpu, d, model.gate_up_rows(t) * 2 * c.intermediate_size)?,
             act: DevBuf::zeros(gpu, d, t * c.intermediate_size)?,
             rows_a: DevBuf::zeros(gpu, d, gathered * h)?,
             rows_b: DevBuf::zeros(gpu, d, gathered * h)?,
@@ -397,6 +402,11 @@ impl CudaLlama {
         let rope_sin = gpu.upload(sin)?;
         let weight_bytes = ld.bytes;
         let attn_kernels = ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_queries_per_kv());
+        let gate_up_bias = layers.iter().any(|l| l.gate_up_bias.is_some());
+        let fused_gate_up_min_rows = fused_mlp::min_rows(&gpu, dtype, h, inter, gate_up_bias);
+        if let Some(min) = fused_gate_up_min_rows {
+            tracing::info!("gate/up GEMM with SiLU-and-mul in its epilogue for steps of at least {min} tokens");
+        }
         gpu.synchronize()?;
         Ok(CudaLlama {
             config,
@@ -419,7 +429,23 @@ impl CudaLlama {
             decode_split_min_keys: env_count("IRONLLM_DECODE_SPLIT_MIN_KEYS", ops::DECODE_SPLIT_MIN_KEYS, 1 << 20),
             residual_epilogue: std::env::var_os("IRONLLM_DISABLE_RESIDUAL_EPILOGUE").is_none(),
             attn_kernels,
+            fused_gate_up_min_rows,
         })
+    }
+
+    /// Whether a step of `t` tokens takes the fused gate/up + SiLU-and-mul kernel.
+    fn fused_gate_up(&self, t: usize) -> bool {
+        self.fused_gate_up_min_rows.is_some_and(|min| t >= min)
+    }
+
+    /// Rows the unfused gate/up output buffer needs for steps of up to `t` tokens: steps the fused kernel
+    /// takes never write it, so with that kernel it stays below its threshold (at the 8B shape's 16k-token
+    /// budget, 0.9 GiB that the KV cache gets instead).
+    fn gate_up_rows(&self, t: usize) -> usize {
+        match self.fused_gate_up_min_rows {
+            Some(min) => t.min(min.saturating_sub(1)).max(1),
+            None => t,
+        }
     }
 
     pub fn weight_bytes(&self) -> usize {
@@ -452,7 +478,9 @@ impl CudaLlama {
         for &m in sizes.iter().filter(|&&m| served(m) && m <= max_tokens) {
             out.push(("qkv", m, ops::tune_gemm(gpu, qkv, normed, &layer.qkv, m, qkv_w, h, f)?));
             out.push(("o", m, ops::tune_gemm(gpu, proj, attn, &layer.o_proj, m, h, qw, f)?));
-            out.push(("gate_up", m, ops::tune_gemm(gpu, gate_up, normed, &layer.gate_up, m, 2 * inter, h, f)?));
+            if !self.fused_gate_up(m) {
+                out.push(("gate_up", m, ops::tune_gemm(gpu, gate_up, normed, &layer.gate_up, m, 2 * inter, h, f)?));
+            }
             out.push(("down", m, ops::tune_gemm(gpu, proj, act, &layer.down, m, h, inter, f)?));
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -563,6 +591,7 @@ impl CudaLlama {
         let (decode_keys, prefill_pairs) =
             prof.as_ref().map_or((0.0, 0.0), |p| (p.work.decode_keys, p.work.prefill_pairs));
         let kv_row = (c.num_key_value_heads * hd) as f64 * e;
+        let fused_gate_up = self.fused_gate_up(t);
         ops::embedding(gpu, residual, &self.embed, token_ids, t, h)?;
         op_timer::mark(&mut prof, gpu, Op::Embed, Work::Bytes(2.0 * tf * h as f64 * e))?;
         // Where the last o_proj / down output is; the embedding leaves nothing pending.
@@ -596,10 +625,15 @@ impl CudaLlama {
             op_timer::mark(&mut prof, gpu, Op::OGemm, gemm_flops(h, qw))?;
             residual_norm(gpu, state, residual, proj, &layer.post_norm, normed, t, h, eps)?;
             op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
-            ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
-            op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
-            ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
-            op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
+            if fused_gate_up {
+                fused_mlp::gate_up_silu(gpu, act, normed, &layer.gate_up, t, inter, h)?;
+                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
+            } else {
+                ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
+                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
+                ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
+                op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
+            }
             state = self.project_into_residual(residual, proj, act, &layer.down, layer.down_bias.as_ref(), t, inter)?;
             op_timer::mark(&mut prof, gpu, Op::DownGemm, gemm_flops(h, inter))?;
         }

@@ -443,6 +443,9 @@ pub fn flash_prefill_wg_smem(head_dim: usize, heads: usize) -> usize {
 /// Dynamic shared memory a kernel needs (the launch passes it; over 48 KiB the loader also raises the
 /// function's limit once), by name; `None` for kernels with static shared memory only.
 pub fn dynamic_smem_of(kernel: &str) -> Option<usize> {
+    if let Some(bytes) = crate::fused_mlp::dynamic_smem_of(kernel) {
+        return Some(bytes);
+    }
     let hd = kernel.rsplit_once("_hd")?.1.parse().ok()?;
     if kernel.starts_with("flash_decode_") {
         Some(flash_decode_smem(hd))

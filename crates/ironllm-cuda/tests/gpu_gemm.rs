@@ -239,3 +239,51 @@ fn gemm_accumulate_adds_into_y_where_cublaslt_runs_and_declines_elsewhere() {
     let mut small = DevBuf::zeros(&gpu, dt, 16).expect("y");
     assert!(ops::gemm_accumulate(&gpu, &mut small, &xd, &wd, None, 64, n, k).is_err());
 }
+
+/// The fused gate/up + SiLU-and-mul kernel (`fused_mlp`, Hopper) against the two ops it replaces
+/// (`ops::gemm` into [m, 2 inter], then `ops::silu_and_mul`). They round at the same points, so they
+/// differ only where the two GEMMs' f32 sums (ours against cuBLASLt's order) round gate or up to a
+/// neighbouring value: most outputs must match bit for bit, and every one within 4 ulps of the dtype
+/// relative (one ulp on each of gate and up, carried through silu and the product, plus the product's
+/// rounding; relative, since each rounding is relative to its own value), plus 2^-8 of an ulp at the
+/// output's largest magnitude for values near zero. Rows past m must be left as they were.
+#[test]
+fn fused_gate_up_silu_matches_the_gemm_and_silu_and_mul_it_replaces() {
+    let test = "fused_gate_up_silu_matches_the_gemm_and_silu_and_mul_it_replaces";
+    let Some(gpu) = open_gpu(test) else { return };
+    if !gpu.has_function("gemm_swiglu_sm90_bf16") {
+        println!("SKIP {test}: the fused kernel is Hopper-only ({})", gpu.info.arch);
+        return;
+    }
+    let mut rng = Rng::seeded(11);
+    for dt in [GpuDType::BF16, GpuDType::F16] {
+        let eps = if dt == GpuDType::BF16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
+        for (m, inter, k) in [(1usize, 128usize, 64usize), (200, 256, 512), (1030, 384, 256), (129, 1536, 576)] {
+            let w = rounded(dt, &random(&mut rng, 2 * inter * k, 1.0 / (k as f64).sqrt()));
+            let x = rounded(dt, &random(&mut rng, m * k, 2.0));
+            let wd = DevBuf::from_f32(&gpu, dt, &w).expect("w");
+            let xd = DevBuf::from_f32(&gpu, dt, &x).expect("x");
+            let spare = 3;
+            let mut fused = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + spare) * inter]).expect("act");
+            ironllm_cuda::fused_mlp::gate_up_silu(&gpu, &mut fused, &xd, &wd, m, inter, k).expect("fused");
+            let mut gu = DevBuf::zeros(&gpu, dt, m * 2 * inter).expect("gate_up");
+            let mut act = DevBuf::zeros(&gpu, dt, m * inter).expect("act");
+            ops::gemm(&gpu, &mut gu, &xd, &wd, None, m, 2 * inter, k).expect("gemm");
+            ops::silu_and_mul(&gpu, &mut act, &gu, m, inter).expect("silu_and_mul");
+            let (got, want) = (fused.to_f32(&gpu).expect("fused"), act.to_f32(&gpu).expect("act"));
+            let what = format!("{dt:?} m={m} inter={inter} k={k}");
+            let scale = want.iter().map(|v| f64::from(*v).abs()).fold(0.0, f64::max);
+            let mut exact = 0;
+            for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                let (g, r) = (f64::from(g), f64::from(r));
+                exact += usize::from(g == r);
+                let bound = 4.0 * eps * r.abs() + eps * scale * 2f64.powi(-8);
+                assert!((g - r).abs() <= bound, "{what}: output {i} is {g}, unfused {r} (bound {bound:e})");
+            }
+            let share = exact as f64 / want.len() as f64;
+            assert!(share >= 0.95, "{what}: only {:.1}% bit-equal to the unfused path", 100.0 * share);
+            assert!(got[m * inter..].iter().all(|&v| v == 7.0), "{what}: rows past m were written");
+            println!("{what}: {:.2}% bit-equal", 100.0 * share);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+/work/main/.gpu/ironllm generate /tmp/ironllm-models/llama-hd128-bfloat16 --input /root/out/r/compare_fused_logs/llama-hd128-bfloat16/input.jsonl --output /root/out/r/compare_fused_logs/llama-hd128-bfloat16/output.jsonl --max-tokens 64 --ignore-eos --logprobs 5 --temperature 0 --device cuda --dtype bfloat16 --seed 0 --kv-cache-memory-bytes 4GiB

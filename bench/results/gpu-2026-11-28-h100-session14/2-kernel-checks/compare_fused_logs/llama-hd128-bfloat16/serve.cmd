@@ -1,0 +1,1 @@
+/work/main/.gpu/ironllm serve /tmp/ironllm-models/llama-hd128-bfloat16 --host 127.0.0.1 --port 52177 --disable-log-stats --disable-uvicorn-access-log --device cuda --dtype bfloat16 --seed 0 --kv-cache-memory-bytes 4GiB

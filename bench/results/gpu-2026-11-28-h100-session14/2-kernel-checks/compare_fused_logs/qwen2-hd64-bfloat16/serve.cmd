@@ -1,0 +1,1 @@
+/work/main/.gpu/ironllm serve /tmp/ironllm-models/qwen2-hd64-bfloat16 --host 127.0.0.1 --port 40457 --disable-log-stats --disable-uvicorn-access-log --device cuda --dtype bfloat16 --seed 0 --kv-cache-memory-bytes 4GiB
