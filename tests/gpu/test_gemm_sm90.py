@@ -2,6 +2,7 @@
 """GPU test and timing of the Hopper GEMM with SiLU-and-mul in its epilogue (kernels/gemm_sm90.cu).
 
     python3 tests/gpu/test_gemm_sm90.py [--skip-timing] [--variants default,s4,g8] [--json OUT]
+    python3 tests/gpu/test_gemm_sm90.py --profile VARIANT   (no checks; launches for Nsight Compute)
 
 Checks (each variant, bf16 and f16, shapes from 1 row to several tiles, odd row counts, and the
 SmolLM2 and Llama-8B widths):
@@ -226,6 +227,9 @@ def main():
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--json")
+    ap.add_argument("--profile", metavar="VARIANT",
+                    help="no checks: launch VARIANT's fused and plain kernels three times each at the 8B gate/up "
+                         "shape with 16384 rows (for Nsight Compute's -k / --launch-skip)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("SKIP: needs a Hopper (sm_90) GPU")
@@ -237,6 +241,19 @@ def main():
     variants = [known[t].build(drv, lib, sms) for t in args.variants.split(",")]
     for v in variants:
         print(f"{v.tag}: grid {v.grid}, smem {v.smem}", flush=True)
+    if args.profile:
+        v = known[args.profile].build(drv, lib, sms)
+        m, inter, k = 16384, 14336, 4096
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(2 * inter, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
+        act = torch.empty(m, inter, device="cuda", dtype=torch.bfloat16)
+        gu = torch.empty(m, 2 * inter, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            v.run(drv, "swiglu", x, w, act, inter)
+            v.run(drv, "plain", x, w, gu, 0)
+        torch.cuda.synchronize()
+        print(f"profiled {v.tag}")
+        return 0
     silu = Silu(drv, lib)
     results, ok = [], True
     shapes = [(1, 128, 64), (7, 256, 128), (129, 128, 192), (300, 1536, 576), (1000, 384, 4096), (4100, 1024, 512)]

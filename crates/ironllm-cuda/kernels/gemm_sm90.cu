@@ -44,8 +44,9 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 #ifndef GS_STAGES
-// 3: on an H100 the fused form ran 1.01-1.05x the unfused pair from 1024 to 16384 rows with three stages
-// and 0.93-0.95x with four (unexplained; the plain form is ~1-2% faster with four) (BENCHMARKS.md).
+// 3: on an H100 at its power limit the fused form ran 1.01-1.05x the unfused pair from 1024 to 16384 rows
+// with three stages and 0.93-0.95x with four. In cycles four are not slower (Nsight Compute); they move ~15%
+// more through L2, which at the power limit likely costs clock (BENCHMARKS.md, 2026-11-28).
 #define GS_STAGES 3
 #endif
 #ifndef GS_GROUP_M
