@@ -13,6 +13,7 @@ use cudarc::driver::{sys, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{CudaError, DriverContext};
+use crate::ops;
 use crate::tensor::{DevBuf, GpuDType};
 
 /// Rows of a step from which the fused kernel takes the gate/up projection.
@@ -107,27 +108,22 @@ pub fn gate_up_silu(
     inter: usize,
     k: usize,
 ) -> Result<(), CudaError> {
-    if x.dtype != w.dtype || act.dtype != x.dtype {
-        return Err(CudaError::Invalid("fused gate/up: operands of different dtypes".into()));
-    }
+    let dtype = ops::same_dtype(&[act, x, w], "fused gate/up")?;
     if !inter.is_multiple_of(TILE_COLS) || !k.is_multiple_of(TILE_K) {
         return Err(CudaError::Invalid(format!("fused gate/up: inter {inter} or k {k} off the kernel's tiles")));
     }
-    for (buf, elems, what) in [(&*act, m * inter, "act"), (x, m * k, "x"), (w, 2 * inter * k, "w")] {
-        if buf.len < elems {
-            return Err(CudaError::Invalid(format!("fused gate/up {what}: {} elements, need {elems}", buf.len)));
-        }
-    }
+    ops::need(act, m * inter, "fused gate/up act")?;
+    ops::need(x, m * k, "fused gate/up x")?;
+    ops::need(w, 2 * inter * k, "fused gate/up w")?;
     if m == 0 {
         return Ok(());
     }
-    let name = kernel_name(x.dtype);
+    let name = kernel_name(dtype);
     let f = gpu.function(&name)?;
     let map_x = tensor_map(gpu, x, m, k)?;
     let map_w = tensor_map(gpu, w, 2 * inter, k)?;
     let map_out = tensor_map(gpu, act, m, inter)?;
-    let int = |v: usize| i32::try_from(v).map_err(|_| CudaError::Invalid(format!("fused gate/up: {v} too large")));
-    let (mi, ni, ki) = (int(m)?, int(inter)?, int(k)?);
+    let (mi, ni, ki) = (ops::i32_of(m, "m")?, ops::i32_of(inter, "intermediate")?, ops::i32_of(k, "k")?);
     let tiles = m.div_ceil(TILE_ROWS) * (inter / TILE_COLS);
     let grid = tiles.min(gpu.info.multiprocessors.max(1)) as u32;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };

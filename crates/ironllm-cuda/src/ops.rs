@@ -14,7 +14,7 @@ use crate::launch::KernelArgs;
 use crate::lt_gemm::Output;
 use crate::tensor::{DevBuf, GpuDType};
 
-fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
+pub(crate) fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
     if buf.len < elems {
         return Err(CudaError::Invalid(format!("{what}: buffer of {} elements, need {elems}", buf.len)));
     }
@@ -28,7 +28,7 @@ fn need_slice<T>(buf: &CudaSlice<T>, elems: usize, what: &str) -> Result<(), Cud
     Ok(())
 }
 
-fn same_dtype(bufs: &[&DevBuf], what: &str) -> Result<GpuDType, CudaError> {
+pub(crate) fn same_dtype(bufs: &[&DevBuf], what: &str) -> Result<GpuDType, CudaError> {
     let d = bufs[0].dtype;
     if bufs.iter().any(|b| b.dtype != d) {
         return Err(CudaError::Invalid(format!("{what}: operands of different dtypes")));
@@ -40,7 +40,7 @@ fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
 }
 
-fn i32_of(n: usize, what: &str) -> Result<i32, CudaError> {
+pub(crate) fn i32_of(n: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(n).map_err(|_| CudaError::Invalid(format!("{what} = {n} does not fit in 32 bits")))
 }
 
