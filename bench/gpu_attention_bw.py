@@ -11,6 +11,7 @@ layers' worth of KV that nothing stays in L2):
   - the general paged kernel (attention.cu, scalar lanes), split as the runtime splits it,
   - the tensor-core grouped-query kernel (flash_decode.cu), split the same way,
   - each --variant: the tensor-core kernel compiled with those definitions (flash_decode.cu's knobs),
+    or split into a fixed number of shares (SPLITS=N: how the card's waves of CTAs fill matters),
 and prints the bytes that must be read (K and V of every live position, once per KV head; q and the output
 are negligible) over the time, next to the device-to-device copy rate and the rate of a kernel that only
 streams reads (decode attention's own ceiling), both measured in the same run. The shapes include 320 x
@@ -81,14 +82,17 @@ def flash_decode_smem(hd, stages_hd128=2):
 
 
 def parse_variant(text):
-    """NAME:DEF[,DEF...] (flash_decode.cu's knobs, e.g. s3:FD_STAGES_HD128=3) -> (name, defines, hd128 stages)."""
+    """NAME:DEF[,DEF...] (flash_decode.cu's knobs, e.g. s3:FD_STAGES_HD128=3; SPLITS=N is not a define but
+    the split count to use at every shape instead of ops::decode_splits') -> (name, defines, hd128 stages,
+    splits or None)."""
     name, _, defs = text.partition(":")
-    defines = tuple(d for d in defs.split(",") if d)
+    defines = tuple(d for d in defs.split(",") if d and not d.startswith("SPLITS="))
+    splits = next((int(d.split("=", 1)[1]) for d in defs.split(",") if d.startswith("SPLITS=")), None)
     stages = 2
     for d in defines:
         if d.startswith("FD_STAGES_HD128="):
             stages = int(d.split("=", 1)[1])
-    return name, defines, stages
+    return name, defines, stages, splits
 
 
 def time_ms(fn, iters=50, warmup=5):
@@ -124,7 +128,7 @@ def main():
     names = [v[0] for v in variants]
     if len(set(names)) != len(names) or not all(names):
         sys.exit(f"--variant names must be distinct and non-empty: {names}")
-    variant_mods = [(vname, module("flash_decode.cu", defs), stages) for vname, defs, stages in variants]
+    variant_mods = [(vname, module("flash_decode.cu", defs), stages, vsplits) for vname, defs, stages, vsplits in variants]
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     copy_bw = copy_bandwidth()
@@ -149,12 +153,13 @@ def main():
         t2s = cp.arange(batch, dtype=cp.int32)
         out = cp.empty((batch, H * HD), dtype=cp.int16)
         splits = decode_splits(batch, KV, sms, ctx)
-        part_o = cp.empty(batch * H * splits * HD, dtype=cp.float32)
-        part_lse = cp.empty(batch * H * splits, dtype=cp.float32)
+        most = max([splits] + [v[3] for v in variant_mods if v[3]])
+        part_o = cp.empty(batch * H * most * HD, dtype=cp.float32)
+        part_lse = cp.empty(batch * H * most, dtype=cp.float32)
         ints = (np.int32(batch), np.int32(H), np.int32(KV), np.int32(HD), np.int32(BS), np.int32(blocks_per_seq), scale)
         reduce = attn.get_function("paged_attention_reduce_bf16")
 
-        def runner(kernel_mod, plain, split, smem):
+        def runner(kernel_mod, plain, split, smem, splits=splits):
             fp, fs = kernel_mod.get_function(plain), kernel_mod.get_function(split)
             if smem > 48 * 1024:
                 fp.max_dynamic_shared_size_bytes = smem
@@ -177,9 +182,9 @@ def main():
         row = {"batch": batch, "context": ctx, "splits": splits, "kv_bytes": kv_bytes,
                "general_ms": general, "general_tb_s": kv_bytes / general / 1e9,
                "tensor_core_ms": tensor, "tensor_core_tb_s": kv_bytes / tensor / 1e9, "variants": {}}
-        for vname, vmod, stages in variant_mods:
+        for vname, vmod, stages, vsplits in variant_mods:
             ms = time_ms(runner(vmod, "flash_decode_bf16_hd128", "flash_decode_split_bf16_hd128",
-                                flash_decode_smem(HD, stages)))
+                                flash_decode_smem(HD, stages), vsplits or splits))
             row["variants"][vname] = {"ms": ms, "tb_s": kv_bytes / ms / 1e9}
         rows.append(row)
         del caches

@@ -3,7 +3,7 @@
 can read (issue 8: the batch-1 step is a pass over the weights, so this is most of its floor), on the GPU
 host:
 
-    python3 bench/gpu_gemv_bw.py [--out FILE.json] [--variants "8,1,2,8,8 4,2,2,8,8 ..."]
+    python3 bench/gpu_gemv_bw.py [--out FILE.json] [--variants "8,1,2,8,0 8,1,2,8,8 ..."]
 
 For each projection of the Llama-3.1-8B shape (bf16; QKV 6144 x 4096, O 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336, LM head 128256 x 4096 with f32 logits) at m = 1 and 2 it times runs of 20 back-to-back
@@ -69,7 +69,7 @@ def per_launch_ms(launch, reps=20, runs=15):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--variants", default="8,1,2,8,8",
+    ap.add_argument("--variants", default="8,1,2,8,0",
                     help="space-separated GEMV_WARPS,GEMV_ROWS_M1,GEMV_ROWS,GEMV_UNROLL,GEMV_PREFETCH tuples "
                          "(the default is gemv.cu's own)")
     args = ap.parse_args()

@@ -22,6 +22,7 @@ Tolerances, per check kind:
   * second forms of one kernel (rope_kv_pack vs qk_norm_rope_kv without q/k norm): bit-identical outputs.
 
 Usage: python3 tests/gpu/test_layer_kernels.py [substring ...]   (run only checks whose name matches)
+       IRONLLM_KERNEL_DEFINES="FD_WARP_PIPE=0" python3 tests/gpu/test_layer_kernels.py flash_decode
 Exits non-zero if any check fails. Needs torch (CPU is enough), cupy and numpy.
 """
 import math
@@ -65,12 +66,17 @@ def report(ok, name, detail):
 # ---------------------------------------------------------------------------------------------------
 # Compilation and launches
 
+# IRONLLM_KERNEL_DEFINES="NAME=VALUE ...": the kernel files' compile-time knobs, as the runtime reads them
+# (checks of an A/B variant before it is timed); FD_STAGES_HD128 is honoured in flash_decode_smem too.
+EXTRA_DEFINES = tuple("-D" + d for d in os.environ.get("IRONLLM_KERNEL_DEFINES", "").split())
+
+
 def compile_module(file_name):
     common = open(os.path.join(KERNELS, "common.cuh")).read()
     text = open(os.path.join(KERNELS, file_name)).read()
     src = common + "\n#line 1 \"" + file_name + "\"\n" + text
     try:
-        mod = cp.RawModule(code=src, options=("--std=c++17",), backend="nvrtc")
+        mod = cp.RawModule(code=src, options=("--std=c++17",) + EXTRA_DEFINES, backend="nvrtc")
         mod.compile()
     except Exception as e:
         log = e.get_message() if hasattr(e, "get_message") else str(e)
@@ -750,6 +756,9 @@ def test_paged_attention_split(mods):
 def flash_decode_smem(hd):
     """FD_SMEM_BYTES of flash_decode.cu (and ops::flash_decode_smem)."""
     stages = 3 if hd == 64 else 2
+    for d in EXTRA_DEFINES:
+        if d.startswith("-DFD_STAGES_HD128="):
+            stages = int(d.split("=", 1)[1]) if hd == 128 else stages
     return stages * 2 * 64 * hd * 2 + 16 * hd * 2
 
 

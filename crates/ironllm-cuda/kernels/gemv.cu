@@ -16,9 +16,8 @@
 // The host uses it for m <= 2 only (see ops::GEMV_MAX_M for the measurement); m = 3, 4 are tested too.
 //
 // On Hopper the host launches it as a programmatic dependent (see pdl_wait in common.cuh): the weights
-// never depend on earlier kernels, so each warp first asks L2 for the start of its rows and only then
-// waits for the kernel that writes x; a decode step's small kernels (norms, SiLU, the attention merge)
-// then overlap the weight stream instead of leaving the memory system idle between GEMVs.
+// never depend on earlier kernels, so each warp may first ask L2 for the start of its rows (GEMV_PREFETCH,
+// off by default: see there) and only then waits for the kernel that writes x.
 
 // The tuning knobs can be overridden with -D for the measurement in bench/gpu_gemv_bw.py; the runtime
 // uses these values (the host's grid arithmetic assumes GEMV_WARPS * GEMV_ROWS rows per block).
@@ -35,9 +34,13 @@
 #define GEMV_ROWS 2
 #endif
 #define GEMV_MAX_M 4
-// 16-byte chunks per lane and row prefetched into L2 before the wait (8 KB of weights per warp).
+// 16-byte chunks per lane and row prefetched into L2 before the wait (8 chunks: 4 KB of weights per warp).
+// Off (0) since 2026-11-28: on an H200 the batch-1 decode step of the 8B shape took 4.31 ms without the
+// prefetch against 4.64 ms with 8 chunks (engine, programmatic launch on), and the GEMVs alone 3.93 against
+// 4.16 ms (bench/gpu_gemv_bw.py): the hint costs more issue and L2 work than the overlap with the kernel
+// before wins back. IRONLLM_KERNEL_DEFINES=GEMV_PREFETCH=8 for A/B (not re-measured on an H100).
 #ifndef GEMV_PREFETCH
-#define GEMV_PREFETCH 8
+#define GEMV_PREFETCH 0
 #endif
 // Iterations of the chunk loop unrolled, so rows * GEMV_UNROLL loads per lane are in flight.
 #ifndef GEMV_UNROLL
