@@ -2,10 +2,11 @@
 """Achieved memory bandwidth of the decode attention kernels (issue 8: "report each kernel's achieved
 bandwidth next to its ceiling"), on the GPU host:
 
-    python3 bench/gpu_attention_bw.py [--out FILE.json] [--variant NAME:DEF[,DEF] ...]
+    python3 bench/gpu_attention_bw.py [--out FILE.json] [--block-size N] [--in-order] [--variant NAME:DEF[,DEF] ...]
 
 One layer of the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim 128, block size 16, bf16), decode
-rows only, every sequence at the same context, blocks handed out in shuffled order. For each batch size and
+rows only, every sequence at the same context, blocks handed out in shuffled order (--block-size and
+--in-order change both: whether the gather's 4 KB pieces cost bandwidth against reading in order). For each batch size and
 context it times, with CUDA events (median of 50 launches after 5 warm-ups, the cache rotated over enough
 layers' worth of KV that nothing stays in L2):
   - the general paged kernel (attention.cu, scalar lanes), split as the runtime splits it,
@@ -120,6 +121,10 @@ def copy_bandwidth():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--block-size", type=int, default=BS, help="tokens per KV cache block (the engine's --block-size)")
+    ap.add_argument("--in-order", action="store_true",
+                    help="hand the blocks out in address order instead of shuffled (does the gather's access "
+                         "granularity, one block's rows per KV head, cost bandwidth?)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:DEF[,DEF]",
                     help="also time flash_decode.cu compiled with these definitions (A/B of its knobs)")
     args = ap.parse_args()
@@ -134,19 +139,21 @@ def main():
     copy_bw = copy_bandwidth()
     read_bw = read_bandwidth(sms)
     rows = []
+    bs = args.block_size
     scale = np.float32(1.0 / math.sqrt(HD))
     # (320, 1088): the pure-decode steps of the 1024/128 throughput run (~324 rows at ~1.1k context).
     for batch, ctx in ((1, 1024), (1, 8192), (32, 1024), (64, 1024), (128, 1024), (256, 1024), (320, 1088)):
-        blocks_per_seq = -(-ctx // BS)
+        blocks_per_seq = -(-ctx // bs)
         kv_bytes = 2 * batch * ctx * KV * HD * 2
         # Rotate over enough copies (layers) that the working set exceeds the L2 several times.
         copies = max(2, min(32, int(math.ceil(4 * 64e6 / kv_bytes)) + 1))
         num_blocks = batch * blocks_per_seq
-        caches = [(cp.random.standard_normal((num_blocks, KV, BS, HD), dtype=cp.float32).astype(cp.float16).view(cp.int16),
-                   cp.random.standard_normal((num_blocks, KV, BS, HD), dtype=cp.float32).astype(cp.float16).view(cp.int16))
+        caches = [(cp.random.standard_normal((num_blocks, KV, bs, HD), dtype=cp.float32).astype(cp.float16).view(cp.int16),
+                   cp.random.standard_normal((num_blocks, KV, bs, HD), dtype=cp.float32).astype(cp.float16).view(cp.int16))
                   for _ in range(copies)]
         # bf16 bit patterns from f16 randoms are still finite, moderate numbers; values do not matter here.
-        tables = cp.asarray(np.random.permutation(num_blocks).astype(np.int32).reshape(batch, blocks_per_seq))
+        order = np.arange(num_blocks) if args.in_order else np.random.permutation(num_blocks)
+        tables = cp.asarray(order.astype(np.int32).reshape(batch, blocks_per_seq))
         qkv = cp.random.standard_normal((batch, (H + 2 * KV) * HD), dtype=cp.float32).astype(cp.float16).view(cp.int16)
         qsl = cp.arange(batch + 1, dtype=cp.int32)
         ctx_lens = cp.full(batch, ctx, dtype=cp.int32)
@@ -156,7 +163,7 @@ def main():
         most = max([splits] + [v[3] for v in variant_mods if v[3]])
         part_o = cp.empty(batch * H * most * HD, dtype=cp.float32)
         part_lse = cp.empty(batch * H * most, dtype=cp.float32)
-        ints = (np.int32(batch), np.int32(H), np.int32(KV), np.int32(HD), np.int32(BS), np.int32(blocks_per_seq), scale)
+        ints = (np.int32(batch), np.int32(H), np.int32(KV), np.int32(HD), np.int32(bs), np.int32(blocks_per_seq), scale)
         reduce = attn.get_function("paged_attention_reduce_bf16")
 
         def runner(kernel_mod, plain, split, smem, splits=splits):
@@ -189,7 +196,8 @@ def main():
         rows.append(row)
         del caches
         cp.get_default_memory_pool().free_all_blocks()
-    print(f"decode attention, one layer of the Llama-3.1-8B shape (32/8 heads, hd 128, bf16), {name}")
+    print(f"decode attention, one layer of the Llama-3.1-8B shape (32/8 heads, hd 128, bf16), {name}; "
+          f"block size {bs}, blocks {'in address order' if args.in_order else 'shuffled'}")
     print(f"device-to-device copy (read + write): {copy_bw / 1e12:.2f} TB/s; read-only kernel: {read_bw / 1e12:.2f} TB/s")
     vhead = "".join(f" {v[0]} | TB/s |" for v in variants)
     print("| batch | context | splits | KV MB | general kernel | TB/s | tensor-core kernel | TB/s | of copy rate | of read rate |"
@@ -201,7 +209,8 @@ def main():
               f"{r['general_tb_s']:.2f} | {r['tensor_core_ms'] * 1e3:.1f} us | {r['tensor_core_tb_s']:.2f} | "
               f"{r['tensor_core_tb_s'] * 1e12 / copy_bw:.0%} | {r['tensor_core_tb_s'] * 1e12 / read_bw:.0%} |" + vcells)
     if args.out:
-        json.dump({"device": name, "copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "rows": rows},
+        json.dump({"device": name, "copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "block_size": bs,
+                   "in_order": args.in_order, "rows": rows},
                   open(args.out, "w"), indent=1)
 
 
