@@ -5,8 +5,9 @@ bandwidth next to its ceiling"), on the GPU host:
     python3 bench/gpu_attention_bw.py [--out FILE.json] [--block-size N] [--in-order] [--variant NAME:DEF[,DEF] ...]
 
 One layer of the Llama-3.1-8B shape (32 query heads, 8 KV heads, head_dim 128, block size 16, bf16), decode
-rows only, every sequence at the same context, blocks handed out in shuffled order (--block-size and
---in-order change both: whether the gather's 4 KB pieces cost bandwidth against reading in order). For each batch size and
+rows only, every sequence at the same context, blocks handed out in shuffled order. --block-size changes
+the size of the pieces the kernel gathers (block_size rows of 256 bytes per KV head: 4 KB at 16), --in-order
+hands the blocks out in address order, to see whether either costs bandwidth. For each batch size and
 context it times, with CUDA events (median of 50 launches after 5 warm-ups, the cache rotated over enough
 layers' worth of KV that nothing stays in L2):
   - the general paged kernel (attention.cu, scalar lanes), split as the runtime splits it,
