@@ -549,6 +549,30 @@ def test_gemv(mods):
                            f"(bound k*2^-24*|x||w| + output rounding, {bad} over)")
 
 
+def test_gemv_swiglu(mods):
+    """The skinny GEMM with SiLU-and-mul in its epilogue (gemv_swiglu_T, decode steps of one or two rows):
+    bit-identical to the plain form over the stacked [gate; up] weight followed by silu_and_mul_T."""
+    g, lay = mods["gemv.cu"], mods["layers.cu"]
+    for sfx in ("bf16", "f16"):
+        dt = DTYPES[sfx]
+        for M in (1, 2):
+            for inter, K in ((1, 8), (7, 64), (136, 512), (1536, 576), (14336, 4096)):
+                seed = next_seed()
+                x = torch.randn(M, K).to(dt)
+                w = (torch.randn(2 * inter, K) / math.sqrt(K)).to(dt)
+                fused = poisoned((M, inter), dt)
+                launch(g, f"gemv_swiglu_{sfx}", ((inter + 7) // 8,), (256,),
+                       (fused, dev(x), dev(w), i32(M), i32(inter), i32(K)))
+                gu = poisoned((M, 2 * inter), dt)
+                per_block = 8 * (1 if M == 1 else 2)
+                launch(g, f"gemv_{sfx}", ((2 * inter + per_block - 1) // per_block,), (256,),
+                       (gu, dev(x), dev(w), i32(M), i32(2 * inter), i32(K)))
+                act = poisoned((M, inter), dt)
+                launch(lay, f"silu_and_mul_{sfx}", (M, (inter + 2047) // 2048), (256,), (act, gu, i32(M), i32(inter)))
+                check_bits(f"gemv_swiglu_{sfx} m={M} inter={inter} k={K} seed={seed}", host(fused, dt),
+                           host(act, dt))
+
+
 def test_gemm_f32_batch_invariance(mods):
     m = mods["gemm_f32.cu"]
     for K in (1000, 333):
@@ -899,6 +923,7 @@ CHECKS = [
     ("gemm_f32", test_gemm_f32, ("gemm_f32.cu",)),
     ("gemm_f32_batch_invariance", test_gemm_f32_batch_invariance, ("gemm_f32.cu",)),
     ("gemv", test_gemv, ("gemv.cu",)),
+    ("gemv_swiglu", test_gemv_swiglu, ("gemv.cu", "layers.cu")),
     ("paged_attention", test_paged_attention, ("attention.cu",)),
     ("paged_attention_split", test_paged_attention_split, ("attention.cu",)),
     ("paged_attention_batch_invariance", test_paged_attention_batch_invariance, ("attention.cu",)),

@@ -64,10 +64,15 @@ __device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const
     }
 }
 
-template <typename T, typename Y, int M, int GEMV_R>
+// SWIGLU (GEMV_R == 2, Y == T): w is the stacked [gate; up] weight of 2n rows, the warp owns column c of
+// the n intermediate columns and reads gate row c and up row n + c; the epilogue rounds both sums to T,
+// then stores round(silu(g)) * u as silu_and_mul_T (layers.cu) does, so the result is bit for bit that of
+// this kernel's plain form over the 2n rows followed by silu_and_mul_T.
+template <typename T, typename Y, int M, int GEMV_R, bool SWIGLU = false>
 __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
+    static_assert(!SWIGLU || GEMV_R == 2, "the SwiGLU form reads one gate row and one up row");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_R;
+    const int row0 = SWIGLU ? blockIdx.x * GEMV_WARPS + warp : (blockIdx.x * GEMV_WARPS + warp) * GEMV_R;
     if (row0 >= n) return;
     const int chunks = k >> 3;  // 16-byte chunks per row
     const uint4* __restrict__ xr = reinterpret_cast<const uint4*>(x);
@@ -75,7 +80,7 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r) {
         // A missing last row (odd n) re-reads row0 and is not stored.
-        const int row = row0 + r < n ? row0 + r : row0;
+        const int row = SWIGLU ? row0 + r * n : (row0 + r < n ? row0 + r : row0);
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
 #pragma unroll
@@ -114,7 +119,15 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
     for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
         for (int j = 0; j < M; ++j) acc[r][j] = warp_sum(acc[r][j]);
-    if (lane == 0) {
+    if (SWIGLU) {
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < M; ++j) {
+                const float g = round_to<T>(acc[0][j]), u = round_to<T>(acc[GEMV_R - 1][j]);
+                store_f(y + (long long)j * n + row0, round_to<T>(silu_for<T>(g)) * u);
+            }
+        }
+    } else if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < GEMV_R; ++r) {
             if (row0 + r >= n) break;
@@ -135,6 +148,19 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
             default: break;                                                                               \
         }                                                                                                 \
     }
+// gemv_swiglu_T(T* act, const T* x, const T* w_gate_up, int m, int inter, int k): act[m, inter] =
+// silu(x w_gate^T) * (x w_up^T) for the stacked [2 inter, k] weight; grid = ceil(inter / GEMV_WARPS).
+#define GEMV_SWIGLU(T, S)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                         \
+        gemv_swiglu_##S(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int inter, int k) { \
+        switch (m) {                                                                                      \
+            case 1: gemv_impl<T, T, 1, 2, true>(y, x, w, inter, k); break;                                \
+            case 2: gemv_impl<T, T, 2, 2, true>(y, x, w, inter, k); break;                                \
+            default: break;                                                                               \
+        }                                                                                                 \
+    }
+GEMV_SWIGLU(bf16, bf16)
+GEMV_SWIGLU(f16, f16)
 GEMV(bf16, bf16, bf16)
 GEMV(f16, f16, f16)
 GEMV(bf16, float, bf16_f32)

@@ -76,6 +76,9 @@ pub struct CudaLlama {
     /// Steps of at least this many tokens take the gate/up GEMM with SiLU-and-mul in its epilogue
     /// (`fused_mlp::min_rows`); `None` where that kernel is not used.
     fused_gate_up_min_rows: Option<usize>,
+    /// Steps the skinny GEMM serves (one or two decode rows) run gate/up with SiLU-and-mul in its epilogue
+    /// (`ops::gemv_swiglu`); `IRONLLM_DISABLE_GEMV_SWIGLU` turns it off for side-by-side measurements.
+    gemv_swiglu: bool,
 }
 
 /// Whether the residual stream already holds the last projection's output, which decides the next norm.
@@ -430,6 +433,7 @@ impl CudaLlama {
             residual_epilogue: std::env::var_os("IRONLLM_DISABLE_RESIDUAL_EPILOGUE").is_none(),
             attn_kernels,
             fused_gate_up_min_rows,
+            gemv_swiglu: std::env::var_os("IRONLLM_DISABLE_GEMV_SWIGLU").is_none(),
         })
     }
 
@@ -627,6 +631,11 @@ impl CudaLlama {
             op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
             if fused_gate_up {
                 fused_mlp::gate_up_silu(gpu, act, normed, &layer.gate_up, t, inter, h)?;
+                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
+            } else if self.gemv_swiglu
+                && layer.gate_up_bias.is_none()
+                && ops::gemv_swiglu(gpu, act, normed, &layer.gate_up, t, inter, h)?
+            {
                 op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
             } else {
                 ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;

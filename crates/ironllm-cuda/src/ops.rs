@@ -661,6 +661,38 @@ pub fn silu_and_mul(gpu: &Gpu, out: &mut DevBuf, gate_up: &DevBuf, rows: usize, 
     Ok(())
 }
 
+/// `act[m, inter] = silu(x w_gate^T) * (x w_up^T)` for the stacked `[gate; up]` weight `w` of `2 inter` rows,
+/// through the skinny GEMM with the SiLU-and-mul in its epilogue, where [`gemm`] would take the skinny path
+/// (bf16/f16, m <= [`GEMV_MAX_M`]); then `Ok(true)`. The result is bit for bit [`gemm`] into a `[m, 2 inter]`
+/// buffer followed by [`silu_and_mul`], with one launch instead of two and without the gate/up buffer.
+/// Elsewhere it launches nothing and returns `Ok(false)`.
+pub fn gemv_swiglu(
+    gpu: &Gpu,
+    act: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    m: usize,
+    inter: usize,
+    k: usize,
+) -> Result<bool, CudaError> {
+    let d = same_dtype(&[act, x, w], "gemv_swiglu")?;
+    if m == 0 || gemm_path(d, d, m, k, gpu.skinny_gemm) != GemmPath::Skinny {
+        return Ok(false);
+    }
+    need(act, m * inter, "gemv_swiglu act")?;
+    need(x, m * k, "gemv_swiglu x")?;
+    need(w, 2 * inter * k, "gemv_swiglu w")?;
+    let name = format!("gemv_swiglu_{}", d.suffix());
+    let f = gpu.function(&name)?;
+    let (mi, ii, ki) = (i32_of(m, "m")?, i32_of(inter, "intermediate")?, i32_of(k, "k")?);
+    let launch = cfg(((inter as u32).div_ceil(GEMV_WARPS as u32), 1, 1), (GEMV_WARPS * 32) as u32, 0);
+    // SAFETY: sizes checked above; k % 8 == 0 (the skinny path) keeps every row 16-byte aligned; the kernel
+    // waits (pdl_wait) before reading x or writing act.
+    unsafe { KernelArgs::new(gpu).buf(&act.data).buf(&x.data).buf(&w.data).i32(mi).i32(ii).i32(ki).launch(f, launch) }
+        .at(|| name)?;
+    Ok(true)
+}
+
 /// `x[r, c] += bias[c]`.
 pub fn add_bias(gpu: &Gpu, x: &mut DevBuf, bias: &DevBuf, rows: usize, cols: usize) -> Result<(), CudaError> {
     let d = same_dtype(&[x, bias], "add_bias")?;

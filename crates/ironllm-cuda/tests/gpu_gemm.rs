@@ -2,7 +2,9 @@
 //! a float64 product of the same rounded inputs, before and after `ops::tune_gemm` has timed and chosen
 //! algorithms, at sizes on and between the timed ones, with bf16/f16 and f32 outputs; and
 //! `ops::gemm_accumulate` (`y += x w^T` in cuBLASLt's epilogue) against `ops::gemm` plus the add on the
-//! host, where it declines (returns false) leaving y as it was.
+//! host, where it declines (returns false) leaving y as it was; and the two gate/up GEMMs with SiLU-and-mul
+//! in their epilogue (the Hopper GEMM for prefill steps, the skinny GEMM for decode steps of one or two rows)
+//! against the GEMM and `ops::silu_and_mul` they replace.
 //!
 //! Every test passes with a printed SKIP line on a machine without a CUDA device, so CPU CI stays green.
 
@@ -285,5 +287,48 @@ fn fused_gate_up_silu_matches_the_gemm_and_silu_and_mul_it_replaces() {
             assert!(got[m * inter..].iter().all(|&v| v == 7.0), "{what}: rows past m were written");
             println!("{what}: {:.2}% bit-equal", 100.0 * share);
         }
+    }
+}
+
+/// `ops::gemv_swiglu` (the skinny GEMM with SiLU-and-mul in its epilogue, for one or two decode rows) is
+/// `ops::gemm` (which takes the same kernel's plain form at these m) followed by `ops::silu_and_mul`, bit for
+/// bit: both round the gate and up sums to the dtype and apply the same SiLU. Rows past m are left as they
+/// were, and where the skinny GEMM does not serve (three rows, a k that is not a multiple of 8) it declines.
+#[test]
+fn gemv_swiglu_is_the_skinny_gemm_then_silu_and_mul_bit_for_bit() {
+    let test = "gemv_swiglu_is_the_skinny_gemm_then_silu_and_mul_bit_for_bit";
+    let Some(gpu) = open_gpu(test) else { return };
+    if !gpu.skinny_gemm {
+        println!("SKIP {test}: IRONLLM_DISABLE_GEMV is set");
+        return;
+    }
+    let mut rng = Rng::seeded(12);
+    for dt in [GpuDType::BF16, GpuDType::F16] {
+        for (m, inter, k) in [(1usize, 128usize, 64usize), (2, 136, 512), (1, 1536, 576), (2, 3000, 4096)] {
+            let w = rounded(dt, &random(&mut rng, 2 * inter * k, 1.0 / (k as f64).sqrt()));
+            let x = rounded(dt, &random(&mut rng, m * k, 2.0));
+            let wd = DevBuf::from_f32(&gpu, dt, &w).expect("w");
+            let xd = DevBuf::from_f32(&gpu, dt, &x).expect("x");
+            let spare = 3;
+            let mut fused = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + spare) * inter]).expect("act");
+            assert!(ops::gemv_swiglu(&gpu, &mut fused, &xd, &wd, m, inter, k).expect("gemv_swiglu"));
+            let mut gu = DevBuf::zeros(&gpu, dt, m * 2 * inter).expect("gate_up");
+            let mut act = DevBuf::zeros(&gpu, dt, m * inter).expect("act");
+            ops::gemm(&gpu, &mut gu, &xd, &wd, None, m, 2 * inter, k).expect("gemm");
+            ops::silu_and_mul(&gpu, &mut act, &gu, m, inter).expect("silu_and_mul");
+            let (got, want) = (fused.to_f32(&gpu).expect("fused"), act.to_f32(&gpu).expect("act"));
+            let what = format!("{dt:?} m={m} inter={inter} k={k}");
+            let differ = got[..m * inter].iter().zip(&want).filter(|(g, r)| g.to_bits() != r.to_bits()).count();
+            assert_eq!(differ, 0, "{what}: {differ} outputs differ from gemm + silu_and_mul");
+            assert!(got[m * inter..].iter().all(|&v| v == 7.0), "{what}: rows past m were written");
+        }
+        // Declines where the skinny GEMM does not serve, writing nothing.
+        let (inter, k) = (64usize, 64usize);
+        let wd = DevBuf::from_f32(&gpu, dt, &vec![0.5; 2 * inter * (k + 4)]).expect("w");
+        let xd = DevBuf::from_f32(&gpu, dt, &vec![0.5; 3 * (k + 4)]).expect("x");
+        let mut act = DevBuf::from_f32(&gpu, dt, &vec![7.0; 3 * inter]).expect("act");
+        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, &wd, 3, inter, k).expect("three rows"));
+        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, &wd, 1, inter, k + 4).expect("k % 8 != 0"));
+        assert!(act.to_f32(&gpu).expect("act").iter().all(|&v| v == 7.0), "{dt:?}: a declined call wrote");
     }
 }
