@@ -17,7 +17,7 @@
 //
 // On Hopper the host launches it as a programmatic dependent (see pdl_wait in common.cuh): the weights
 // never depend on earlier kernels, so each warp may first ask L2 for the start of its rows (GEMV_PREFETCH,
-// off by default: see there) and only then waits for the kernel that writes x.
+// small weights only: see there) and only then waits for the kernel that writes x.
 
 // The tuning knobs can be overridden with -D for the measurement in bench/gpu_gemv_bw.py; the runtime
 // uses these values (the host's grid arithmetic assumes GEMV_WARPS * GEMV_ROWS rows per block).
@@ -34,14 +34,25 @@
 #define GEMV_ROWS 2
 #endif
 #define GEMV_MAX_M 4
-// 16-byte chunks per lane and row prefetched into L2 before the wait (8 chunks: 4 KB of weights per warp).
-// Off (0) since 2026-11-28: on an H200 the batch-1 decode step of the 8B shape took 4.31 ms without the
-// prefetch against 4.64 ms with 8 chunks (engine, programmatic launch on), and the GEMVs alone 3.93 against
-// 4.16 ms (bench/gpu_gemv_bw.py): the hint costs more issue and L2 work than the overlap with the kernel
-// before wins back. IRONLLM_KERNEL_DEFINES=GEMV_PREFETCH=8 for A/B (not re-measured on an H100).
+// 16-byte chunks per lane and row prefetched into L2 before the wait (8 chunks: 4 KB of weights per warp),
+// for weights of at most GEMV_PREFETCH_MAX_MB only. Measured on H200s (2026-11-28, GPU-only decode graph
+// replays, bench/results/gpu-2026-11-28-h200-session16): the SmolLM2-135M shape's batch-1 step takes
+// 0.62 ms with the prefetch against 0.70 ms without (its layers' weights are 1-4 MB: the hint pulls whole
+// matrices into L2 while the kernel before runs); for the 8B shape (weights of 34-235 MB) the prefetch
+// cost time (4.64 against 4.31 ms a step, an earlier H200), and with this rule its step is that of no
+// prefetch (4.28 ms both). Loading the first chunks into registers before the wait instead was no better
+// for the small shape and worse for the 8B one (4.47 ms). Weights between 4 and 34 MB were not measured;
+// 16 MB stays well under the L2 of the cards in use (50 MB).
 #ifndef GEMV_PREFETCH
-#define GEMV_PREFETCH 0
+#define GEMV_PREFETCH 8
 #endif
+#ifndef GEMV_PREFETCH_MAX_MB
+#define GEMV_PREFETCH_MAX_MB 16
+#endif
+// Resident blocks per SM the register allocation must allow: 32 warps (64 registers a thread), what the
+// kernel had without the prefetch (whose bookkeeping costs 8 registers more, one block less per SM) and
+// what the 8B shape's decode step was measured fastest with.
+#define GEMV_MIN_BLOCKS (32 / GEMV_WARPS)
 // Iterations of the chunk loop unrolled, so rows * GEMV_UNROLL loads per lane are in flight.
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 8
@@ -83,12 +94,15 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         const int row = SWIGLU ? row0 + r * n : (row0 + r < n ? row0 + r : row0);
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
+    // Chunks to prefetch: none past the row, none for a large weight.
+    const bool small = (SWIGLU ? 2LL : 1LL) * n * k * (long long)sizeof(T) <= (long long)GEMV_PREFETCH_MAX_MB << 20;
+    const int pf_end = small ? chunks : 0;
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
         for (int p = 0; p < GEMV_PREFETCH; ++p) {
             const int c = lane + 32 * p;
-            if (c < chunks) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
+            if (c < pf_end) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
         }
     pdl_enter();
     float acc[GEMV_R][M];
@@ -138,7 +152,7 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
 }
 
 #define GEMV(T, Y, S)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)                       \
         gemv_##S(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int n, int k) { \
         switch (m) {                                                                                      \
             case 1: gemv_impl<T, Y, 1, GEMV_ROWS_M1>(y, x, w, n, k); break;                               \
@@ -151,7 +165,7 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
 // gemv_swiglu_T(T* act, const T* x, const T* w_gate_up, int m, int inter, int k): act[m, inter] =
 // silu(x w_gate^T) * (x w_up^T) for the stacked [2 inter, k] weight; grid = ceil(inter / GEMV_WARPS).
 #define GEMV_SWIGLU(T, S)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)                       \
         gemv_swiglu_##S(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int inter, int k) { \
         switch (m) {                                                                                      \
             case 1: gemv_impl<T, T, 1, 2, true>(y, x, w, inter, k); break;                                \
