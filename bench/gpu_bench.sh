@@ -20,16 +20,18 @@ lat() { # name model batch input output extra...
 L8=bench/configs/llama-3.1-8b
 S=bench/configs/smollm2-135m
 COMMON8=(--dtype bfloat16 --max-model-len 8192 --max-num-seqs 256)
-# step8 SUFFIX "BATCHES" [VAR=value ...] [-- flags ...]: for each batch, the two 8B runs (1 and 65 output
-# tokens after 1024 prompt tokens) whose difference is a decode step, l8_b{batch}_o{1,65}SUFFIX, with the
-# variables set and the flags added.
+# step8 SUFFIX "BATCHES" [VAR=value ...] [-- flags ...]: for each batch, the two 8B runs (65 and 129 output
+# tokens after 1024 prompt tokens) whose difference is 64 decode steps, l8_b{batch}_o{65,129}SUFFIX, with
+# the variables set and the flags added. Both runs are past the mixed prefill/decode phase that batches of
+# 64 and more go through first (bench/gpu_table.py says more); 1 and 65 tokens, as before 2026-11-28, counted
+# part of it as decode.
 step8() {
   local v=$1 batches=$2 envs=()
   shift 2
   while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
   [ $# -gt 0 ] && shift
   for b in $batches; do
-    for o in 1 65; do
+    for o in 65 129; do
       (for e in ${envs[@]+"${envs[@]}"}; do export "${e?}"; done
        lat "l8_b${b}_o${o}${v}" $L8 "$b" 1024 "$o" "${COMMON8[@]}" "$@")
     done
@@ -42,7 +44,7 @@ for b in 1 64; do
   lat "s_b${b}_o1" $S "$b" 128 1 --dtype bfloat16
   lat "s_b${b}_o129" $S "$b" 128 129 --dtype bfloat16
 done
-grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o1.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
+grep -h "KV cache\|GPU memory\|kernels" "$LOGS"/l8_b1_o65.log "$LOGS"/s_b1_o1.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220
 python3 bench/gpu_table.py "$LOGS"
 # Same run, each off in turn (issue 8): the split-KV share minimum and cap at batch 1, the cuBLASLt
 # algorithms timed per shape at start-up (IRONLLM_GEMM_TUNING=0: the heuristic's first choice) at batch 32
@@ -70,14 +72,14 @@ if [ "${IRONLLM_BENCH_AB:-1}" = 1 ]; then
     step8 _nosplit "1 32" IRONLLM_DISABLE_SPLIT_KV=1
     step8 _nogemv 1 IRONLLM_DISABLE_GEMV=1
   fi
-  grep -h "timed cuBLASLt" "$LOGS"/l8_b1_o1.log | sed 's/\x1b\[[0-9;]*m//g; s/.*INFO [^ ]* //'
+  grep -h "timed cuBLASLt" "$LOGS"/l8_b1_o65.log | sed 's/\x1b\[[0-9;]*m//g; s/.*INFO [^ ]* //'
   python3 - "$LOGS" <<'PY'
 import json, os, sys
 logs = sys.argv[1]
 def step(b, v):
     try:
-        a = json.load(open(f"{logs}/l8_b{b}_o1{v}.json"))["avg_latency"]
-        c = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
+        a = json.load(open(f"{logs}/l8_b{b}_o65{v}.json"))["avg_latency"]
+        c = json.load(open(f"{logs}/l8_b{b}_o129{v}.json"))["avg_latency"]
         return f"{(c - a) / 64 * 1e3:.3f} ms"
     except Exception as e:
         return f"n/a ({e})"
@@ -95,7 +97,7 @@ rows = [(1, "", "all on"), (1, "_nosplitsampler", "split sampler off"), (1, "_mi
         (128, "_nofd", "tensor-core decode attention off"), (1, "_nosplit", "split-KV off"),
         (32, "_nosplit", "split-KV off"), (1, "_nogemv", "skinny GEMM off")]
 for b, v, what in rows:
-    if v and not os.path.exists(f"{logs}/l8_b{b}_o1{v}.json"):
+    if v and not os.path.exists(f"{logs}/l8_b{b}_o65{v}.json"):
         continue
     print(f"8B decode step, batch {b}, 1k context, {what}: {step(b, v)}")
 for shape, tokens in (("1x4096", 4096), ("8x1024", 8192)):

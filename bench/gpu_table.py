@@ -35,22 +35,28 @@ def main():
     dev = ceil.get("device", "?")
     print(f"card: {dev}; measured copy bandwidth {bw/1e12:.2f} TB/s (read+write), bf16 GEMM {fl/1e12:.0f} TFLOP/s")
     rows = []
-    for name, c, inp, steps, bss in (("Llama-3.1-8B shape", L8, 1024, 64, (1, 32, 64, 128)), ("SmolLM2-135M shape", SM, 128, 128, (1, 64))):
+    # A decode step is the difference of two runs of the same batch that differ only in output length (lo and
+    # hi tokens: hi - lo more decode steps at contexts inp + lo .. inp + hi - 1). The 8B runs start at 65
+    # tokens: with 1024-token prompts, batches of 64 and more spend their first steps in mixed prefill/decode
+    # chunks (8192 tokens a step) and ramp down at the end; a pair of runs past that phase (65 and 129
+    # tokens) shares both, where a 1-token run would not (BENCHMARKS.md, 2026-11-28, H200 session 16).
+    for name, c, inp, lo, hi, bss in (("Llama-3.1-8B shape", L8, 1024, 65, 129, (1, 32, 64, 128)),
+                                      ("SmolLM2-135M shape", SM, 128, 1, 129, (1, 64))):
         p = params(c)
         # A decode step reads every weight once except an untied embedding table (only its rows are gathered).
         w_bytes = 2 * (p - (0 if c["tied"] else c["vocab"] * c["hidden"]))
         for b in bss:
             pre = "l8" if c is L8 else "s"
-            t1 = load(d, f"{pre}_b{b}_o1")
-            tn = load(d, f"{pre}_b{b}_o{steps + 1}")
+            t1 = load(d, f"{pre}_b{b}_o{lo}")
+            tn = load(d, f"{pre}_b{b}_o{hi}")
             if t1 is None or tn is None:
                 rows.append((name, f"decode batch {b}", "failed", "", ""))
                 continue
-            step = (tn - t1) / steps
-            ctx = inp + steps / 2
+            step = (tn - t1) / (hi - lo)
+            ctx = inp + (lo + hi - 1) / 2
             # HBM traffic: the copy figure counts bytes read plus written, so it is the rate for reads too.
             floor = (w_bytes + b * ctx * kv_bytes_per_token(c)) / bw if bw else float("nan")
-            rows.append((name, f"decode step, batch {b}, ~{inp}-token context", f"{step*1e3:.2f} ms ({b/step:.0f} tok/s)",
+            rows.append((name, f"decode step, batch {b}, ~{ctx:.0f}-token context", f"{step*1e3:.2f} ms ({b/step:.0f} tok/s)",
                          f"{floor*1e3:.2f} ms", f"{step/floor:.2f}x"))
     for label, key, ntok in (("prefill 1 x 4096", "l8_prefill_1x4096", 4096), ("prefill 8 x 1024", "l8_prefill_8x1024", 8192)):
         t = load(d, key)

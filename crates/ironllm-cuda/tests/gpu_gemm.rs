@@ -11,8 +11,8 @@
 mod common;
 
 use common::open_gpu;
-use ironllm_cuda::ops;
 use ironllm_cuda::tensor::{DevBuf, GpuDType};
+use ironllm_cuda::{ops, Gpu};
 use ironllm_model::sampler::Rng;
 
 fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
@@ -242,6 +242,28 @@ fn gemm_accumulate_adds_into_y_where_cublaslt_runs_and_declines_elsewhere() {
     assert!(ops::gemm_accumulate(&gpu, &mut small, &xd, &wd, None, 64, n, k).is_err());
 }
 
+/// A gate/up case: random x `[m, k]` and stacked `[gate; up]` weight `[2 inter, k]` on the device, the
+/// output buffer of a fused form (`m + 3` rows of 7.0, so writes past m show), and the unfused result the
+/// fused forms replace: `ops::gemm` into `[m, 2 inter]`, then `ops::silu_and_mul`.
+struct SwigluCase {
+    x: DevBuf,
+    w: DevBuf,
+    fused: DevBuf,
+    unfused: Vec<f32>,
+}
+
+fn swiglu_case(gpu: &Gpu, rng: &mut Rng, dt: GpuDType, m: usize, inter: usize, k: usize) -> SwigluCase {
+    let w = rounded(dt, &random(rng, 2 * inter * k, 1.0 / (k as f64).sqrt()));
+    let x = rounded(dt, &random(rng, m * k, 2.0));
+    let (w, x) = (DevBuf::from_f32(gpu, dt, &w).expect("w"), DevBuf::from_f32(gpu, dt, &x).expect("x"));
+    let fused = DevBuf::from_f32(gpu, dt, &vec![7.0; (m + 3) * inter]).expect("act");
+    let mut gu = DevBuf::zeros(gpu, dt, m * 2 * inter).expect("gate_up");
+    let mut act = DevBuf::zeros(gpu, dt, m * inter).expect("act");
+    ops::gemm(gpu, &mut gu, &x, &w, None, m, 2 * inter, k).expect("gemm");
+    ops::silu_and_mul(gpu, &mut act, &gu, m, inter).expect("silu_and_mul");
+    SwigluCase { x, w, fused, unfused: act.to_f32(gpu).expect("act") }
+}
+
 /// The fused gate/up + SiLU-and-mul kernel (`fused_mlp`, Hopper) against the two ops it replaces
 /// (`ops::gemm` into [m, 2 inter], then `ops::silu_and_mul`). They round at the same points, so they
 /// differ only where the two GEMMs' f32 sums (ours against cuBLASLt's order) round gate or up to a
@@ -261,18 +283,9 @@ fn fused_gate_up_silu_matches_the_gemm_and_silu_and_mul_it_replaces() {
     for dt in [GpuDType::BF16, GpuDType::F16] {
         let eps = if dt == GpuDType::BF16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
         for (m, inter, k) in [(1usize, 128usize, 64usize), (200, 256, 512), (1030, 384, 256), (129, 1536, 576)] {
-            let w = rounded(dt, &random(&mut rng, 2 * inter * k, 1.0 / (k as f64).sqrt()));
-            let x = rounded(dt, &random(&mut rng, m * k, 2.0));
-            let wd = DevBuf::from_f32(&gpu, dt, &w).expect("w");
-            let xd = DevBuf::from_f32(&gpu, dt, &x).expect("x");
-            let spare = 3;
-            let mut fused = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + spare) * inter]).expect("act");
-            ironllm_cuda::fused_mlp::gate_up_silu(&gpu, &mut fused, &xd, &wd, m, inter, k).expect("fused");
-            let mut gu = DevBuf::zeros(&gpu, dt, m * 2 * inter).expect("gate_up");
-            let mut act = DevBuf::zeros(&gpu, dt, m * inter).expect("act");
-            ops::gemm(&gpu, &mut gu, &xd, &wd, None, m, 2 * inter, k).expect("gemm");
-            ops::silu_and_mul(&gpu, &mut act, &gu, m, inter).expect("silu_and_mul");
-            let (got, want) = (fused.to_f32(&gpu).expect("fused"), act.to_f32(&gpu).expect("act"));
+            let SwigluCase { x, w, mut fused, unfused: want } = swiglu_case(&gpu, &mut rng, dt, m, inter, k);
+            ironllm_cuda::fused_mlp::gate_up_silu(&gpu, &mut fused, &x, &w, m, inter, k).expect("fused");
+            let got = fused.to_f32(&gpu).expect("fused");
             let what = format!("{dt:?} m={m} inter={inter} k={k}");
             let scale = want.iter().map(|v| f64::from(*v).abs()).fold(0.0, f64::max);
             let mut exact = 0;
@@ -305,18 +318,9 @@ fn gemv_swiglu_is_the_skinny_gemm_then_silu_and_mul_bit_for_bit() {
     let mut rng = Rng::seeded(12);
     for dt in [GpuDType::BF16, GpuDType::F16] {
         for (m, inter, k) in [(1usize, 128usize, 64usize), (2, 136, 512), (1, 1536, 576), (2, 3000, 4096)] {
-            let w = rounded(dt, &random(&mut rng, 2 * inter * k, 1.0 / (k as f64).sqrt()));
-            let x = rounded(dt, &random(&mut rng, m * k, 2.0));
-            let wd = DevBuf::from_f32(&gpu, dt, &w).expect("w");
-            let xd = DevBuf::from_f32(&gpu, dt, &x).expect("x");
-            let spare = 3;
-            let mut fused = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + spare) * inter]).expect("act");
-            assert!(ops::gemv_swiglu(&gpu, &mut fused, &xd, &wd, m, inter, k).expect("gemv_swiglu"));
-            let mut gu = DevBuf::zeros(&gpu, dt, m * 2 * inter).expect("gate_up");
-            let mut act = DevBuf::zeros(&gpu, dt, m * inter).expect("act");
-            ops::gemm(&gpu, &mut gu, &xd, &wd, None, m, 2 * inter, k).expect("gemm");
-            ops::silu_and_mul(&gpu, &mut act, &gu, m, inter).expect("silu_and_mul");
-            let (got, want) = (fused.to_f32(&gpu).expect("fused"), act.to_f32(&gpu).expect("act"));
+            let SwigluCase { x, w, mut fused, unfused: want } = swiglu_case(&gpu, &mut rng, dt, m, inter, k);
+            assert!(ops::gemv_swiglu(&gpu, &mut fused, &x, &w, m, inter, k).expect("gemv_swiglu"));
+            let got = fused.to_f32(&gpu).expect("fused");
             let what = format!("{dt:?} m={m} inter={inter} k={k}");
             let differ = got[..m * inter].iter().zip(&want).filter(|(g, r)| g.to_bits() != r.to_bits()).count();
             assert_eq!(differ, 0, "{what}: {differ} outputs differ from gemm + silu_and_mul");
