@@ -112,9 +112,7 @@ pub fn gate_up_silu(
     if !inter.is_multiple_of(TILE_COLS) || !k.is_multiple_of(TILE_K) {
         return Err(CudaError::Invalid(format!("fused gate/up: inter {inter} or k {k} off the kernel's tiles")));
     }
-    ops::need(act, m * inter, "fused gate/up act")?;
-    ops::need(x, m * k, "fused gate/up x")?;
-    ops::need(w, 2 * inter * k, "fused gate/up w")?;
+    ops::gate_up_sizes("fused gate/up", act, x, w, (m, inter, k))?;
     if m == 0 {
         return Ok(());
     }

@@ -14,7 +14,7 @@ use crate::launch::KernelArgs;
 use crate::lt_gemm::Output;
 use crate::tensor::{DevBuf, GpuDType};
 
-pub(crate) fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
+fn need(buf: &DevBuf, elems: usize, what: &str) -> Result<(), CudaError> {
     if buf.len < elems {
         return Err(CudaError::Invalid(format!("{what}: buffer of {} elements, need {elems}", buf.len)));
     }
@@ -661,6 +661,20 @@ pub fn silu_and_mul(gpu: &Gpu, out: &mut DevBuf, gate_up: &DevBuf, rows: usize, 
     Ok(())
 }
 
+/// The buffer sizes the gate/up projections with SiLU-and-mul share (this file's skinny form, `fused_mlp`'s
+/// Hopper form): act `[m, inter]`, x `[m, k]`, w `[2 inter, k]`.
+pub(crate) fn gate_up_sizes(
+    op: &str,
+    act: &DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    (m, inter, k): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    need(act, m * inter, &format!("{op} act"))?;
+    need(x, m * k, &format!("{op} x"))?;
+    need(w, 2 * inter * k, &format!("{op} w"))
+}
+
 /// `act[m, inter] = silu(x w_gate^T) * (x w_up^T)` for the stacked `[gate; up]` weight `w` of `2 inter` rows,
 /// through the skinny GEMM with the SiLU-and-mul in its epilogue, where [`gemm`] would take the skinny path
 /// (bf16/f16, m <= [`GEMV_MAX_M`]); then `Ok(true)`. The result is bit for bit [`gemm`] into a `[m, 2 inter]`
@@ -679,9 +693,7 @@ pub fn gemv_swiglu(
     if m == 0 || gemm_path(d, d, m, k, gpu.skinny_gemm) != GemmPath::Skinny {
         return Ok(false);
     }
-    need(act, m * inter, "gemv_swiglu act")?;
-    need(x, m * k, "gemv_swiglu x")?;
-    need(w, 2 * inter * k, "gemv_swiglu w")?;
+    gate_up_sizes("gemv_swiglu", act, x, w, (m, inter, k))?;
     let name = format!("gemv_swiglu_{}", d.suffix());
     let f = gpu.function(&name)?;
     let (mi, ii, ki) = (i32_of(m, "m")?, i32_of(inter, "intermediate")?, i32_of(k, "k")?);
