@@ -49,6 +49,14 @@
 #ifndef GEMV_PREFETCH_MAX_MB
 #define GEMV_PREFETCH_MAX_MB 16
 #endif
+// Chunks per lane and row prefetched for larger weights: the first 512 bytes of each row, so a kernel's
+// first loads find L2 ready while the weights stay mostly in memory. Measured on an H200 (2026-11-28,
+// GPU-only decode graph replays at context 1024, two rounds, bench/results/gpu-2026-11-28-h200-session17):
+// the 8B batch-1 step 4.248 / 4.247 ms against 4.282 ms with none (batch 2 4.441 against 4.473); two chunks
+// 4.287 / 4.291 ms, and two chunks for weights of up to 64 MB only 4.265 ms.
+#ifndef GEMV_PREFETCH_LARGE
+#define GEMV_PREFETCH_LARGE 1
+#endif
 // Resident blocks per SM the register allocation must allow: 32 warps (64 registers a thread), what the
 // kernel had without the prefetch (whose bookkeeping costs 8 registers more, one block less per SM) and
 // what the 8B shape's decode step was measured fastest with.
@@ -94,9 +102,9 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         const int row = SWIGLU ? row0 + r * n : (row0 + r < n ? row0 + r : row0);
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
-    // Chunks to prefetch: none past the row, none for a large weight.
+    // Chunks to prefetch: none past the row, GEMV_PREFETCH_LARGE per lane of a large weight.
     const bool small = (SWIGLU ? 2LL : 1LL) * n * k * (long long)sizeof(T) <= (long long)GEMV_PREFETCH_MAX_MB << 20;
-    const int pf_end = small ? chunks : 0;
+    const int pf_end = small ? chunks : min(chunks, 32 * GEMV_PREFETCH_LARGE);
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
