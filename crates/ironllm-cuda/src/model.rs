@@ -69,6 +69,11 @@ pub struct CudaLlama {
     /// Fewest keys of a split share in the kernels (`IRONLLM_DECODE_SPLIT_MIN_KEYS`, for side-by-side
     /// measurements; default `ops::DECODE_SPLIT_MIN_KEYS`).
     decode_split_min_keys: usize,
+    /// CTAs of the split decode kernel in one wave on this GPU (`ops::decode_split_wave`).
+    decode_split_wave: usize,
+    /// `IRONLLM_DECODE_SPLIT_FILL=N` (N <= 4): the split rule before 2026-11-28, N CTAs per SM aimed for
+    /// (side-by-side measurements); the CTAs it aims for.
+    decode_split_fill: Option<usize>,
     /// The o_proj and down GEMMs add into the residual stream themselves where they can
     /// (`ops::gemm_accumulate`); `IRONLLM_DISABLE_RESIDUAL_EPILOGUE` turns it off for side-by-side
     /// measurements.
@@ -122,6 +127,19 @@ fn residual_norm(
 }
 
 /// A side-by-side measurement knob: the variable `name` as a count in `1..=most`, else `default`.
+/// Resident CTAs per SM of the split-KV decode kernel the model uses (the driver's occupancy figure for its
+/// block and shared memory); the earlier rule's 4 where that kernel is not the tensor-core one or the
+/// driver gives no figure.
+fn decode_split_resident(gpu: &Gpu, kernels: &ops::AttnKernels, head_dim: usize) -> usize {
+    let Some((_, split)) = &kernels.decode else { return ops::OLD_SPLIT_BLOCKS_PER_SM };
+    gpu.function(split)
+        .ok()
+        .and_then(|f| {
+            f.occupancy_max_active_blocks_per_multiprocessor(128, ops::flash_decode_smem(head_dim), None).ok()
+        })
+        .map_or(ops::OLD_SPLIT_BLOCKS_PER_SM, |n| (n as usize).max(1))
+}
+
 fn env_count(name: &str, default: usize, most: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map_or(default, |v| v.clamp(1, most))
 }
@@ -405,6 +423,12 @@ impl CudaLlama {
         let rope_sin = gpu.upload(sin)?;
         let weight_bytes = ld.bytes;
         let attn_kernels = ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_queries_per_kv());
+        let sms = gpu.info.multiprocessors.max(1);
+        let decode_split_wave = ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim));
+        let decode_split_fill = std::env::var_os("IRONLLM_DECODE_SPLIT_FILL").map(|_| {
+            env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM) * sms
+        });
+        tracing::debug!("split-KV decode: {decode_split_wave} CTAs a wave, earlier rule {decode_split_fill:?}");
         let gate_up_bias = layers.iter().any(|l| l.gate_up_bias.is_some());
         let fused_gate_up_min_rows = fused_mlp::min_rows(&gpu, dtype, h, inter, gate_up_bias);
         if let Some(min) = fused_gate_up_min_rows {
@@ -430,6 +454,8 @@ impl CudaLlama {
                 ops::MAX_DECODE_SPLITS,
             ),
             decode_split_min_keys: env_count("IRONLLM_DECODE_SPLIT_MIN_KEYS", ops::DECODE_SPLIT_MIN_KEYS, 1 << 20),
+            decode_split_wave,
+            decode_split_fill,
             residual_epilogue: std::env::var_os("IRONLLM_DISABLE_RESIDUAL_EPILOGUE").is_none(),
             attn_kernels,
             fused_gate_up_min_rows,
@@ -563,9 +589,10 @@ impl CudaLlama {
             ops::decode_splits(
                 meta.num_decode_tokens,
                 c.num_key_value_heads,
-                gpu.info.multiprocessors,
+                self.decode_split_wave,
                 meta.max_context_len,
                 self.max_decode_splits,
+                self.decode_split_fill,
             )
         } else {
             1

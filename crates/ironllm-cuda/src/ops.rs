@@ -236,33 +236,58 @@ pub const DEFAULT_MAX_DECODE_SPLITS: usize = 16;
 /// and its part of the merge; below ~2 tiles that outweighs the parallelism.
 pub const DECODE_SPLIT_MIN_KEYS: usize = 128;
 
-/// Blocks per SM the split aims for: one block per (token, kv head) walks its keys one dependent load
-/// after another, so an SM needs several resident blocks to keep enough loads in flight.
-const SPLIT_BLOCKS_PER_SM: usize = 4;
+/// Most resident split-kernel CTAs per SM the split rule counts on (and the scratch is sized for).
+pub const DECODE_SPLIT_MAX_RESIDENT: usize = 8;
+/// CTAs per SM the split rule aimed for before 2026-11-28 (`IRONLLM_DECODE_SPLIT_FILL` brings that rule
+/// back for side-by-side runs).
+pub const OLD_SPLIT_BLOCKS_PER_SM: usize = 4;
 
-/// How many shares the decode rows' keys are split into: enough blocks for about four per SM when the
-/// (token, kv head) pairs alone give fewer, never more than the longest context can use.
-/// While splitting, pairs x splits < 8 x `num_sms`, which bounds the scratch.
-/// `max_splits` caps it further (at most [`MAX_DECODE_SPLITS`]).
+/// How many shares the decode rows' keys are split into: as many as keep the (token, kv head, share) CTAs
+/// within one wave of the split kernel (`wave`: its resident CTAs per SM times the SMs); none when the
+/// (token, kv head) pairs alone fill more than half a wave; two when they fill one wave and less than a
+/// third of a second (so the CTAs make two nearly full waves instead of one and a sliver); never more
+/// than the longest context can use or `max_splits` (at most [`MAX_DECODE_SPLITS`]).
+/// Why: a partly filled wave costs about as much as a full one, and each share costs its merge. Measured
+/// on an H200 (2026-11-28, 8B shape, GPU-only decode graph replays at context 1024; the hd128 kernel has
+/// 3 CTAs per SM, a wave of 396): batch 24 (192 pairs) takes 5.50 ms with 2 shares (384 CTAs), 5.77 with 3
+/// (576) and 5.67 with none; batch 32 (256 pairs) 5.98 ms with none, 6.24 with 2 (512 CTAs), 6.05 with 3;
+/// batch 40 / 48 6.00 / 6.20 ms with none, 6.26 / 6.48 with 2; batch 8 and 16 4.95 / 5.23 ms with 6 and 3
+/// shares (one wave), 5.07 / 5.47 with 8 and 5; batch 56 / 64 (448 / 512 pairs) 7.26 / 7.28 ms with 2
+/// shares, 7.45 / 7.45 with none.
+/// `fill` (`IRONLLM_DECODE_SPLIT_FILL`) selects the earlier rule instead: enough shares for `fill` CTAs
+/// per SM, rounded up, when the pairs alone give fewer.
 pub fn decode_splits(
     num_decode_tokens: usize,
     num_kv_heads: usize,
-    num_sms: usize,
+    wave: usize,
     max_context_len: usize,
     max_splits: usize,
+    fill: Option<usize>,
 ) -> usize {
     let pairs = num_decode_tokens * num_kv_heads;
-    let target = SPLIT_BLOCKS_PER_SM * num_sms;
-    if pairs == 0 || pairs >= target {
-        return 1;
-    }
-    let most = max_splits.min(MAX_DECODE_SPLITS);
-    target.div_ceil(pairs).min(most).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS)).max(1)
+    let most = max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS));
+    let want = match fill {
+        Some(target) if pairs > 0 && pairs < target => target.div_ceil(pairs),
+        Some(_) => 1,
+        None if pairs > 0 && 2 * pairs <= wave => wave / pairs,
+        None if pairs > wave && 3 * pairs < 4 * wave => 2,
+        None => 1,
+    };
+    want.min(most).max(1)
+}
+
+/// CTAs of the split kernel in one wave: `resident` per SM (the driver's occupancy figure), at most
+/// [`DECODE_SPLIT_MAX_RESIDENT`], times the SMs.
+pub fn decode_split_wave(num_sms: usize, resident: usize) -> usize {
+    resident.clamp(1, DECODE_SPLIT_MAX_RESIDENT) * num_sms.max(1)
 }
 
 /// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
+/// The (token, kv head, share) CTAs stay under 8/3 of a wave of at most [`DECODE_SPLIT_MAX_RESIDENT`] per SM
+/// (two shares of under 4/3 of a wave) with [`decode_splits`]' rule, under twice its 4 per SM with the
+/// earlier one.
 pub fn decode_split_rows(num_sms: usize, group: usize) -> usize {
-    2 * SPLIT_BLOCKS_PER_SM * num_sms * group
+    3 * DECODE_SPLIT_MAX_RESIDENT * num_sms * group
 }
 
 /// Optional per-head q/k RMSNorm, then rotary embedding of q and k in place in `qkv`, then K and V
@@ -1069,27 +1094,45 @@ mod tests {
     }
 
     #[test]
-    fn decode_splits_fill_the_card_only_where_needed_and_stay_within_the_scratch() {
-        // Batch 1 of an 8-KV-head model on 132 SMs with a long context: the most splits.
-        assert_eq!(decode_splits(1, 8, 132, 8192, MAX_DECODE_SPLITS), MAX_DECODE_SPLITS);
-        assert_eq!(decode_splits(1, 8, 132, 8192, DEFAULT_MAX_DECODE_SPLITS), 16);
-        assert_eq!(decode_splits(1, 8, 132, 8192, 16), 16);
-        // A 1k context allows 8 shares of 128 keys.
-        assert_eq!(decode_splits(1, 8, 132, 1024, MAX_DECODE_SPLITS), 8);
-        // Short contexts and batches that already fill the card are not split.
-        assert_eq!(decode_splits(1, 8, 132, 100, MAX_DECODE_SPLITS), 1);
-        // Batch 32: 256 pairs give fewer than four blocks per SM, so three shares each.
-        assert_eq!(decode_splits(32, 8, 132, 8192, MAX_DECODE_SPLITS), 3);
-        assert_eq!(decode_splits(128, 8, 132, 8192, MAX_DECODE_SPLITS), 1);
-        assert_eq!(decode_splits(0, 8, 132, 8192, MAX_DECODE_SPLITS), 1);
+    fn decode_splits_keep_one_wave_and_stay_within_the_scratch() {
+        // The hd128 decode kernel on an H200: 3 CTAs per SM, 132 SMs.
+        let wave = decode_split_wave(132, 3);
+        assert_eq!(wave, 396);
+        // Batch 1 of an 8-KV-head model with a long context: the most splits.
+        assert_eq!(decode_splits(1, 8, wave, 8192, MAX_DECODE_SPLITS, None), MAX_DECODE_SPLITS);
+        assert_eq!(decode_splits(1, 8, wave, 8192, DEFAULT_MAX_DECODE_SPLITS, None), 16);
+        // A 1k context allows 8 shares of 128 keys; a short one none.
+        assert_eq!(decode_splits(1, 8, wave, 1024, MAX_DECODE_SPLITS, None), 8);
+        assert_eq!(decode_splits(1, 8, wave, 100, MAX_DECODE_SPLITS, None), 1);
+        // Batch 24 (192 pairs): two shares fill the wave; batch 32 (256 pairs) fills more than half alone.
+        assert_eq!(decode_splits(24, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
+        assert_eq!(decode_splits(32, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(16, 8, wave, 8192, MAX_DECODE_SPLITS, None), 3);
+        assert_eq!(decode_splits(48, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        // Batch 56 / 64 (448 / 512 pairs): one wave and a sliver alone, two nearly full waves in two shares.
+        assert_eq!(decode_splits(56, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
+        assert_eq!(decode_splits(64, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
+        assert_eq!(decode_splits(80, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(128, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(0, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        // The earlier rule: four CTAs per SM aimed for, rounded up (batch 32: three shares).
+        let fill = Some(OLD_SPLIT_BLOCKS_PER_SM * 132);
+        assert_eq!(decode_splits(32, 8, wave, 8192, MAX_DECODE_SPLITS, fill), 3);
+        assert_eq!(decode_splits(1, 8, wave, 1024, MAX_DECODE_SPLITS, fill), 8);
+        assert_eq!(decode_splits(128, 8, wave, 8192, MAX_DECODE_SPLITS, fill), 1);
         for tokens in 1..64 {
             for kv in [1, 2, 4, 8, 16] {
                 for sms in [16, 78, 114, 132] {
-                    let s = decode_splits(tokens, kv, sms, 1 << 20, MAX_DECODE_SPLITS);
-                    assert!((1..=MAX_DECODE_SPLITS).contains(&s));
-                    if s > 1 {
-                        // Rows of the scratch: tokens x heads x splits, heads = kv x group.
-                        assert!(tokens * kv * s <= decode_split_rows(sms, 1), "{tokens} {kv} {sms} -> {s}");
+                    for resident in [1, 2, 3, 4, 8, 16] {
+                        for fill in [None, Some(OLD_SPLIT_BLOCKS_PER_SM * sms)] {
+                            let wave = decode_split_wave(sms, resident);
+                            let s = decode_splits(tokens, kv, wave, 1 << 20, MAX_DECODE_SPLITS, fill);
+                            assert!((1..=MAX_DECODE_SPLITS).contains(&s));
+                            if s > 1 {
+                                // Rows of the scratch: tokens x heads x splits, heads = kv x group.
+                                assert!(tokens * kv * s <= decode_split_rows(sms, 1), "{tokens} {kv} {sms} -> {s}");
+                            }
+                        }
                     }
                 }
             }
