@@ -126,7 +126,6 @@ fn residual_norm(
     }
 }
 
-/// A side-by-side measurement knob: the variable `name` as a count in `1..=most`, else `default`.
 /// Resident CTAs per SM of the split-KV decode kernel the model uses (the driver's occupancy figure for its
 /// block and shared memory); the earlier rule's 4 where that kernel is not the tensor-core one or the
 /// driver gives no figure.
@@ -140,6 +139,7 @@ fn decode_split_resident(gpu: &Gpu, kernels: &ops::AttnKernels, head_dim: usize)
         .map_or(ops::OLD_SPLIT_BLOCKS_PER_SM, |n| (n as usize).max(1))
 }
 
+/// A side-by-side measurement knob: the variable `name` as a count in `1..=most`, else `default`.
 fn env_count(name: &str, default: usize, most: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map_or(default, |v| v.clamp(1, most))
 }
@@ -428,7 +428,9 @@ impl CudaLlama {
         let decode_split_fill = std::env::var_os("IRONLLM_DECODE_SPLIT_FILL").map(|_| {
             env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM) * sms
         });
-        tracing::debug!("split-KV decode: {decode_split_wave} CTAs a wave, earlier rule {decode_split_fill:?}");
+        tracing::info!(
+            "split-KV decode attention: {decode_split_wave} CTAs a wave, earlier rule {decode_split_fill:?}"
+        );
         let gate_up_bias = layers.iter().any(|l| l.gate_up_bias.is_some());
         let fused_gate_up_min_rows = fused_mlp::min_rows(&gpu, dtype, h, inter, gate_up_bias);
         if let Some(min) = fused_gate_up_min_rows {
