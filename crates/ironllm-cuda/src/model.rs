@@ -69,11 +69,9 @@ pub struct CudaLlama {
     /// Fewest keys of a split share in the kernels (`IRONLLM_DECODE_SPLIT_MIN_KEYS`, for side-by-side
     /// measurements; default `ops::DECODE_SPLIT_MIN_KEYS`).
     decode_split_min_keys: usize,
-    /// CTAs of the split decode kernel in one wave on this GPU (`ops::decode_split_wave`).
-    decode_split_wave: usize,
-    /// `IRONLLM_DECODE_SPLIT_FILL=N` (N <= 4): the split rule before 2026-11-28, N CTAs per SM aimed for
-    /// (side-by-side measurements); the CTAs it aims for.
-    decode_split_fill: Option<usize>,
+    /// How the decode attention's split count is chosen: within one wave of the kernel on this GPU, or
+    /// (side-by-side measurements) `IRONLLM_DECODE_SPLIT_FILL=N`'s earlier rule or `IRONLLM_DECODE_SPLITS=N`.
+    decode_split_rule: ops::SplitRule,
     /// The o_proj and down GEMMs add into the residual stream themselves where they can
     /// (`ops::gemm_accumulate`); `IRONLLM_DISABLE_RESIDUAL_EPILOGUE` turns it off for side-by-side
     /// measurements.
@@ -424,13 +422,17 @@ impl CudaLlama {
         let weight_bytes = ld.bytes;
         let attn_kernels = ops::AttnKernels::resolve(&gpu, dtype, c.head_dim, c.num_queries_per_kv());
         let sms = gpu.info.multiprocessors.max(1);
-        let decode_split_wave = ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim));
-        let decode_split_fill = std::env::var_os("IRONLLM_DECODE_SPLIT_FILL").map(|_| {
-            env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM) * sms
-        });
-        tracing::info!(
-            "split-KV decode attention: {decode_split_wave} CTAs a wave, earlier rule {decode_split_fill:?}"
-        );
+        let decode_split_rule = if std::env::var_os("IRONLLM_DECODE_SPLITS").is_some() {
+            let splits = env_count("IRONLLM_DECODE_SPLITS", 1, ops::MAX_DECODE_SPLITS);
+            ops::SplitRule::Fixed { splits, ctas: ops::decode_split_ctas(sms) }
+        } else if std::env::var_os("IRONLLM_DECODE_SPLIT_FILL").is_some() {
+            let per_sm =
+                env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM);
+            ops::SplitRule::Fill(per_sm * sms)
+        } else {
+            ops::SplitRule::Wave(ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim)))
+        };
+        tracing::info!("split-KV decode attention: {decode_split_rule:?} (CTAs)");
         let gate_up_bias = layers.iter().any(|l| l.gate_up_bias.is_some());
         let fused_gate_up_min_rows = fused_mlp::min_rows(&gpu, dtype, h, inter, gate_up_bias);
         if let Some(min) = fused_gate_up_min_rows {
@@ -456,8 +458,7 @@ impl CudaLlama {
                 ops::MAX_DECODE_SPLITS,
             ),
             decode_split_min_keys: env_count("IRONLLM_DECODE_SPLIT_MIN_KEYS", ops::DECODE_SPLIT_MIN_KEYS, 1 << 20),
-            decode_split_wave,
-            decode_split_fill,
+            decode_split_rule,
             residual_epilogue: std::env::var_os("IRONLLM_DISABLE_RESIDUAL_EPILOGUE").is_none(),
             attn_kernels,
             fused_gate_up_min_rows,
@@ -591,10 +592,9 @@ impl CudaLlama {
             ops::decode_splits(
                 meta.num_decode_tokens,
                 c.num_key_value_heads,
-                self.decode_split_wave,
+                self.decode_split_rule,
                 meta.max_context_len,
                 self.max_decode_splits,
-                self.decode_split_fill,
             )
         } else {
             1

@@ -242,8 +242,8 @@ pub const DECODE_SPLIT_MAX_RESIDENT: usize = 8;
 /// back for side-by-side runs).
 pub const OLD_SPLIT_BLOCKS_PER_SM: usize = 4;
 
-/// How many shares the decode rows' keys are split into: as many as keep the (token, kv head, share) CTAs
-/// within one wave of the split kernel (`wave`: its resident CTAs per SM times the SMs); none when the
+/// How many shares the decode rows' keys are split into. With [`SplitRule::Wave`] (the default): as many as
+/// keep the (token, kv head, share) CTAs within one wave of the split kernel; none when the
 /// (token, kv head) pairs alone fill more than half a wave; two when they fill one wave and less than a
 /// third of a second (so the CTAs make two nearly full waves instead of one and a sliver); never more
 /// than the longest context can use or `max_splits` (at most [`MAX_DECODE_SPLITS`]).
@@ -253,27 +253,46 @@ pub const OLD_SPLIT_BLOCKS_PER_SM: usize = 4;
 /// (576) and 5.67 with none; batch 32 (256 pairs) 5.98 ms with none, 6.24 with 2 (512 CTAs), 6.05 with 3;
 /// batch 40 / 48 6.00 / 6.20 ms with none, 6.26 / 6.48 with 2; batch 8 and 16 4.95 / 5.23 ms with 6 and 3
 /// shares (one wave), 5.07 / 5.47 with 8 and 5; batch 56 / 64 (448 / 512 pairs) 7.26 / 7.28 ms with 2
-/// shares, 7.45 / 7.45 with none.
-/// `fill` (`IRONLLM_DECODE_SPLIT_FILL`) selects the earlier rule instead: enough shares for `fill` CTAs
-/// per SM, rounded up, when the pairs alone give fewer.
+/// shares, 7.45 / 7.45 with none. Not yet settled: pairs just past two waves (batch 112, 896 pairs: 9.52 ms
+/// against batch 96's 8.11) may want shares too (`IRONLLM_DECODE_SPLITS` measures that).
 pub fn decode_splits(
     num_decode_tokens: usize,
     num_kv_heads: usize,
-    wave: usize,
+    rule: SplitRule,
     max_context_len: usize,
     max_splits: usize,
-    fill: Option<usize>,
 ) -> usize {
     let pairs = num_decode_tokens * num_kv_heads;
     let most = max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS));
-    let want = match fill {
-        Some(target) if pairs > 0 && pairs < target => target.div_ceil(pairs),
-        Some(_) => 1,
-        None if pairs > 0 && 2 * pairs <= wave => wave / pairs,
-        None if pairs > wave && 3 * pairs < 4 * wave => 2,
-        None => 1,
+    let want = match rule {
+        _ if pairs == 0 => 1,
+        SplitRule::Wave(wave) if 2 * pairs <= wave => wave / pairs,
+        SplitRule::Wave(wave) if pairs > wave && 3 * pairs < 4 * wave => 2,
+        SplitRule::Wave(_) => 1,
+        SplitRule::Fill(target) if pairs < target => target.div_ceil(pairs),
+        SplitRule::Fill(_) => 1,
+        SplitRule::Fixed { splits, ctas } => splits.min(ctas / pairs),
     };
     want.min(most).max(1)
+}
+
+/// How [`decode_splits`] chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitRule {
+    /// Within one wave of this many CTAs (the default; [`decode_split_wave`]).
+    Wave(usize),
+    /// The rule before 2026-11-28: enough shares for this many CTAs, rounded up, when the pairs alone give
+    /// fewer (`IRONLLM_DECODE_SPLIT_FILL=N`: N CTAs per SM, at most [`OLD_SPLIT_BLOCKS_PER_SM`]).
+    Fill(usize),
+    /// `splits` shares wherever the pairs times them stay within `ctas` ([`decode_split_ctas`]: the
+    /// scratch), fewer elsewhere (`IRONLLM_DECODE_SPLITS=N`, for side-by-side measurements of the rule).
+    Fixed { splits: usize, ctas: usize },
+}
+
+/// Most (token, kv head, share) CTAs the split-KV scratch holds ([`decode_split_rows`] for one query head
+/// per KV head).
+pub fn decode_split_ctas(num_sms: usize) -> usize {
+    decode_split_rows(num_sms, 1)
 }
 
 /// CTAs of the split kernel in one wave: `resident` per SM (the driver's occupancy figure), at most
@@ -284,8 +303,8 @@ pub fn decode_split_wave(num_sms: usize, resident: usize) -> usize {
 
 /// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
 /// The (token, kv head, share) CTAs stay under 8/3 of a wave of at most [`DECODE_SPLIT_MAX_RESIDENT`] per SM
-/// (two shares of under 4/3 of a wave) with [`decode_splits`]' rule, under twice its 4 per SM with the
-/// earlier one.
+/// (two shares of under 4/3 of a wave) with [`SplitRule::Wave`], under twice its 4 per SM with
+/// [`SplitRule::Fill`], within the scratch by construction with [`SplitRule::Fixed`].
 pub fn decode_split_rows(num_sms: usize, group: usize) -> usize {
     3 * DECODE_SPLIT_MAX_RESIDENT * num_sms * group
 }
@@ -1096,37 +1115,45 @@ mod tests {
     #[test]
     fn decode_splits_keep_one_wave_and_stay_within_the_scratch() {
         // The hd128 decode kernel on an H200: 3 CTAs per SM, 132 SMs.
-        let wave = decode_split_wave(132, 3);
-        assert_eq!(wave, 396);
+        let wave = SplitRule::Wave(decode_split_wave(132, 3));
+        assert_eq!(wave, SplitRule::Wave(396));
         // Batch 1 of an 8-KV-head model with a long context: the most splits.
-        assert_eq!(decode_splits(1, 8, wave, 8192, MAX_DECODE_SPLITS, None), MAX_DECODE_SPLITS);
-        assert_eq!(decode_splits(1, 8, wave, 8192, DEFAULT_MAX_DECODE_SPLITS, None), 16);
+        assert_eq!(decode_splits(1, 8, wave, 8192, MAX_DECODE_SPLITS), MAX_DECODE_SPLITS);
+        assert_eq!(decode_splits(1, 8, wave, 8192, DEFAULT_MAX_DECODE_SPLITS), 16);
         // A 1k context allows 8 shares of 128 keys; a short one none.
-        assert_eq!(decode_splits(1, 8, wave, 1024, MAX_DECODE_SPLITS, None), 8);
-        assert_eq!(decode_splits(1, 8, wave, 100, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(1, 8, wave, 1024, MAX_DECODE_SPLITS), 8);
+        assert_eq!(decode_splits(1, 8, wave, 100, MAX_DECODE_SPLITS), 1);
         // Batch 24 (192 pairs): two shares fill the wave; batch 32 (256 pairs) fills more than half alone.
-        assert_eq!(decode_splits(24, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
-        assert_eq!(decode_splits(32, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
-        assert_eq!(decode_splits(16, 8, wave, 8192, MAX_DECODE_SPLITS, None), 3);
-        assert_eq!(decode_splits(48, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(24, 8, wave, 8192, MAX_DECODE_SPLITS), 2);
+        assert_eq!(decode_splits(32, 8, wave, 8192, MAX_DECODE_SPLITS), 1);
+        assert_eq!(decode_splits(16, 8, wave, 8192, MAX_DECODE_SPLITS), 3);
+        assert_eq!(decode_splits(48, 8, wave, 8192, MAX_DECODE_SPLITS), 1);
         // Batch 56 / 64 (448 / 512 pairs): one wave and a sliver alone, two nearly full waves in two shares.
-        assert_eq!(decode_splits(56, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
-        assert_eq!(decode_splits(64, 8, wave, 8192, MAX_DECODE_SPLITS, None), 2);
-        assert_eq!(decode_splits(80, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
-        assert_eq!(decode_splits(128, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
-        assert_eq!(decode_splits(0, 8, wave, 8192, MAX_DECODE_SPLITS, None), 1);
+        assert_eq!(decode_splits(56, 8, wave, 8192, MAX_DECODE_SPLITS), 2);
+        assert_eq!(decode_splits(64, 8, wave, 8192, MAX_DECODE_SPLITS), 2);
+        assert_eq!(decode_splits(80, 8, wave, 8192, MAX_DECODE_SPLITS), 1);
+        assert_eq!(decode_splits(128, 8, wave, 8192, MAX_DECODE_SPLITS), 1);
+        assert_eq!(decode_splits(0, 8, wave, 8192, MAX_DECODE_SPLITS), 1);
         // The earlier rule: four CTAs per SM aimed for, rounded up (batch 32: three shares).
-        let fill = Some(OLD_SPLIT_BLOCKS_PER_SM * 132);
-        assert_eq!(decode_splits(32, 8, wave, 8192, MAX_DECODE_SPLITS, fill), 3);
-        assert_eq!(decode_splits(1, 8, wave, 1024, MAX_DECODE_SPLITS, fill), 8);
-        assert_eq!(decode_splits(128, 8, wave, 8192, MAX_DECODE_SPLITS, fill), 1);
+        let fill = SplitRule::Fill(OLD_SPLIT_BLOCKS_PER_SM * 132);
+        assert_eq!(decode_splits(32, 8, fill, 8192, MAX_DECODE_SPLITS), 3);
+        assert_eq!(decode_splits(1, 8, fill, 1024, MAX_DECODE_SPLITS), 8);
+        assert_eq!(decode_splits(128, 8, fill, 8192, MAX_DECODE_SPLITS), 1);
+        // Forced shares (A/B runs) stop at the scratch.
+        let fixed = SplitRule::Fixed { splits: 4, ctas: decode_split_ctas(132) };
+        assert_eq!(decode_splits(32, 8, fixed, 8192, MAX_DECODE_SPLITS), 4);
+        assert_eq!(decode_splits(128, 8, fixed, 8192, MAX_DECODE_SPLITS), 3);
+        assert_eq!(decode_splits(128, 8, fixed, 256, MAX_DECODE_SPLITS), 2);
         for tokens in 1..64 {
             for kv in [1, 2, 4, 8, 16] {
                 for sms in [16, 78, 114, 132] {
                     for resident in [1, 2, 3, 4, 8, 16] {
-                        for fill in [None, Some(OLD_SPLIT_BLOCKS_PER_SM * sms)] {
-                            let wave = decode_split_wave(sms, resident);
-                            let s = decode_splits(tokens, kv, wave, 1 << 20, MAX_DECODE_SPLITS, fill);
+                        for rule in [
+                            SplitRule::Wave(decode_split_wave(sms, resident)),
+                            SplitRule::Fill(OLD_SPLIT_BLOCKS_PER_SM * sms),
+                            SplitRule::Fixed { splits: resident, ctas: decode_split_ctas(sms) },
+                        ] {
+                            let s = decode_splits(tokens, kv, rule, 1 << 20, MAX_DECODE_SPLITS);
                             assert!((1..=MAX_DECODE_SPLITS).contains(&s));
                             if s > 1 {
                                 // Rows of the scratch: tokens x heads x splits, heads = kv x group.
