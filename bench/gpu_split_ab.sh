@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The decode attention's split-KV share count against the rule (ops::decode_splits) on the GPU host:
+# GPU-only decode-graph replays of the 8B shape (IRONLLM_TIME_GRAPHS) for every captured batch up to 128,
+# with the default rule, the rule before 2026-11-28 (IRONLLM_DECODE_SPLIT_FILL=4) and 1-4 shares forced
+# (IRONLLM_DECODE_SPLITS=N, where the scratch holds them), at context 1024 and 4096, ROUNDS rounds
+# interleaved. Runs from the repository root with the binary staged in .gpu/ (scripts/gpu_stage.sh).
+# usage: ROUNDS=2 bash bench/gpu_split_ab.sh OUTDIR        (~5-6 minutes for two rounds)
+set -uo pipefail
+R=${1:-/tmp/ironllm-split-ab}
+mkdir -p "$R"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} IRONLLM_CACHE_DIR=${IRONLLM_CACHE_DIR:-/tmp/ironllm-cache}
+[ -e .gpu/ironllm.gz ] && gunzip -f -k .gpu/ironllm.gz && chmod +x .gpu/ironllm
+replay() { # label ctx [env...]
+  local label=$1 ctx=$2
+  shift 2
+  env "$@" IRONLLM_TIME_GRAPHS=$ctx timeout 150 .gpu/ironllm bench latency bench/configs/llama-3.1-8b \
+    --load-format dummy --device cuda --batch-size 1 --input-len 16 --output-len 2 --num-iters-warmup 0 \
+    --num-iters 1 --dtype bfloat16 --max-model-len 8192 --max-num-seqs 128 2>&1 | sed 's/\x1b\[[0-9;]*m//g' \
+    | grep "per replay\|rror\|split-KV" | sed "s/.*INFO [a-z_:]*/$label, context $ctx:/" | tee -a "$R/replays.txt"
+}
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  for ctx in 1024 4096; do
+    replay "round $round, rule" $ctx
+    replay "round $round, earlier rule" $ctx IRONLLM_DECODE_SPLIT_FILL=4
+    for n in 1 2 3 4; do replay "round $round, $n shares" $ctx IRONLLM_DECODE_SPLITS=$n; done
+  done
+done
