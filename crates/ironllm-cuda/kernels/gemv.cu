@@ -16,8 +16,9 @@
 // The host uses it for m <= 2 only (see ops::GEMV_MAX_M for the measurement); m = 3, 4 are tested too.
 //
 // On Hopper the host launches it as a programmatic dependent (see pdl_wait in common.cuh): the weights
-// never depend on earlier kernels, so each warp may first ask L2 for the start of its rows (GEMV_PREFETCH,
-// small weights only: see there) and only then waits for the kernel that writes x.
+// never depend on earlier kernels, so each warp first asks L2 for the start of its rows (whole rows of
+// small weights, GEMV_PREFETCH; the first 512 bytes of larger ones, GEMV_PREFETCH_LARGE: see there) and
+// only then waits for the kernel that writes x.
 
 // The tuning knobs can be overridden with -D for the measurement in bench/gpu_gemv_bw.py; the runtime
 // uses these values (the host's grid arithmetic assumes GEMV_WARPS * GEMV_ROWS rows per block).
@@ -35,12 +36,12 @@
 #endif
 #define GEMV_MAX_M 4
 // 16-byte chunks per lane and row prefetched into L2 before the wait (8 chunks: 4 KB of weights per warp),
-// for weights of at most GEMV_PREFETCH_MAX_MB only. Measured on H200s (2026-11-28, GPU-only decode graph
+// for weights of at most GEMV_PREFETCH_MAX_MB (larger ones: GEMV_PREFETCH_LARGE below). Measured on H200s (2026-11-28, GPU-only decode graph
 // replays, bench/results/gpu-2026-11-28-h200-session16): the SmolLM2-135M shape's batch-1 step takes
 // 0.62 ms with the prefetch against 0.70 ms without (its layers' weights are 1-4 MB: the hint pulls whole
 // matrices into L2 while the kernel before runs); for the 8B shape (weights of 34-235 MB) the prefetch
-// cost time (4.64 against 4.31 ms a step, an earlier H200), and with this rule its step is that of no
-// prefetch (4.28 ms both). Loading the first chunks into registers before the wait instead was no better
+// cost time (4.64 against 4.31 ms a step, an earlier H200), and with this rule alone its step was that of
+// no prefetch (4.28 ms both). Loading the first chunks into registers before the wait instead was no better
 // for the small shape and worse for the 8B one (4.47 ms). Weights between 4 and 34 MB were not measured;
 // 16 MB stays well under the L2 of the cards in use (50 MB).
 #ifndef GEMV_PREFETCH
