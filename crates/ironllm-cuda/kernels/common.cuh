@@ -79,6 +79,51 @@ template <> __device__ __forceinline__ float round_to<float>(float v) { return v
 template <> __device__ __forceinline__ float round_to<bf16>(float v) { return bf16_to_float(float_to_bf16(v)); }
 template <> __device__ __forceinline__ float round_to<f16>(float v) { return f16_to_float(float_to_f16(v)); }
 
+// 16-byte packs: pack16<T>::N elements (4 f32 or 8 bf16/f16) travel as one uint4 (unpack16 widens to f32,
+// pack16_from rounds to T).
+
+template <typename T> struct pack16 { static constexpr int N = 16 / (int)sizeof(T); };
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15ull) == 0; }
+
+template <typename T> __device__ __forceinline__ void unpack16(const uint4& u, float* f);
+template <> __device__ __forceinline__ void unpack16<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+template <> __device__ __forceinline__ void unpack16<bf16>(const uint4& u, float* f) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <> __device__ __forceinline__ void unpack16<f16>(const uint4& u, float* f) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = f16_to_float((f16_t)(w[i] & 0xffffu));
+        f[2 * i + 1] = f16_to_float((f16_t)(w[i] >> 16));
+    }
+}
+
+template <typename T> __device__ __forceinline__ uint4 pack16_from(const float* f);
+template <> __device__ __forceinline__ uint4 pack16_from<float>(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+template <> __device__ __forceinline__ uint4 pack16_from<bf16>(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_bf16(f[2 * i]) | ((unsigned int)float_to_bf16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ uint4 pack16_from<f16>(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_f16(f[2 * i]) | ((unsigned int)float_to_f16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -2,7 +2,9 @@
 // m < M <= GEMV_MAX_M, with w row-major [n, k] (a linear layer's weight) and x, y row-major.
 //
 // extern "C" gemv_T(T* y, const T* x, const T* w, int m, int n, int k), and gemv_T_f32 with a float y
-// (the LM head's logits)
+// (the LM head's logits); gemv_swiglu_T (gate/up with SiLU-and-mul), and the fused forms at the end of
+// the file: the input norm in the prologue (gemv_norm_T, gemv_swiglu_norm_T), the residual add in the
+// epilogue (gemv_acc_T).
 //   grid = (ceil(n / (GEMV_WARPS * rows))), block = GEMV_WARPS * 32, rows = GEMV_ROWS_M1 for m = 1 and
 //   GEMV_ROWS otherwise; k % 8 == 0, rows 16-byte aligned.
 //
@@ -67,45 +69,68 @@
 #define GEMV_UNROLL 8
 #endif
 
-__device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const bf16*) {
-    const unsigned int w[4] = {c.x, c.y, c.z, c.w};
+// The NORM forms' prologue: out[j] = rms_norm(x[j]) * norm_w for the block's M rows of k elements, in
+// shared memory, with rms_norm_row's arithmetic and summation order (layers.cu: the block's 256 threads
+// strided over 16-byte chunks, then block_sum), so the GEMM sees exactly the rows that kernel writes.
+// Every block recomputes it (the rows are a few KB in L2), and no block loads weights meanwhile: see
+// ops::gemv_norm_takes for where that pays.
+template <typename T>
+__device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __restrict__ x, const uint4* __restrict__ norm_w,
+                                                 int m, int chunks, int k, float eps) {
+    __shared__ float scratch[32];
+    for (int j = 0; j < m; ++j) {
+        const uint4* xj = x + (long long)j * chunks;
+        float ss = 0.0f;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[8];
+            unpack16<T>(xj[c], v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void gemv_unpack(const uint4& c, float (&f)[8], const f16*) {
-    const unsigned int w[4] = {c.x, c.y, c.z, c.w};
+            for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float inv = rsqrtf(ss / (float)k + eps);
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[8], g[8];
+            unpack16<T>(xj[c], v);
+            unpack16<T>(norm_w[c], g);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = f16_to_float((f16_t)(w[i] & 0xffffu));
-        f[2 * i + 1] = f16_to_float((f16_t)(w[i] >> 16));
+            for (int i = 0; i < 8; ++i) v[i] = g[i] * round_to<T>(v[i] * inv);
+            out[j * chunks + c] = pack16_from<T>(v);
+        }
     }
+    __syncthreads();
 }
 
 // SWIGLU (GEMV_R == 2, Y == T): w is the stacked [gate; up] weight of 2n rows, the warp owns column c of
 // the n intermediate columns and reads gate row c and up row n + c; the epilogue rounds both sums to T,
 // then stores round(silu(g)) * u as silu_and_mul_T (layers.cu) does, so the result is bit for bit that of
 // this kernel's plain form over the 2n rows followed by silu_and_mul_T.
-template <typename T, typename Y, int M, int GEMV_R, bool SWIGLU = false>
-__device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
+//
+// NORM: x is the residual stream and the block first computes rms_norm(x) * norm_w into shared memory
+// (gemv_normed_rows above), so the decode step needs no norm kernel of its own before this GEMM.
+// ACC (Y == T): y += x w^T, rounded as a GEMM into a buffer of T followed by add_rms_norm_T's add (the
+// product rounded to T, then the sum), so a step with both forms is bit for bit the unfused one.
+template <typename T, typename Y, int M, int GEMV_R, bool SWIGLU = false, bool NORM = false, bool ACC = false>
+__device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k,
+                          const T* __restrict__ norm_w = nullptr, float eps = 0.0f) {
     static_assert(!SWIGLU || GEMV_R == 2, "the SwiGLU form reads one gate row and one up row");
+    static_assert(!ACC || !SWIGLU, "the SwiGLU form overwrites its output");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row0 = SWIGLU ? blockIdx.x * GEMV_WARPS + warp : (blockIdx.x * GEMV_WARPS + warp) * GEMV_R;
-    if (row0 >= n) return;
+    // Warps past the last row still take part in the block's norm.
+    if (!NORM && row0 >= n) return;
     const int chunks = k >> 3;  // 16-byte chunks per row
-    const uint4* __restrict__ xr = reinterpret_cast<const uint4*>(x);
     const uint4* __restrict__ wr[GEMV_R];
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r) {
-        // A missing last row (odd n) re-reads row0 and is not stored.
-        const int row = SWIGLU ? row0 + r * n : (row0 + r < n ? row0 + r : row0);
+        // A missing last row (odd n, or a warp past n in the NORM form) re-reads a valid row and is not stored.
+        const int first = NORM && row0 >= n ? 0 : row0;
+        const int row = SWIGLU ? first + r * n : (first + r < n ? first + r : first);
         wr[r] = reinterpret_cast<const uint4*>(w + (long long)row * k);
     }
     // Chunks to prefetch: none past the row, GEMV_PREFETCH_LARGE per lane of a large weight.
     const bool small = (SWIGLU ? 2LL : 1LL) * n * k * (long long)sizeof(T) <= (long long)GEMV_PREFETCH_MAX_MB << 20;
-    const int pf_end = small ? chunks : min(chunks, 32 * GEMV_PREFETCH_LARGE);
+    const int pf_end = NORM && row0 >= n ? 0 : small ? chunks : min(chunks, 32 * GEMV_PREFETCH_LARGE);
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r)
 #pragma unroll
@@ -114,6 +139,12 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
             if (c < pf_end) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
         }
     pdl_enter();
+    extern __shared__ uint4 gemv_normed[];  // NORM: [M][chunks]
+    const uint4* __restrict__ xs = reinterpret_cast<const uint4*>(x);
+    if (NORM) {
+        gemv_normed_rows<T>(gemv_normed, xs, reinterpret_cast<const uint4*>(norm_w), M, chunks, k, eps);
+        if (row0 >= n) return;
+    }
     float acc[GEMV_R][M];
 #pragma unroll
     for (int r = 0; r < GEMV_R; ++r)
@@ -127,11 +158,11 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         for (int r = 0; r < GEMV_R; ++r) wv[r] = wr[r][c];
         float xf[M][8];
 #pragma unroll
-        for (int j = 0; j < M; ++j) gemv_unpack(xr[(long long)j * chunks + c], xf[j], (const T*)nullptr);
+        for (int j = 0; j < M; ++j) unpack16<T>(NORM ? gemv_normed[j * chunks + c] : xs[(long long)j * chunks + c], xf[j]);
 #pragma unroll
         for (int r = 0; r < GEMV_R; ++r) {
             float wf[8];
-            gemv_unpack(wv[r], wf, (const T*)nullptr);
+            unpack16<T>(wv[r], wf);
 #pragma unroll
             for (int j = 0; j < M; ++j)
 #pragma unroll
@@ -155,7 +186,10 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
         for (int r = 0; r < GEMV_R; ++r) {
             if (row0 + r >= n) break;
 #pragma unroll
-            for (int j = 0; j < M; ++j) store_f(y + (long long)j * n + row0 + r, acc[r][j]);
+            for (int j = 0; j < M; ++j) {
+                Y* out = y + (long long)j * n + row0 + r;
+                store_f(out, ACC ? round_to<T>(load_f(out) + round_to<T>(acc[r][j])) : acc[r][j]);
+            }
         }
     }
 }
@@ -182,6 +216,31 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
             default: break;                                                                               \
         }                                                                                                 \
     }
+// The NORM and ACC forms (see gemv_impl) for m <= 2, same grids; the NORM forms take m * k * sizeof(T) bytes
+// of dynamic shared memory.
+//   gemv_norm_T(T* y, const T* x, const T* w, int m, int n, int k, const T* norm_w, float eps)
+//   gemv_swiglu_norm_T(T* act, const T* x, const T* w_gate_up, int m, int inter, int k, const T* norm_w, float eps)
+//   gemv_acc_T(T* y, const T* x, const T* w, int m, int n, int k)
+#define GEMV_FUSED(T, S)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS) gemv_norm_##S(         \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int n, int k,          \
+        const T* __restrict__ norm_w, float eps) {                                                         \
+        if (m == 1) gemv_impl<T, T, 1, GEMV_ROWS_M1, false, true>(y, x, w, n, k, norm_w, eps);            \
+        else if (m == 2) gemv_impl<T, T, 2, GEMV_ROWS, false, true>(y, x, w, n, k, norm_w, eps);          \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS) gemv_swiglu_norm_##S(  \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int inter, int k,      \
+        const T* __restrict__ norm_w, float eps) {                                                         \
+        if (m == 1) gemv_impl<T, T, 1, 2, true, true>(y, x, w, inter, k, norm_w, eps);                    \
+        else if (m == 2) gemv_impl<T, T, 2, 2, true, true>(y, x, w, inter, k, norm_w, eps);               \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)                       \
+        gemv_acc_##S(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m, int n, int k) { \
+        if (m == 1) gemv_impl<T, T, 1, GEMV_ROWS_M1, false, false, true>(y, x, w, n, k);                  \
+        else if (m == 2) gemv_impl<T, T, 2, GEMV_ROWS, false, false, true>(y, x, w, n, k);                \
+    }
+GEMV_FUSED(bf16, bf16)
+GEMV_FUSED(f16, f16)
 GEMV_SWIGLU(bf16, bf16)
 GEMV_SWIGLU(f16, f16)
 GEMV(bf16, bf16, bf16)

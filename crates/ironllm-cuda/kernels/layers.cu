@@ -24,55 +24,10 @@
 #define LAYERS_THREADS 256
 #define LAYERS_COLS_PER_BLOCK 2048
 
-// ---------------------------------------------------------------------------------------------------
-// 16-byte packs: LAYERS_PACK<T> elements (4 f32 or 8 bf16/f16) travel as one uint4.
-
-template <typename T> struct layers_pack { static constexpr int N = 16 / (int)sizeof(T); };
-
-__device__ __forceinline__ bool layers_aligned16(const void* p) { return (((unsigned long long)p) & 15ull) == 0; }
-
-template <typename T> __device__ __forceinline__ void layers_unpack(const uint4& u, float* f);
-template <> __device__ __forceinline__ void layers_unpack<float>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
-}
-template <> __device__ __forceinline__ void layers_unpack<bf16>(const uint4& u, float* f) {
-    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-template <> __device__ __forceinline__ void layers_unpack<f16>(const uint4& u, float* f) {
-    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = f16_to_float((f16_t)(w[i] & 0xffffu));
-        f[2 * i + 1] = f16_to_float((f16_t)(w[i] >> 16));
-    }
-}
-
-template <typename T> __device__ __forceinline__ uint4 layers_pack_from(const float* f);
-template <> __device__ __forceinline__ uint4 layers_pack_from<float>(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-template <> __device__ __forceinline__ uint4 layers_pack_from<bf16>(const float* f) {
-    unsigned int w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_bf16(f[2 * i]) | ((unsigned int)float_to_bf16(f[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-template <> __device__ __forceinline__ uint4 layers_pack_from<f16>(const float* f) {
-    unsigned int w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = (unsigned int)float_to_f16(f[2 * i]) | ((unsigned int)float_to_f16(f[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // Copies one row of `n` elements with the whole block: 16-byte moves when both rows allow them.
 template <typename T> __device__ __forceinline__ void layers_copy_row(T* dst, const T* src, int n) {
     const long long bytes = (long long)n * (long long)sizeof(T);
-    if ((bytes & 15) == 0 && layers_aligned16(dst) && layers_aligned16(src)) {
+    if ((bytes & 15) == 0 && aligned16(dst) && aligned16(src)) {
         const uint4* s = reinterpret_cast<const uint4*>(src);
         uint4* d = reinterpret_cast<uint4*>(dst);
         const int units = (int)(bytes >> 4);
@@ -109,7 +64,7 @@ IRONLLM_FOR_EACH_DTYPE(EMBEDDING)
 template <typename T, bool kAddResidual>
 __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, int hidden, float eps) {
     __shared__ float scratch[32];
-    constexpr int N = layers_pack<T>::N;
+    constexpr int N = pack16<T>::N;
     const int row = blockIdx.x;
     const long long base = (long long)row * hidden;
     const T* xr = x + base;
@@ -117,20 +72,20 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
     T* outr = out + base;
     // The row that gets normalised: the updated residual (fused) or x.
     const T* src = kAddResidual ? (const T*)rr : xr;
-    const bool vec = (hidden % N) == 0 && layers_aligned16(xr) && layers_aligned16(outr) && layers_aligned16(weight) &&
-                     (!kAddResidual || layers_aligned16(rr));
+    const bool vec = (hidden % N) == 0 && aligned16(xr) && aligned16(outr) && aligned16(weight) &&
+                     (!kAddResidual || aligned16(rr));
     float ss = 0.0f;
     if (vec) {
         const int units = hidden / N;
         for (int c = threadIdx.x; c < units; c += blockDim.x) {
             float v[N];
-            layers_unpack<T>(reinterpret_cast<const uint4*>(xr)[c], v);
+            unpack16<T>(reinterpret_cast<const uint4*>(xr)[c], v);
             if (kAddResidual) {
                 float r[N];
-                layers_unpack<T>(reinterpret_cast<const uint4*>(rr)[c], r);
+                unpack16<T>(reinterpret_cast<const uint4*>(rr)[c], r);
 #pragma unroll
                 for (int i = 0; i < N; ++i) v[i] = round_to<T>(r[i] + v[i]);
-                reinterpret_cast<uint4*>(rr)[c] = layers_pack_from<T>(v);
+                reinterpret_cast<uint4*>(rr)[c] = pack16_from<T>(v);
             }
 #pragma unroll
             for (int i = 0; i < N; ++i) ss = fmaf(v[i], v[i], ss);
@@ -151,11 +106,11 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
         const int units = hidden / N;
         for (int c = threadIdx.x; c < units; c += blockDim.x) {
             float v[N], w[N];
-            layers_unpack<T>(reinterpret_cast<const uint4*>(src)[c], v);
-            layers_unpack<T>(reinterpret_cast<const uint4*>(weight)[c], w);
+            unpack16<T>(reinterpret_cast<const uint4*>(src)[c], v);
+            unpack16<T>(reinterpret_cast<const uint4*>(weight)[c], w);
 #pragma unroll
             for (int i = 0; i < N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
-            reinterpret_cast<uint4*>(outr)[c] = layers_pack_from<T>(v);
+            reinterpret_cast<uint4*>(outr)[c] = pack16_from<T>(v);
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x)
@@ -292,7 +247,7 @@ template <typename T>
 __device__ void rope_kv_pack_impl(T* qkv, T* k_cache, T* v_cache, const float* cos_table, const float* sin_table,
                                   const int* positions, const int64_t* slot_mapping, int num_tokens, int num_heads,
                                   int num_kv_heads, int head_dim, int block_size) {
-    constexpr int P = layers_pack<T>::N;
+    constexpr int P = pack16<T>::N;
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
     const int half = head_dim >> 1;
@@ -310,8 +265,8 @@ __device__ void rope_kv_pack_impl(T* qkv, T* k_cache, T* v_cache, const float* c
             const int c = (it - head * ppr) * P;
             T* x = row + (long long)head * head_dim + c;
             float x1[P], x2[P], cs[P], sn[P];
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(x), x1);
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(x + half), x2);
+            unpack16<T>(*reinterpret_cast<const uint4*>(x), x1);
+            unpack16<T>(*reinterpret_cast<const uint4*>(x + half), x2);
             const float4* cp = reinterpret_cast<const float4*>(cos_table + pos * half + c);
             const float4* sp = reinterpret_cast<const float4*>(sin_table + pos * half + c);
 #pragma unroll
@@ -328,7 +283,7 @@ __device__ void rope_kv_pack_impl(T* qkv, T* k_cache, T* v_cache, const float* c
                 x1[j] = round_to<T>(a);
                 x2[j] = round_to<T>(b);
             }
-            const uint4 u1 = layers_pack_from<T>(x1), u2 = layers_pack_from<T>(x2);
+            const uint4 u1 = pack16_from<T>(x1), u2 = pack16_from<T>(x2);
             *reinterpret_cast<uint4*>(x) = u1;
             *reinterpret_cast<uint4*>(x + half) = u2;
             if (head >= num_heads && slot >= 0) {
@@ -364,7 +319,7 @@ IRONLLM_FOR_EACH_DTYPE(ROPE_KV_PACK)
 //   silu_for<T> (the fast exp and divide for 16-bit T), shared with gemm_sm90.cu's fused epilogue.
 
 template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up, int rows, int inter) {
-    constexpr int N = layers_pack<T>::N;
+    constexpr int N = pack16<T>::N;
     const int r = blockIdx.x;
     const int c0 = blockIdx.y * LAYERS_COLS_PER_BLOCK;
     if (r >= rows || c0 >= inter) return;
@@ -372,14 +327,14 @@ template <typename T> __device__ void silu_and_mul_impl(T* out, const T* gate_up
     const T* g = gate_up + (long long)r * 2 * inter;
     const T* u = g + inter;
     T* o = out + (long long)r * inter;
-    if ((inter % N) == 0 && layers_aligned16(g) && layers_aligned16(o)) {
+    if ((inter % N) == 0 && aligned16(g) && aligned16(o)) {
         for (int c = c0 + threadIdx.x * N; c < c1; c += blockDim.x * N) {
             float gv[N], uv[N];
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(g + c), gv);
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(u + c), uv);
+            unpack16<T>(*reinterpret_cast<const uint4*>(g + c), gv);
+            unpack16<T>(*reinterpret_cast<const uint4*>(u + c), uv);
 #pragma unroll
             for (int i = 0; i < N; ++i) gv[i] = round_to<T>(silu_for<T>(gv[i])) * uv[i];
-            *reinterpret_cast<uint4*>(o + c) = layers_pack_from<T>(gv);
+            *reinterpret_cast<uint4*>(o + c) = pack16_from<T>(gv);
         }
     } else {
         for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x)
@@ -398,20 +353,20 @@ IRONLLM_FOR_EACH_DTYPE(SILU_AND_MUL)
 // 6. Bias add in place: x[r, c] = T(x[r, c] + bias[c]). grid = (rows, ceil(cols / 2048)), block = 256.
 
 template <typename T> __device__ void add_bias_impl(T* x, const T* bias, int rows, int cols) {
-    constexpr int N = layers_pack<T>::N;
+    constexpr int N = pack16<T>::N;
     const int r = blockIdx.x;
     const int c0 = blockIdx.y * LAYERS_COLS_PER_BLOCK;
     if (r >= rows || c0 >= cols) return;
     const int c1 = min(c0 + LAYERS_COLS_PER_BLOCK, cols);
     T* xr = x + (long long)r * cols;
-    if ((cols % N) == 0 && layers_aligned16(xr) && layers_aligned16(bias)) {
+    if ((cols % N) == 0 && aligned16(xr) && aligned16(bias)) {
         for (int c = c0 + threadIdx.x * N; c < c1; c += blockDim.x * N) {
             float xv[N], bv[N];
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(xr + c), xv);
-            layers_unpack<T>(*reinterpret_cast<const uint4*>(bias + c), bv);
+            unpack16<T>(*reinterpret_cast<const uint4*>(xr + c), xv);
+            unpack16<T>(*reinterpret_cast<const uint4*>(bias + c), bv);
 #pragma unroll
             for (int i = 0; i < N; ++i) xv[i] += bv[i];
-            *reinterpret_cast<uint4*>(xr + c) = layers_pack_from<T>(xv);
+            *reinterpret_cast<uint4*>(xr + c) = pack16_from<T>(xv);
         }
     } else {
         for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) store_f(xr + c, load_f(xr + c) + load_f(bias + c));

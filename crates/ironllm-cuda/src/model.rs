@@ -82,6 +82,10 @@ pub struct CudaLlama {
     /// Steps the skinny GEMM serves (one or two decode rows) run gate/up with SiLU-and-mul in its epilogue
     /// (`ops::gemv_swiglu`); `IRONLLM_DISABLE_GEMV_SWIGLU` turns it off for side-by-side measurements.
     gemv_swiglu: bool,
+    /// Steps the skinny GEMM serves normalize the residual stream in the QKV and gate/up GEMMs' prologue
+    /// (`ops::gemm_normed`, `ops::gemv_swiglu` with a norm) instead of a norm kernel each;
+    /// `IRONLLM_DISABLE_GEMV_NORM` turns it off for side-by-side measurements.
+    gemv_norm: bool,
 }
 
 /// Whether the residual stream already holds the last projection's output, which decides the next norm.
@@ -463,6 +467,7 @@ impl CudaLlama {
             attn_kernels,
             fused_gate_up_min_rows,
             gemv_swiglu: std::env::var_os("IRONLLM_DISABLE_GEMV_SWIGLU").is_none(),
+            gemv_norm: std::env::var_os("IRONLLM_DISABLE_GEMV_NORM").is_none(),
         })
     }
 
@@ -630,9 +635,18 @@ impl CudaLlama {
         // Where the last o_proj / down output is; the embedding leaves nothing pending.
         let mut state = Residual::Summed;
         for (li, layer) in self.layers.iter().enumerate() {
-            residual_norm(gpu, state, residual, proj, &layer.input_norm, normed, t, h, eps)?;
-            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
-            ops::gemm(gpu, qkv, normed, &layer.qkv, layer.qkv_bias.as_ref(), t, qkv_w, h)?;
+            // The norm in the QKV GEMM's prologue where it takes it (the residual stream complete), else
+            // a norm kernel first.
+            let input_norm = ops::InputNorm { weight: &layer.input_norm, eps };
+            let qkv_bias = layer.qkv_bias.as_ref();
+            if !(self.gemv_norm
+                && state == Residual::Summed
+                && ops::gemm_normed(gpu, qkv, residual, input_norm, &layer.qkv, qkv_bias, t, qkv_w, h)?)
+            {
+                residual_norm(gpu, state, residual, proj, &layer.input_norm, normed, t, h, eps)?;
+                op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
+                ops::gemm(gpu, qkv, normed, &layer.qkv, qkv_bias, t, qkv_w, h)?;
+            }
             op_timer::mark(&mut prof, gpu, Op::QkvGemm, gemm_flops(qkv_w, h))?;
             let (kc, vc) = &mut kv.layers[li];
             let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
@@ -656,21 +670,33 @@ impl CudaLlama {
             op_timer::mark(&mut prof, gpu, Op::AttnPrefill, Work::Flops(attn_flops))?;
             state = self.project_into_residual(residual, proj, attn, &layer.o_proj, layer.o_bias.as_ref(), t, qw)?;
             op_timer::mark(&mut prof, gpu, Op::OGemm, gemm_flops(h, qw))?;
-            residual_norm(gpu, state, residual, proj, &layer.post_norm, normed, t, h, eps)?;
-            op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
-            if fused_gate_up {
-                fused_mlp::gate_up_silu(gpu, act, normed, &layer.gate_up, t, inter, h)?;
-                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
-            } else if self.gemv_swiglu
-                && layer.gate_up_bias.is_none()
-                && ops::gemv_swiglu(gpu, act, normed, &layer.gate_up, t, inter, h)?
-            {
-                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
+            // Gate/up with SiLU-and-mul: the skinny GEMM with the norm in its prologue, else a norm kernel
+            // and then the Hopper kernel with SiLU in its epilogue, the skinny GEMM with it, or a GEMM and
+            // a SiLU-and-mul kernel.
+            let swiglu = !fused_gate_up && self.gemv_swiglu && layer.gate_up_bias.is_none();
+            let post_norm = ops::InputNorm { weight: &layer.post_norm, eps };
+            let normed_in_gemm = swiglu
+                && self.gemv_norm
+                && state == Residual::Summed
+                && ops::gemv_swiglu(gpu, act, residual, Some(post_norm), &layer.gate_up, t, inter, h)?;
+            let gate_up_work = gemm_flops(2 * inter, h);
+            if normed_in_gemm {
+                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gate_up_work)?;
             } else {
-                ops::gemm(gpu, gate_up, normed, &layer.gate_up, layer.gate_up_bias.as_ref(), t, 2 * inter, h)?;
-                op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gemm_flops(2 * inter, h))?;
-                ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
-                op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
+                residual_norm(gpu, state, residual, proj, &layer.post_norm, normed, t, h, eps)?;
+                op_timer::mark(&mut prof, gpu, Op::Norm, norm_bytes(state))?;
+                if fused_gate_up {
+                    fused_mlp::gate_up_silu(gpu, act, normed, &layer.gate_up, t, inter, h)?;
+                    op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gate_up_work)?;
+                } else if swiglu && ops::gemv_swiglu(gpu, act, normed, None, &layer.gate_up, t, inter, h)? {
+                    op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gate_up_work)?;
+                } else {
+                    let bias = layer.gate_up_bias.as_ref();
+                    ops::gemm(gpu, gate_up, normed, &layer.gate_up, bias, t, 2 * inter, h)?;
+                    op_timer::mark(&mut prof, gpu, Op::GateUpGemm, gate_up_work)?;
+                    ops::silu_and_mul(gpu, act, gate_up, t, inter)?;
+                    op_timer::mark(&mut prof, gpu, Op::SiluMul, Work::Bytes(3.0 * tf * inter as f64 * e))?;
+                }
             }
             state = self.project_into_residual(residual, proj, act, &layer.down, layer.down_bias.as_ref(), t, inter)?;
             op_timer::mark(&mut prof, gpu, Op::DownGemm, gemm_flops(h, inter))?;

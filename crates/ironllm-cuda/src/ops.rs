@@ -719,33 +719,128 @@ pub(crate) fn gate_up_sizes(
     need(w, 2 * inter * k, &format!("{op} w"))
 }
 
+/// An RMSNorm the skinny GEMM applies to its input rows in its prologue (`gemv.cu`, the NORM forms): x is
+/// then the residual stream and the GEMM multiplies `rms_norm(x) * weight`, bit for bit [`rms_norm`]'s rows.
+#[derive(Debug, Clone, Copy)]
+pub struct InputNorm<'a> {
+    pub weight: &'a DevBuf,
+    pub eps: f32,
+}
+
+/// Most dynamic shared memory the NORM forms ask for: two rows of 8192 in bf16/f16, within the 48 KiB a
+/// block gets without opting in (its static scratch included), four such blocks to an SM.
+const GEMV_NORM_SMEM: usize = 32 * 1024;
+/// Largest weight the skinny GEMM prefetches whole into L2 before it waits for the kernel before it
+/// (`GEMV_PREFETCH_MAX_MB` in `gemv.cu`).
+const GEMV_WHOLE_PREFETCH_BYTES: usize = 16 << 20;
+
+/// Whether the skinny GEMM's NORM form serves `m` rows of `k` elements of `d` over a weight of
+/// `weight_bytes`: where [`gemm`] takes the skinny path, the normalized rows fit [`GEMV_NORM_SMEM`], and
+/// the weight is one the GEMM prefetches whole into L2 while the kernel before it runs. Why that weight:
+/// each block normalizes before it loads anything, and a kernel streaming its weights from memory loses
+/// that time on every wave of blocks, where one reading them from L2 loses about what the norm kernel
+/// cost. Measured on an H200 (2026-11-28, GPU-only decode graph replays, three rounds each,
+/// bench/results/gpu-2026-11-28-h200-session18): the SmolLM2-135M shape's batch-1 step (weights of 1-4 MB)
+/// 0.569 ms against 0.602 with the norm kernels (batch 2 0.651 both); the 8B shape (34-235 MB) with the
+/// norm in every GEMM 4.38 against 4.26 ms at batch 1 and 5.41 against 4.49 at batch 2, and with it in
+/// the QKV GEMM only at batch 2 (50 MB, one wave of blocks) 4.58 against 4.48.
+fn gemv_norm_takes(gpu: &Gpu, d: GpuDType, m: usize, k: usize, weight_bytes: usize) -> bool {
+    m > 0
+        && gemm_path(d, d, m, k, gpu.skinny_gemm) == GemmPath::Skinny
+        && m * k * d.size() <= GEMV_NORM_SMEM
+        && weight_bytes <= GEMV_WHOLE_PREFETCH_BYTES
+}
+
+/// Launches one of `gemv.cu`'s kernels on `blocks` blocks of `GEMV_WARPS` warps (see [`gemv_blocks`]): y,
+/// x, w, m, n, k, then the norm's weight and epsilon for the NORM forms. The caller has checked the
+/// buffers against (m, n, k).
+#[allow(clippy::too_many_arguments)]
+fn launch_gemv(
+    gpu: &Gpu,
+    name: &str,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    w: &DevBuf,
+    norm: Option<InputNorm<'_>>,
+    (m, n, k): (usize, usize, usize),
+    blocks: usize,
+) -> Result<(), CudaError> {
+    let f = gpu.function(name)?;
+    let smem = norm.map_or(0, |_| m * k * x.dtype.size());
+    let launch = cfg((blocks as u32, 1, 1), (GEMV_WARPS * 32) as u32, smem as u32);
+    let mut args = KernelArgs::new(gpu);
+    args.buf(&y.data).buf(&x.data).buf(&w.data).i32(i32_of(m, "m")?).i32(i32_of(n, "n")?).i32(i32_of(k, "k")?);
+    if let Some(norm) = norm {
+        need(norm.weight, k, "gemv norm weight")?;
+        args.buf(&norm.weight.data).f32(norm.eps);
+    }
+    // SAFETY: the caller checked the buffers against (m, n, k) and the norm weight holds k elements; the
+    // skinny path's k % 8 == 0 keeps every row 16-byte aligned in these allocations; the kernels wait
+    // (pdl_wait) before reading x or writing y.
+    unsafe { args.launch(f, launch) }.at(|| name.to_string())
+}
+
+/// `y[m, n] = (rms_norm(x) * norm.weight) @ w[n, k]^T (+ bias)` with the norm in the skinny GEMM's prologue
+/// (`gemv_norm_T`), where [`gemv_norm_takes`] says it pays; then `Ok(true)`: bit for bit [`rms_norm`] into a
+/// buffer followed by [`gemm`], one launch instead of two. Elsewhere it launches nothing and returns
+/// `Ok(false)`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_normed(
+    gpu: &Gpu,
+    y: &mut DevBuf,
+    x: &DevBuf,
+    norm: InputNorm<'_>,
+    w: &DevBuf,
+    bias: Option<&DevBuf>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<bool, CudaError> {
+    let d = same_dtype(&[y, x, w, norm.weight], "gemm_normed")?;
+    if !gemv_norm_takes(gpu, d, m, k, n * k * d.size()) {
+        return Ok(false);
+    }
+    gemm_operands("gemm_normed", y, x, w, (m, n, k))?;
+    let name = format!("gemv_norm_{}", d.suffix());
+    launch_gemv(gpu, &name, y, x, w, Some(norm), (m, n, k), gemv_blocks(m, n))?;
+    if let Some(bias) = bias {
+        add_bias(gpu, y, bias, m, n)?;
+    }
+    Ok(true)
+}
+
 /// `act[m, inter] = silu(x w_gate^T) * (x w_up^T)` for the stacked `[gate; up]` weight `w` of `2 inter` rows,
 /// through the skinny GEMM with the SiLU-and-mul in its epilogue, where [`gemm`] would take the skinny path
 /// (bf16/f16, m <= [`GEMV_MAX_M`]); then `Ok(true)`. The result is bit for bit [`gemm`] into a `[m, 2 inter]`
 /// buffer followed by [`silu_and_mul`], with one launch instead of two and without the gate/up buffer.
-/// Elsewhere it launches nothing and returns `Ok(false)`.
+/// With `norm`, x is the residual stream and the GEMM's prologue normalizes it (as [`gemm_normed`], where
+/// [`gemv_norm_takes`] says it pays). Elsewhere it launches nothing and returns `Ok(false)`.
+#[allow(clippy::too_many_arguments)]
 pub fn gemv_swiglu(
     gpu: &Gpu,
     act: &mut DevBuf,
     x: &DevBuf,
+    norm: Option<InputNorm<'_>>,
     w: &DevBuf,
     m: usize,
     inter: usize,
     k: usize,
 ) -> Result<bool, CudaError> {
     let d = same_dtype(&[act, x, w], "gemv_swiglu")?;
-    if m == 0 || gemm_path(d, d, m, k, gpu.skinny_gemm) != GemmPath::Skinny {
+    let takes = match norm {
+        Some(_) => gemv_norm_takes(gpu, d, m, k, 2 * inter * k * d.size()),
+        None => m > 0 && gemm_path(d, d, m, k, gpu.skinny_gemm) == GemmPath::Skinny,
+    };
+    if !takes {
         return Ok(false);
     }
+    if norm.is_some_and(|norm| norm.weight.dtype != d) {
+        return Err(CudaError::Invalid("gemv_swiglu: the norm weight's dtype differs from x's".into()));
+    }
     gate_up_sizes("gemv_swiglu", act, x, w, (m, inter, k))?;
-    let name = format!("gemv_swiglu_{}", d.suffix());
-    let f = gpu.function(&name)?;
-    let (mi, ii, ki) = (i32_of(m, "m")?, i32_of(inter, "intermediate")?, i32_of(k, "k")?);
-    let launch = cfg(((inter as u32).div_ceil(GEMV_WARPS as u32), 1, 1), (GEMV_WARPS * 32) as u32, 0);
-    // SAFETY: sizes checked above; k % 8 == 0 (the skinny path) keeps every row 16-byte aligned; the kernel
-    // waits (pdl_wait) before reading x or writing act.
-    unsafe { KernelArgs::new(gpu).buf(&act.data).buf(&x.data).buf(&w.data).i32(mi).i32(ii).i32(ki).launch(f, launch) }
-        .at(|| name)?;
+    let name = format!("gemv_swiglu{}_{}", if norm.is_some() { "_norm" } else { "" }, d.suffix());
+    // One warp per output column (a gate row and an up row), whatever m.
+    launch_gemv(gpu, &name, act, x, w, norm, (m, inter, k), inter.div_ceil(GEMV_WARPS))?;
     Ok(true)
 }
 
@@ -849,15 +944,7 @@ pub fn gemm(
         } else {
             format!("gemv_{}_f32", x.dtype.suffix())
         };
-        let f = gpu.function(&name)?;
-        let rows_per_block = (GEMV_WARPS * gemv_rows_per_warp(m)) as u32;
-        let launch = cfg(((n as u32).div_ceil(rows_per_block), 1, 1), (GEMV_WARPS * 32) as u32, 0);
-        // SAFETY: sizes checked above; k % 8 == 0 keeps every row 16-byte aligned in these allocations; the
-        // kernel waits (pdl_wait) before reading x or writing y.
-        unsafe {
-            KernelArgs::new(gpu).buf(&y.data).buf(&x.data).buf(&w.data).i32(mi).i32(ni).i32(ki).launch(f, launch)
-        }
-        .at(|| name)?;
+        launch_gemv(gpu, &name, y, x, w, None, (m, n, k), gemv_blocks(m, n))?;
     } else {
         cublaslt_gemm(gpu, y, x, w, (m, n, k), Output::Overwrite)?;
     }
@@ -870,15 +957,17 @@ pub fn gemm(
     Ok(())
 }
 
-/// `y[m, n] += x[m, k] @ w[n, k]^T (+ bias)` in place, the add done in the GEMM's epilogue (cuBLASLt
-/// with beta = 1), where [`gemm`] would run cuBLASLt and y has x's dtype (bf16/f16); then `Ok(true)`.
-/// Elsewhere (float32, the skinny GEMM's one or two rows, an f32 y) it launches nothing and returns
-/// `Ok(false)`, and the caller runs [`gemm`] into a buffer of its own and adds that (the decoder's
-/// residual stream: `add_rms_norm`).
+/// `y[m, n] += x[m, k] @ w[n, k]^T (+ bias)` in place, the add done in the GEMM's epilogue, where y has
+/// x's dtype (bf16/f16): cuBLASLt with beta = 1, or the skinny GEMM's accumulating form (`gemv_acc_T`) for
+/// its rows; then `Ok(true)`. Elsewhere (float32, an f32 y) it launches nothing and returns `Ok(false)`,
+/// and the caller runs [`gemm`] into a buffer of its own and adds that (the decoder's residual stream:
+/// `add_rms_norm`).
 ///
-/// Numerics: the sum is rounded once (the f32 product plus y, then one rounding to y's dtype), where
+/// Numerics: cuBLASLt rounds the sum once (the f32 product plus y, then one rounding to y's dtype), where
 /// `gemm` and a later add round the product to y's dtype and then the sum; the two differ by at most
-/// about one ulp of y. A bias is added afterwards by `add_bias`, a rounding of its own as in [`gemm`].
+/// about one ulp of y. The skinny form rounds as `gemm` and the add do, bit for bit (the decode step of
+/// one or two sequences is then that of the unfused kernels). A bias is added afterwards by `add_bias`, a
+/// rounding of its own as in [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_accumulate(
     gpu: &Gpu,
@@ -903,7 +992,12 @@ pub fn gemm_accumulate(
     if m == 0 {
         return Ok(true);
     }
-    cublaslt_gemm(gpu, y, x, w, (m, n, k), Output::Accumulate)?;
+    if gemm_path(x.dtype, y.dtype, m, k, gpu.skinny_gemm) == GemmPath::Skinny {
+        let name = format!("gemv_acc_{}", x.dtype.suffix());
+        launch_gemv(gpu, &name, y, x, w, None, (m, n, k), gemv_blocks(m, n))?;
+    } else {
+        cublaslt_gemm(gpu, y, x, w, (m, n, k), Output::Accumulate)?;
+    }
     if let Some(bias) = bias {
         add_bias(gpu, y, bias, m, n)?;
     }
@@ -952,10 +1046,10 @@ fn gemm_path(input: GpuDType, output: GpuDType, m: usize, k: usize, skinny: bool
     }
 }
 
-/// Whether [`gemm_accumulate`] takes this shape: cuBLASLt's epilogue adds in y's own dtype, and only
-/// cuBLASLt has an epilogue.
+/// Whether [`gemm_accumulate`] takes this shape: both cuBLASLt's epilogue and the skinny GEMM's add in y's
+/// own dtype; our float32 kernel has no epilogue.
 fn accumulates(input: GpuDType, output: GpuDType, m: usize, k: usize, skinny: bool) -> bool {
-    output == input && gemm_path(input, output, m, k, skinny) == GemmPath::Lt
+    output == input && gemm_path(input, output, m, k, skinny) != GemmPath::F32
 }
 
 /// Most rows the skinny GEMM (`gemv.cu`, which handles up to 4) serves: on the H200 it beat cuBLAS at
@@ -972,6 +1066,11 @@ fn gemv_rows_per_warp(m: usize) -> usize {
     } else {
         2
     }
+}
+
+/// Blocks of the skinny GEMM's plain, NORM and ACC forms for `m` rows and `n` output columns.
+fn gemv_blocks(m: usize, n: usize) -> usize {
+    n.div_ceil(GEMV_WARPS * gemv_rows_per_warp(m))
 }
 
 /// `y = x w^T` (or `y += x w^T`) through cuBLASLt (bf16/f16 inputs, f32 accumulation, y in its own
@@ -1087,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn gemm_accumulate_takes_exactly_the_shapes_gemm_sends_to_cublaslt_with_a_same_dtype_output() {
+    fn gemm_accumulate_takes_the_half_gemms_with_a_same_dtype_output() {
         use GpuDType::{BF16, F16, F32};
         // Rows past the skinny GEMM's, or any rows with it disabled: cuBLASLt, which accumulates.
         for d in [BF16, F16] {
@@ -1096,10 +1195,10 @@ mod tests {
             assert!(accumulates(d, d, 1, 4096, false));
             assert!(accumulates(d, d, 8192, 14336, true));
         }
-        // The skinny GEMM's rows (one decode token or two) fall back to gemm + add.
+        // The skinny GEMM's rows (one decode token or two): its accumulating form.
         for m in 1..=GEMV_MAX_M {
             assert_eq!(gemm_path(BF16, BF16, m, 4096, true), GemmPath::Skinny);
-            assert!(!accumulates(BF16, BF16, m, 4096, true));
+            assert!(accumulates(BF16, BF16, m, 4096, true));
         }
         // A k the skinny GEMM cannot read 16 bytes at a time goes to cuBLASLt even for one row.
         assert_eq!(gemm_path(BF16, BF16, 1, 4100, true), GemmPath::Lt);

@@ -1,10 +1,11 @@
 //! The half-precision GEMMs (`ops::gemm`: cuBLASLt for three rows and more, the skinny GEMM below) against
 //! a float64 product of the same rounded inputs, before and after `ops::tune_gemm` has timed and chosen
 //! algorithms, at sizes on and between the timed ones, with bf16/f16 and f32 outputs; and
-//! `ops::gemm_accumulate` (`y += x w^T` in cuBLASLt's epilogue) against `ops::gemm` plus the add on the
-//! host, where it declines (returns false) leaving y as it was; and the two gate/up GEMMs with SiLU-and-mul
-//! in their epilogue (the Hopper GEMM for prefill steps, the skinny GEMM for decode steps of one or two rows)
-//! against the GEMM and `ops::silu_and_mul` they replace.
+//! `ops::gemm_accumulate` (`y += x w^T` in cuBLASLt's or the skinny GEMM's epilogue) against `ops::gemm` plus
+//! the add on the host, where it declines (returns false) leaving y as it was; the two gate/up GEMMs with
+//! SiLU-and-mul in their epilogue (the Hopper GEMM for prefill steps, the skinny GEMM for decode steps of one
+//! or two rows) against the GEMM and `ops::silu_and_mul` they replace; and the skinny GEMM with the RMSNorm in
+//! its prologue against `ops::rms_norm` and the GEMM.
 //!
 //! Every test passes with a printed SKIP line on a machine without a CUDA device, so CPU CI stays green.
 
@@ -215,13 +216,22 @@ fn gemm_accumulate_adds_into_y_where_cublaslt_runs_and_declines_elsewhere() {
                 let mut yd = DevBuf::from_f32(&gpu, dt, &y0).expect("y");
                 let done = ops::gemm_accumulate(&gpu, &mut yd, &xd, &wd, bias, m, n, k).expect("gemm_accumulate");
                 let got = yd.to_f32(&gpu).expect("y");
+                assert!(done, "{what}: declined");
                 if gpu.skinny_gemm && m <= ops::GEMV_MAX_M {
-                    // The skinny GEMM's rows: nothing done, y untouched.
-                    assert!(!done, "{what}: accumulated where the skinny GEMM runs");
-                    assert_eq!(got, y0, "{what}: y changed although gemm_accumulate declined");
+                    // The skinny GEMM's rows: the product rounded as ops::gemm rounds it, then the sum in
+                    // f32 rounded once more, bit for bit (what add_rms_norm does with gemm's output).
+                    assert_eq!(got[m * n..], y0[m * n..], "{what}: rows past m changed");
+                    ops::gemm(&gpu, &mut pd, &xd, &wd, None, m, n, k).expect("gemm");
+                    let p = pd.to_f32(&gpu).expect("p");
+                    let mut want: Vec<f32> = (0..m * n).map(|i| y0[i] + p[i]).collect();
+                    want = rounded(dt, &want);
+                    if bias.is_some() {
+                        want = rounded(dt, &(0..m * n).map(|i| want[i] + b[i % n]).collect::<Vec<_>>());
+                    }
+                    let differ = (0..m * n).filter(|&i| got[i].to_bits() != want[i].to_bits()).count();
+                    assert_eq!(differ, 0, "{what}: {differ} sums differ from gemm + add");
                     continue;
                 }
-                assert!(done, "{what}: declined where cuBLASLt runs");
                 assert_eq!(got[m * n..], y0[m * n..], "{what}: rows past m changed");
                 ops::gemm(&gpu, &mut pd, &xd, &wd, bias, m, n, k).expect("gemm");
                 let p = pd.to_f32(&gpu).expect("p");
@@ -319,7 +329,7 @@ fn gemv_swiglu_is_the_skinny_gemm_then_silu_and_mul_bit_for_bit() {
     for dt in [GpuDType::BF16, GpuDType::F16] {
         for (m, inter, k) in [(1usize, 128usize, 64usize), (2, 136, 512), (1, 1536, 576), (2, 3000, 4096)] {
             let SwigluCase { x, w, mut fused, unfused: want } = swiglu_case(&gpu, &mut rng, dt, m, inter, k);
-            assert!(ops::gemv_swiglu(&gpu, &mut fused, &x, &w, m, inter, k).expect("gemv_swiglu"));
+            assert!(ops::gemv_swiglu(&gpu, &mut fused, &x, None, &w, m, inter, k).expect("gemv_swiglu"));
             let got = fused.to_f32(&gpu).expect("fused");
             let what = format!("{dt:?} m={m} inter={inter} k={k}");
             let differ = got[..m * inter].iter().zip(&want).filter(|(g, r)| g.to_bits() != r.to_bits()).count();
@@ -331,8 +341,81 @@ fn gemv_swiglu_is_the_skinny_gemm_then_silu_and_mul_bit_for_bit() {
         let wd = DevBuf::from_f32(&gpu, dt, &vec![0.5; 2 * inter * (k + 4)]).expect("w");
         let xd = DevBuf::from_f32(&gpu, dt, &vec![0.5; 3 * (k + 4)]).expect("x");
         let mut act = DevBuf::from_f32(&gpu, dt, &vec![7.0; 3 * inter]).expect("act");
-        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, &wd, 3, inter, k).expect("three rows"));
-        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, &wd, 1, inter, k + 4).expect("k % 8 != 0"));
+        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, None, &wd, 3, inter, k).expect("three rows"));
+        assert!(!ops::gemv_swiglu(&gpu, &mut act, &xd, None, &wd, 1, inter, k + 4).expect("k % 8 != 0"));
         assert!(act.to_f32(&gpu).expect("act").iter().all(|&v| v == 7.0), "{dt:?}: a declined call wrote");
+    }
+}
+
+/// The skinny GEMM with the RMSNorm in its prologue (`ops::gemm_normed`, and `ops::gemv_swiglu` with a norm:
+/// the decode step of one or two rows without a norm kernel) is `ops::rms_norm` into a buffer followed by
+/// `ops::gemm` / `ops::gemv_swiglu`, bit for bit: each block normalizes the rows with the norm kernel's
+/// arithmetic and summation order. Row counts that leave the last block part empty (its idle warps still
+/// take part in the norm), a bias, rows past m left as they were, and the shapes it declines: three rows,
+/// k not a multiple of 8, rows too wide for its shared memory, weights over the 16 MB it prefetches whole.
+#[test]
+fn gemv_with_the_norm_in_its_prologue_is_rms_norm_then_the_gemm_bit_for_bit() {
+    let test = "gemv_with_the_norm_in_its_prologue_is_rms_norm_then_the_gemm_bit_for_bit";
+    let Some(gpu) = open_gpu(test) else { return };
+    if !gpu.skinny_gemm {
+        println!("SKIP {test}: IRONLLM_DISABLE_GEMV is set");
+        return;
+    }
+    let mut rng = Rng::seeded(13);
+    let eps = 1e-5;
+    for dt in [GpuDType::BF16, GpuDType::F16] {
+        for (m, n, k) in [
+            (1usize, 131usize, 64usize),
+            (2, 200, 512),
+            (1, 1024, 4096),
+            (2, 1001, 4096),
+            (1, 64, 16384),
+            (2, 40, 8192),
+        ] {
+            let what = format!("{dt:?} m={m} n={n} k={k}");
+            let x = DevBuf::from_f32(&gpu, dt, &rounded(dt, &random(&mut rng, m * k, 3.0))).expect("x");
+            let g = DevBuf::from_f32(&gpu, dt, &rounded(dt, &random(&mut rng, k, 1.5))).expect("norm weight");
+            let w = DevBuf::from_f32(&gpu, dt, &rounded(dt, &random(&mut rng, 2 * n * k, 1.0 / (k as f64).sqrt())))
+                .expect("w");
+            let bias = DevBuf::from_f32(&gpu, dt, &rounded(dt, &random(&mut rng, n, 0.1))).expect("bias");
+            let norm = ops::InputNorm { weight: &g, eps };
+            // The unfused path: the norm kernel, then the skinny GEMM.
+            let mut normed = DevBuf::zeros(&gpu, dt, m * k).expect("normed");
+            ops::rms_norm(&gpu, &mut normed, &x, &g, m, k, eps).expect("rms_norm");
+            for with_bias in [false, true] {
+                let b = with_bias.then_some(&bias);
+                let mut want = DevBuf::zeros(&gpu, dt, m * n).expect("y");
+                ops::gemm(&gpu, &mut want, &normed, &w, b, m, n, k).expect("gemm");
+                let mut y = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + 2) * n]).expect("y");
+                assert!(ops::gemm_normed(&gpu, &mut y, &x, norm, &w, b, m, n, k).expect("gemm_normed"), "{what}");
+                let (got, want) = (y.to_f32(&gpu).expect("y"), want.to_f32(&gpu).expect("want"));
+                let differ = got[..m * n].iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differ, 0, "{what} bias={with_bias}: {differ} outputs differ from rms_norm + gemm");
+                assert!(got[m * n..].iter().all(|&v| v == 7.0), "{what}: rows past m were written");
+            }
+            // Gate/up with SiLU-and-mul: n intermediate columns of the [2n, k] weight.
+            let mut want = DevBuf::zeros(&gpu, dt, m * n).expect("act");
+            assert!(ops::gemv_swiglu(&gpu, &mut want, &normed, None, &w, m, n, k).expect("gemv_swiglu"));
+            let mut act = DevBuf::from_f32(&gpu, dt, &vec![7.0; (m + 2) * n]).expect("act");
+            assert!(ops::gemv_swiglu(&gpu, &mut act, &x, Some(norm), &w, m, n, k).expect("normed swiglu"), "{what}");
+            let (got, want) = (act.to_f32(&gpu).expect("act"), want.to_f32(&gpu).expect("want"));
+            let differ = got[..m * n].iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{what}: {differ} SwiGLU outputs differ from rms_norm + gemv_swiglu");
+            assert!(got[m * n..].iter().all(|&v| v == 7.0), "{what}: rows past m were written");
+        }
+        // Declined, nothing written: three rows; k % 8 != 0; two rows of 16384 (64 KiB of shared memory,
+        // over its 32); a weight of 16 MB and 2 rows more (the SwiGLU form's [gate; up] twice that).
+        let big = 16384;
+        let wide = (16 << 20) / (2 * big) + 2;
+        let x = DevBuf::from_f32(&gpu, dt, &vec![0.5; 3 * big]).expect("x");
+        let g = DevBuf::from_f32(&gpu, dt, &vec![1.0; big]).expect("g");
+        let w = DevBuf::from_f32(&gpu, dt, &vec![0.5; 2 * wide * big]).expect("w");
+        let norm = ops::InputNorm { weight: &g, eps };
+        let mut y = DevBuf::from_f32(&gpu, dt, &vec![7.0; 3 * wide]).expect("y");
+        for (m, n, k) in [(3, 16, 64), (1, 16, 60), (2, 16, big), (1, wide, big)] {
+            assert!(!ops::gemm_normed(&gpu, &mut y, &x, norm, &w, None, m, n, k).expect("declined"), "{m} {n} {k}");
+            assert!(!ops::gemv_swiglu(&gpu, &mut y, &x, Some(norm), &w, m, n, k).expect("declined"), "{m} {n} {k}");
+        }
+        assert!(y.to_f32(&gpu).expect("y").iter().all(|&v| v == 7.0), "{dt:?}: a declined call wrote");
     }
 }
