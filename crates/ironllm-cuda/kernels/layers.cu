@@ -58,8 +58,17 @@ IRONLLM_FOR_EACH_DTYPE(EMBEDDING)
 // 2./3. RMSNorm, optionally fused with the residual add. grid = (rows), block = 256.
 //   HF: var = mean(x.float()^2); y = (x.float() * rsqrt(var + eps)).to(dtype); out = weight * y.
 //   Fused: residual = (residual + x).to(dtype) is stored back first and is what gets normalised.
-// Pass 1 accumulates the sum of squares (each thread strided, then the block tree); pass 2 re-reads the
-// row (the same thread reads back exactly the elements it wrote in pass 1) and writes the output.
+// Pass 1 accumulates the sum of squares (each thread strided over 16-byte packs, then the block tree);
+// pass 2 writes the output from the same thread's packs. Rows of up to RMS_NORM_REG_PACKS packs a thread
+// (8192 bf16/f16 elements, 4096 f32) keep their packs and the weight's in registers between the passes,
+// and load the weight before the programmatic-launch wait: the weight never depends on earlier kernels,
+// and after a decode step's weight stream it comes from memory, a round trip the row's own loads then
+// overlap. RMS_NORM_REGS=0 (IRONLLM_KERNEL_DEFINES) re-reads both in pass 2 instead, as before 2026-11-28.
+// Either way the arithmetic and its order are the same.
+#ifndef RMS_NORM_REGS
+#define RMS_NORM_REGS 1
+#endif
+#define RMS_NORM_REG_PACKS 4
 
 template <typename T, bool kAddResidual>
 __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, int hidden, float eps) {
@@ -74,9 +83,47 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
     const T* src = kAddResidual ? (const T*)rr : xr;
     const bool vec = (hidden % N) == 0 && aligned16(xr) && aligned16(outr) && aligned16(weight) &&
                      (!kAddResidual || aligned16(rr));
+    const int units = hidden / N;
+    const bool regs = RMS_NORM_REGS && vec && units <= RMS_NORM_REG_PACKS * (int)blockDim.x;
+    uint4 wp[RMS_NORM_REG_PACKS], vp[RMS_NORM_REG_PACKS];
+    if (regs) {
+#pragma unroll
+        for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c < units) wp[u] = reinterpret_cast<const uint4*>(weight)[c];
+        }
+    }
+    pdl_enter();
     float ss = 0.0f;
-    if (vec) {
-        const int units = hidden / N;
+    if (regs) {
+        // Every load first, so they are in flight together.
+        uint4 rp[RMS_NORM_REG_PACKS];
+#pragma unroll
+        for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c < units) {
+                vp[u] = reinterpret_cast<const uint4*>(xr)[c];
+                if (kAddResidual) rp[u] = reinterpret_cast<const uint4*>(rr)[c];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c >= units) break;
+            float v[N];
+            unpack16<T>(vp[u], v);
+            if (kAddResidual) {
+                float r[N];
+                unpack16<T>(rp[u], r);
+#pragma unroll
+                for (int i = 0; i < N; ++i) v[i] = round_to<T>(r[i] + v[i]);
+                vp[u] = pack16_from<T>(v);  // exact: v holds T values
+                reinterpret_cast<uint4*>(rr)[c] = vp[u];
+            }
+#pragma unroll
+            for (int i = 0; i < N; ++i) ss = fmaf(v[i], v[i], ss);
+        }
+    } else if (vec) {
         for (int c = threadIdx.x; c < units; c += blockDim.x) {
             float v[N];
             unpack16<T>(reinterpret_cast<const uint4*>(xr)[c], v);
@@ -102,8 +149,19 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
     }
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)hidden + eps);
-    if (vec) {
-        const int units = hidden / N;
+    if (regs) {
+#pragma unroll
+        for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c >= units) break;
+            float v[N], w[N];
+            unpack16<T>(vp[u], v);
+            unpack16<T>(wp[u], w);
+#pragma unroll
+            for (int i = 0; i < N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
+            reinterpret_cast<uint4*>(outr)[c] = pack16_from<T>(v);
+        }
+    } else if (vec) {
         for (int c = threadIdx.x; c < units; c += blockDim.x) {
             float v[N], w[N];
             unpack16<T>(reinterpret_cast<const uint4*>(src)[c], v);
@@ -121,13 +179,11 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
 #define RMS_NORM(T, S)                                                                                    \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS)                                          \
         rms_norm_##S(T* out, const T* x, const T* weight, int rows, int hidden, float eps) {              \
-        pdl_enter();                                                                                      \
         if ((int)blockIdx.x >= rows) return;                                                              \
         rms_norm_row<T, false>(out, nullptr, x, weight, hidden, eps);                                     \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(LAYERS_THREADS) add_rms_norm_##S(                        \
         T* residual, const T* x, const T* weight, T* out, int rows, int hidden, float eps) {              \
-        pdl_enter();                                                                                      \
         if ((int)blockIdx.x >= rows) return;                                                              \
         rms_norm_row<T, true>(out, residual, x, weight, hidden, eps);                                     \
     }
