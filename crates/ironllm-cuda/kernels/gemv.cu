@@ -74,11 +74,59 @@
 // strided over 16-byte chunks, then block_sum), so the GEMM sees exactly the rows that kernel writes.
 // Every block recomputes it (the rows are a few KB in L2), and no block loads weights meanwhile: see
 // ops::gemv_norm_takes for where that pays.
-template <typename T>
+// Rows of up to GEMV_NORM_REG_PACKS 16-byte chunks a thread (4096 bf16/f16 elements) keep their chunks in
+// registers between the two passes, and the norm weight's are loaded before the programmatic-launch wait
+// (gemv_impl), as layers.cu's norm kernel does; RMS_NORM_REGS=0 (IRONLLM_KERNEL_DEFINES) re-reads both.
+#ifndef RMS_NORM_REGS
+#define RMS_NORM_REGS 1
+#endif
+#define GEMV_NORM_REG_PACKS 2
+__device__ __forceinline__ bool gemv_norm_regs(int chunks) {
+    return RMS_NORM_REGS && chunks <= GEMV_NORM_REG_PACKS * (int)blockDim.x;
+}
+template <typename T, int M>
 __device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __restrict__ x, const uint4* __restrict__ norm_w,
-                                                 int m, int chunks, int k, float eps) {
+                                                 const uint4 (&gp)[GEMV_NORM_REG_PACKS], int chunks, int k,
+                                                 float eps) {
     __shared__ float scratch[32];
-    for (int j = 0; j < m; ++j) {
+    if (gemv_norm_regs(chunks)) {
+        uint4 xp[M][GEMV_NORM_REG_PACKS];
+#pragma unroll
+        for (int j = 0; j < M; ++j)
+#pragma unroll
+            for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
+                const int c = threadIdx.x + u * blockDim.x;
+                if (c < chunks) xp[j][u] = x[(long long)j * chunks + c];
+            }
+#pragma unroll
+        for (int j = 0; j < M; ++j) {
+            float ss = 0.0f;
+#pragma unroll
+            for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
+                if ((int)threadIdx.x + u * (int)blockDim.x >= chunks) break;
+                float v[8];
+                unpack16<T>(xp[j][u], v);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+            }
+            ss = block_sum(ss, scratch);
+            const float inv = rsqrtf(ss / (float)k + eps);
+#pragma unroll
+            for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
+                const int c = threadIdx.x + u * blockDim.x;
+                if (c >= chunks) break;
+                float v[8], g[8];
+                unpack16<T>(xp[j][u], v);
+                unpack16<T>(gp[u], g);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[i] = g[i] * round_to<T>(v[i] * inv);
+                out[j * chunks + c] = pack16_from<T>(v);
+            }
+        }
+        __syncthreads();
+        return;
+    }
+    for (int j = 0; j < M; ++j) {
         const uint4* xj = x + (long long)j * chunks;
         float ss = 0.0f;
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
@@ -138,11 +186,21 @@ __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* _
             const int c = lane + 32 * p;
             if (c < pf_end) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + c));
         }
+    // The norm weight does not depend on earlier kernels either.
+    const uint4* __restrict__ gw = reinterpret_cast<const uint4*>(norm_w);
+    uint4 gp[GEMV_NORM_REG_PACKS];
+    if (NORM && gemv_norm_regs(chunks)) {
+#pragma unroll
+        for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c < chunks) gp[u] = gw[c];
+        }
+    }
     pdl_enter();
     extern __shared__ uint4 gemv_normed[];  // NORM: [M][chunks]
     const uint4* __restrict__ xs = reinterpret_cast<const uint4*>(x);
     if (NORM) {
-        gemv_normed_rows<T>(gemv_normed, xs, reinterpret_cast<const uint4*>(norm_w), M, chunks, k, eps);
+        gemv_normed_rows<T, M>(gemv_normed, xs, gw, gp, chunks, k, eps);
         if (row0 >= n) return;
     }
     float acc[GEMV_R][M];
