@@ -157,7 +157,8 @@ __device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __rest
 // NORM: x is the residual stream and the block first computes rms_norm(x) * norm_w into shared memory
 // (gemv_normed_rows above), so the decode step needs no norm kernel of its own before this GEMM.
 // ACC (Y == T): y += x w^T, rounded as a GEMM into a buffer of T followed by add_rms_norm_T's add (the
-// product rounded to T, then the sum), so a step with both forms is bit for bit the unfused one.
+// product rounded to T, then the sum), so a step with both forms is bit for bit the unfused one (for
+// projections without a bias: the host adds one after this sum, where the unfused path adds it before).
 template <typename T, typename Y, int M, int GEMV_R, bool SWIGLU = false, bool NORM = false, bool ACC = false>
 __device__ void gemv_impl(Y* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k,
                           const T* __restrict__ norm_w = nullptr, float eps = 0.0f) {

@@ -967,7 +967,8 @@ pub fn gemm(
 /// `gemm` and a later add round the product to y's dtype and then the sum; the two differ by at most
 /// about one ulp of y. The skinny form rounds as `gemm` and the add do, bit for bit (the decode step of
 /// one or two sequences is then that of the unfused kernels). A bias is added afterwards by `add_bias`, a
-/// rounding of its own as in [`gemm`].
+/// rounding of its own as in [`gemm`] (after the sum here, so with a bias neither form is bit for bit
+/// `gemm` + add, which adds it to the product first).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_accumulate(
     gpu: &Gpu,
