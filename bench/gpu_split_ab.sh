@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The decode attention's split-KV share count against the rule (ops::decode_splits) on the GPU host:
 # GPU-only decode-graph replays of the 8B shape (IRONLLM_TIME_GRAPHS) for every captured batch up to 128,
-# with the default rule, the rule before 2026-11-28 (IRONLLM_DECODE_SPLIT_FILL=4) and 1-4 shares forced
-# (IRONLLM_DECODE_SPLITS=N, where the scratch holds them), at context 1024 and 4096, ROUNDS rounds
-# interleaved. Runs from the repository root with the binary staged in .gpu/ (scripts/gpu_stage.sh).
-# usage: ROUNDS=2 bash bench/gpu_split_ab.sh OUTDIR        (~5-6 minutes for two rounds)
+# with the default rule (the cost model; its batch sizes with several graphs also print the share counts
+# it did not choose, "not chosen"), the one-wave rule before 2026-11-28 14:00 (IRONLLM_DECODE_SPLIT_RULE=wave)
+# and 1-4 shares forced (IRONLLM_DECODE_SPLITS=N, where the scratch holds them), at each context of
+# $CONTEXTS (NO_WAVE=1 skips the wave rule), ROUNDS rounds interleaved. Runs from the repository root with the binary staged in .gpu/
+# (scripts/gpu_stage.sh).
+# usage: ROUNDS=1 CONTEXTS="1024 4096" bash bench/gpu_split_ab.sh OUTDIR    (~12 s a run, 6 runs a context)
 set -uo pipefail
 R=${1:-/tmp/ironllm-split-ab}
 mkdir -p "$R"
@@ -19,9 +21,9 @@ replay() { # label ctx [env...]
     | grep "per replay\|rror\|split-KV" | sed "s/.*INFO [a-z_:]*/$label, context $ctx:/" | tee -a "$R/replays.txt"
 }
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  for ctx in 1024 4096; do
+  for ctx in ${CONTEXTS:-1024 4096}; do
     replay "round $round, rule" $ctx
-    replay "round $round, earlier rule" $ctx IRONLLM_DECODE_SPLIT_FILL=4
+    [ -n "${NO_WAVE:-}" ] || replay "round $round, wave rule" $ctx IRONLLM_DECODE_SPLIT_RULE=wave
     for n in 1 2 3 4; do replay "round $round, $n shares" $ctx IRONLLM_DECODE_SPLITS=$n; done
   done
 done

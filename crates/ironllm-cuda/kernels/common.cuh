@@ -124,6 +124,25 @@ template <> __device__ __forceinline__ uint4 pack16_from<f16>(const float* f) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// RMSNorm's arithmetic on 16-byte packs, shared by the norm kernel (layers.cu) and the skinny GEMM's norm
+// prologue (gemv.cu) so that the two stay bit for bit equal: the squares summed in element order into ss,
+// then weight * round_to<T>(x * inv) rounded to T.
+template <typename T> __device__ __forceinline__ float rms_sum_squares16(const uint4& p, float ss) {
+    float v[pack16<T>::N];
+    unpack16<T>(p, v);
+#pragma unroll
+    for (int i = 0; i < pack16<T>::N; ++i) ss = fmaf(v[i], v[i], ss);
+    return ss;
+}
+template <typename T> __device__ __forceinline__ uint4 rms_scale16(const uint4& p, const uint4& weight, float inv) {
+    float v[pack16<T>::N], w[pack16<T>::N];
+    unpack16<T>(p, v);
+    unpack16<T>(weight, w);
+#pragma unroll
+    for (int i = 0; i < pack16<T>::N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
+    return pack16_from<T>(v);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -104,10 +104,7 @@ __device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __rest
 #pragma unroll
             for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
                 if ((int)threadIdx.x + u * (int)blockDim.x >= chunks) break;
-                float v[8];
-                unpack16<T>(xp[j][u], v);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+                ss = rms_sum_squares16<T>(xp[j][u], ss);
             }
             ss = block_sum(ss, scratch);
             const float inv = rsqrtf(ss / (float)k + eps);
@@ -115,12 +112,7 @@ __device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __rest
             for (int u = 0; u < GEMV_NORM_REG_PACKS; ++u) {
                 const int c = threadIdx.x + u * blockDim.x;
                 if (c >= chunks) break;
-                float v[8], g[8];
-                unpack16<T>(xp[j][u], v);
-                unpack16<T>(gp[u], g);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) v[i] = g[i] * round_to<T>(v[i] * inv);
-                out[j * chunks + c] = pack16_from<T>(v);
+                out[j * chunks + c] = rms_scale16<T>(xp[j][u], gp[u], inv);
             }
         }
         __syncthreads();
@@ -129,22 +121,10 @@ __device__ __forceinline__ void gemv_normed_rows(uint4* out, const uint4* __rest
     for (int j = 0; j < M; ++j) {
         const uint4* xj = x + (long long)j * chunks;
         float ss = 0.0f;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            float v[8];
-            unpack16<T>(xj[c], v);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
-        }
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) ss = rms_sum_squares16<T>(xj[c], ss);
         ss = block_sum(ss, scratch);
         const float inv = rsqrtf(ss / (float)k + eps);
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            float v[8], g[8];
-            unpack16<T>(xj[c], v);
-            unpack16<T>(norm_w[c], g);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = g[i] * round_to<T>(v[i] * inv);
-            out[j * chunks + c] = pack16_from<T>(v);
-        }
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) out[j * chunks + c] = rms_scale16<T>(xj[c], norm_w[c], inv);
     }
     __syncthreads();
 }

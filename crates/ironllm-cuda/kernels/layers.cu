@@ -110,32 +110,30 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
         for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
             const int c = threadIdx.x + u * blockDim.x;
             if (c >= units) break;
-            float v[N];
-            unpack16<T>(vp[u], v);
             if (kAddResidual) {
-                float r[N];
+                float v[N], r[N];
+                unpack16<T>(vp[u], v);
                 unpack16<T>(rp[u], r);
 #pragma unroll
                 for (int i = 0; i < N; ++i) v[i] = round_to<T>(r[i] + v[i]);
                 vp[u] = pack16_from<T>(v);  // exact: v holds T values
                 reinterpret_cast<uint4*>(rr)[c] = vp[u];
             }
-#pragma unroll
-            for (int i = 0; i < N; ++i) ss = fmaf(v[i], v[i], ss);
+            ss = rms_sum_squares16<T>(vp[u], ss);
         }
     } else if (vec) {
         for (int c = threadIdx.x; c < units; c += blockDim.x) {
-            float v[N];
-            unpack16<T>(reinterpret_cast<const uint4*>(xr)[c], v);
+            uint4 p = reinterpret_cast<const uint4*>(xr)[c];
             if (kAddResidual) {
-                float r[N];
+                float v[N], r[N];
+                unpack16<T>(p, v);
                 unpack16<T>(reinterpret_cast<const uint4*>(rr)[c], r);
 #pragma unroll
                 for (int i = 0; i < N; ++i) v[i] = round_to<T>(r[i] + v[i]);
-                reinterpret_cast<uint4*>(rr)[c] = pack16_from<T>(v);
+                p = pack16_from<T>(v);  // exact: v holds T values
+                reinterpret_cast<uint4*>(rr)[c] = p;
             }
-#pragma unroll
-            for (int i = 0; i < N; ++i) ss = fmaf(v[i], v[i], ss);
+            ss = rms_sum_squares16<T>(p, ss);
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -154,22 +152,12 @@ __device__ void rms_norm_row(T* out, T* residual, const T* x, const T* weight, i
         for (int u = 0; u < RMS_NORM_REG_PACKS; ++u) {
             const int c = threadIdx.x + u * blockDim.x;
             if (c >= units) break;
-            float v[N], w[N];
-            unpack16<T>(vp[u], v);
-            unpack16<T>(wp[u], w);
-#pragma unroll
-            for (int i = 0; i < N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
-            reinterpret_cast<uint4*>(outr)[c] = pack16_from<T>(v);
+            reinterpret_cast<uint4*>(outr)[c] = rms_scale16<T>(vp[u], wp[u], inv);
         }
     } else if (vec) {
-        for (int c = threadIdx.x; c < units; c += blockDim.x) {
-            float v[N], w[N];
-            unpack16<T>(reinterpret_cast<const uint4*>(src)[c], v);
-            unpack16<T>(reinterpret_cast<const uint4*>(weight)[c], w);
-#pragma unroll
-            for (int i = 0; i < N; ++i) v[i] = w[i] * round_to<T>(v[i] * inv);
-            reinterpret_cast<uint4*>(outr)[c] = pack16_from<T>(v);
-        }
+        for (int c = threadIdx.x; c < units; c += blockDim.x)
+            reinterpret_cast<uint4*>(outr)[c] = rms_scale16<T>(reinterpret_cast<const uint4*>(src)[c],
+                                                               reinterpret_cast<const uint4*>(weight)[c], inv);
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x)
             store_f(outr + i, load_f(weight + i) * round_to<T>(load_f(src + i) * inv));

@@ -140,6 +140,7 @@ impl CudaDraftModel {
             num_decode,
             h.tiles.len() / 2,
             max_blocks * block_size,
+            None,
         );
         let rows = order.len();
         self.model.forward(

@@ -434,7 +434,11 @@ impl CudaLlama {
                 env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM);
             ops::SplitRule::Fill(per_sm * sms)
         } else {
-            ops::SplitRule::Wave(ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim)))
+            let wave = ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim));
+            match std::env::var("IRONLLM_DECODE_SPLIT_RULE").as_deref() {
+                Ok("wave") => ops::SplitRule::Wave(wave),
+                _ => ops::SplitRule::Cost { wave, ctas: ops::decode_split_ctas(sms) },
+            }
         };
         tracing::info!("split-KV decode attention: {decode_split_rule:?} (CTAs)");
         let gate_up_bias = layers.iter().any(|l| l.gate_up_bias.is_some());
@@ -488,6 +492,31 @@ impl CudaLlama {
 
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// The decode attention's share counts to capture the decode graph of `batch` rows with, one graph
+    /// each, for contexts up to `max_context` (`ops::graph_split_counts`); `[None]` (one graph, the count
+    /// from the longest context) without split-KV.
+    pub fn graph_split_counts(&self, batch: usize, max_context: usize) -> Vec<Option<usize>> {
+        if !self.split_kv {
+            return vec![None];
+        }
+        let kv = self.config.num_key_value_heads;
+        ops::graph_split_counts(batch, kv, self.decode_split_rule, max_context, self.max_decode_splits)
+            .into_iter()
+            .map(Some)
+            .collect()
+    }
+
+    /// Which of a batch's graphs (their share counts, from [`CudaLlama::graph_split_counts`]) serves a
+    /// step whose longest context is `context`: an index into `captured`.
+    pub fn graph_split_choice(&self, batch: usize, context: usize, captured: &[Option<usize>]) -> usize {
+        let counts: Vec<usize> = captured.iter().map(|s| s.unwrap_or(1)).collect();
+        if !self.split_kv || counts.len() < 2 {
+            return 0;
+        }
+        let pairs = batch * self.config.num_key_value_heads;
+        ops::graph_split_choice(pairs, context, self.decode_split_rule, &counts)
     }
 
     /// Times cuBLASLt's algorithms for this model's projections (layer 0's weights, every layer has the
@@ -593,16 +622,16 @@ impl CudaLlama {
         let scale = 1.0 / (hd as f32).sqrt();
         // Split-KV only with the tensor-core prefill kernel (bf16/f16): float32 rows must not depend on
         // the batch.
-        let num_splits = if self.split_kv {
-            ops::decode_splits(
+        let num_splits = match meta.decode_splits {
+            _ if !self.split_kv => 1,
+            Some(splits) => splits.clamp(1, ops::MAX_DECODE_SPLITS),
+            None => ops::decode_splits(
                 meta.num_decode_tokens,
                 c.num_key_value_heads,
                 self.decode_split_rule,
                 meta.max_context_len,
                 self.max_decode_splits,
-            )
-        } else {
-            1
+            ),
         };
         let Workspace {
             residual,

@@ -210,6 +210,9 @@ pub struct BatchMeta<'a> {
     /// An upper bound of every sequence's context length this step (`max_model_len` for a captured
     /// graph, which must serve any context); it caps the split-KV factor.
     pub max_context_len: usize,
+    /// The decode attention's share count when the caller chose it (a decode graph captured for a range
+    /// of contexts, see [`graph_split_counts`]); `None`: the model's rule picks it from `max_context_len`.
+    pub decode_splits: Option<usize>,
 }
 
 /// Split-KV scratch of the decode rows (see `attention.cu`): the split count and the per-split outputs
@@ -242,7 +245,31 @@ pub const DECODE_SPLIT_MAX_RESIDENT: usize = 8;
 /// back for side-by-side runs).
 pub const OLD_SPLIT_BLOCKS_PER_SM: usize = 4;
 
-/// How many shares the decode rows' keys are split into. With [`SplitRule::Wave`] (the default): as many as
+/// Fixed cost of one split-kernel CTA in the cost model of [`SplitRule::Cost`], in the time the CTA takes
+/// per key (its launch, the query's load, the share's tail and its partial output).
+pub const SPLIT_CTA_FIXED_KEYS: usize = 273;
+/// Cost of the merge kernel that a step with shares adds, in the same unit.
+pub const SPLIT_MERGE_KEYS: usize = 110;
+
+/// The modelled time of the decode attention with `splits` shares, in key-times of one CTA: the waves of
+/// (pair, share) CTAs, each as long as its share's keys plus [`SPLIT_CTA_FIXED_KEYS`], plus
+/// [`SPLIT_MERGE_KEYS`] where there are shares. A row shorter than `splits` shares of
+/// [`DECODE_SPLIT_MIN_KEYS`] fills fewer of them (the kernels' `min_split_keys`), so a graph captured with
+/// many shares costs what fewer would at a short context; the empty shares' CTAs return at once.
+/// Fitted by hand on an H200 (2026-11-28, 8B shape, hd128 kernel, 3 CTAs per SM, a wave of 396): GPU-only
+/// decode graph replays of batches 1-128 with 1-4 shares forced at contexts 1024 and 4096
+/// (`bench/results/gpu-2026-11-28-h200-session18/1/split`); it picks the measured best, or a count within
+/// 0.5% of it, at all 30 points (see the test: in-sample, the constants were fitted to these runs), where
+/// the earlier [`SplitRule::Wave`] missed 5 at context 4096 by 1.6-8.1%.
+pub fn split_cost(pairs: usize, keys: usize, splits: usize, wave: usize) -> usize {
+    let used = splits.min(keys.div_ceil(DECODE_SPLIT_MIN_KEYS)).max(1);
+    let waves = (pairs * used).div_ceil(wave.max(1));
+    waves * (keys.div_ceil(used) + SPLIT_CTA_FIXED_KEYS) + if splits > 1 { SPLIT_MERGE_KEYS } else { 0 }
+}
+
+/// How many shares the decode rows' keys are split into. With [`SplitRule::Cost`] (the default): the
+/// count of least [`split_cost`] at the longest context, among those the scratch holds. With
+/// [`SplitRule::Wave`] (the rule before 2026-11-28 14:00, `IRONLLM_DECODE_SPLIT_RULE=wave`): as many as
 /// keep the (token, kv head, share) CTAs within one wave of the split kernel; none when the
 /// (token, kv head) pairs alone fill more than half a wave; two when they fill one wave and less than a
 /// third of a second (so the CTAs make two nearly full waves instead of one and a sliver); never more
@@ -253,8 +280,8 @@ pub const OLD_SPLIT_BLOCKS_PER_SM: usize = 4;
 /// (576) and 5.67 with none; batch 32 (256 pairs) 5.98 ms with none, 6.24 with 2 (512 CTAs), 6.05 with 3;
 /// batch 40 / 48 6.00 / 6.20 ms with none, 6.26 / 6.48 with 2; batch 8 and 16 4.95 / 5.23 ms with 6 and 3
 /// shares (one wave), 5.07 / 5.47 with 8 and 5; batch 56 / 64 (448 / 512 pairs) 7.26 / 7.28 ms with 2
-/// shares, 7.45 / 7.45 with none. Not yet settled: pairs just past two waves (batch 112, 896 pairs: 9.52 ms
-/// against batch 96's 8.11) may want shares too (`IRONLLM_DECODE_SPLITS` measures that).
+/// shares, 7.45 / 7.45 with none. At context 4096 the same rule missed the best count by 1.6-8.1% at batches
+/// 32, 56, 64, 80 and 112 (batch 32: 9.93 ms with none, 9.12 with 3), which the cost model gets right.
 pub fn decode_splits(
     num_decode_tokens: usize,
     num_kv_heads: usize,
@@ -266,6 +293,9 @@ pub fn decode_splits(
     let most = max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS));
     let want = match rule {
         _ if pairs == 0 => 1,
+        SplitRule::Cost { wave, ctas } => (1..=most.min(ctas / pairs).max(1))
+            .min_by_key(|&s| (split_cost(pairs, max_context_len, s, wave), s))
+            .unwrap_or(1),
         SplitRule::Wave(wave) if 2 * pairs <= wave => wave / pairs,
         SplitRule::Wave(wave) if pairs > wave && 3 * pairs < 4 * wave => 2,
         SplitRule::Wave(_) => 1,
@@ -279,7 +309,10 @@ pub fn decode_splits(
 /// How [`decode_splits`] chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitRule {
-    /// Within one wave of this many CTAs (the default; [`decode_split_wave`]).
+    /// Least [`split_cost`] for a wave of `wave` CTAs ([`decode_split_wave`]), at most `ctas` CTAs
+    /// ([`decode_split_ctas`]: the scratch). The default.
+    Cost { wave: usize, ctas: usize },
+    /// Within one wave of this many CTAs ([`decode_split_wave`]; `IRONLLM_DECODE_SPLIT_RULE=wave`).
     Wave(usize),
     /// The rule before 2026-11-28: enough shares for this many CTAs, rounded up, when the pairs alone give
     /// fewer (`IRONLLM_DECODE_SPLIT_FILL=N`: N CTAs per SM, at most [`OLD_SPLIT_BLOCKS_PER_SM`]).
@@ -288,6 +321,54 @@ pub enum SplitRule {
     /// scratch), fewer elsewhere (`IRONLLM_DECODE_SPLITS=N`, for side-by-side measurements of the rule).
     Fixed { splits: usize, ctas: usize },
 }
+
+/// Share counts to capture decode graphs of `num_decode_tokens` rows with, for contexts up to
+/// `max_context_len`: first the rule's count at the longest context, then, walking the contexts up from
+/// the shortest, the rule's count wherever it beats every count kept so far by at least
+/// [`GRAPH_SPLIT_MIN_GAIN`] of the modelled cost (so a count that serves short contexts almost as well as
+/// their own costs no graph). Only [`SplitRule::Cost`] depends on the context this way; the other rules
+/// get one graph, of their count at the longest context. A replay picks among them with
+/// [`graph_split_choice`].
+pub fn graph_split_counts(
+    num_decode_tokens: usize,
+    num_kv_heads: usize,
+    rule: SplitRule,
+    max_context_len: usize,
+    max_splits: usize,
+) -> Vec<usize> {
+    let top = decode_splits(num_decode_tokens, num_kv_heads, rule, max_context_len, max_splits);
+    let SplitRule::Cost { wave, .. } = rule else { return vec![top] };
+    let pairs = num_decode_tokens * num_kv_heads;
+    let mut counts = vec![top];
+    for keys in (GRAPH_SPLIT_SHORTEST_CONTEXT..max_context_len).step_by(GRAPH_SPLIT_CONTEXT_STEP) {
+        let best = decode_splits(num_decode_tokens, num_kv_heads, rule, keys, max_splits);
+        let cost = split_cost(pairs, keys, best, wave) as f64;
+        let kept = counts.iter().map(|&s| split_cost(pairs, keys, s, wave)).min().unwrap_or(usize::MAX) as f64;
+        if cost < kept * (1.0 - GRAPH_SPLIT_MIN_GAIN) {
+            counts.push(best);
+        }
+    }
+    counts
+}
+
+/// Which of a batch's captured share counts (`captured`, from [`graph_split_counts`]) a step whose
+/// longest context is `context` replays: the least modelled cost (the first of equals). Rules other than
+/// [`SplitRule::Cost`] capture one count.
+pub fn graph_split_choice(pairs: usize, context: usize, rule: SplitRule, captured: &[usize]) -> usize {
+    let SplitRule::Cost { wave, .. } = rule else { return 0 };
+    (0..captured.len()).min_by_key(|&i| (split_cost(pairs, context, captured[i], wave), i)).unwrap_or(0)
+}
+
+/// Contexts [`graph_split_counts`] walks in steps of this many keys, from [`GRAPH_SPLIT_SHORTEST_CONTEXT`].
+const GRAPH_SPLIT_CONTEXT_STEP: usize = 64;
+/// The shortest context that may get a graph of its own. Below it the attention is a small part of a
+/// step, and the model's one clear preference there (no merge kernel under 128 keys) is not borne out:
+/// at batch 1 the step without its merge kernel measured 0.02 ms slower, not faster (2026-11-28,
+/// `IRONLLM_SKIP_OPS` on an H200).
+const GRAPH_SPLIT_SHORTEST_CONTEXT: usize = 512;
+/// Modelled gain a context must see from its own share count for a graph of its own (~the model's
+/// error; a graph costs start-up time and a little memory).
+pub const GRAPH_SPLIT_MIN_GAIN: f64 = 0.03;
 
 /// Most (token, kv head, share) CTAs the split-KV scratch holds ([`decode_split_rows`] for one query head
 /// per KV head).
@@ -827,15 +908,15 @@ pub fn gemv_swiglu(
     k: usize,
 ) -> Result<bool, CudaError> {
     let d = same_dtype(&[act, x, w], "gemv_swiglu")?;
+    if norm.is_some_and(|norm| norm.weight.dtype != d) {
+        return Err(CudaError::Invalid("gemv_swiglu: the norm weight's dtype differs from x's".into()));
+    }
     let takes = match norm {
         Some(_) => gemv_norm_takes(gpu, d, m, k, 2 * inter * k * d.size()),
         None => m > 0 && gemm_path(d, d, m, k, gpu.skinny_gemm) == GemmPath::Skinny,
     };
     if !takes {
         return Ok(false);
-    }
-    if norm.is_some_and(|norm| norm.weight.dtype != d) {
-        return Err(CudaError::Invalid("gemv_swiglu: the norm weight's dtype differs from x's".into()));
     }
     gate_up_sizes("gemv_swiglu", act, x, w, (m, inter, k))?;
     let name = format!("gemv_swiglu{}_{}", if norm.is_some() { "_norm" } else { "" }, d.suffix());
@@ -1249,6 +1330,7 @@ mod tests {
                 for sms in [16, 78, 114, 132] {
                     for resident in [1, 2, 3, 4, 8, 16] {
                         for rule in [
+                            SplitRule::Cost { wave: decode_split_wave(sms, resident), ctas: decode_split_ctas(sms) },
                             SplitRule::Wave(decode_split_wave(sms, resident)),
                             SplitRule::Fill(OLD_SPLIT_BLOCKS_PER_SM * sms),
                             SplitRule::Fixed { splits: resident, ctas: decode_split_ctas(sms) },
@@ -1261,6 +1343,91 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// (context, batch, [(shares, microseconds)])
+    type Replays = (usize, usize, &'static [(usize, u32)]);
+
+    /// GPU-only decode graph replays (microseconds) of the 8B shape on an H200 (2026-11-28, call 1 of
+    /// `bench/results/gpu-2026-11-28-h200-session18`, `split/replays.txt`): (context, batch, [(shares, us)])
+    /// for 1-4 shares forced (the most the scratch holds where it holds fewer) and the Wave rule's count.
+    const H200_SPLIT_REPLAYS: &[Replays] = &[
+        (1024, 1, &[(1, 5071), (2, 4547), (3, 4429), (4, 4315), (8, 4245)]),
+        (1024, 2, &[(1, 5261), (2, 4744), (3, 4621), (4, 4510), (8, 4450)]),
+        (1024, 4, &[(1, 5509), (2, 5114), (3, 4995), (4, 4888), (8, 4906)]),
+        (1024, 8, &[(1, 5561), (2, 5205), (3, 5094), (4, 5051), (6, 5046)]),
+        (1024, 16, &[(1, 5724), (2, 5422), (3, 5349), (4, 5527)]),
+        (1024, 24, &[(1, 5821), (2, 5537), (3, 5810), (4, 5719)]),
+        (1024, 32, &[(1, 6030), (2, 6276), (3, 6101), (4, 6229)]),
+        (1024, 40, &[(1, 6031), (2, 6282), (3, 6544), (4, 6515)]),
+        (1024, 48, &[(1, 6271), (2, 6529), (3, 6790), (4, 6816)]),
+        (1024, 56, &[(1, 7374), (2, 7180), (3, 7314), (4, 7223)]),
+        (1024, 64, &[(1, 7478), (2, 7288), (3, 7457), (4, 7608)]),
+        (1024, 80, &[(1, 7668), (2, 8123), (3, 8219), (4, 8321)]),
+        (1024, 96, &[(1, 8092), (2, 8573), (3, 9078), (4, 9090)]),
+        (1024, 112, &[(1, 9515), (2, 9543), (3, 9932)]),
+        (1024, 128, &[(1, 9545), (2, 10152), (3, 10494)]),
+        (4096, 1, &[(1, 8074), (2, 6067), (3, 5498), (4, 5085), (16, 4500)]),
+        (4096, 2, &[(1, 8223), (2, 6280), (3, 5686), (4, 5278), (16, 4743)]),
+        (4096, 4, &[(1, 8518), (2, 6631), (3, 6066), (4, 5678), (12, 5388)]),
+        (4096, 8, &[(1, 8549), (2, 6824), (3, 6256), (4, 6031), (6, 5808)]),
+        (4096, 16, &[(1, 8999), (2, 7383), (3, 6889), (4, 7490)]),
+        (4096, 24, &[(1, 9269), (2, 7751), (3, 8387), (4, 7915)]),
+        (4096, 32, &[(1, 9928), (2, 10150), (3, 9119), (4, 9394)]),
+        (4096, 40, &[(1, 10334), (2, 10395), (3, 10753), (4, 10679)]),
+        (4096, 48, &[(1, 10699), (2, 10928), (3, 11239), (4, 11227)]),
+        (4096, 56, &[(1, 15068), (2, 13321), (3, 13027), (4, 12652)]),
+        (4096, 64, &[(1, 15369), (2, 13607), (3, 13391), (4, 14042)]),
+        (4096, 80, &[(1, 15907), (2, 16432), (3, 15651), (4, 15982)]),
+        (4096, 96, &[(1, 16946), (2, 17381), (3, 17957), (4, 17929)]),
+        (4096, 112, &[(1, 21869), (2, 20319), (3, 20317)]),
+        (4096, 128, &[(1, 22230), (2, 22919), (3, 22356)]),
+    ];
+
+    #[test]
+    fn the_split_cost_model_picks_the_measured_best_share_count() {
+        let rule = SplitRule::Cost { wave: decode_split_wave(132, 3), ctas: decode_split_ctas(132) };
+        for &(context, batch, measured) in H200_SPLIT_REPLAYS {
+            let pick = decode_splits(batch, 8, rule, context, DEFAULT_MAX_DECODE_SPLITS);
+            let best = measured.iter().map(|&(_, us)| us).min().unwrap_or(0);
+            let Some(&(_, us)) = measured.iter().find(|&&(s, _)| s == pick) else {
+                panic!("context {context}, batch {batch}: {pick} shares were not measured");
+            };
+            // 0.5%: the rounds of these replays agree to ~0.2%, and batch 4 at context 1024 has 8 shares
+            // at 4.906 ms against 4 at 4.888.
+            assert!(us * 1000 <= best * 1005, "context {context}, batch {batch}: {pick} shares {us} us, best {best}");
+        }
+        // Where the earlier rule lost: batch 32 at context 4096 takes 3 shares, at 1024 none.
+        assert_eq!(decode_splits(32, 8, rule, 4096, DEFAULT_MAX_DECODE_SPLITS), 3);
+        assert_eq!(decode_splits(32, 8, rule, 1024, DEFAULT_MAX_DECODE_SPLITS), 1);
+    }
+
+    #[test]
+    fn graphs_get_a_share_count_per_context_range_that_needs_one() {
+        let rule = SplitRule::Cost { wave: decode_split_wave(132, 3), ctas: decode_split_ctas(132) };
+        // Batch 32 of the 8B shape: three shares for long contexts, none for short ones.
+        let counts = graph_split_counts(32, 8, rule, 8192, DEFAULT_MAX_DECODE_SPLITS);
+        assert_eq!(counts, vec![3, 1]);
+        assert_eq!(counts[graph_split_choice(256, 1024, rule, &counts)], 1);
+        assert_eq!(counts[graph_split_choice(256, 4096, rule, &counts)], 3);
+        // Batch 1: the most shares serve every context (a short row fills fewer of them).
+        assert_eq!(graph_split_counts(1, 8, rule, 8192, DEFAULT_MAX_DECODE_SPLITS), vec![16]);
+        // A short max_model_len: one graph.
+        assert_eq!(graph_split_counts(32, 8, rule, 1024, DEFAULT_MAX_DECODE_SPLITS), vec![1]);
+        // Other rules: one graph of their count at the longest context.
+        let wave = SplitRule::Wave(396);
+        assert_eq!(graph_split_counts(24, 8, wave, 8192, DEFAULT_MAX_DECODE_SPLITS), vec![2]);
+        assert_eq!(graph_split_choice(192, 100, wave, &[2]), 0);
+        // Few graphs for any batch and context, each count within the scratch and chosen somewhere.
+        for batch in [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 256, 512] {
+            for max_context in [16, 1000, 4096, 8192, 32768, 131072] {
+                let counts = graph_split_counts(batch, 8, rule, max_context, DEFAULT_MAX_DECODE_SPLITS);
+                assert!(!counts.is_empty() && counts.len() <= 4, "{batch} {max_context}: {counts:?}");
+                for &s in &counts {
+                    assert!(s == 1 || batch * 8 * s <= decode_split_ctas(132), "{batch}: {counts:?}");
                 }
             }
         }

@@ -85,6 +85,8 @@ pub struct CudaMemoryReport {
     pub profile_seconds: f64,
     /// Batch sizes with a captured decode graph, and the time capturing took.
     pub graph_batch_sizes: Vec<usize>,
+    /// Graphs captured (a batch size may have one per split-KV share count).
+    pub graph_count: usize,
     pub graph_capture_seconds: f64,
 }
 
@@ -142,6 +144,7 @@ impl DeviceBatch {
     /// The forward's view of these buffers for a step of `num_tokens` tokens in `num_seqs` sequences (the
     /// first `num_decode_tokens` of them single-token), block-table rows of `max_blocks_per_seq`,
     /// `num_prefill_tiles` tensor-core prefill tiles, and no context longer than `max_context_len`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn meta(
         &self,
         num_tokens: usize,
@@ -150,6 +153,7 @@ impl DeviceBatch {
         num_decode_tokens: usize,
         num_prefill_tiles: usize,
         max_context_len: usize,
+        decode_splits: Option<usize>,
     ) -> BatchMeta<'_> {
         BatchMeta {
             num_tokens,
@@ -165,6 +169,7 @@ impl DeviceBatch {
             prefill_tiles: &self.tiles,
             num_prefill_tiles,
             max_context_len,
+            decode_splits,
         }
     }
 
@@ -247,8 +252,9 @@ pub struct CudaModelRunner {
     finished: std::collections::VecDeque<ModelRunnerOutput>,
     /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
     graph_table_stride: usize,
-    /// Captured decode graphs by padded batch size (ascending).
-    graphs: Vec<(usize, DecodeGraph)>,
+    /// Captured decode graphs by padded batch size (ascending), each size's by the decode attention's
+    /// share count (`CudaLlama::graph_split_counts`: one per range of contexts that wants its own).
+    graphs: Vec<(usize, SplitGraphs)>,
     /// `IRONLLM_GRAPH_CHECK` was set: every replay is compared with an eager run (debugging aid).
     check_graphs: bool,
     /// `IRONLLM_STEP_TIMING` was set: GPU time of each part of a step, logged (measurement aid).
@@ -263,6 +269,9 @@ fn time_graphs_context() -> Option<usize> {
     let v = std::env::var("IRONLLM_TIME_GRAPHS").ok()?;
     Some(v.trim().parse::<usize>().ok().filter(|&c| c > 1).unwrap_or(1))
 }
+
+/// One batch size's decode graphs, by the decode attention's share count (`None`: the model's rule).
+type SplitGraphs = Vec<(Option<usize>, DecodeGraph)>;
 
 /// A captured decode graph. cudarc's `CudaGraph` holds raw driver handles and is not `Send`.
 struct DecodeGraph(CudaGraph);
@@ -363,6 +372,7 @@ impl CudaModelRunner {
                 num_blocks: 0,
                 profile_seconds: 0.0,
                 graph_batch_sizes: Vec::new(),
+                graph_count: 0,
                 graph_capture_seconds: 0.0,
             },
         };
@@ -425,6 +435,7 @@ impl CudaModelRunner {
             runner.capture_graphs(&graph_batch_sizes(cfg.max_num_seqs))?;
             runner.memory.graph_capture_seconds = t0.elapsed().as_secs_f64();
             runner.memory.graph_batch_sizes = runner.graphs.iter().map(|(b, _)| *b).collect();
+            runner.memory.graph_count = runner.graphs.iter().map(|(_, g)| g.len()).sum();
         }
         Ok(runner)
     }
@@ -467,44 +478,83 @@ impl CudaModelRunner {
     fn capture_graphs(&mut self, sizes: &[usize]) -> Result<(), CudaError> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let gpu = self.gpu.clone();
+        let max_context = self.graph_table_stride * self.kv.block_size;
         for &b in sizes {
             if b > self.ws_max_rows() {
                 break;
             }
-            self.fill_padding_batch(b)?;
-            // One eager run first: cuBLAS picks and initializes its kernels outside the capture.
-            self.forward_decode(b)?;
-            gpu.synchronize()?;
-            gpu.stream()
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .at(|| format!("starting the capture of the batch-{b} decode graph"))?;
-            let captured = self.forward_decode(b);
-            let graph = gpu
-                .stream()
-                .end_capture(CUgraphInstantiate_flags(0))
-                .at(|| format!("instantiating the batch-{b} decode graph"))?;
-            captured?;
-            let graph = graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
-            graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
-            if let Some(context) = time_graphs_context() {
-                // Measurement aid: the GPU time of one decode step (every row at `context` tokens; their
-                // keys are whatever the cache holds), without any host work, to set against the
-                // end-to-end step time.
-                const REPLAYS: u32 = 20;
-                self.fill_timing_batch(b, context)?;
-                graph.launch().at(|| "warming up a decode graph".into())?;
+            let mut by_splits = Vec::new();
+            for splits in self.model.graph_split_counts(b, max_context) {
+                self.fill_padding_batch(b)?;
+                // One eager run first: cuBLAS picks and initializes its kernels outside the capture.
+                self.forward_decode(b, splits)?;
                 gpu.synchronize()?;
-                let t0 = Instant::now();
-                for _ in 0..REPLAYS {
-                    graph.launch().at(|| "timing a decode graph".into())?;
-                }
-                gpu.synchronize()?;
-                let ms = t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPLAYS);
-                tracing::info!("decode graph batch {b}: {ms:.3} ms per replay (GPU only, context {context})");
+                gpu.stream()
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .at(|| format!("starting the capture of the batch-{b} decode graph"))?;
+                let captured = self.forward_decode(b, splits);
+                let graph = gpu
+                    .stream()
+                    .end_capture(CUgraphInstantiate_flags(0))
+                    .at(|| format!("instantiating the batch-{b} decode graph"))?;
+                captured?;
+                let graph =
+                    graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
+                graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
+                by_splits.push((splits, DecodeGraph(graph)));
             }
-            self.graphs.push((b, DecodeGraph(graph)));
+            if let Some(context) = time_graphs_context() {
+                self.time_graphs(b, context, &by_splits)?;
+            }
+            self.graphs.push((b, by_splits));
         }
         gpu.synchronize()
+    }
+
+    /// Measurement aid (`IRONLLM_TIME_GRAPHS`): the GPU time of one decode step of each of a batch size's
+    /// graphs (every row at `context` tokens; their keys are whatever the cache holds), without any host
+    /// work, to set against the end-to-end step time. The graph a step at that context would replay is
+    /// logged first as "decode graph batch B: ...", the others (other share counts) after it, "(not
+    /// chosen)"; where there are several, a second pass logs the chosen one again, "(again)".
+    fn time_graphs(
+        &mut self,
+        b: usize,
+        context: usize,
+        graphs: &[(Option<usize>, DecodeGraph)],
+    ) -> Result<(), CudaError> {
+        const WARM_UP: u32 = 3;
+        const REPLAYS: u32 = 20;
+        let gpu = self.gpu.clone();
+        let counts: Vec<Option<usize>> = graphs.iter().map(|(s, _)| *s).collect();
+        let chosen = self.model.graph_split_choice(b, context, &counts);
+        self.fill_timing_batch(b, context)?;
+        let order: Vec<usize> = std::iter::once(chosen).chain((0..graphs.len()).filter(|&i| i != chosen)).collect();
+        // Twice over when there are several: in the first pass, a graph captured after another of its
+        // batch size has read ~1% high (batch 128, context 1024 on an H200: 9.630 ms, then 9.518 in the
+        // second pass, 9.513 with one graph for the size; end to end the two do not differ).
+        let passes = if graphs.len() > 1 { 2 } else { 1 };
+        for (pass, &i) in (0..passes).flat_map(|p| order.iter().map(move |i| (p, i))) {
+            let (splits, graph) = (&graphs[i].0, &graphs[i].1 .0);
+            // A few launches first: a graph's first replays after its capture can run ~1% slow.
+            for _ in 0..WARM_UP {
+                graph.launch().at(|| "warming up a decode graph".into())?;
+            }
+            gpu.synchronize()?;
+            let t0 = Instant::now();
+            for _ in 0..REPLAYS {
+                graph.launch().at(|| "timing a decode graph".into())?;
+            }
+            gpu.synchronize()?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPLAYS);
+            let shares = splits.map_or(String::new(), |s| format!(", {s} shares"));
+            let label = match (i == chosen, pass) {
+                (true, 0) => format!("batch {b}"),
+                (true, _) => format!("batch {b} (again)"),
+                (false, _) => format!("batch {b} (not chosen)"),
+            };
+            tracing::info!("decode graph {label}: {ms:.3} ms per replay (GPU only, context {context}{shares})");
+        }
+        Ok(())
     }
 
     /// Metadata of `b` rows that each attend to `context` positions (capped by the cache and the table
@@ -609,24 +659,26 @@ impl CudaModelRunner {
 
     /// Debugging aid (`IRONLLM_GRAPH_CHECK=1`): recomputes a replayed step eagerly over the same padded
     /// metadata and logs how far the graph's logits are from the eager ones.
-    fn check_graph_step(&mut self, b: usize, rows: usize) -> Result<(), CudaError> {
+    fn check_graph_step(&mut self, b: usize, splits: Option<usize>, rows: usize) -> Result<(), CudaError> {
         let vocab = self.model.config.vocab_size;
         let read = |ws: &Workspace, gpu: &Gpu| -> Result<Vec<f32>, CudaError> {
             let all = ws.logits.to_f32(gpu)?;
             Ok(all[..rows * vocab].to_vec())
         };
         let graph = read(&self.ws, &self.gpu)?;
-        self.forward_decode(b)?;
+        self.forward_decode(b, splits)?;
         let eager = read(&self.ws, &self.gpu)?;
         let diff = graph.iter().zip(&eager).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
-        tracing::warn!("graph check: batch {b} ({rows} real rows): max |graph - eager| = {diff:e}");
+        let shares = splits.map_or(String::new(), |s| format!(", {s} shares"));
+        tracing::warn!("graph check: batch {b} ({rows} real rows{shares}): max |graph - eager| = {diff:e}");
         Ok(())
     }
 
-    /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it.
-    fn forward_decode(&mut self, b: usize) -> Result<(), CudaError> {
+    /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it, with
+    /// `splits` shares of the decode attention's keys (`None`: the model's rule for `max_model_len`).
+    fn forward_decode(&mut self, b: usize, splits: Option<usize>) -> Result<(), CudaError> {
         let stride = self.graph_table_stride;
-        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size);
+        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size, splits);
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws, None)
     }
 
@@ -834,6 +886,8 @@ impl CudaModelRunner {
             }
         }
         let num_decode_tokens = num_decode_seqs;
+        // The longest context: which of a batch size's graphs (share counts) a replay takes.
+        let step_context = h.context_lens.iter().copied().max().unwrap_or(1).max(1) as usize;
         // Logits rows: the sample rows of each sampling request in plan order (its last position, or its
         // last k + 1 with k drafts), then the prompt-logprob rows.
         let mut sample_rows: Vec<(usize, usize)> = Vec::new(); // (request, row within the request)
@@ -889,16 +943,19 @@ impl CudaModelRunner {
         };
         match graph_size {
             Some(b) => {
-                let graph = &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
+                let graphs =
+                    &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
+                let counts: Vec<Option<usize>> = graphs.iter().map(|(s, _)| *s).collect();
+                let (splits, graph) = &graphs[self.model.graph_split_choice(b, step_context, &counts)];
                 graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
                 op_timer::mark(&mut op_marks.as_mut(), &self.gpu, Op::Graph, Work::Unknown)?;
                 if self.check_graphs {
-                    self.check_graph_step(b, num_rows)?;
+                    self.check_graph_step(b, *splits, num_rows)?;
                 }
             }
             None => {
                 let meta =
-                    self.dev.meta(t, num_seqs, max_blocks, num_decode_tokens, num_tiles, max_blocks * block_size);
+                    self.dev.meta(t, num_seqs, max_blocks, num_decode_tokens, num_tiles, max_blocks * block_size, None);
                 self.model.forward(
                     &self.dev.token_ids,
                     &meta,

@@ -43,10 +43,17 @@ pub const DEVICE_MAX_LOGPROBS: usize = 1024;
 /// Threads per CTA (`SMP_THREADS` in `sampler.cu`).
 const THREADS: u32 = 1024;
 /// The split path for plain rows (`sampler_plain_split_f32`): its threads per block, the largest batch it
-/// serves (beyond, one block per row already fills the card) and the most blocks per row.
+/// serves (beyond, one block per row fills the card) and the most blocks per row.
 const PLAIN_THREADS: u32 = 256;
-const PLAIN_SPLIT_MAX_ROWS: usize = 128;
+const PLAIN_SPLIT_MAX_ROWS: usize = 512;
 const PLAIN_MAX_SPLITS: usize = 32;
+/// Blocks per SM the split path aims for (`IRONLLM_SAMPLER_BLOCKS_PER_SM` for side-by-side runs; 5 of its
+/// 256-thread blocks are resident at its 48 registers a thread). The kernel is bound by its arithmetic (an
+/// IEEE division, a Philox draw and two logarithms per token), not by bandwidth. Measured on an H200
+/// (2026-11-28, 8B shape, `bench/gpu_sampler_ab.sh`, the step's sampler and its copy, temperature 1):
+/// with 2 / 4 / 8 blocks per SM 0.046 / 0.039 / 0.039 ms at batch 32, 0.144 / 0.121 / 0.114 at 128,
+/// 0.304 / 0.224 / 0.210 at 256 (one block a row: 0.134, 0.159, 0.305).
+const PLAIN_BLOCKS_PER_SM: usize = 8;
 /// Words of a row's header (`SMP_HDR` and the `SMP_H_*` indices in `sampler.cu`).
 const HEADER_WORDS: usize = 24;
 /// Words before the top list in a row of the output (`SMP_OUT_HEAD`).
@@ -201,6 +208,8 @@ pub struct GpuSampler {
     plain_partial: CudaSlice<u32>,
     /// Whether plain rows of small batches take the split path (on; off for tests and A/B).
     split_plain_rows: bool,
+    /// Blocks per SM the split path aims for ([`PLAIN_BLOCKS_PER_SM`] unless measuring).
+    plain_blocks_per_sm: usize,
     tally: TokenTally,
     /// The CPU sampler, for logprob lists longer than [`DEVICE_MAX_LOGPROBS`].
     cpu: Sampler,
@@ -278,6 +287,10 @@ impl GpuSampler {
             targets_dev: gpu.alloc_zeros(1)?,
             plain_partial: gpu.alloc_zeros(1)?,
             split_plain_rows: std::env::var_os("IRONLLM_SAMPLER_NO_SPLIT").is_none(),
+            plain_blocks_per_sm: std::env::var("IRONLLM_SAMPLER_BLOCKS_PER_SM")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .map_or(PLAIN_BLOCKS_PER_SM, |n| n.clamp(1, 64)),
             gpu,
             vocab_size,
             meta_host: Vec::new(),
@@ -455,7 +468,7 @@ impl GpuSampler {
         let stride_i = i32::try_from(out_stride)
             .map_err(|_| CudaError::Invalid(format!("sampler: output stride {out_stride} too large")))?;
         let splits = match all_plain && self.split_plain_rows && rows.len() <= PLAIN_SPLIT_MAX_ROWS {
-            true => (2 * gpu.info.multiprocessors / rows.len()).clamp(1, PLAIN_MAX_SPLITS),
+            true => (self.plain_blocks_per_sm * gpu.info.multiprocessors / rows.len()).clamp(1, PLAIN_MAX_SPLITS),
             false => 1,
         };
         if splits > 1 {

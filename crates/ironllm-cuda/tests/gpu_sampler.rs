@@ -472,7 +472,7 @@ fn plain_rows_split_over_blocks_pick_the_one_block_token() {
         SamplingParams { temperature: 0.3, ..Default::default() },
         SamplingParams { temperature: 2.5, ..Default::default() },
     ];
-    for num_rows in [1usize, 3, 32, 128] {
+    for num_rows in [1usize, 3, 32, 128, 300] {
         let mut logits = random_logits(&mut rng, num_rows * vocab, 6.0);
         if num_rows >= 3 {
             // Row 0: a tie for the maximum (lowest id wins); row 1: every value -inf; row 2: NaN and -inf

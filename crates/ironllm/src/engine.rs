@@ -865,7 +865,8 @@ fn build_cuda_backend(
         tracing::info!("CUDA graphs off (--enforce-eager)");
     } else {
         tracing::info!(
-            "captured {} decode CUDA graphs (batch sizes {:?}) in {:.2}s",
+            "captured {} decode CUDA graphs ({} batch sizes {:?}, some with a graph per split-KV share count) in {:.2}s",
+            m.graph_count,
             m.graph_batch_sizes.len(),
             m.graph_batch_sizes,
             m.graph_capture_seconds

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Session 19 call 5: offline throughput with the final code (1024/128 and ~200/~180, 1000 requests) and
+# transformers' best on 1024/128 in the same call.
+set -uo pipefail
+R=$OUT/r; mkdir -p $R
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64 IRONLLM_CACHE_DIR=/tmp/ironllm-cache
+for f in .gpu/*.gz; do gunzip -f -k "$f" && chmod +x "${f%.gz}"; done
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,driver_version --format=csv > $R/gpu.txt
+python3 bench/gpu_ceilings.py > $R/ceilings.txt 2>&1
+L8=bench/configs/llama-3.1-8b
+B=".gpu/ironllm bench throughput $L8 --load-format dummy --device cuda --dtype bfloat16 --max-model-len 4096 --num-prompts 1000"
+timeout 100 $B --input-len 1024 --output-len 128 > $R/tp1024.txt 2>&1
+timeout 50 $B --input-len 200 --output-len 180 --random-range-ratio 0.5 > $R/tp200.txt 2>&1
+tar czf $OUT/r.tgz -C $OUT r
+timeout 150 python3 bench/hf_throughput.py --out $R/hf --workloads 1024:128:0 --methods static_compiled --batch-size 128 --time-budget-s 25 --total-budget-s 110 > $R/hf.txt 2>&1
+tar czf $OUT/r.tgz -C $OUT r
+grep -h "Throughput\|Elapsed\|Preempt" $R/tp1024.txt $R/tp200.txt; tail -8 $R/hf.txt; cat $R/ceilings.txt
