@@ -69,8 +69,9 @@ pub struct CudaLlama {
     /// Fewest keys of a split share in the kernels (`IRONLLM_DECODE_SPLIT_MIN_KEYS`, for side-by-side
     /// measurements; default `ops::DECODE_SPLIT_MIN_KEYS`).
     decode_split_min_keys: usize,
-    /// How the decode attention's split count is chosen: within one wave of the kernel on this GPU, or
-    /// (side-by-side measurements) `IRONLLM_DECODE_SPLIT_FILL=N`'s earlier rule or `IRONLLM_DECODE_SPLITS=N`.
+    /// How the decode attention's split count is chosen: the cost model of the kernel's waves on this GPU,
+    /// or (side-by-side measurements) `IRONLLM_DECODE_SPLIT_RULE=wave`, `IRONLLM_DECODE_SPLIT_FILL=N`'s
+    /// earlier rules or `IRONLLM_DECODE_SPLITS=N`.
     decode_split_rule: ops::SplitRule,
     /// The o_proj and down GEMMs add into the residual stream themselves where they can
     /// (`ops::gemm_accumulate`); `IRONLLM_DISABLE_RESIDUAL_EPILOGUE` turns it off for side-by-side
@@ -495,28 +496,20 @@ impl CudaLlama {
     }
 
     /// The decode attention's share counts to capture the decode graph of `batch` rows with, one graph
-    /// each, for contexts up to `max_context` (`ops::graph_split_counts`); `[None]` (one graph, the count
-    /// from the longest context) without split-KV.
-    pub fn graph_split_counts(&self, batch: usize, max_context: usize) -> Vec<Option<usize>> {
+    /// each, for contexts up to `max_context` (`ops::graph_split_counts`); `[1]` without split-KV.
+    pub fn graph_split_counts(&self, batch: usize, max_context: usize) -> Vec<usize> {
         if !self.split_kv {
-            return vec![None];
+            return vec![1];
         }
         let kv = self.config.num_key_value_heads;
         ops::graph_split_counts(batch, kv, self.decode_split_rule, max_context, self.max_decode_splits)
-            .into_iter()
-            .map(Some)
-            .collect()
     }
 
     /// Which of a batch's graphs (their share counts, from [`CudaLlama::graph_split_counts`]) serves a
     /// step whose longest context is `context`: an index into `captured`.
-    pub fn graph_split_choice(&self, batch: usize, context: usize, captured: &[Option<usize>]) -> usize {
-        let counts: Vec<usize> = captured.iter().map(|s| s.unwrap_or(1)).collect();
-        if !self.split_kv || counts.len() < 2 {
-            return 0;
-        }
+    pub fn graph_split_choice(&self, batch: usize, context: usize, captured: &[usize]) -> usize {
         let pairs = batch * self.config.num_key_value_heads;
-        ops::graph_split_choice(pairs, context, self.decode_split_rule, &counts)
+        ops::graph_split_choice(pairs, context, self.decode_split_rule, captured)
     }
 
     /// Times cuBLASLt's algorithms for this model's projections (layer 0's weights, every layer has the

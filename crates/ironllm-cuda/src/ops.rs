@@ -385,7 +385,7 @@ pub fn decode_split_wave(num_sms: usize, resident: usize) -> usize {
 /// Rows (token x head x split) the split-KV scratch must hold for `group` query heads per KV head.
 /// The (token, kv head, share) CTAs stay under 8/3 of a wave of at most [`DECODE_SPLIT_MAX_RESIDENT`] per SM
 /// (two shares of under 4/3 of a wave) with [`SplitRule::Wave`], under twice its 4 per SM with
-/// [`SplitRule::Fill`], within the scratch by construction with [`SplitRule::Fixed`].
+/// [`SplitRule::Fill`], within the scratch by construction with [`SplitRule::Cost`] and [`SplitRule::Fixed`].
 pub fn decode_split_rows(num_sms: usize, group: usize) -> usize {
     3 * DECODE_SPLIT_MAX_RESIDENT * num_sms * group
 }

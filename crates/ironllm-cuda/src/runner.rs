@@ -270,8 +270,8 @@ fn time_graphs_context() -> Option<usize> {
     Some(v.trim().parse::<usize>().ok().filter(|&c| c > 1).unwrap_or(1))
 }
 
-/// One batch size's decode graphs, by the decode attention's share count (`None`: the model's rule).
-type SplitGraphs = Vec<(Option<usize>, DecodeGraph)>;
+/// One batch size's decode graphs, by the decode attention's share count.
+type SplitGraphs = Vec<(usize, DecodeGraph)>;
 
 /// A captured decode graph. cudarc's `CudaGraph` holds raw driver handles and is not `Send`.
 struct DecodeGraph(CudaGraph);
@@ -516,16 +516,11 @@ impl CudaModelRunner {
     /// work, to set against the end-to-end step time. The graph a step at that context would replay is
     /// logged first as "decode graph batch B: ...", the others (other share counts) after it, "(not
     /// chosen)"; where there are several, a second pass logs the chosen one again, "(again)".
-    fn time_graphs(
-        &mut self,
-        b: usize,
-        context: usize,
-        graphs: &[(Option<usize>, DecodeGraph)],
-    ) -> Result<(), CudaError> {
+    fn time_graphs(&mut self, b: usize, context: usize, graphs: &[(usize, DecodeGraph)]) -> Result<(), CudaError> {
         const WARM_UP: u32 = 3;
         const REPLAYS: u32 = 20;
         let gpu = self.gpu.clone();
-        let counts: Vec<Option<usize>> = graphs.iter().map(|(s, _)| *s).collect();
+        let counts: Vec<usize> = graphs.iter().map(|(s, _)| *s).collect();
         let chosen = self.model.graph_split_choice(b, context, &counts);
         self.fill_timing_batch(b, context)?;
         let order: Vec<usize> = std::iter::once(chosen).chain((0..graphs.len()).filter(|&i| i != chosen)).collect();
@@ -546,13 +541,14 @@ impl CudaModelRunner {
             }
             gpu.synchronize()?;
             let ms = t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPLAYS);
-            let shares = splits.map_or(String::new(), |s| format!(", {s} shares"));
             let label = match (i == chosen, pass) {
                 (true, 0) => format!("batch {b}"),
                 (true, _) => format!("batch {b} (again)"),
                 (false, _) => format!("batch {b} (not chosen)"),
             };
-            tracing::info!("decode graph {label}: {ms:.3} ms per replay (GPU only, context {context}{shares})");
+            tracing::info!(
+                "decode graph {label}: {ms:.3} ms per replay (GPU only, context {context}, {splits} shares)"
+            );
         }
         Ok(())
     }
@@ -659,7 +655,7 @@ impl CudaModelRunner {
 
     /// Debugging aid (`IRONLLM_GRAPH_CHECK=1`): recomputes a replayed step eagerly over the same padded
     /// metadata and logs how far the graph's logits are from the eager ones.
-    fn check_graph_step(&mut self, b: usize, splits: Option<usize>, rows: usize) -> Result<(), CudaError> {
+    fn check_graph_step(&mut self, b: usize, splits: usize, rows: usize) -> Result<(), CudaError> {
         let vocab = self.model.config.vocab_size;
         let read = |ws: &Workspace, gpu: &Gpu| -> Result<Vec<f32>, CudaError> {
             let all = ws.logits.to_f32(gpu)?;
@@ -669,16 +665,15 @@ impl CudaModelRunner {
         self.forward_decode(b, splits)?;
         let eager = read(&self.ws, &self.gpu)?;
         let diff = graph.iter().zip(&eager).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
-        let shares = splits.map_or(String::new(), |s| format!(", {s} shares"));
-        tracing::warn!("graph check: batch {b} ({rows} real rows{shares}): max |graph - eager| = {diff:e}");
+        tracing::warn!("graph check: batch {b} ({rows} real rows, {splits} shares): max |graph - eager| = {diff:e}");
         Ok(())
     }
 
     /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it, with
-    /// `splits` shares of the decode attention's keys (`None`: the model's rule for `max_model_len`).
-    fn forward_decode(&mut self, b: usize, splits: Option<usize>) -> Result<(), CudaError> {
+    /// `splits` shares of the decode attention's keys (1, or any count, without split-KV).
+    fn forward_decode(&mut self, b: usize, splits: usize) -> Result<(), CudaError> {
         let stride = self.graph_table_stride;
-        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size, splits);
+        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size, Some(splits));
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws, None)
     }
 
@@ -945,7 +940,7 @@ impl CudaModelRunner {
             Some(b) => {
                 let graphs =
                     &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
-                let counts: Vec<Option<usize>> = graphs.iter().map(|(s, _)| *s).collect();
+                let counts: Vec<usize> = graphs.iter().map(|(s, _)| *s).collect();
                 let (splits, graph) = &graphs[self.model.graph_split_choice(b, step_context, &counts)];
                 graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
                 op_timer::mark(&mut op_marks.as_mut(), &self.gpu, Op::Graph, Work::Unknown)?;
