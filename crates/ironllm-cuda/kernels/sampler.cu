@@ -536,7 +536,9 @@ __device__ uint32_t smp_sample_random(const float* x, int vocab, const uint32_t*
     const uint32_t top_k = h[SMP_H_TOP_K];
     const float top_p = __uint_as_float(h[SMP_H_TOP_P]);
 
-    auto scaled = [&](int i) { return __fdiv_rn(x[i], temperature); };
+    // x / 1 == x exactly in IEEE arithmetic, so the division is skipped at temperature 1 (bit for bit).
+    const bool unit = temperature == 1.0f;
+    auto scaled = [&](int i) { return unit ? x[i] : __fdiv_rn(x[i], temperature); };
     const float mx = smp_row_max(scaled, vocab, sh);
     // Every token masked: no distribution; the argmax fallback keeps the step defined (as the CPU).
     if (!(mx > -IRONLLM_INF)) return smp_row_argmax(scaled, vocab, sh);
@@ -760,6 +762,8 @@ sampler_plain_split_f32(const float* logits, int vocab, const uint32_t* meta, ui
     const float* x = logits + row * (size_t)vocab;
     const bool greedy = h[SMP_H_FLAGS] & SMP_FLAG_GREEDY;
     const float temperature = __uint_as_float(h[SMP_H_TEMPERATURE]);
+    // Greedy rows compare raw values; at temperature 1 the division would return x exactly.
+    const bool keep = greedy || temperature == 1.0f;
     const uint32_t seed_lo = h[SMP_H_SEED_LO], seed_hi = h[SMP_H_SEED_HI];
     const uint32_t pos_lo = h[SMP_H_POS_LO], pos_hi = h[SMP_H_POS_HI];
     const int groups = (vocab + 3) >> 2;
@@ -774,7 +778,7 @@ sampler_plain_split_f32(const float* logits, int vocab, const uint32_t* meta, ui
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int i = 4 * g + j;
-            v[j] = i < vocab ? (greedy ? x[i] : __fdiv_rn(x[i], temperature)) : SMP_NAN;
+            v[j] = i < vocab ? (keep ? x[i] : __fdiv_rn(x[i], temperature)) : SMP_NAN;
             smp_better(av, ai, v[j], (uint32_t)i);
             any |= !smp_isnan(v[j]) && v[j] > -IRONLLM_INF;
         }

@@ -165,6 +165,16 @@ impl CudaKvCache {
         Ok(CudaKvCache { num_blocks, block_size, layers })
     }
 
+    /// Fills every layer's K and V with random values (measurement aid: GPU-only replays over a cache of
+    /// zeros draw less power than real steps and read ~1% fast at batch 128 on an H200).
+    pub fn fill_random(&mut self, gpu: &Gpu, seed: u64) -> Result<(), CudaError> {
+        for (i, (k, v)) in self.layers.iter_mut().enumerate() {
+            ops::fill_uniform(gpu, k, seed ^ (2 * i as u64), -2.0, 2.0)?;
+            ops::fill_uniform(gpu, v, seed ^ (2 * i as u64 + 1), -2.0, 2.0)?;
+        }
+        Ok(())
+    }
+
     /// Bytes one block takes over all layers (K and V).
     pub fn bytes_per_block(config: &ModelConfig, dtype: GpuDType, block_size: usize) -> usize {
         2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * dtype.size()
