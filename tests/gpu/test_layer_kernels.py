@@ -660,24 +660,26 @@ class AttnCase:
                (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
         return host(out, self.dt).view(T, H * hd)
 
-    def run_flash_decode(self, mod, sfx, num_splits, scale=None, min_keys=1):
-        """Tensor-core decode attention (flash_decode.cu): the plain kernel when num_splits == 1, else the
-        split kernel (shares of at least `min_keys` keys) followed by attention.cu's reduce."""
+    def run_flash_decode(self, mod, sfx, num_splits, scale=None, min_keys=1, deep=False):
+        """Tensor-core decode attention (flash_decode.cu; its deep form, 3 stages, when `deep`): the plain
+        kernel when num_splits == 1, else the split kernel (shares of at least `min_keys` keys) followed by
+        attention.cu's reduce."""
+        form = "deep_" if deep else ""
         T = self.qkv.shape[0]
         H, KV, hd, bs = self.H, self.KV, self.hd, self.bs
         scale = 1.0 / math.sqrt(hd) if scale is None else scale
-        smem = flash_decode_smem(hd)
+        smem = flash_decode_smem(hd, deep)
         inputs = (dev(self.qkv), dev(self.k_cache), dev(self.v_cache), dev(self.batch_tables),
                   dev(self.query_start_loc), dev(self.context_lens), dev(self.token_to_seq), i32(T), i32(H),
                   i32(KV), i32(hd), i32(bs), i32(self.batch_tables.shape[1]), f32(scale))
         out = poisoned((T, H * hd), self.dt)
         if num_splits == 1:
-            launch(mod["flash_decode.cu"], f"flash_decode_{sfx}_hd{hd}", (T, KV), (128,), (out,) + inputs,
+            launch(mod["flash_decode.cu"], f"flash_decode_{form}{sfx}_hd{hd}", (T, KV), (128,), (out,) + inputs,
                    shared_mem=smem)
         else:
             part_o = poisoned((T * H * num_splits, hd), torch.float32)
             part_lse = poisoned((T * H * num_splits,), torch.float32)
-            launch(mod["flash_decode.cu"], f"flash_decode_split_{sfx}_hd{hd}", (T, KV, num_splits), (128,),
+            launch(mod["flash_decode.cu"], f"flash_decode_split_{form}{sfx}_hd{hd}", (T, KV, num_splits), (128,),
                    inputs + (part_o, part_lse, i32(num_splits), i32(min_keys)), shared_mem=smem)
             launch(mod["attention.cu"], f"paged_attention_reduce_{sfx}", (T, H), (128,),
                    (out, part_o, part_lse, i32(T), i32(H), i32(hd), i32(num_splits)))
@@ -777,12 +779,12 @@ def test_paged_attention_split(mods):
                     case.run_split(mod, sfx, 5, scale=scale), case.reference(scale=scale), atol, rtol, why="as above")
 
 
-def flash_decode_smem(hd):
-    """FD_SMEM_BYTES of flash_decode.cu (and ops::flash_decode_smem)."""
-    stages = 3 if hd == 64 else 2
+def flash_decode_smem(hd, deep=False):
+    """FD_SMEM_BYTES of flash_decode.cu (and ops::flash_decode_smem); the deep form has 3 stages."""
+    stages = 3 if hd == 64 or deep else 2
     for d in EXTRA_DEFINES:
-        if d.startswith("-DFD_STAGES_HD128="):
-            stages = int(d.split("=", 1)[1]) if hd == 128 else stages
+        if d.startswith("-DFD_STAGES_HD128=") and hd == 128 and not deep:
+            stages = int(d.split("=", 1)[1])
     return stages * 2 * 64 * hd * 2 + 16 * hd * 2
 
 
@@ -817,6 +819,17 @@ def test_flash_decode(mods):
                 check_close(f"flash_decode_{sfx} H={H} KV={KV} hd={hd} bs={bs} splits={splits} min 128 keys a share "
                             f"seed={seed}", case.run_flash_decode(mods, sfx, splits, min_keys=128), case.reference(),
                             atol, rtol, why="as above")
+        # the deep form (3 stages, head size 128): the same arithmetic in the same order, so the plain
+        # form's output bit for bit, plain and split, short and long rows, block sizes 1/16/32
+        for H, KV, bs in ((32, 8, 16), (28, 4, 16), (16, 1, 32), (12, 4, 1)):
+            for splits in (1, 3, 16):
+                seed = next_seed()
+                case = AttnCase(dt, H, KV, 128, bs, seqs + [(1088, 1), (4097, 1), (127, 1), (128, 1), (256, 1)])
+                deep = case.run_flash_decode(mods, sfx, splits, min_keys=128, deep=True)
+                check_bits(f"flash_decode_deep_{sfx} H={H} KV={KV} bs={bs} splits={splits} seed={seed} = plain form",
+                           deep, case.run_flash_decode(mods, sfx, splits, min_keys=128))
+                check_close(f"flash_decode_deep_{sfx} H={H} KV={KV} bs={bs} splits={splits} seed={seed}", deep,
+                            case.reference(), atol, rtol, why="as above")
         seed = next_seed()
         case = AttnCase(dt, 8, 2, 128, 16, [(600, 1), (70, 1)])
         scale = 4.0 / math.sqrt(128)

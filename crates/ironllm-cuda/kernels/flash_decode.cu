@@ -9,10 +9,11 @@
 //   kernels : flash_decode_{bf16,f16}_hd{64,128}        (writes the output rows)
 //             flash_decode_split_{bf16,f16}_hd{64,128}  (writes split shares; merge with
 //                                                        paged_attention_reduce_T of attention.cu)
+//             flash_decode[_split]_deep_{bf16,f16}_hd128 (the same with 3 stages, 2 CTAs per SM)
 //   grid    : (num_tokens, num_kv_heads, num_splits)     (num_splits = 1 for the plain kernel)
 //   block   : (128, 1, 1)   -- 4 warps; a key tile of 64 positions gives each warp 16 keys
 //   dynamic shared memory: FD_SMEM_BYTES(HD) = STAGES * 2 * 64 * HD * 2 + 16 * HD * 2
-//             hd64: 3 stages, 51200 B; hd128: 2 stages, 69632 B (above 48 KiB: the host raises
+//             hd64: 3 stages, 51200 B; hd128: 2 stages, 69632 B, deep 3 stages, 102400 B (above 48 KiB: the host raises
 //             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES at load, see ops::flash_decode_smem)
 // ================================================================================================
 //
@@ -40,13 +41,13 @@
 #define FD_THREADS 128
 #define FD_MAX_GROUP 16
 #ifndef FD_STAGES_HD128
-#define FD_STAGES_HD128 2  // A/B knob (bench/gpu_attention_bw.py --variant); ops::flash_decode_smem assumes 2
+#define FD_STAGES_HD128 2  // A/B knob of the plain form (2-4; ops::flash_decode_smem reads it back)
 #endif
 #define FD_STAGES(HD) ((HD) == 64 ? 3 : FD_STAGES_HD128)
 #define FD_MIN_BLOCKS(HD) ((HD) == 64 ? 4 : (FD_STAGES_HD128 == 2 ? 3 : FD_STAGES_HD128 == 3 ? 2 : 1))
 #define FD_SMEM_BYTES(HD) (FD_STAGES(HD) * 2 * FD_BLOCK_N * (HD) * 2 + 16 * (HD) * 2)
 
-template <typename T, int HD>
+template <typename T, int HD, int STAGES>
 __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __restrict__ out, const T* __restrict__ qkv,
                                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                                   const int* __restrict__ block_tables,
@@ -64,7 +65,6 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
     constexpr int PASSES = BN / RPP;          // load passes per 64-row tile
     constexpr int KSTEPS = HD / 16;           // k-steps of S = Q K^T
     constexpr int NT_O = HD / 8;              // 8-wide column tiles of O
-    constexpr int STAGES = FD_STAGES(HD);
     constexpr int TILE = BN * ROW_BYTES;      // bytes of one K or V tile
     static_assert(HD % 64 == 0 && RPP % 8 == 0 && BN % RPP == 0, "unsupported HEAD_DIM");
     static_assert(4 * 16 * HD * 4 + 2 * 64 * 4 <= STAGES * 2 * TILE, "merge scratch must fit the stages");
@@ -301,20 +301,27 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
     }
 }
 
-#define FLASH_DECODE_KERNEL(T, SUFFIX, HD)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS, FD_MIN_BLOCKS(HD)) flash_decode_##SUFFIX##_hd##HD( \
+#define FLASH_DECODE_KERNEL(T, SUFFIX, HD) FLASH_DECODE_FORM(T, SUFFIX, HD, , FD_STAGES(HD), FD_MIN_BLOCKS(HD))
+
+// The deep form: three stages for head size 128 (two CTAs per SM instead of three). Each CTA keeps two key
+// tiles in flight instead of one, which pays where the (token, KV head, share) CTAs fill about two waves or
+// fewer; ops::decode_plan picks the form and the share count from the cost model.
+#define FLASH_DECODE_DEEP_KERNEL(T, SUFFIX) FLASH_DECODE_FORM(T, SUFFIX, 128, deep_, 3, 2)
+
+#define FLASH_DECODE_FORM(T, SUFFIX, HD, FORM, STAGES, MIN_BLOCKS)                                            \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, MIN_BLOCKS) flash_decode_##FORM##SUFFIX##_hd##HD( \
         T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ k_cache,                        \
         const T* __restrict__ v_cache, const int* __restrict__ block_tables,                                  \
         const int* __restrict__ query_start_loc, const int* __restrict__ context_lens,                        \
         const int* __restrict__ token_to_seq, int num_tokens, int num_heads, int num_kv_heads, int head_dim,  \
         int block_size, int max_blocks_per_seq, float scale) {                                                \
         extern __shared__ __align__(128) unsigned char fd_smem[];                                             \
-        flash_decode_impl<T, HD>(fd_smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,          \
-                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, block_size, \
-                                 max_blocks_per_seq, scale, nullptr, nullptr, 1, 1);                          \
+        flash_decode_impl<T, HD, STAGES>(fd_smem, out, qkv, k_cache, v_cache, block_tables, query_start_loc,  \
+                                         context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads,     \
+                                         block_size, max_blocks_per_seq, scale, nullptr, nullptr, 1, 1);      \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS, FD_MIN_BLOCKS(HD))                              \
-        flash_decode_split_##SUFFIX##_hd##HD(                                                                 \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, MIN_BLOCKS)                                     \
+        flash_decode_split_##FORM##SUFFIX##_hd##HD(                                                           \
             const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,          \
             const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,                    \
             const int* __restrict__ context_lens, const int* __restrict__ token_to_seq, int num_tokens,       \
@@ -322,12 +329,15 @@ __device__ __forceinline__ void flash_decode_impl(unsigned char* smem, T* __rest
             float scale, float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits,            \
             int min_split_keys) {                                                                             \
         extern __shared__ __align__(128) unsigned char fd_smem[];                                             \
-        flash_decode_impl<T, HD>(fd_smem, nullptr, qkv, k_cache, v_cache, block_tables, query_start_loc,      \
-                                 context_lens, token_to_seq, num_tokens, num_heads, num_kv_heads, block_size, \
-                                 max_blocks_per_seq, scale, part_o, part_lse, num_splits, min_split_keys);    \
+        flash_decode_impl<T, HD, STAGES>(fd_smem, nullptr, qkv, k_cache, v_cache, block_tables,               \
+                                         query_start_loc, context_lens, token_to_seq, num_tokens, num_heads,  \
+                                         num_kv_heads, block_size, max_blocks_per_seq, scale, part_o,         \
+                                         part_lse, num_splits, min_split_keys);                               \
     }
 
 FLASH_DECODE_KERNEL(bf16, bf16, 64)
 FLASH_DECODE_KERNEL(bf16, bf16, 128)
 FLASH_DECODE_KERNEL(f16, f16, 64)
 FLASH_DECODE_KERNEL(f16, f16, 128)
+FLASH_DECODE_DEEP_KERNEL(bf16, bf16)
+FLASH_DECODE_DEEP_KERNEL(f16, f16)

@@ -116,8 +116,23 @@ pub fn compile_file(
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true"];
 
 /// Knobs that change a kernel's shared memory, which the host sizes from the defaults (`ops.rs`): setting
-/// one for the runtime would launch the kernel with too little.
-const LAUNCH_KNOBS: &[&str] = &["FD_STAGES_HD128", "WG_STAGES", "WG2_STAGES", "GS_STAGES"];
+/// one for the runtime would launch the kernel with too little. (`FD_STAGES_HD128` is taken, 2-4 only:
+/// `ops::flash_decode_smem` reads it back through [`stage_knob`].)
+const LAUNCH_KNOBS: &[&str] = &["WG_STAGES", "WG2_STAGES", "GS_STAGES"];
+
+/// The decode attention's stage count for head size 128 from `IRONLLM_KERNEL_DEFINES` (`FD_STAGES_HD128`,
+/// a measurement knob; the host sizes the kernel's shared memory from it), if set to 2-4.
+pub fn stage_knob() -> Option<usize> {
+    stage_knob_of(&std::env::var("IRONLLM_KERNEL_DEFINES").unwrap_or_default())
+}
+
+fn stage_knob_of(text: &str) -> Option<usize> {
+    text.split_whitespace()
+        .rev()
+        .find_map(|d| d.strip_prefix("FD_STAGES_HD128="))
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (2..=4).contains(n))
+}
 
 /// `-D` options from `IRONLLM_KERNEL_DEFINES` (whitespace-separated `NAME=VALUE`): a developer's A/B of a
 /// kernel file's compile-time knobs without a rebuild, e.g. `WG_Q_REGS=0` (flash_prefill_sm90.cu). Read
@@ -144,7 +159,7 @@ fn define_options(text: &str) -> (Vec<String>, Vec<String>) {
     let (mut options, mut refused) = (Vec::new(), Vec::new());
     for d in text.split_whitespace() {
         let name = d.split('=').next().unwrap_or(d);
-        if LAUNCH_KNOBS.contains(&name) {
+        if LAUNCH_KNOBS.contains(&name) || (name == "FD_STAGES_HD128" && stage_knob_of(d).is_none()) {
             refused.push(name.to_string());
         } else {
             options.push(format!("-D{d}"));
@@ -225,9 +240,14 @@ mod tests {
     #[test]
     fn kernel_defines_become_nvrtc_options() {
         let (options, refused) = define_options(" WG_Q_REGS=0\tFD_STAGES_HD128=3 X=1 WG2_STAGES=4 ");
-        assert_eq!(options, vec!["-DWG_Q_REGS=0", "-DX=1"]);
-        assert_eq!(refused, vec!["FD_STAGES_HD128", "WG2_STAGES"]);
+        assert_eq!(options, vec!["-DWG_Q_REGS=0", "-DFD_STAGES_HD128=3", "-DX=1"]);
+        assert_eq!(refused, vec!["WG2_STAGES"]);
         assert_eq!(define_options("  "), (vec![], vec![]));
+        // The decode stage count only where the host can size its shared memory.
+        assert_eq!(define_options("FD_STAGES_HD128=1 FD_STAGES_HD128=x").1, vec!["FD_STAGES_HD128"; 2]);
+        assert_eq!(stage_knob_of("X=1 FD_STAGES_HD128=4"), Some(4));
+        assert_eq!(stage_knob_of("FD_STAGES_HD128=5"), None);
+        assert_eq!(stage_knob_of(""), None);
     }
 
     /// Compiles every kernel file when libnvrtc is present (no GPU needed); skipped otherwise.

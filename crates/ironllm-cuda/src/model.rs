@@ -130,14 +130,16 @@ fn residual_norm(
 }
 
 /// Resident CTAs per SM of the split-KV decode kernel the model uses (the driver's occupancy figure for its
-/// block and shared memory); the earlier rule's 4 where that kernel is not the tensor-core one or the
-/// driver gives no figure.
-fn decode_split_resident(gpu: &Gpu, kernels: &ops::AttnKernels, head_dim: usize) -> usize {
-    let Some((_, split)) = &kernels.decode else { return ops::OLD_SPLIT_BLOCKS_PER_SM };
+/// block and shared memory), of its deep form when `deep`; the earlier rule's 4 where that kernel is not
+/// the tensor-core one or the driver gives no figure.
+fn decode_split_resident(gpu: &Gpu, kernels: &ops::AttnKernels, head_dim: usize, deep: bool) -> usize {
+    let forms = if deep { &kernels.decode_deep } else { &kernels.decode };
+    let Some((_, split)) = forms else { return ops::OLD_SPLIT_BLOCKS_PER_SM };
     gpu.function(split)
         .ok()
         .and_then(|f| {
-            f.occupancy_max_active_blocks_per_multiprocessor(128, ops::flash_decode_smem(head_dim), None).ok()
+            let smem = ops::flash_decode_smem(head_dim, deep);
+            f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None).ok()
         })
         .map_or(ops::OLD_SPLIT_BLOCKS_PER_SM, |n| (n as usize).max(1))
 }
@@ -445,10 +447,14 @@ impl CudaLlama {
                 env_count("IRONLLM_DECODE_SPLIT_FILL", ops::OLD_SPLIT_BLOCKS_PER_SM, ops::OLD_SPLIT_BLOCKS_PER_SM);
             ops::SplitRule::Fill(per_sm * sms)
         } else {
-            let wave = ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim));
+            let wave = ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim, false));
+            let deep_wave = match attn_kernels.decode_deep {
+                Some(_) => ops::decode_split_wave(sms, decode_split_resident(&gpu, &attn_kernels, c.head_dim, true)),
+                None => 0,
+            };
             match std::env::var("IRONLLM_DECODE_SPLIT_RULE").as_deref() {
                 Ok("wave") => ops::SplitRule::Wave(wave),
-                _ => ops::SplitRule::Cost { wave, ctas: ops::decode_split_ctas(sms) },
+                _ => ops::SplitRule::Cost { wave, ctas: ops::decode_split_ctas(sms), deep_wave },
             }
         };
         tracing::info!("split-KV decode attention: {decode_split_rule:?} (CTAs)");
@@ -505,21 +511,22 @@ impl CudaLlama {
         self.weight_bytes
     }
 
-    /// The decode attention's share counts to capture the decode graph of `batch` rows with, one graph
-    /// each, for contexts up to `max_context` (`ops::graph_split_counts`); `[1]` without split-KV.
-    pub fn graph_split_counts(&self, batch: usize, max_context: usize) -> Vec<usize> {
+    /// The decode attention's plans (share count and kernel form) to capture the decode graph of `batch`
+    /// rows with, one graph each, for contexts up to `max_context` (`ops::graph_plans`); one share on the
+    /// plain form without split-KV.
+    pub fn graph_plans(&self, batch: usize, max_context: usize) -> Vec<ops::DecodePlan> {
         if !self.split_kv {
-            return vec![1];
+            return vec![ops::DecodePlan::plain(1)];
         }
         let kv = self.config.num_key_value_heads;
-        ops::graph_split_counts(batch, kv, self.decode_split_rule, max_context, self.max_decode_splits)
+        ops::graph_plans(batch, kv, self.decode_split_rule, max_context, self.max_decode_splits)
     }
 
-    /// Which of a batch's graphs (their share counts, from [`CudaLlama::graph_split_counts`]) serves a
-    /// step whose longest context is `context`: an index into `captured`.
-    pub fn graph_split_choice(&self, batch: usize, context: usize, captured: &[usize]) -> usize {
+    /// Which of a batch's graphs (their plans, from [`CudaLlama::graph_plans`]) serves a step whose
+    /// longest context is `context`: an index into `captured`.
+    pub fn graph_plan_choice(&self, batch: usize, context: usize, captured: &[ops::DecodePlan]) -> usize {
         let pairs = batch * self.config.num_key_value_heads;
-        ops::graph_split_choice(pairs, context, self.decode_split_rule, captured)
+        ops::graph_plan_choice(pairs, context, self.decode_split_rule, captured)
     }
 
     /// Times cuBLASLt's algorithms for this model's projections (layer 0's weights, every layer has the
@@ -625,10 +632,10 @@ impl CudaLlama {
         let scale = 1.0 / (hd as f32).sqrt();
         // Split-KV only with the tensor-core prefill kernel (bf16/f16): float32 rows must not depend on
         // the batch.
-        let num_splits = match meta.decode_splits {
-            _ if !self.split_kv => 1,
-            Some(splits) => splits.clamp(1, ops::MAX_DECODE_SPLITS),
-            None => ops::decode_splits(
+        let plan = match meta.decode_plan {
+            _ if !self.split_kv => ops::DecodePlan::plain(1),
+            Some(plan) => ops::DecodePlan { splits: plan.splits.clamp(1, ops::MAX_DECODE_SPLITS), ..plan },
+            None => ops::decode_plan(
                 meta.num_decode_tokens,
                 c.num_key_value_heads,
                 self.decode_split_rule,
@@ -685,7 +692,13 @@ impl CudaLlama {
             ops::qk_norm_rope_kv(gpu, qkv, kc, vc, &self.rope_cos, &self.rope_sin, qk_norm, &shape, meta, eps)?;
             op_timer::mark(&mut prof, gpu, Op::RopeKv, Work::Bytes(tf * (2 * qkv_w) as f64 * e + tf * 2.0 * kv_row))?;
             let min_keys = self.decode_split_min_keys;
-            let split = ops::DecodeSplit { num_splits, min_keys, part_o: &mut *part_o, part_lse: &mut *part_lse };
+            let split = ops::DecodeSplit {
+                num_splits: plan.splits,
+                deep: plan.deep,
+                min_keys,
+                part_o: &mut *part_o,
+                part_lse: &mut *part_lse,
+            };
             let inputs = ops::AttnInputs {
                 qkv,
                 k_cache: kc,

@@ -38,7 +38,7 @@ use crate::draft::CudaDraftModel;
 use crate::error::{CudaError, DriverContext};
 use crate::model::{CudaKvCache, CudaLlama, Workspace};
 use crate::op_timer::{self, Op, OpMarks, OpTimer, StepWork, Work};
-use crate::ops::{BatchMeta, FLASH_BLOCK_M};
+use crate::ops::{BatchMeta, DecodePlan, FLASH_BLOCK_M};
 use crate::sampler::{GpuSampler, GpuSamplingRow, PendingSample};
 use crate::step_timer::{StepEvents, StepTimer};
 use crate::tensor::GpuDType;
@@ -153,7 +153,7 @@ impl DeviceBatch {
         num_decode_tokens: usize,
         num_prefill_tiles: usize,
         max_context_len: usize,
-        decode_splits: Option<usize>,
+        decode_plan: Option<DecodePlan>,
     ) -> BatchMeta<'_> {
         BatchMeta {
             num_tokens,
@@ -169,7 +169,7 @@ impl DeviceBatch {
             prefill_tiles: &self.tiles,
             num_prefill_tiles,
             max_context_len,
-            decode_splits,
+            decode_plan,
         }
     }
 
@@ -253,8 +253,8 @@ pub struct CudaModelRunner {
     /// Block-table row stride of graph steps (blocks for `max_model_len`): graphs bake it in.
     graph_table_stride: usize,
     /// Captured decode graphs by padded batch size (ascending), each size's by the decode attention's
-    /// share count (`CudaLlama::graph_split_counts`: one per range of contexts that wants its own).
-    graphs: Vec<(usize, SplitGraphs)>,
+    /// plan (`CudaLlama::graph_plans`: one per range of contexts that wants its own).
+    graphs: Vec<(usize, PlanGraphs)>,
     /// `IRONLLM_GRAPH_CHECK` was set: every replay is compared with an eager run (debugging aid).
     check_graphs: bool,
     /// `IRONLLM_STEP_TIMING` was set: GPU time of each part of a step, logged (measurement aid).
@@ -271,7 +271,7 @@ fn time_graphs_context() -> Option<usize> {
 }
 
 /// One batch size's decode graphs, by the decode attention's share count.
-type SplitGraphs = Vec<(usize, DecodeGraph)>;
+type PlanGraphs = Vec<(DecodePlan, DecodeGraph)>;
 
 /// A captured decode graph. cudarc's `CudaGraph` holds raw driver handles and is not `Send`.
 struct DecodeGraph(CudaGraph);
@@ -491,16 +491,16 @@ impl CudaModelRunner {
             if b > self.ws_max_rows() {
                 break;
             }
-            let mut by_splits = Vec::new();
-            for splits in self.model.graph_split_counts(b, max_context) {
+            let mut by_plan = Vec::new();
+            for plan in self.model.graph_plans(b, max_context) {
                 self.fill_padding_batch(b)?;
                 // One eager run first: cuBLAS picks and initializes its kernels outside the capture.
-                self.forward_decode(b, splits)?;
+                self.forward_decode(b, plan)?;
                 gpu.synchronize()?;
                 gpu.stream()
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .at(|| format!("starting the capture of the batch-{b} decode graph"))?;
-                let captured = self.forward_decode(b, splits);
+                let captured = self.forward_decode(b, plan);
                 let graph = gpu
                     .stream()
                     .end_capture(CUgraphInstantiate_flags(0))
@@ -509,12 +509,12 @@ impl CudaModelRunner {
                 let graph =
                     graph.ok_or_else(|| CudaError::Invalid(format!("the batch-{b} decode capture was empty")))?;
                 graph.upload().at(|| format!("uploading the batch-{b} decode graph"))?;
-                by_splits.push((splits, DecodeGraph(graph)));
+                by_plan.push((plan, DecodeGraph(graph)));
             }
             if let Some(context) = time_graphs_context() {
-                self.time_graphs(b, context, &by_splits)?;
+                self.time_graphs(b, context, &by_plan)?;
             }
-            self.graphs.push((b, by_splits));
+            self.graphs.push((b, by_plan));
         }
         gpu.synchronize()
     }
@@ -522,9 +522,9 @@ impl CudaModelRunner {
     /// Measurement aid (`IRONLLM_TIME_GRAPHS`): the GPU time of one decode step of each of a batch size's
     /// graphs (every row at `context` tokens; their keys are whatever the cache holds), without any host
     /// work, to set against the end-to-end step time. The graph a step at that context would replay is
-    /// logged first as "decode graph batch B: ...", the others (other share counts) after it, "(not
+    /// logged first as "decode graph batch B: ...", the others (other plans) after it, "(not
     /// chosen)"; where there are several, a second pass logs the chosen one again, "(again)".
-    fn time_graphs(&mut self, b: usize, context: usize, graphs: &[(usize, DecodeGraph)]) -> Result<(), CudaError> {
+    fn time_graphs(&mut self, b: usize, context: usize, graphs: &[(DecodePlan, DecodeGraph)]) -> Result<(), CudaError> {
         const WARM_UP: u32 = 3;
         // IRONLLM_TIME_GRAPHS_REPLAYS: longer bursts (default 20), e.g. to see a batch reach the power limit.
         let replays: u32 = std::env::var("IRONLLM_TIME_GRAPHS_REPLAYS")
@@ -533,8 +533,8 @@ impl CudaModelRunner {
             .filter(|&n| n > 0)
             .unwrap_or(20);
         let gpu = self.gpu.clone();
-        let counts: Vec<usize> = graphs.iter().map(|(s, _)| *s).collect();
-        let chosen = self.model.graph_split_choice(b, context, &counts);
+        let plans: Vec<DecodePlan> = graphs.iter().map(|(p, _)| *p).collect();
+        let chosen = self.model.graph_plan_choice(b, context, &plans);
         self.fill_timing_batch(b, context)?;
         let order: Vec<usize> = std::iter::once(chosen).chain((0..graphs.len()).filter(|&i| i != chosen)).collect();
         // Twice over when there are several: in the first pass, a graph captured after another of its
@@ -542,7 +542,7 @@ impl CudaModelRunner {
         // second pass, 9.513 with one graph for the size; end to end the two do not differ).
         let passes = if graphs.len() > 1 { 2 } else { 1 };
         for (pass, &i) in (0..passes).flat_map(|p| order.iter().map(move |i| (p, i))) {
-            let (splits, graph) = (&graphs[i].0, &graphs[i].1 .0);
+            let (plan, graph) = (&graphs[i].0, &graphs[i].1 .0);
             // A few launches first: a graph's first replays after its capture can run ~1% slow.
             for _ in 0..WARM_UP {
                 graph.launch().at(|| "warming up a decode graph".into())?;
@@ -559,9 +559,7 @@ impl CudaModelRunner {
                 (true, _) => format!("batch {b} (again)"),
                 (false, _) => format!("batch {b} (not chosen)"),
             };
-            tracing::info!(
-                "decode graph {label}: {ms:.3} ms per replay (GPU only, context {context}, {splits} shares)"
-            );
+            tracing::info!("decode graph {label}: {ms:.3} ms per replay (GPU only, context {context}, {plan})");
         }
         Ok(())
     }
@@ -668,25 +666,25 @@ impl CudaModelRunner {
 
     /// Debugging aid (`IRONLLM_GRAPH_CHECK=1`): recomputes a replayed step eagerly over the same padded
     /// metadata and logs how far the graph's logits are from the eager ones.
-    fn check_graph_step(&mut self, b: usize, splits: usize, rows: usize) -> Result<(), CudaError> {
+    fn check_graph_step(&mut self, b: usize, plan: DecodePlan, rows: usize) -> Result<(), CudaError> {
         let vocab = self.model.config.vocab_size;
         let read = |ws: &Workspace, gpu: &Gpu| -> Result<Vec<f32>, CudaError> {
             let all = ws.logits.to_f32(gpu)?;
             Ok(all[..rows * vocab].to_vec())
         };
         let graph = read(&self.ws, &self.gpu)?;
-        self.forward_decode(b, splits)?;
+        self.forward_decode(b, plan)?;
         let eager = read(&self.ws, &self.gpu)?;
         let diff = graph.iter().zip(&eager).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
-        tracing::warn!("graph check: batch {b} ({rows} real rows, {splits} shares): max |graph - eager| = {diff:e}");
+        tracing::warn!("graph check: batch {b} ({rows} real rows, {plan}): max |graph - eager| = {diff:e}");
         Ok(())
     }
 
     /// The forward of `b` single-token sequences over the fixed buffers, as graphs capture it, with
     /// `splits` shares of the decode attention's keys (1, or any count, without split-KV).
-    fn forward_decode(&mut self, b: usize, splits: usize) -> Result<(), CudaError> {
+    fn forward_decode(&mut self, b: usize, plan: DecodePlan) -> Result<(), CudaError> {
         let stride = self.graph_table_stride;
-        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size, Some(splits));
+        let meta = self.dev.meta(b, b, stride, b, 0, stride * self.kv.block_size, Some(plan));
         self.model.forward(&self.dev.token_ids, &meta, &self.dev.logits_rows, b, &mut self.kv, &mut self.ws, None)
     }
 
@@ -894,7 +892,7 @@ impl CudaModelRunner {
             }
         }
         let num_decode_tokens = num_decode_seqs;
-        // The longest context: which of a batch size's graphs (share counts) a replay takes.
+        // The longest context: which of a batch size's graphs (plans) a replay takes.
         let step_context = h.context_lens.iter().copied().max().unwrap_or(1).max(1) as usize;
         // Logits rows: the sample rows of each sampling request in plan order (its last position, or its
         // last k + 1 with k drafts), then the prompt-logprob rows.
@@ -953,12 +951,12 @@ impl CudaModelRunner {
             Some(b) => {
                 let graphs =
                     &self.graphs.iter().find(|(size, _)| *size == b).expect("chosen from the captured sizes").1;
-                let counts: Vec<usize> = graphs.iter().map(|(s, _)| *s).collect();
-                let (splits, graph) = &graphs[self.model.graph_split_choice(b, step_context, &counts)];
+                let plans: Vec<DecodePlan> = graphs.iter().map(|(p, _)| *p).collect();
+                let (plan, graph) = &graphs[self.model.graph_plan_choice(b, step_context, &plans)];
                 graph.0.launch().at(|| format!("replaying the batch-{b} decode graph"))?;
                 op_timer::mark(&mut op_marks.as_mut(), &self.gpu, Op::Graph, Work::Unknown)?;
                 if self.check_graphs {
-                    self.check_graph_step(b, *splits, num_rows)?;
+                    self.check_graph_step(b, *plan, num_rows)?;
                 }
             }
             None => {
