@@ -118,3 +118,9 @@ def test_unknown_flags_fail_with_a_clear_message():
     assert "unexpected argument '--no-such-flag'" in r.stderr
     r = subprocess.run([str(BIN), "serve", "--uvicorn-log-level", "loud"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--uvicorn-log-level" in r.stderr
+    r = subprocess.run([str(BIN), "serve", "--log-level", "loud"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--log-level loud" in r.stderr
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "LOUD"}
+    env.pop("IRONLLM_LOG_LEVEL", None)
+    r = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode != 0 and "VLLM_LOGGING_LEVEL" in r.stderr
