@@ -4,7 +4,9 @@
 # with the default rule (the cost model; its batch sizes with several graphs also print the share counts
 # it did not choose, "not chosen"), the one-wave rule before 2026-11-28 14:00 (IRONLLM_DECODE_SPLIT_RULE=wave)
 # and 1-4 shares forced (IRONLLM_DECODE_SPLITS=N, where the scratch holds them), at each context of
-# $CONTEXTS (NO_WAVE=1 skips the wave rule), ROUNDS rounds interleaved. Runs from the repository root with the binary staged in .gpu/
+# $CONTEXTS (NO_WAVE=1 skips the wave rule), ROUNDS rounds interleaved. The forced counts run the decode
+# kernel's plain form; IRONLLM_KERNEL_DEFINES=FD_STAGES_HD128=3 in the environment gives that form the deep
+# form's three stages (how ops::DEEP_KEY_PERCENT was fitted, 2026-11-28). Runs from the repository root with the binary staged in .gpu/
 # (scripts/gpu_stage.sh).
 # usage: ROUNDS=1 CONTEXTS="1024 4096" bash bench/gpu_split_ab.sh OUTDIR    (~12 s a run, 6 runs a context)
 set -uo pipefail
