@@ -121,9 +121,11 @@ const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true"];
 const LAUNCH_KNOBS: &[&str] = &["WG_STAGES", "WG2_STAGES", "GS_STAGES"];
 
 /// The decode attention's stage count for head size 128 from `IRONLLM_KERNEL_DEFINES` (`FD_STAGES_HD128`,
-/// a measurement knob; the host sizes the kernel's shared memory from it), if set to 2-4.
+/// a measurement knob; the host sizes the kernel's shared memory from it), if set to 2-4. Read once: every
+/// decode attention launch asks.
 pub fn stage_knob() -> Option<usize> {
-    stage_knob_of(&std::env::var("IRONLLM_KERNEL_DEFINES").unwrap_or_default())
+    static KNOB: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *KNOB.get_or_init(|| stage_knob_of(&std::env::var("IRONLLM_KERNEL_DEFINES").unwrap_or_default()))
 }
 
 fn stage_knob_of(text: &str) -> Option<usize> {

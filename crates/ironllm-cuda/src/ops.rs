@@ -327,7 +327,7 @@ pub fn decode_plan(
     if pairs == 0 || deep_wave == 0 {
         return plain;
     }
-    let most = max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS));
+    let most = split_cap(max_splits, max_context_len);
     let top = most.min(ctas / pairs).max(1);
     let cost = |p: &DecodePlan| (plan_cost(pairs, max_context_len, *p, wave, deep_wave), p.deep, p.splits);
     let deep = (1..=top).map(|splits| DecodePlan { splits, deep: true }).min_by_key(cost);
@@ -357,7 +357,7 @@ pub fn decode_splits(
     max_splits: usize,
 ) -> usize {
     let pairs = num_decode_tokens * num_kv_heads;
-    let most = max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS));
+    let most = split_cap(max_splits, max_context_len);
     let want = match rule {
         _ if pairs == 0 => 1,
         SplitRule::Cost { wave, ctas, .. } => (1..=most.min(ctas / pairs).max(1))
@@ -371,6 +371,12 @@ pub fn decode_splits(
         SplitRule::Fixed { splits, ctas } => splits.min(ctas / pairs),
     };
     want.min(most).max(1)
+}
+
+/// Most shares a row of `max_context_len` keys can use: `max_splits`, at most [`MAX_DECODE_SPLITS`], and
+/// no more than shares of [`DECODE_SPLIT_MIN_KEYS`] fill.
+fn split_cap(max_splits: usize, max_context_len: usize) -> usize {
+    max_splits.min(MAX_DECODE_SPLITS).min(max_context_len.div_ceil(DECODE_SPLIT_MIN_KEYS))
 }
 
 /// How [`decode_splits`] chooses.
